@@ -1,0 +1,219 @@
+"""The hybrid model's configuration: one frozen dataclass, validated on construction.
+
+Field names follow the Hugging Face NemotronH config (``hidden_size``, ``intermediate_size``, ``mamba_num_heads``...)
+so that a reader can map a ``config.json`` onto it line by line. The block pattern is a string of
+
+    ``M`` Mamba-2 mixer,  ``*`` attention,  ``-`` MLP
+
+Widths are homogeneous by default. Heterogeneous models (children extracted with per-layer widths) set the optional
+``*_per_layer`` tuples: one entry per block *of that kind*, in pattern order (the i-th ``-`` block uses
+``intermediate_size_per_layer[i]``). A child is therefore the same ``HybridLM`` class with a different config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+BLOCK_KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
+SSD_IMPLS = ("auto", "chunked", "oracle", "pallas")
+INTER_CHUNK_MODES = ("scan", "associative")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the field, the value and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """The resolved widths of one block (what the module for block ``index`` builds)."""
+
+  index: int
+  kind: str  # "mamba" | "attention" | "mlp"
+  intermediate_size: int = 0  # MLP
+  num_attention_heads: int = 0  # attention
+  mamba_num_heads: int = 0  # Mamba
+  mamba_head_dim: int = 0  # Mamba
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A NemotronH-style hybrid LM. Frozen and hashable, so it can be a static argument of ``jax.jit``."""
+
+  pattern: str
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int = 0
+  num_attention_heads: int = 0
+  num_key_value_heads: int = 0
+  head_dim: int = 0
+  mamba_num_heads: int = 0
+  mamba_head_dim: int = 0
+  n_groups: int = 1
+  ssm_state_size: int = 0
+  conv_kernel: int = 4
+  chunk_size: int = 128
+  layer_norm_epsilon: float = 1e-5
+  # dt = clip(softplus(dt_raw + dt_bias), *time_step_limit). NVIDIA's kernels use (0, inf); transformers >= 5.15
+  # clamps from below at time_step_min. Imports keep (0, inf) unless asked otherwise.
+  time_step_limit: tuple[float, float] = (0.0, math.inf)
+  # Heterogeneous widths: one entry per block of that kind, in pattern order; None = homogeneous.
+  intermediate_size_per_layer: tuple[int, ...] | None = None
+  num_attention_heads_per_layer: tuple[int, ...] | None = None
+  mamba_num_heads_per_layer: tuple[int, ...] | None = None
+  mamba_head_dim_per_layer: tuple[int, ...] | None = None
+  # Numerics: params are stored in param_dtype; matmuls run in dtype; norms, softmax and SSD decays in fp32.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  # Mamba-2 scan implementation (see elastic_jax.ops.ssd).
+  ssd_impl: str = "auto"
+  ssd_inter_chunk: str = "scan"
+  initializer_range: float = 0.02
+  pad_token_id: int | None = 0
+  bos_token_id: int | None = 1
+  eos_token_id: int | None = 2
+
+  def __post_init__(self):
+    # Normalise list-valued fields (e.g. from JSON / ConfigDict) to tuples so the config stays hashable.
+    for name in ("time_step_limit", "intermediate_size_per_layer", "num_attention_heads_per_layer",
+                 "mamba_num_heads_per_layer", "mamba_head_dim_per_layer"):
+      value = getattr(self, name)
+      if value is not None and not isinstance(value, tuple):
+        object.__setattr__(self, name, tuple(value))
+    self.validate()
+
+  # ------------------------------------------------------------------------------------------------ validation
+  def validate(self) -> None:
+    unknown = sorted(set(self.pattern) - set(BLOCK_KINDS))
+    if not self.pattern:
+      raise ConfigError("pattern is empty: give at least one block, e.g. pattern='M-*-'.")
+    if unknown:
+      raise ConfigError(
+          f"pattern={self.pattern!r} contains unknown block character(s) {unknown}; "
+          "use 'M' (Mamba-2), '*' (attention) or '-' (MLP). MoE 'E' blocks are not supported.")
+    _positive(self, "vocab_size", "hidden_size")
+    if self.layer_norm_epsilon <= 0:
+      raise ConfigError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0.")
+    lo, hi = self.time_step_limit
+    if not 0.0 <= lo < hi:
+      raise ConfigError(f"time_step_limit={self.time_step_limit} must satisfy 0 <= low < high.")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise ConfigError(f"{name}={getattr(self, name)!r} is not supported; choose one of {DTYPES}.")
+    if self.ssd_impl not in SSD_IMPLS:
+      raise ConfigError(f"ssd_impl={self.ssd_impl!r} is not one of {SSD_IMPLS}.")
+    if self.ssd_inter_chunk not in INTER_CHUNK_MODES:
+      raise ConfigError(f"ssd_inter_chunk={self.ssd_inter_chunk!r} is not one of {INTER_CHUNK_MODES}.")
+
+    counts = {kind: self.pattern.count(ch) for ch, kind in BLOCK_KINDS.items()}
+    per_layer = {
+        "intermediate_size_per_layer": "mlp",
+        "num_attention_heads_per_layer": "attention",
+        "mamba_num_heads_per_layer": "mamba",
+        "mamba_head_dim_per_layer": "mamba",
+    }
+    for name, kind in per_layer.items():
+      values = getattr(self, name)
+      if values is None:
+        continue
+      if len(values) != counts[kind]:
+        raise ConfigError(
+            f"{name} has {len(values)} entries but pattern={self.pattern!r} has {counts[kind]} {kind} blocks; "
+            f"give one entry per {kind} block, in pattern order.")
+      for i, v in enumerate(values):
+        if not isinstance(v, int) or v <= 0:
+          raise ConfigError(f"{name}[{i}]={v!r} must be a positive integer.")
+
+    if counts["mlp"] and self.intermediate_size_per_layer is None:
+      _positive(self, "intermediate_size")
+    if counts["attention"]:
+      _positive(self, "num_key_value_heads", "head_dim")
+      if self.num_attention_heads_per_layer is None:
+        _positive(self, "num_attention_heads")
+      for spec in self.block_specs():
+        if spec.kind == "attention" and spec.num_attention_heads % self.num_key_value_heads:
+          raise ConfigError(
+              f"attention block {spec.index}: num_attention_heads={spec.num_attention_heads} is not a multiple of "
+              f"num_key_value_heads={self.num_key_value_heads}; use a multiple (GQA needs whole KV groups).")
+    if counts["mamba"]:
+      _positive(self, "n_groups", "ssm_state_size", "conv_kernel", "chunk_size")
+      if self.mamba_num_heads_per_layer is None:
+        _positive(self, "mamba_num_heads")
+      if self.mamba_head_dim_per_layer is None:
+        _positive(self, "mamba_head_dim")
+      for spec in self.block_specs():
+        if spec.kind == "mamba" and spec.mamba_num_heads % self.n_groups:
+          raise ConfigError(
+              f"Mamba block {spec.index}: mamba_num_heads={spec.mamba_num_heads} is not a multiple of "
+              f"n_groups={self.n_groups}; every group needs the same number of heads.")
+
+  # ------------------------------------------------------------------------------------------------ derived
+  @property
+  def num_layers(self) -> int:
+    return len(self.pattern)
+
+  def block_specs(self) -> tuple[BlockSpec, ...]:
+    """Per-block resolved widths, with per-layer overrides applied."""
+    seen = {"mamba": 0, "attention": 0, "mlp": 0}
+    specs = []
+    for index, ch in enumerate(self.pattern):
+      kind = BLOCK_KINDS[ch]
+      k = seen[kind]
+      seen[kind] += 1
+      if kind == "mlp":
+        specs.append(BlockSpec(index, kind, intermediate_size=_pick(self.intermediate_size_per_layer, k,
+                                                                    self.intermediate_size)))
+      elif kind == "attention":
+        specs.append(BlockSpec(index, kind, num_attention_heads=_pick(self.num_attention_heads_per_layer, k,
+                                                                      self.num_attention_heads)))
+      else:
+        specs.append(BlockSpec(index, kind,
+                               mamba_num_heads=_pick(self.mamba_num_heads_per_layer, k, self.mamba_num_heads),
+                               mamba_head_dim=_pick(self.mamba_head_dim_per_layer, k, self.mamba_head_dim)))
+    return tuple(specs)
+
+  @property
+  def is_homogeneous(self) -> bool:
+    """True when every block of a kind has the same widths (exportable as a stock HF NemotronH config)."""
+    specs = self.block_specs()
+    return all(len({getattr(s, f) for s in specs if s.kind == kind}) <= 1
+               for kind, f in (("mlp", "intermediate_size"), ("attention", "num_attention_heads"),
+                               ("mamba", "mamba_num_heads"), ("mamba", "mamba_head_dim")))
+
+  def replace(self, **changes: Any) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  # ------------------------------------------------------------------------------------------------ (de)serialise
+  def to_dict(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    for k, v in out.items():
+      if isinstance(v, tuple):
+        out[k] = list(v)
+    out["time_step_limit"] = [float(x) if math.isfinite(x) else "inf" for x in self.time_step_limit]
+    return out
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+    """Builds a config from a plain mapping (JSON, ``ml_collections.ConfigDict``); unknown keys are an error."""
+    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"unknown model config key(s) {unknown}; known keys are {sorted(known)}.")
+    if "time_step_limit" in values:
+      values["time_step_limit"] = tuple(float(x) for x in values["time_step_limit"])
+    return cls(**values)
+
+
+def _pick(per_layer: tuple[int, ...] | None, k: int, default: int) -> int:
+  return default if per_layer is None else per_layer[k]
+
+
+def _positive(config: ModelConfig, *names: str) -> None:
+  for name in names:
+    value = getattr(config, name)
+    if not isinstance(value, int) or value <= 0:
+      raise ConfigError(f"{name}={value!r} must be a positive integer for pattern={config.pattern!r}.")
