@@ -1,0 +1,1 @@
+"""Checkpoint interop with other frameworks: ``hf`` reads and writes Hugging Face NemotronH checkpoints."""

@@ -1,0 +1,634 @@
+"""Reading and writing Hugging Face NemotronH checkpoints (``config.json`` + safetensors).
+
+The checkpoint stores fused torch tensors (``in_proj`` rows ``z|x|B|C|dt``, one depthwise ``conv1d`` over the
+channels ``x|B|C``, torch ``Linear`` weights as ``[out, in]``); our Flax tree keeps one array per role, shaped by
+heads (``[d, H, P]``), so that elastic masks can index heads and channels directly. Every checkpoint tensor is
+described once, by an ``_Entry`` in a per-block table: which of our arrays it splits into, in which order, and with
+which ``_Layout``. Loading and saving both walk the same tables, so the two directions cannot drift apart.
+
+Only safetensors files are read (never pickles). Anything this model cannot represent (MoE layers, tied
+embeddings, biases, another activation) is refused with an ``UnsupportedCheckpointError`` naming the config key;
+a malformed checkpoint (missing, extra or misshapen tensors, a missing shard) raises a ``CheckpointError`` naming
+the tensor and what was expected.
+
+dt clamp: NVIDIA's kernels clamp ``dt`` to ``config.time_step_limit`` (``(0, inf)`` in released checkpoints),
+whereas transformers >= 5.15 clamps from below at ``time_step_min``. ``load`` follows the checkpoint's
+``time_step_limit`` unless asked otherwise (``load(..., time_step_limit=(hf_config["time_step_min"], inf))`` gives
+the transformers behaviour); ``save`` writes ``time_step_min`` equal to a positive lower limit, so that
+transformers then computes what we compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from elastic_jax.model.config import DTYPES, ConfigError, ModelConfig
+
+Params = dict[str, Any]
+PathLike = str | os.PathLike
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# HF layer type names <-> our pattern characters.
+_LAYER_TYPE_TO_CHAR = {"linear_attention": "M", "full_attention": "*", "mlp": "-"}
+_CHAR_TO_LAYER_TYPE = {c: t for t, c in _LAYER_TYPE_TO_CHAR.items()}
+_KIND_NAMES = {"M": "Mamba", "*": "attention", "-": "MLP"}
+
+# Keys transformers itself skips when loading (multi-token-prediction heads); we skip them too.
+_IGNORED_KEY_PREFIXES = ("mtp.",)
+
+# NemotronHConfig's defaults (transformers 5.23) for the keys a config.json may omit, so that a sparse config means
+# what it means to transformers.
+_HF_DEFAULTS: dict[str, Any] = {
+    "intermediate_size": 21504,
+    "num_attention_heads": 32,
+    "num_key_value_heads": None,  # None means num_attention_heads (plain multi-head attention)
+    "head_dim": 128,
+    "mamba_num_heads": 128,
+    "mamba_head_dim": 64,
+    "n_groups": 8,
+    "ssm_state_size": 128,
+    "conv_kernel": 4,
+    "chunk_size": 128,
+    "layer_norm_epsilon": 1e-5,
+    "initializer_range": 0.02,
+    "time_step_min": 1e-3,
+    "time_step_limit": (0.0, math.inf),
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+# Older config.json files use these names; as in transformers, the old name wins when present.
+_LEGACY_NAMES = {
+    "n_groups": "mamba_n_groups",
+    "conv_kernel": "mamba_d_conv",
+    "time_step_min": "mamba_dt_min",
+    "time_step_limit": "mamba_dt_limit",
+    "use_conv_bias": "mamba_conv_bias",
+    "chunk_size": "mamba_chunk_size",
+}
+# Architecture switches this model hard-codes: key -> (the only value we implement, what it controls).
+_REQUIRED_VALUES: dict[str, tuple[Any, str]] = {
+    "tie_word_embeddings": (False, "the LM head is a separate matrix (untied embeddings)"),
+    "use_bias": (False, "Mamba in_proj/out_proj have no bias"),
+    "mlp_bias": (False, "MLP projections have no bias"),
+    "attention_bias": (False, "attention projections have no bias"),
+    "use_conv_bias": (True, "the Mamba depthwise conv has a bias"),
+    "mlp_hidden_act": ("relu2", "the MLP activation is squared ReLU"),
+    "mamba_hidden_act": ("silu", "the Mamba conv activation is SiLU"),
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is malformed or does not match its config; the message names the key and what was expected."""
+
+
+class UnsupportedCheckpointError(CheckpointError):
+  """A checkpoint uses an architecture feature this model does not implement (MoE, tied embeddings, biases...)."""
+
+
+# ---------------------------------------------------------------------------------------------------- layouts
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """How a checkpoint tensor relates to our arrays.
+
+  A checkpoint tensor has one *feature* axis (``split_axis``) that may concatenate several of our arrays, each of
+  which unfolds that axis into its own feature shape (e.g. ``d_inner`` -> ``[H, P]``), plus at most one *other*
+  axis (the model width ``d`` of a linear, the kernel size ``K`` of the conv) shared by all pieces.
+  """
+
+  name: str
+  split_axis: int
+  hf_shape: Callable[[int, int], tuple[int, ...]]  # (total features, other) -> checkpoint shape
+  our_shape: Callable[[tuple[int, ...], int], tuple[int, ...]]  # (feature shape, other) -> our shape
+  to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # checkpoint piece, feature shape -> our array
+  to_hf: Callable[[np.ndarray], np.ndarray]  # our array -> checkpoint piece
+
+
+# torch Linear weight [out, in] whose *outputs* are our features; our kernel is [in, *features].
+_LINEAR_OUT = _Layout(
+    "linear (outputs split)", 0,
+    hf_shape=lambda f, other: (f, other),
+    our_shape=lambda shape, other: (other, *shape),
+    to_ours=lambda w, shape: w.T.reshape(w.shape[1], *shape),
+    to_hf=lambda k: k.reshape(k.shape[0], -1).T)
+# torch Linear weight [out, in] whose *inputs* are our features; our kernel is [*features, out].
+_LINEAR_IN = _Layout(
+    "linear (inputs split)", 1,
+    hf_shape=lambda f, other: (other, f),
+    our_shape=lambda shape, other: (*shape, other),
+    to_ours=lambda w, shape: w.T.reshape(*shape, w.shape[0]),
+    to_hf=lambda k: k.reshape(-1, k.shape[-1]).T)
+# torch depthwise Conv1d weight [C, 1, K]; our kernel is [K, *features] with kernel[k] = weight[c, 0, k].
+_DEPTHWISE_CONV = _Layout(
+    "depthwise conv", 0,
+    hf_shape=lambda f, other: (f, 1, other),
+    our_shape=lambda shape, other: (other, *shape),
+    to_ours=lambda w, shape: w[:, 0, :].T.reshape(w.shape[2], *shape),
+    to_hf=lambda k: k.reshape(k.shape[0], -1).T[:, None, :])
+# A vector [C]; ours is [*features].
+_VECTOR = _Layout(
+    "vector", 0,
+    hf_shape=lambda f, other: (f,),
+    our_shape=lambda shape, other: tuple(shape),
+    to_ours=lambda w, shape: w.reshape(shape),
+    to_hf=lambda v: v.reshape(-1))
+# A lookup table [rows, other] stored the same way by both sides (the token embedding).
+_TABLE = _Layout(
+    "table", 0,
+    hf_shape=lambda f, other: (f, other),
+    our_shape=lambda shape, other: (*shape, other),
+    to_ours=lambda w, shape: w.reshape(*shape, w.shape[1]),
+    to_hf=lambda t: t.reshape(-1, t.shape[-1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One checkpoint tensor and the arrays of ours it holds, in checkpoint order along the layout's feature axis."""
+
+  hf_key: str
+  layout: _Layout
+  other: int  # size of the non-feature axis (d or K); unused by vectors
+  pieces: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]  # (our path, our feature shape)
+  where: str  # for messages: "pattern index 3 (Mamba)"
+
+  @property
+  def hf_shape(self) -> tuple[int, ...]:
+    return self.layout.hf_shape(sum(math.prod(shape) for _, shape in self.pieces), self.other)
+
+  def split(self, tensor: np.ndarray) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Checkpoint tensor -> (our path, our array) for each piece."""
+    start = 0
+    for path, shape in self.pieces:
+      size = math.prod(shape)
+      piece = np.take(tensor, np.arange(start, start + size), axis=self.layout.split_axis)
+      start += size
+      yield path, np.ascontiguousarray(self.layout.to_ours(piece, shape))
+
+  def join(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Our arrays (one per piece, in order) -> the checkpoint tensor."""
+    parts = [self.layout.to_hf(np.asarray(a)) for a in arrays]
+    return np.ascontiguousarray(np.concatenate(parts, axis=self.layout.split_axis))
+
+
+def _entry(hf_key: str, layout: _Layout, other: int, where: str, our_prefix: tuple[str, ...],
+           pieces: Sequence[tuple[str, tuple[int, ...]]]) -> _Entry:
+  """Builds an entry from a table row; our paths are written "z_proj.kernel" relative to ``our_prefix``."""
+  return _Entry(hf_key, layout, other,
+                tuple((our_prefix + tuple(path.split(".")), tuple(shape)) for path, shape in pieces), where)
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+def _mamba_rows(config: ModelConfig, num_heads: int, head_dim: int) -> list[tuple]:
+  """(checkpoint name, layout, other axis, [(our path, feature shape), ...]) for one Mamba-2 mixer."""
+  d, h, p = config.hidden_size, num_heads, head_dim
+  g, n, k = config.n_groups, config.ssm_state_size, config.conv_kernel
+  return [
+      ("in_proj.weight", _LINEAR_OUT, d, [("z_proj.kernel", (h, p)), ("x_proj.kernel", (h, p)),
+                                          ("B_proj.kernel", (g, n)), ("C_proj.kernel", (g, n)),
+                                          ("dt_proj.kernel", (h,))]),
+      ("conv1d.weight", _DEPTHWISE_CONV, k, [("conv_x.kernel", (h, p)), ("conv_B.kernel", (g, n)),
+                                             ("conv_C.kernel", (g, n))]),
+      ("conv1d.bias", _VECTOR, 0, [("conv_x.bias", (h, p)), ("conv_B.bias", (g, n)), ("conv_C.bias", (g, n))]),
+      ("A_log", _VECTOR, 0, [("A_log", (h,))]),
+      ("D", _VECTOR, 0, [("D", (h,))]),
+      ("dt_bias", _VECTOR, 0, [("dt_bias", (h,))]),
+      ("norm.weight", _VECTOR, 0, [("norm.scale", (h, p))]),
+      ("out_proj.weight", _LINEAR_IN, d, [("out_proj.kernel", (h, p))]),
+  ]
+
+
+def _attention_rows(config: ModelConfig, num_heads: int) -> list[tuple]:
+  d, hkv, hd = config.hidden_size, config.num_key_value_heads, config.head_dim
+  return [
+      ("q_proj.weight", _LINEAR_OUT, d, [("q_proj.kernel", (num_heads, hd))]),
+      ("k_proj.weight", _LINEAR_OUT, d, [("k_proj.kernel", (hkv, hd))]),
+      ("v_proj.weight", _LINEAR_OUT, d, [("v_proj.kernel", (hkv, hd))]),
+      ("o_proj.weight", _LINEAR_IN, d, [("o_proj.kernel", (num_heads, hd))]),
+  ]
+
+
+def _mlp_rows(config: ModelConfig, intermediate_size: int) -> list[tuple]:
+  d = config.hidden_size
+  return [
+      ("up_proj.weight", _LINEAR_OUT, d, [("up_proj.kernel", (intermediate_size,))]),
+      ("down_proj.weight", _LINEAR_IN, d, [("down_proj.kernel", (intermediate_size,))]),
+  ]
+
+
+def _checkpoint_entries(config: ModelConfig) -> list[_Entry]:
+  """Every tensor of the checkpoint for ``config``, in checkpoint order, with per-layer widths from block_specs."""
+  d, v = config.hidden_size, config.vocab_size
+  entries = [_entry("backbone.embeddings.weight", _TABLE, d, "the token embedding", (),
+                    [("embed.embedding", (v,))])]
+  for spec in config.block_specs():
+    i, char = spec.index, config.pattern[spec.index]
+    where = f"pattern index {i} ({_KIND_NAMES[char]})"
+    layer = (f"layers_{i}",)
+    entries.append(_entry(f"backbone.layers.{i}.norm.weight", _VECTOR, 0, where, layer, [("norm.scale", (d,))]))
+    if char == "M":
+      rows = _mamba_rows(config, spec.mamba_num_heads, spec.mamba_head_dim)
+    elif char == "*":
+      rows = _attention_rows(config, spec.num_attention_heads)
+    else:
+      rows = _mlp_rows(config, spec.intermediate_size)
+    for name, layout, other, pieces in rows:
+      entries.append(_entry(f"backbone.layers.{i}.mixer.{name}", layout, other, where, layer + ("mixer",), pieces))
+  entries.append(_entry("backbone.norm_f.weight", _VECTOR, 0, "the final norm", (), [("norm_f.scale", (d,))]))
+  entries.append(_entry("lm_head.weight", _LINEAR_OUT, d, "the LM head", (), [("lm_head.kernel", (v,))]))
+  return entries
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+def params_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> Params:
+  """Maps checkpoint tensors (keys as on disk, ``backbone.`` or ``model.`` prefix) onto our param tree.
+
+  Arrays keep their dtype. Raises ``CheckpointError`` on a missing, extra or misshapen tensor.
+  """
+  tensors = _normalize_keys(tensors)
+  entries = _checkpoint_entries(config)
+  expected = {e.hf_key: e for e in entries}
+  missing = [k for k in expected if k not in tensors]
+  if missing:
+    e = expected[missing[0]]
+    more = f" (and {len(missing) - 1} more: {missing[1:4]}...)" if len(missing) > 1 else ""
+    raise CheckpointError(f"missing tensor {e.hf_key}, expected shape {e.hf_shape} for {e.where}{more}.")
+  extra = sorted(k for k in tensors if k not in expected and not k.startswith(_IGNORED_KEY_PREFIXES))
+  if extra:
+    more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+    raise CheckpointError(
+        f"unexpected tensor {extra[0]}{more} for pattern={config.pattern!r}; a NemotronH checkpoint of this config "
+        "holds only the embedding, per-layer norm and mixer weights, norm_f and lm_head (no biases, no experts).")
+  params: Params = {}
+  for e in entries:
+    tensor = np.asarray(tensors[e.hf_key])
+    if tensor.shape != e.hf_shape:
+      raise CheckpointError(f"{e.hf_key} has shape {tensor.shape}, expected {e.hf_shape} for {e.where}.")
+    for path, array in e.split(tensor):
+      _set_path(params, path, array)
+  return params
+
+
+def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
+  """Our param tree -> checkpoint tensors (keys with the on-disk ``backbone.`` prefix), keeping each dtype.
+
+  Raises ``CheckpointError`` when the tree misses, adds or misshapes an array relative to ``config``.
+  """
+  entries = _checkpoint_entries(config)
+  expected_paths = set()
+  tensors = {}
+  for e in entries:
+    arrays = []
+    for path, shape in e.pieces:
+      expected_paths.add(path)
+      array = _get_path(params, path, e)
+      want = e.layout.our_shape(shape, e.other)
+      if tuple(array.shape) != want:
+        raise CheckpointError(
+            f"param {'/'.join(path)} has shape {tuple(array.shape)}, expected {want} for {e.where}.")
+      arrays.append(array)
+    tensors[e.hf_key] = e.join(arrays)
+  extra = sorted("/".join(p) for p in _leaf_paths(params) if p not in expected_paths)
+  if extra:
+    raise CheckpointError(
+        f"param {extra[0]} has no place in a NemotronH checkpoint of pattern={config.pattern!r}"
+        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + ".")
+  return tensors
+
+
+def _normalize_keys(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """transformers names the backbone ``model.`` in memory and ``backbone.`` on disk and reads both; so do we."""
+  out: dict[str, np.ndarray] = {}
+  for key, value in tensors.items():
+    name = "backbone." + key[len("model."):] if key.startswith("model.") else key
+    if name in out:
+      raise CheckpointError(f"tensor {name} appears twice (once as {key}).")
+    out[name] = value
+  return out
+
+
+def _set_path(tree: Params, path: tuple[str, ...], value: Any) -> None:
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def _get_path(tree: Mapping[str, Any], path: tuple[str, ...], entry: _Entry) -> np.ndarray:
+  node: Any = tree
+  for name in path:
+    if not isinstance(node, Mapping) or name not in node:
+      raise CheckpointError(f"param {'/'.join(path)} is missing; {entry.where} needs it for {entry.hf_key}.")
+    node = node[name]
+  return np.asarray(node)
+
+
+def _leaf_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+  for name, node in tree.items():
+    if isinstance(node, Mapping):
+      yield from _leaf_paths(node, prefix + (name,))
+    else:
+      yield prefix + (name,)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
+  """Maps a NemotronH ``config.json`` (as a dict) onto our ``ModelConfig``.
+
+  Accepts ``layers_block_type`` or the legacy ``hybrid_override_pattern``, the legacy ``mamba_*`` key names and
+  transformers' JSON encoding of infinity. Raises ``UnsupportedCheckpointError`` for features we do not implement.
+  """
+  hf = _decode_special_floats(dict(hf_config))
+  for new, old in _LEGACY_NAMES.items():
+    if old in hf:
+      hf[new] = hf.pop(old)
+
+  model_type = hf.get("model_type", "nemotron_h")
+  if model_type != "nemotron_h":
+    raise UnsupportedCheckpointError(f"config.json model_type is {model_type!r}, expected 'nemotron_h'.")
+  for key, (required, meaning) in _REQUIRED_VALUES.items():
+    if key in hf and hf[key] != required:
+      raise UnsupportedCheckpointError(
+          f"config.json {key} is {hf[key]!r}; only {required!r} is supported ({meaning}).")
+  for key in ("vocab_size", "hidden_size"):
+    if not isinstance(hf.get(key), int):
+      raise CheckpointError(f"config.json {key} is {hf.get(key)!r}, expected a positive integer.")
+
+  def get(key: str) -> Any:
+    value = hf.get(key)
+    return _HF_DEFAULTS[key] if value is None else value
+
+  num_attention_heads = get("num_attention_heads")
+  kv_heads = get("num_key_value_heads")
+  head_dim = hf.get("head_dim")
+  if head_dim is None:  # older configs name it attention_head_dim
+    head_dim = hf.get("attention_head_dim") or _HF_DEFAULTS["head_dim"]
+  try:
+    return ModelConfig(
+        pattern=_pattern_from_hf(hf),
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=get("intermediate_size"),
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_attention_heads if kv_heads is None else kv_heads,
+        head_dim=head_dim,
+        mamba_num_heads=get("mamba_num_heads"),
+        mamba_head_dim=get("mamba_head_dim"),
+        n_groups=get("n_groups"),
+        ssm_state_size=get("ssm_state_size"),
+        conv_kernel=get("conv_kernel"),
+        chunk_size=get("chunk_size"),
+        layer_norm_epsilon=float(get("layer_norm_epsilon")),
+        time_step_limit=_time_step_limit_from_hf(get("time_step_limit")),
+        initializer_range=float(get("initializer_range")),
+        pad_token_id=_first_token_id(hf, "pad_token_id"),
+        bos_token_id=_first_token_id(hf, "bos_token_id"),
+        eos_token_id=_first_token_id(hf, "eos_token_id"),
+    )
+  except ConfigError as err:
+    raise CheckpointError(f"config.json describes an invalid model: {err}") from err
+
+
+def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
+  """Our (homogeneous) ``ModelConfig`` -> a NemotronH ``config.json`` dict, JSON-ready."""
+  _check_exportable(config)
+  widths = _homogeneous_widths(config)
+  time_step_min = config.time_step_limit[0] if config.time_step_limit[0] > 0 else _HF_DEFAULTS["time_step_min"]
+  return {
+      "architectures": ["NemotronHForCausalLM"],
+      "model_type": "nemotron_h",
+      "layers_block_type": [_CHAR_TO_LAYER_TYPE[c] for c in config.pattern],
+      # Read by transformers < 5, which predates layers_block_type; transformers 5 prefers layers_block_type.
+      "hybrid_override_pattern": config.pattern,
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": widths["intermediate_size"],
+      "num_attention_heads": widths["num_attention_heads"],
+      "num_key_value_heads": config.num_key_value_heads,
+      "head_dim": config.head_dim,
+      "mamba_num_heads": widths["mamba_num_heads"],
+      "mamba_head_dim": widths["mamba_head_dim"],
+      "n_groups": config.n_groups,
+      "ssm_state_size": config.ssm_state_size,
+      "conv_kernel": config.conv_kernel,
+      "chunk_size": config.chunk_size,
+      "layer_norm_epsilon": config.layer_norm_epsilon,
+      # NVIDIA's code clamps dt to time_step_limit; transformers clamps from below at time_step_min.
+      "time_step_limit": [_encode_float(x) for x in config.time_step_limit],
+      "time_step_min": time_step_min,
+      "initializer_range": config.initializer_range,
+      "pad_token_id": config.pad_token_id,
+      "bos_token_id": config.bos_token_id,
+      "eos_token_id": config.eos_token_id,
+      **{key: required for key, (required, _) in _REQUIRED_VALUES.items()},
+      "dtype": dtype,
+  }
+
+
+def _pattern_from_hf(hf: Mapping[str, Any]) -> str:
+  layer_types = hf.get("layers_block_type", hf.get("layer_types"))
+  if layer_types is not None:
+    key = "layers_block_type" if "layers_block_type" in hf else "layer_types"
+    if not isinstance(layer_types, list) or not layer_types:
+      raise CheckpointError(f"config.json {key} is {layer_types!r}, expected a non-empty list of layer types.")
+    chars = []
+    for i, layer_type in enumerate(layer_types):
+      if layer_type not in _LAYER_TYPE_TO_CHAR:
+        error = UnsupportedCheckpointError if layer_type == "moe" else CheckpointError
+        raise error(f"config.json {key}[{i}] is {layer_type!r}"
+                    + (" (mixture of experts, not supported)" if layer_type == "moe" else "")
+                    + f"; expected one of {sorted(_LAYER_TYPE_TO_CHAR)}.")
+      chars.append(_LAYER_TYPE_TO_CHAR[layer_type])
+    return "".join(chars)
+  pattern = hf.get("hybrid_override_pattern")
+  if not isinstance(pattern, str) or not pattern:
+    raise CheckpointError("config.json has neither layers_block_type nor hybrid_override_pattern; expected one "
+                          "of them to give the block pattern.")
+  for i, char in enumerate(pattern):
+    if char not in _CHAR_TO_LAYER_TYPE:
+      error = UnsupportedCheckpointError if char == "E" else CheckpointError
+      raise error(f"config.json hybrid_override_pattern[{i}] is {char!r}"
+                  + (" (mixture of experts, not supported)" if char == "E" else "")
+                  + "; expected 'M' (Mamba), '*' (attention) or '-' (MLP).")
+  return pattern
+
+
+def _time_step_limit_from_hf(value: Any) -> tuple[float, float]:
+  if not isinstance(value, (list, tuple)) or len(value) != 2:
+    raise CheckpointError(f"config.json time_step_limit is {value!r}, expected [low, high].")
+  return tuple(math.inf if x is None else _decode_float(x, "time_step_limit") for x in value)
+
+
+def _decode_float(value: Any, key: str) -> float:
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity", "+infinity", "-inf",
+                                                          "-infinity", "nan"):
+    return float(value.strip().lower().replace("infinity", "inf"))
+  raise CheckpointError(f"config.json {key} contains {value!r}, expected a number.")
+
+
+def _decode_special_floats(obj: Any) -> Any:
+  """Undoes transformers' JSON encoding of non-finite floats: ``{"__float__": "Infinity"}`` -> ``inf``."""
+  if isinstance(obj, dict):
+    if set(obj) == {"__float__"} and isinstance(obj["__float__"], str):
+      return _decode_float(obj["__float__"], "__float__")
+    return {k: _decode_special_floats(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return [_decode_special_floats(v) for v in obj]
+  return obj
+
+
+def _encode_float(x: float) -> float | dict[str, str]:
+  """Non-finite floats the way transformers writes them, so that the file stays strict JSON."""
+  if math.isnan(x):
+    return {"__float__": "NaN"}
+  if math.isinf(x):
+    return {"__float__": "Infinity" if x > 0 else "-Infinity"}
+  return float(x)
+
+
+def _first_token_id(hf: Mapping[str, Any], key: str) -> int | None:
+  # transformers allows a list of eos ids; our config holds one (the first is the canonical one).
+  value = hf.get(key, _HF_DEFAULTS[key])
+  if isinstance(value, list):
+    value = value[0] if value else None
+  return value
+
+
+def _check_exportable(config: ModelConfig) -> None:
+  if not config.is_homogeneous:
+    raise CheckpointError(
+        "cannot export a heterogeneous config (per-layer widths differ within a block kind: "
+        f"intermediate_size_per_layer={config.intermediate_size_per_layer}, "
+        f"num_attention_heads_per_layer={config.num_attention_heads_per_layer}, "
+        f"mamba_num_heads_per_layer={config.mamba_num_heads_per_layer}, "
+        f"mamba_head_dim_per_layer={config.mamba_head_dim_per_layer}); a stock NemotronH config.json has one "
+        "intermediate_size, num_attention_heads, mamba_num_heads and mamba_head_dim for all layers.")
+
+
+def _homogeneous_widths(config: ModelConfig) -> dict[str, int]:
+  """The one width per kind (from the blocks, so per-layer tuples with equal entries export too)."""
+  widths = {"intermediate_size": config.intermediate_size, "num_attention_heads": config.num_attention_heads,
+            "mamba_num_heads": config.mamba_num_heads, "mamba_head_dim": config.mamba_head_dim}
+  for spec in config.block_specs():
+    if spec.kind == "mlp":
+      widths["intermediate_size"] = spec.intermediate_size
+    elif spec.kind == "attention":
+      widths["num_attention_heads"] = spec.num_attention_heads
+    else:
+      widths["mamba_num_heads"] = spec.mamba_num_heads
+      widths["mamba_head_dim"] = spec.mamba_head_dim
+  return widths
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def _resolve_dtype(dtype: Any) -> np.dtype:
+  if isinstance(dtype, str) and hasattr(ml_dtypes, dtype):  # "bfloat16" is not a numpy name
+    return np.dtype(getattr(ml_dtypes, dtype))
+  return np.dtype(dtype)
+
+
+def _read_json(file: pathlib.Path) -> dict[str, Any]:
+  if not file.is_file():
+    raise CheckpointError(f"{file} does not exist; a NemotronH checkpoint directory needs {file.name}.")
+  with open(file) as f:
+    return json.load(f)
+
+
+def _read_tensors(path: pathlib.Path, dtype: np.dtype) -> dict[str, np.ndarray]:
+  """Reads every tensor of a single-file or sharded safetensors checkpoint, cast to ``dtype``."""
+  index_file, single_file = path / INDEX_FILE, path / SINGLE_FILE
+  if index_file.is_file():
+    weight_map = _read_json(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise CheckpointError(f"{index_file} has no weight_map, expected a mapping from tensor name to shard file.")
+    shard_keys: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+      shard_keys.setdefault(shard, []).append(key)
+    for shard, keys in shard_keys.items():
+      if not (path / shard).is_file():
+        raise CheckpointError(f"shard {shard} named in {INDEX_FILE} (for {keys[0]} and {len(keys) - 1} other "
+                              f"tensors) is missing from {path}.")
+    tensors: dict[str, np.ndarray] = {}
+    for shard, keys in shard_keys.items():
+      shard_tensors = _read_safetensors_file(path / shard, dtype)
+      for key in keys:
+        if key not in shard_tensors:
+          raise CheckpointError(f"{INDEX_FILE} places {key} in {shard}, but that shard does not contain it.")
+      for key, value in shard_tensors.items():
+        if key in tensors:
+          raise CheckpointError(f"tensor {key} appears in more than one shard (again in {shard}).")
+        tensors[key] = value
+    return tensors
+  if single_file.is_file():
+    return _read_safetensors_file(single_file, dtype)
+  found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+  raise CheckpointError(
+      f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (found {found}); only safetensors checkpoints are read, "
+      "pickled ones (pytorch_model.bin) are refused.")
+
+
+def _read_safetensors_file(file: pathlib.Path, dtype: np.dtype) -> dict[str, np.ndarray]:
+  tensors = {}
+  with safetensors.safe_open(str(file), framework="numpy") as f:
+    for key in f.keys():
+      tensors[key] = f.get_tensor(key).astype(dtype, copy=False)
+  return tensors
+
+
+# ---------------------------------------------------------------------------------------------------- public
+def load(path: PathLike, *, time_step_limit: tuple[float, float] | None = None,
+         dtype: Any = None) -> tuple[ModelConfig, Params]:
+  """Reads a NemotronH checkpoint directory into our config and param tree.
+
+  Args:
+    path: directory with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
+    time_step_limit: the dt clamp; default the checkpoint's ``time_step_limit`` (NVIDIA's semantics, ``(0, inf)``
+      in released checkpoints). Pass ``(time_step_min, inf)`` to reproduce transformers >= 5.15.
+    dtype: the params' dtype (e.g. ``"bfloat16"``, ``jnp.bfloat16``); default float32.
+
+  Returns:
+    ``(config, params)``: params is a nested dict of numpy arrays, as ``HybridLM(config).init`` lays them out.
+  """
+  path = pathlib.Path(path)
+  config = config_from_hf(_read_json(path / CONFIG_FILE))
+  if time_step_limit is not None:
+    try:
+      config = config.replace(time_step_limit=tuple(float(x) for x in time_step_limit))
+    except ConfigError as err:
+      raise CheckpointError(f"time_step_limit={time_step_limit!r} is invalid: {err}") from err
+  param_dtype = _resolve_dtype("float32" if dtype is None else dtype)
+  if param_dtype.name in DTYPES:
+    config = config.replace(param_dtype=param_dtype.name)
+  params = params_from_hf(_read_tensors(path, param_dtype), config)
+  return config, params
+
+
+def save(path: PathLike, config: ModelConfig, params: Mapping[str, Any]) -> None:
+  """Writes our model as a NemotronH checkpoint directory (``config.json`` + ``model.safetensors``).
+
+  Tensors keep the params' dtype. Refuses heterogeneous configs (a stock NemotronH config has one width per kind).
+  """
+  _check_exportable(config)
+  tensors = params_to_hf(params, config)
+  dtype = tensors["backbone.embeddings.weight"].dtype.name
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  with open(path / CONFIG_FILE, "w") as f:
+    json.dump(config_to_hf(config, dtype), f, indent=2, sort_keys=True)
+    f.write("\n")
+  # transformers checks the "format" metadata before trusting a safetensors file.
+  safetensors.numpy.save_file(tensors, str(path / SINGLE_FILE), metadata={"format": "pt"})
