@@ -1,0 +1,53 @@
+"""Causal GQA self-attention without positional encoding (Nemotron-H's attention blocks are NoPE)."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from elastic_jax.model.config import BlockSpec, ModelConfig
+from elastic_jax.model.layers import Projection, constrain, dtype_of
+from elastic_jax.ops.attention import causal_gqa
+
+Array = jax.Array
+AttentionCache = dict[str, Array]  # k, v: [b, max_len, Hkv, hd]
+
+
+def init_attention_cache(config: ModelConfig, spec: BlockSpec, batch: int, max_len: int) -> AttentionCache:
+  del spec  # KV heads and head dim are never elastic
+  shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype_of(config.dtype)), "v": jnp.zeros(shape, dtype_of(config.dtype))}
+
+
+class Attention(nn.Module):
+  """u [b, l, d] -> [b, l, d]. With a cache, ``position`` is the index of u's first token in the sequence."""
+
+  config: ModelConfig
+  spec: BlockSpec
+
+  @nn.compact
+  def __call__(self, u: Array, cache: AttentionCache | None = None, position: Array | int = 0
+               ) -> tuple[Array, AttentionCache | None]:
+    cfg = self.config
+    hq, hkv, hd = self.spec.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    std, out_std = cfg.initializer_range, cfg.initializer_range / math.sqrt(cfg.num_layers)
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    q = Projection((hq, hd), ("embed",), ("heads", "head_dim"), std, name="q_proj", **kw)(u)
+    k = Projection((hkv, hd), ("embed",), ("kv_heads", "head_dim"), std, name="k_proj", **kw)(u)
+    v = Projection((hkv, hd), ("embed",), ("kv_heads", "head_dim"), std, name="v_proj", **kw)(u)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+
+    q_positions = position + jnp.arange(u.shape[1])
+    if cache is None:
+      new_cache, kv_positions = None, q_positions
+    else:
+      new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], t.astype(cache[name].dtype), position, 1)
+                   for name, t in (("k", k), ("v", v))}
+      k, v = new_cache["k"], new_cache["v"]
+      kv_positions = jnp.arange(k.shape[1])
+    out = causal_gqa(q, k, v, q_positions, kv_positions)
+    out = Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), out_std, name="o_proj", **kw)(out)
+    return out, new_cache

@@ -1,0 +1,98 @@
+"""``HybridLM``: embeddings -> pre-norm residual blocks (Mamba-2 / attention / MLP) -> final norm -> LM head.
+
+The same class serves the parent and every extracted child: a child is only a smaller ``ModelConfig``.
+
+Usage::
+
+  model = HybridLM(config)
+  params = init_params(config, key)                                    # plain arrays (init's are axis-boxed)
+  logits = model.apply({"params": params}, tokens)                      # [b, l, V] fp32
+  cache = init_cache(config, batch, max_len)
+  logits, cache = model.apply({"params": params}, tokens, cache=cache)  # continue a sequence (prefill / decode)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from elastic_jax.model.attention import Attention, init_attention_cache
+from elastic_jax.model.config import BlockSpec, ModelConfig
+from elastic_jax.model.layers import Embedding, Projection, RMSNorm, constrain
+from elastic_jax.model.mamba import Mamba2Mixer, init_mamba_cache
+from elastic_jax.model.mlp import MLP
+
+Array = jax.Array
+Cache = dict[str, Any]  # {"position": int32 [], "layers_{i}": per-block cache (Mamba and attention blocks only)}
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
+  """An empty decode cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + generated)."""
+  cache: Cache = {"position": jnp.zeros((), jnp.int32)}
+  for spec in config.block_specs():
+    if spec.kind == "mamba":
+      cache[f"layers_{spec.index}"] = init_mamba_cache(config, spec, batch)
+    elif spec.kind == "attention":
+      cache[f"layers_{spec.index}"] = init_attention_cache(config, spec, batch, max_len)
+  return cache
+
+
+def init_params(config: ModelConfig, key: Array) -> dict[str, Any]:
+  """Fresh parameters as plain arrays (``HybridLM.init`` returns them boxed with their logical axis names)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return nn.meta.unbox(HybridLM(config).init(key, tokens)["params"])
+
+
+def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
+  """The logical axis names of every parameter, as a tree of ``PartitionSpec`` shaped like the params."""
+  boxed = jax.eval_shape(lambda: HybridLM(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  return nn.get_partition_spec(boxed["params"])
+
+
+class Block(nn.Module):
+  """``h + mixer(RMSNorm(h))``; the residual stream stays fp32 whatever the compute dtype."""
+
+  config: ModelConfig
+  spec: BlockSpec
+
+  @nn.compact
+  def __call__(self, h: Array, cache: dict | None = None, position: Array | int = 0
+               ) -> tuple[Array, dict | None]:
+    cfg = self.config
+    normed = RMSNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(h)
+    if self.spec.kind == "mamba":
+      out, cache = Mamba2Mixer(cfg, self.spec, name="mixer")(normed, cache)
+    elif self.spec.kind == "attention":
+      out, cache = Attention(cfg, self.spec, name="mixer")(normed, cache, position)
+    else:
+      out = MLP(cfg, self.spec, name="mixer")(normed)
+    return h + out.astype(h.dtype), cache
+
+
+class HybridLM(nn.Module):
+  """tokens [b, l] int -> logits [b, l, V] fp32; with ``cache`` -> (logits, updated cache)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, cache: Cache | None = None) -> Array | tuple[Array, Cache]:
+    cfg = self.config
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    h = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, name="embed", **kw)(tokens)
+    h = constrain(h.astype(jnp.float32), ("batch", "length", "embed"))
+    position = 0 if cache is None else cache["position"]
+    new_cache: Cache = {} if cache is None else {"position": position + tokens.shape[1]}
+    for spec in cfg.block_specs():
+      name = f"layers_{spec.index}"
+      h, layer_cache = Block(cfg, spec, name=name)(h, None if cache is None else cache.get(name), position)
+      if layer_cache is not None:
+        new_cache[name] = layer_cache
+      h = constrain(h, ("batch", "length", "embed"))
+    h = RMSNorm(cfg.layer_norm_epsilon, name="norm_f", **kw)(h)
+    logits = Projection((cfg.vocab_size,), ("embed",), ("vocab",), cfg.initializer_range, out_dtype="float32",
+                        name="lm_head", **kw)(h)
+    logits = constrain(logits, ("batch", "length", "vocab"))
+    return logits if cache is None else (logits, new_cache)

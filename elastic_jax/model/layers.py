@@ -1,0 +1,148 @@
+"""Building blocks shared by the mixers: parameter declaration with logical axes, norms, causal conv.
+
+Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv_heads``, ``ssm_heads``, ``vocab``...)
+that one rules table maps onto mesh axes; the modules never name mesh axes themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], axes: Sequence[str],
+          dtype) -> Array:
+  """Declares a parameter with logical axis names (unboxed on read; plain arrays work in ``apply``)."""
+  return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+  """Logical sharding constraint on an activation; a no-op unless axis rules are active."""
+  return nn.with_logical_constraint(x, tuple(axes))
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+  """RMSNorm over the last axis, in fp32 (the weight multiply too); returns fp32."""
+  x = x.astype(jnp.float32)
+  variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(variance + eps) * scale.astype(jnp.float32)
+
+
+def gated_group_rms_norm(y: Array, gate: Array, scale: Array, n_groups: int, eps: float) -> Array:
+  """Mamba-2's output norm: ``y * silu(gate)``, then RMSNorm within each of ``n_groups`` head groups.
+
+  y, gate: [..., H, P]; scale: [H, P]. Heads are group-major (group g owns heads g*H/G ... (g+1)*H/G - 1), so a
+  group is a contiguous block of H/G heads. Normalising per group, not over all of d_inner, is what the reference
+  does (a single global RMS is the classic bug). Returns fp32.
+  """
+  h, p = y.shape[-2:]
+  gated = y.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))
+  grouped = gated.reshape(*gated.shape[:-2], n_groups, (h // n_groups) * p)
+  variance = jnp.mean(jnp.square(grouped), axis=-1, keepdims=True)
+  normed = (grouped * jax.lax.rsqrt(variance + eps)).reshape(gated.shape)
+  return normed * scale.astype(jnp.float32)
+
+
+def causal_depthwise_conv(x: Array, kernel: Array, bias: Array, history: Array | None = None
+                          ) -> tuple[Array, Array]:
+  """Causal depthwise conv along axis 1 with a left window of ``K - 1`` past inputs.
+
+  x: [b, l, *c]; kernel: [K, *c]; bias: [*c]; history: [b, K-1, *c] inputs preceding x (zeros at sequence start).
+  Output tap k multiplies x[t - (K-1) + k]. Returns (conv(x) + bias, the last K-1 inputs, the next call's history).
+  K is small (4), so K shifted multiply-adds beat a general convolution on every backend.
+  """
+  k = kernel.shape[0]
+  if history is None:
+    history = jnp.zeros((x.shape[0], k - 1, *x.shape[2:]), x.dtype)
+  padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)  # [b, K-1+l, *c]
+  length = x.shape[1]
+  out = bias.astype(x.dtype)
+  for tap in range(k):
+    out = out + padded[:, tap:tap + length] * kernel[tap].astype(x.dtype)
+  return out, padded[:, length:]
+
+
+def dtype_of(name: str):
+  return jnp.dtype(name)
+
+
+class Projection(nn.Module):
+  """A bias-free linear map contracting the last ``len(in_axes)`` axes of x into ``out_shape``.
+
+  The kernel is [*in_shape, *out_shape] with logical names ``in_axes + out_axes``; keeping head axes explicit
+  (e.g. [d, H, P]) is what lets masks, permutations and shardings address heads directly.
+  """
+
+  out_shape: tuple[int, ...]
+  in_axes: tuple[str, ...]
+  out_axes: tuple[str, ...]
+  stddev: float
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  out_dtype: str | None = None  # default: dtype. Accumulation is fp32 either way.
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n_in = len(self.in_axes)
+    shape = (*x.shape[x.ndim - n_in:], *self.out_shape)
+    kernel = param(self, "kernel", nn.initializers.normal(self.stddev), shape, self.in_axes + self.out_axes,
+                   dtype_of(self.param_dtype))
+    compute = dtype_of(self.dtype)
+    y = jnp.tensordot(x.astype(compute), kernel.astype(compute), axes=n_in, preferred_element_type=jnp.float32)
+    return y.astype(dtype_of(self.out_dtype or self.dtype))
+
+
+class Embedding(nn.Module):
+  """Token embedding table [V, d] (untied from the LM head)."""
+
+  vocab_size: int
+  features: int
+  stddev: float
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> Array:
+    table = param(self, "embedding", nn.initializers.normal(self.stddev), (self.vocab_size, self.features),
+                  ("vocab", "embed"), dtype_of(self.param_dtype))
+    return jnp.take(table, tokens, axis=0).astype(dtype_of(self.dtype))
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis; computes in fp32 and returns ``dtype``."""
+
+  eps: float
+  axis_name: str = "embed"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,),
+                  dtype_of(self.param_dtype))
+    return rms_norm(x, scale, self.eps).astype(dtype_of(self.dtype))
+
+
+class CausalConv(nn.Module):
+  """Depthwise causal conv along the sequence with bias; channels may be multi-axis (e.g. [H, P])."""
+
+  kernel_size: int
+  axes: tuple[str, ...]
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: Array, history: Array | None = None) -> tuple[Array, Array]:
+    channels = x.shape[2:]
+    bound = self.kernel_size ** -0.5  # torch Conv1d's default range for a depthwise kernel (fan-in K)
+    init = nn.initializers.uniform(2 * bound)
+    shifted = lambda key, shape, dtype: init(key, shape, dtype) - jnp.asarray(bound, dtype)
+    pdt = dtype_of(self.param_dtype)
+    kernel = param(self, "kernel", shifted, (self.kernel_size, *channels), ("conv", *self.axes), pdt)
+    bias = param(self, "bias", shifted, channels, self.axes, pdt)
+    return causal_depthwise_conv(x.astype(dtype_of(self.dtype)), kernel, bias, history)

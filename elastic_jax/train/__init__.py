@@ -1,0 +1,1 @@
+"""Training: train state, losses, budget sampler, stages, step function, sharding rules, checkpointing."""
