@@ -253,8 +253,10 @@ def test_round_trip_keeps_bfloat16(saved_checkpoint, tmp_path):
   hf.save(tmp_path / "bf16", config, params)
   assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
   _, params2 = hf.load(tmp_path / "bf16", dtype="bfloat16")
-  for (path, a), (_, b) in zip(tree_leaves(params), tree_leaves(params2)):
+  _, params32 = hf.load(tmp_path / "bf16")  # bf16 on disk, fp32 by default in memory
+  for (path, a), (_, b), (_, c) in zip(tree_leaves(params), tree_leaves(params2), tree_leaves(params32)):
     assert b.dtype.name == "bfloat16" and np.array_equal(a, b), path
+    assert c.dtype.name == "float32" and np.array_equal(a.astype(np.float32), c), path
 
 
 def test_save_refuses_heterogeneous_config(saved_checkpoint, tmp_path):
