@@ -67,7 +67,11 @@ def register_kernel(
     supports_fn: Callable[[tuple[int, ...], jnp.dtype, str], bool],
     fn: Callable[..., tuple[jax.Array, jax.Array]],
 ) -> Kernel:
-  """Registers a fused SSD kernel for ``impl="pallas"`` and ``impl="auto"``; an existing ``name`` is replaced."""
+  """Registers a fused SSD kernel for ``impl="pallas"`` and ``impl="auto"``; an existing ``name`` is replaced.
+
+  Dispatch happens when :func:`ssd` is traced, so register kernels at import time, before anything is jitted: a
+  function already compiled keeps the implementation it was traced with.
+  """
   kernel = Kernel(name, supports_fn, fn)
   _KERNELS[name] = kernel
   return kernel
@@ -273,12 +277,12 @@ def _ssd_chunked(x, dt, A, B, C, D, initial_state, *, chunk_size: int, inter_chu
   # 1. Within each chunk (the "attention" form): y_q = sum over k <= q of (C_q . B_k) exp(a_cum_q - a_cum_k) dt_k x_k.
   scores = _matmul("bcqgn,bckgn->bcgqk", C_chunks, B_chunks)  # [b, c, g, q, k]
   weights = scores[:, :, :, None] * _segment_decay(a_cum) * dt_chunks[..., None, :]  # [b, c, g, r, q, k]
-  y = _matmul("bcgrqk,bckgrp->bcqgrp", weights.astype(x.dtype), x_chunks)  # [b, c, q, g, r, p]
+  y = _matmul("bcgrqk,bckgrp->bcqgrp", weights, x_chunks)  # [b, c, q, g, r, p]
 
   # 2. What each chunk adds to the state at its end: sum over k of exp(a_cum_end - a_cum_k) dt_k outer(x_k, B_k).
   decay_to_end = jnp.exp(a_cum[..., -1:] - a_cum) * dt_chunks  # [b, c, g, r, k]
   x_weighted = x_chunks * jnp.moveaxis(decay_to_end, -1, 2)[..., None]  # [b, c, k, g, r, p] fp32
-  chunk_states = _matmul("bckgrp,bckgn->bcgrpn", x_weighted.astype(x.dtype), B_chunks)  # [b, c, g, r, p, n]
+  chunk_states = _matmul("bckgrp,bckgn->bcgrpn", x_weighted, B_chunks)  # [b, c, g, r, p, n]
 
   # 3. Pass states across chunks: start[c + 1] = exp(a_cum_end[c]) * start[c] + chunk_states[c].
   chunk_decay = jnp.exp(a_cum[..., -1])  # [b, c, g, r]
@@ -287,7 +291,7 @@ def _ssd_chunked(x, dt, A, B, C, D, initial_state, *, chunk_size: int, inter_chu
                                           initial_state.astype(jnp.float32).reshape(b, g, r, p, n))
 
   # 4. The chunk-start state's contribution: y_q += exp(a_cum_q) C_q . start.
-  y_from_start = _matmul("bcqgn,bcgrpn->bcqgrp", C_chunks, start_states.astype(x.dtype))  # [b, c, q, g, r, p]
+  y_from_start = _matmul("bcqgn,bcgrpn->bcqgrp", C_chunks, start_states)  # [b, c, q, g, r, p]
   y = y + y_from_start * jnp.moveaxis(jnp.exp(a_cum), -1, 2)[..., None]
 
   y = y.reshape(b, c * q, h, p)[:, :l]
