@@ -1,0 +1,1 @@
+"""Evaluation: cached generation, metrics, reports."""

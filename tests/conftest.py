@@ -1,0 +1,53 @@
+"""Shared test helpers: small configs and parameters drawn so that every path carries signal."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from elastic_jax.model import ModelConfig, param_shapes
+
+
+def small_config(pattern: str = "M-*M", **overrides) -> ModelConfig:
+  base = dict(pattern=pattern, vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, mamba_num_heads=4, mamba_head_dim=8, n_groups=2,
+              ssm_state_size=16, chunk_size=4)
+  base.update(overrides)
+  return ModelConfig(**base)
+
+
+def random_params(config: ModelConfig, seed: int = 0):
+  """Params far from their init values: O(1) activations, varied decays, non-trivial norms and conv biases.
+
+  Fresh init gives near-constant logits (tiny out-projections, unit norms), which would let many bugs pass.
+  """
+  leaves, treedef = jax.tree.flatten_with_path(param_shapes(config))
+  rng = np.random.default_rng(seed)
+  out = []
+  for path, leaf in leaves:
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    shape = leaf.shape
+    if name.endswith("A_log"):
+      value = np.log(rng.uniform(0.5, 8.0, shape))
+    elif name.endswith("dt_bias"):
+      value = rng.uniform(-4.0, 1.0, shape)
+    elif name.endswith("/D"):
+      value = rng.normal(1.0, 0.5, shape)
+    elif name.endswith("scale"):
+      value = rng.normal(1.0, 0.2, shape)
+    elif "conv" in name:
+      value = rng.normal(0.0, 0.4, shape)
+    elif name.endswith("embedding"):
+      value = rng.normal(0.0, 1.0, shape)
+    else:  # projection kernels [in..., out...]: unit-variance outputs for unit-variance inputs
+      fan_in = {"out_proj": shape[0] * shape[1], "o_proj": shape[0] * shape[1]}.get(name.split("/")[-2], shape[0])
+      value = rng.normal(0.0, fan_in ** -0.5, shape)
+    out.append(jnp.asarray(value, leaf.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(0)
