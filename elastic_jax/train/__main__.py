@@ -12,7 +12,8 @@ import time
 from absl import app
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Path to a Python config file (get_config()).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a Python config file (get_config()).",
+                                          lock_config=True)
 
 
 def main(argv) -> None:
@@ -23,7 +24,7 @@ def main(argv) -> None:
   from elastic_jax.eval.generate import generate
   from elastic_jax.model import HybridLM, ModelConfig
 
-  cfg = config_flags.FLAGS.config
+  cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
   model_config = ModelConfig.from_dict(cfg.model)
