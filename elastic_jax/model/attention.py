@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from elastic_jax.model.config import BlockSpec, ModelConfig
-from elastic_jax.model.layers import Projection, constrain, dtype_of
+from elastic_jax.model.layers import Projection, constrain, dtype_of, record_importance
 from elastic_jax.ops.attention import causal_gqa
 
 Array = jax.Array
@@ -29,8 +29,9 @@ class Attention(nn.Module):
   spec: BlockSpec
 
   @nn.compact
-  def __call__(self, u: Array, cache: AttentionCache | None = None, position: Array | int = 0
-               ) -> tuple[Array, AttentionCache | None]:
+  def __call__(self, u: Array, cache: AttentionCache | None = None, position: Array | int = 0,
+               masks: dict[str, Array] | None = None) -> tuple[Array, AttentionCache | None]:
+    """masks: optional {"heads": [b, Hq]} query-head mask."""
     cfg = self.config
     hq, hkv, hd = self.spec.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     std, out_std = cfg.initializer_range, cfg.initializer_range / math.sqrt(cfg.num_layers)
@@ -49,5 +50,9 @@ class Attention(nn.Module):
       k, v = new_cache["k"], new_cache["v"]
       kv_positions = jnp.arange(k.shape[1])
     out = causal_gqa(q, k, v, q_positions, kv_positions)
+    record_importance(self, "heads", out)  # per-head output [b, Hq, hd]; heads ranked by its L2 over hd
+    if masks and masks.get("heads") is not None:
+      # Mask the head's *output*: a zeroed query would still attend uniformly and emit the mean of V.
+      out = out * masks["heads"][:, None, :, None].astype(out.dtype)
     out = Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), out_std, name="o_proj", **kw)(out)
     return out, new_cache

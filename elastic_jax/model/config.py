@@ -17,9 +17,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from elastic_jax.ops.ssd import IMPLS as SSD_IMPLS
+from elastic_jax.ops.ssd import INTER_CHUNK_MODES
+
 BLOCK_KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
-SSD_IMPLS = ("auto", "chunked", "oracle", "pallas")
-INTER_CHUNK_MODES = ("scan", "associative")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from elastic_jax.model.attention import Attention, init_attention_cache
 from elastic_jax.model.config import BlockSpec, ModelConfig
-from elastic_jax.model.layers import Embedding, Projection, RMSNorm, constrain
+from elastic_jax.model.layers import Embedding, Projection, RMSNorm, constrain, record_importance
 from elastic_jax.model.mamba import Mamba2Mixer, init_mamba_cache
 from elastic_jax.model.mlp import MLP
 
@@ -64,45 +64,76 @@ def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
 
 
 class Block(nn.Module):
-  """``h + mixer(RMSNorm(h))``; the residual stream stays fp32 whatever the compute dtype."""
+  """``h + gate * mixer(RMSNorm(h))``; the residual stream stays fp32 whatever the compute dtype.
+
+  hidden_mask [b, 1, d] zeroes pruned embedding channels of the norm output and of the mixer output, so the
+  residual stream stays zero there; gate [b] is the depth mask (0 turns the block into the identity).
+  """
 
   config: ModelConfig
   spec: BlockSpec
 
   @nn.compact
-  def __call__(self, h: Array, cache: dict | None = None, position: Array | int = 0
+  def __call__(self, h: Array, cache: dict | None = None, position: Array | int = 0,
+               hidden_mask: Array | None = None, gate: Array | None = None, masks: dict | None = None
                ) -> tuple[Array, dict | None]:
     cfg = self.config
-    normed = RMSNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(h)
+    normed = RMSNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(
+        h, hidden_mask)
+    record_importance(self, "hidden", normed)
     if self.spec.kind == "mamba":
-      out, cache = Mamba2Mixer(cfg, self.spec, name="mixer")(normed, cache)
+      out, cache = Mamba2Mixer(cfg, self.spec, name="mixer")(normed, cache, masks)
     elif self.spec.kind == "attention":
-      out, cache = Attention(cfg, self.spec, name="mixer")(normed, cache, position)
+      out, cache = Attention(cfg, self.spec, name="mixer")(normed, cache, position, masks)
     else:
-      out = MLP(cfg, self.spec, name="mixer")(normed)
-    return h + out.astype(h.dtype), cache
+      out = MLP(cfg, self.spec, name="mixer")(normed, masks)
+    out = out.astype(h.dtype)
+    if hidden_mask is not None:
+      out = out * hidden_mask
+    if gate is not None:
+      out = out * gate.astype(h.dtype)[:, None, None]
+    return h + out, cache
 
 
 class HybridLM(nn.Module):
-  """tokens [b, l] int -> logits [b, l, V] fp32; with ``cache`` -> (logits, updated cache)."""
+  """tokens [b, l] int -> logits [b, l, V] fp32; with ``cache`` -> (logits, updated cache).
+
+  ``masks`` (optional) selects a nested sub-network per sample, with a leading batch axis so every row of a batch
+  can run a different budget: ``{"hidden": [b, d], "depth": [b, num_layers], "layers_{i}": {...}}`` where a block's
+  entry is ``{"mlp": [b, F]}``, ``{"heads": [b, Hq]}`` or ``{"ssm_heads": [b, H], "ssm_head_dim": [b, P]}``. Any
+  entry may be absent (that axis stays full). Values are 1/0, or fractional for soft masks. Build them with
+  ``elastic_jax.elastic.masks``.
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens: Array, cache: Cache | None = None) -> Array | tuple[Array, Cache]:
+  def __call__(self, tokens: Array, cache: Cache | None = None, masks: dict[str, Any] | None = None
+               ) -> Array | tuple[Array, Cache]:
     cfg = self.config
+    masks = masks or {}
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    hidden_mask = masks.get("hidden")
+    if hidden_mask is not None:
+      hidden_mask = hidden_mask.astype(jnp.float32)[:, None, :]
+    depth = masks.get("depth")
+
     h = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, name="embed", **kw)(tokens)
-    h = constrain(h.astype(jnp.float32), ("batch", "length", "embed"))
+    h = h.astype(jnp.float32)
+    if hidden_mask is not None:
+      h = h * hidden_mask
+    h = constrain(h, ("batch", "length", "embed"))
     position = 0 if cache is None else cache["position"]
     new_cache: Cache = {} if cache is None else {"position": position + tokens.shape[1]}
     for spec in cfg.block_specs():
       name = f"layers_{spec.index}"
-      h, layer_cache = Block(cfg, spec, name=name)(h, None if cache is None else cache.get(name), position)
+      h, layer_cache = Block(cfg, spec, name=name)(
+          h, None if cache is None else cache.get(name), position, hidden_mask,
+          None if depth is None else depth[:, spec.index], masks.get(name))
       if layer_cache is not None:
         new_cache[name] = layer_cache
       h = constrain(h, ("batch", "length", "embed"))
-    h = RMSNorm(cfg.layer_norm_epsilon, name="norm_f", **kw)(h)
+    h = RMSNorm(cfg.layer_norm_epsilon, name="norm_f", **kw)(h, hidden_mask)
     logits = Projection((cfg.vocab_size,), ("embed",), ("vocab",), cfg.initializer_range, out_dtype="float32",
                         name="lm_head", **kw)(h)
     logits = constrain(logits, ("batch", "length", "vocab"))

@@ -21,31 +21,61 @@ def param(module: nn.Module, name: str, init: Callable, shape: Sequence[int], ax
   return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
+def record_importance(module: nn.Module, name: str, activation: Array) -> None:
+  """Sows mean_t |activation| per sample ([b, l, *c] -> [b, *c]) into the "importance" collection.
+
+  Only computed when that collection is mutable (calibration passes); otherwise the value is dead code under jit.
+  """
+  if module.is_mutable_collection("importance"):
+    module.sow("importance", name, jnp.mean(jnp.abs(activation.astype(jnp.float32)), axis=1))
+
+
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:
   """Logical sharding constraint on an activation; a no-op unless axis rules are active."""
   return nn.with_logical_constraint(x, tuple(axes))
 
 
-def rms_norm(x: Array, scale: Array, eps: float) -> Array:
-  """RMSNorm over the last axis, in fp32 (the weight multiply too); returns fp32."""
+def _masked_mean_square(x: Array, mask: Array | None) -> Array:
+  """Mean of x² over the last axis, counting only active channels when a mask is given.
+
+  Nested masks zero the inactive channels; averaging over the *active* count (not the full width) is what makes the
+  masked parent compute exactly what the sliced child computes (spec decision D-2).
+  """
+  if mask is None:
+    return jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+  mask = jnp.broadcast_to(mask.astype(jnp.float32), x.shape)
+  count = jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1e-6)
+  return jnp.sum(jnp.square(x) * mask, axis=-1, keepdims=True) / count
+
+
+def rms_norm(x: Array, scale: Array, eps: float, mask: Array | None = None) -> Array:
+  """RMSNorm over the last axis, in fp32 (the weight multiply too); returns fp32.
+
+  mask: optional channel mask broadcastable to x (1 active, 0 pruned; fractional for soft masks). Statistics use
+  the active channels only and the output is zero in inactive ones.
+  """
   x = x.astype(jnp.float32)
-  variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(variance + eps) * scale.astype(jnp.float32)
+  out = x * jax.lax.rsqrt(_masked_mean_square(x, mask) + eps) * scale.astype(jnp.float32)
+  return out if mask is None else out * mask
 
 
-def gated_group_rms_norm(y: Array, gate: Array, scale: Array, n_groups: int, eps: float) -> Array:
+def gated_group_rms_norm(y: Array, gate: Array, scale: Array, n_groups: int, eps: float,
+                         mask: Array | None = None) -> Array:
   """Mamba-2's output norm: ``y * silu(gate)``, then RMSNorm within each of ``n_groups`` head groups.
 
-  y, gate: [..., H, P]; scale: [H, P]. Heads are group-major (group g owns heads g*H/G ... (g+1)*H/G - 1), so a
-  group is a contiguous block of H/G heads. Normalising per group, not over all of d_inner, is what the reference
-  does (a single global RMS is the classic bug). Returns fp32.
+  y, gate: [..., H, P]; scale: [H, P]; mask: optional, broadcastable to [..., H, P] (head x channel mask).
+  Heads are group-major (group g owns heads g*H/G ... (g+1)*H/G - 1), so a group is a contiguous block of H/G heads.
+  Normalising per group, not over all of d_inner, is what the reference does (a single global RMS is the classic
+  bug); with a mask, each group averages over its active (head, channel) pairs. Returns fp32.
   """
   h, p = y.shape[-2:]
   gated = y.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))
-  grouped = gated.reshape(*gated.shape[:-2], n_groups, (h // n_groups) * p)
-  variance = jnp.mean(jnp.square(grouped), axis=-1, keepdims=True)
-  normed = (grouped * jax.lax.rsqrt(variance + eps)).reshape(gated.shape)
-  return normed * scale.astype(jnp.float32)
+  group_shape = (*gated.shape[:-2], n_groups, (h // n_groups) * p)
+  grouped = gated.reshape(group_shape)
+  group_mask = None if mask is None else jnp.broadcast_to(mask, gated.shape).reshape(group_shape)
+  normed = (grouped * jax.lax.rsqrt(_masked_mean_square(grouped, group_mask) + eps)).reshape(gated.shape)
+  out = normed * scale.astype(jnp.float32)
+  return out if mask is None else out * mask
 
 
 def causal_depthwise_conv(x: Array, kernel: Array, bias: Array, history: Array | None = None
@@ -122,10 +152,10 @@ class RMSNorm(nn.Module):
   param_dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, mask: Array | None = None) -> Array:
     scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), (self.axis_name,),
                   dtype_of(self.param_dtype))
-    return rms_norm(x, scale, self.eps).astype(dtype_of(self.dtype))
+    return rms_norm(x, scale, self.eps, mask).astype(dtype_of(self.dtype))
 
 
 class CausalConv(nn.Module):

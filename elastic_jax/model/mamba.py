@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from elastic_jax.model.config import BlockSpec, ModelConfig
-from elastic_jax.model.layers import CausalConv, Projection, constrain, dtype_of, gated_group_rms_norm, param
+from elastic_jax.model.layers import (CausalConv, Projection, constrain, dtype_of, gated_group_rms_norm, param,
+                                      record_importance)
 from elastic_jax.ops import ssd as ssd_ops
 
 Array = jax.Array
@@ -58,7 +59,9 @@ class Mamba2Mixer(nn.Module):
   spec: BlockSpec
 
   @nn.compact
-  def __call__(self, u: Array, cache: MambaCache | None = None) -> tuple[Array, MambaCache | None]:
+  def __call__(self, u: Array, cache: MambaCache | None = None, masks: dict[str, Array] | None = None
+               ) -> tuple[Array, MambaCache | None]:
+    """masks: optional {"ssm_heads": [b, H], "ssm_head_dim": [b, P]} nested masks (either may be absent)."""
     cfg, spec = self.config, self.spec
     h, p, g, n = spec.mamba_num_heads, spec.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
     std, out_std = cfg.initializer_range, cfg.initializer_range / math.sqrt(cfg.num_layers)
@@ -72,11 +75,15 @@ class Mamba2Mixer(nn.Module):
     c_in = Projection((g, n), ("embed",), groups, std, name="C_proj", **kw)(u)
     dt_raw = Projection((h,), ("embed",), ("ssm_heads",), std, name="dt_proj", **kw)(u)
 
+    record_importance(self, "ssm", x)  # the x slice of in_proj, [b, H, P]: channel and head scores derive from it
     get = (lambda key: None) if cache is None else cache.get
     x, conv_x = CausalConv(cfg.conv_kernel, heads, name="conv_x", **kw)(x, get("conv_x"))
     b_in, conv_b = CausalConv(cfg.conv_kernel, groups, name="conv_B", **kw)(b_in, get("conv_B"))
     c_in, conv_c = CausalConv(cfg.conv_kernel, groups, name="conv_C", **kw)(c_in, get("conv_C"))
     x, b_in, c_in = jax.nn.silu(x), jax.nn.silu(b_in), jax.nn.silu(c_in)
+    channel_mask = _head_channel_mask(masks, h, p)  # [b, 1, H, P] or None
+    if channel_mask is not None:  # after the conv: a masked channel must not pick up the conv bias
+      x = x * channel_mask.astype(x.dtype)
     x = constrain(x, ("batch", "length", *heads))
 
     a_log = param(self, "A_log", _a_log_init, (h,), ("ssm_heads",), pdt)
@@ -95,11 +102,22 @@ class Mamba2Mixer(nn.Module):
                              initial_state=None if cache is None else cache["ssm"],
                              impl=cfg.ssd_impl, inter_chunk=cfg.ssd_inter_chunk)
 
-    y = GatedGroupNorm(g, cfg.layer_norm_epsilon, param_dtype=cfg.param_dtype, name="norm")(y, z)
+    y = GatedGroupNorm(g, cfg.layer_norm_epsilon, param_dtype=cfg.param_dtype, name="norm")(y, z, channel_mask)
     out = Projection((cfg.hidden_size,), heads, ("embed",), out_std, name="out_proj", **kw)(
         y.astype(dtype_of(cfg.dtype)))
     new_cache = None if cache is None else {"conv_x": conv_x, "conv_B": conv_b, "conv_C": conv_c, "ssm": state}
     return out, new_cache
+
+
+def _head_channel_mask(masks: dict[str, Array] | None, h: int, p: int) -> Array | None:
+  """The outer product of the Mamba head and head-channel masks, shaped [b, 1, H, P] to broadcast over length."""
+  if not masks:
+    return None
+  heads = masks.get("ssm_heads")
+  channels = masks.get("ssm_head_dim")
+  heads = jnp.ones((1, h), jnp.float32) if heads is None else heads.astype(jnp.float32)
+  channels = jnp.ones((1, p), jnp.float32) if channels is None else channels.astype(jnp.float32)
+  return (heads[:, :, None] * channels[:, None, :])[:, None]
 
 
 class GatedGroupNorm(nn.Module):
@@ -110,7 +128,7 @@ class GatedGroupNorm(nn.Module):
   param_dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, y: Array, gate: Array) -> Array:
+  def __call__(self, y: Array, gate: Array, mask: Array | None = None) -> Array:
     scale = param(self, "scale", nn.initializers.ones, y.shape[-2:], ("ssm_heads", "ssm_head_dim"),
                   dtype_of(self.param_dtype))
-    return gated_group_rms_norm(y, gate, scale, self.n_groups, self.eps)
+    return gated_group_rms_norm(y, gate, scale, self.n_groups, self.eps, mask)

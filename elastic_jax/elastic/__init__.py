@@ -1,0 +1,1 @@
+"""Nemotron Elastic: search space, importance, permutation, nested masks, parameter counts, extraction."""
