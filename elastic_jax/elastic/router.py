@@ -1,0 +1,147 @@
+"""The router: for a target budget, a distribution over candidate sizes on every elastic axis (spec §5).
+
+One small MLP per axis maps the one-hot budget to logits over that axis's candidates (per layer in heterogeneous
+mode). Router parameters are their own tree (``Router.init`` / ``Router.apply``), separate from the model's, with
+their own optimizer state.
+
+Sampling is Gumbel-softmax on ``scale * logits / tau``. The default straight-through mode (D-5) makes the forward
+pass use the *exact* binary prefix mask of the sampled choice, while the gradient reaches the router through the
+chosen option's probability: the mask is multiplied by ``p / stop_gradient(p)``, which is exactly 1.0 in the
+forward pass. The soft "staircase" mode instead mixes the candidates' masks with the Gumbel-softmax weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterAxis:
+  """One routed axis: ``num_choices`` candidate sizes, decided once (homogeneous) or per layer."""
+
+  name: str
+  num_choices: int
+  num_layers: int = 1
+
+
+class AxisRouter(nn.Module):
+  """one-hot budget [b, n_budgets] -> logits [b, num_layers, num_choices]: Dense -> LeakyReLU -> Dense."""
+
+  axis: RouterAxis
+  width: int = 256
+
+  @nn.compact
+  def __call__(self, budget_one_hot: Array) -> Array:
+    h = nn.leaky_relu(nn.Dense(self.width, name="hidden")(budget_one_hot))
+    # Zero-initialised output: every candidate starts equally likely, so early samples explore all sizes.
+    logits = nn.Dense(self.axis.num_layers * self.axis.num_choices, kernel_init=nn.initializers.zeros,
+                      name="logits")(h)
+    return logits.reshape(*logits.shape[:-1], self.axis.num_layers, self.axis.num_choices)
+
+
+class Router(nn.Module):
+  """budget indices [b] int -> {axis name: logits [b, num_layers, num_choices]}."""
+
+  axes: tuple[RouterAxis, ...]
+  num_budgets: int
+  width: int = 256
+
+  @nn.compact
+  def __call__(self, budget_ids: Array) -> dict[str, Array]:
+    one_hot = jax.nn.one_hot(budget_ids, self.num_budgets, dtype=jnp.float32)
+    return {axis.name: AxisRouter(axis, self.width, name=axis.name)(one_hot) for axis in self.axes}
+
+
+# ------------------------------------------------------------------------------------------------ schedules (D-4)
+@dataclasses.dataclass(frozen=True)
+class RouterSchedule:
+  """tau anneals tau_start -> tau_end (exponential by default) and the logit scale grows linearly, over
+  ``total_steps`` (the whole run, D-4)."""
+
+  total_steps: int
+  tau_start: float = 1.0
+  tau_end: float = 0.05
+  scale_start: float = 1.0
+  scale_end: float = 10.0
+  tau_decay: str = "exponential"  # or "linear"
+
+  def __post_init__(self):
+    if self.tau_decay not in ("exponential", "linear"):
+      raise ValueError(f"router tau_decay={self.tau_decay!r} is not one of ('exponential', 'linear').")
+    if not (self.tau_start > 0 and self.tau_end > 0):
+      raise ValueError(f"router tau_start={self.tau_start} and tau_end={self.tau_end} must be > 0.")
+    if self.total_steps <= 0:
+      raise ValueError(f"router total_steps={self.total_steps} must be > 0.")
+
+  def tau(self, step: Array | int) -> Array:
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / self.total_steps, 0.0, 1.0)
+    if self.tau_decay == "linear":
+      return self.tau_start + (self.tau_end - self.tau_start) * frac
+    return self.tau_start * (self.tau_end / self.tau_start) ** frac
+
+  def scale(self, step: Array | int) -> Array:
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / self.total_steps, 0.0, 1.0)
+    return self.scale_start + (self.scale_end - self.scale_start) * frac
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+@dataclasses.dataclass
+class AxisSample:
+  """One axis's routed decision for a batch.
+
+  probs: [b, L, C] Gumbel-softmax weights (differentiable). index: [b, L] sampled choice (argmax of probs).
+  st_weight: [b, L] ``p_index / stop_gradient(p_index)`` (== 1 in value; carries the straight-through gradient).
+  """
+
+  probs: Array
+  index: Array
+  st_weight: Array
+
+
+jax.tree_util.register_dataclass(AxisSample, data_fields=["probs", "index", "st_weight"], meta_fields=[])
+
+
+def gumbel_softmax(key: Array, logits: Array, tau: Array | float, scale: Array | float) -> AxisSample:
+  gumbel = -jnp.log(-jnp.log(jax.random.uniform(key, logits.shape, jnp.float32, 1e-20, 1.0)))
+  probs = jax.nn.softmax((scale * logits.astype(jnp.float32) + gumbel) / tau, axis=-1)
+  index = jnp.argmax(probs, axis=-1)
+  chosen = jnp.take_along_axis(probs, index[..., None], axis=-1)[..., 0]
+  return AxisSample(probs, index.astype(jnp.int32), chosen / jax.lax.stop_gradient(chosen))
+
+
+def route(key: Array, logits: dict[str, Array], tau: Array | float, scale: Array | float) -> dict[str, AxisSample]:
+  """Gumbel-softmax samples for every axis, with independent noise per axis."""
+  keys = jax.random.split(key, len(logits))
+  return {name: gumbel_softmax(k, logits[name], tau, scale) for k, name in zip(keys, sorted(logits))}
+
+
+def deterministic_choice(logits: dict[str, Array]) -> dict[str, Array]:
+  """The deployed choice: argmax of the logits per axis and layer (no noise), [b, L] indices."""
+  return {name: jnp.argmax(l, axis=-1).astype(jnp.int32) for name, l in logits.items()}
+
+
+# ------------------------------------------------------------------------------------------------ router loss (D-6)
+def budget_loss(expected_params: Array, target_params: Array, dead_zone: float = 0.02) -> Array:
+  """``max(|P(pi)/target - 1| - dead_zone, 0)`` per sample: zero inside the dead zone, linear outside."""
+  return jax.nn.relu(jnp.abs(expected_params / target_params - 1.0) - dead_zone)
+
+
+def full_choice_anchor(probs: dict[str, Array], full_index: dict[str, int]) -> Array:
+  """-sum over axes/layers of log pi(full choice), per sample: pulls the 100% budget to the parent on every axis."""
+  total = 0.0
+  for name, p in probs.items():
+    total = total - jnp.sum(jnp.log(p[..., full_index[name]] + 1e-9), axis=-1)
+  return total
+
+
+def router_param_fraction(router_params, parent_param_count: int) -> float:
+  """Router size relative to the parent (the paper's overhead bound is < 2%)."""
+  n = sum(math.prod(x.shape) for x in jax.tree.leaves(router_params))
+  return n / parent_param_count
