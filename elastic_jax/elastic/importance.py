@@ -1,0 +1,263 @@
+"""Activation importance of every elastic axis, and the rankings that put each axis in importance order.
+
+Calibration runs forward passes only (spec §4). The model sows, per block and per sample, ``mean_t |a|`` of
+
+    ``hidden`` the block's normed input [d]         ``mlp``   the up-projection output [F] (D-3)
+    ``heads``  per-head attention output [Hq, hd]    ``ssm``   the x slice of in_proj [H, P]
+
+into the "importance" collection. Here each statistic is squared, summed over samples and batches (fp32) and square
+rooted; the axis scores derive from those aggregates:
+
+    hidden channel   sum over blocks of the aggregated ``hidden`` statistic       [d]
+    MLP neuron       aggregated ``mlp``                                            [F]   per MLP block
+    attention head   L2 over head_dim of aggregated ``heads``                      [Hq]  per attention block
+    Mamba channel    L2 over heads of aggregated ``ssm``                           [P]   per Mamba block
+    Mamba head       L2 over channels of aggregated ``ssm``                        [H]   per Mamba block
+    depth            iterative normalized logit MSE of removing blocks (below)
+
+Mamba head scores use *all* channels. The spec's "L2 over the kept channels" comes from one-shot pruning
+(Minitron-SSM), where the channel count is fixed before heads are scored. Here every budget keeps a different
+channel prefix, and nesting needs one head order shared by all of them; scoring over all channels is the only
+choice that favours no budget. The aggregated [H, P] matrix is kept (``mamba_activations``) for anyone who wants
+head scores over a channel prefix.
+
+Usage::
+
+  importance = estimate_importance(config, params, batches)   # batches: iterable of int32 [b, l] token arrays
+  order = rankings(importance, config)
+  params = permute_params(config, params, order)               # elastic_jax.elastic.permute
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from elastic_jax.model.config import ModelConfig
+from elastic_jax.model.hybrid import HybridLM
+
+Array = jax.Array
+Params = dict[str, Any]
+
+# Sown statistic of each block kind's mixer, by the name the model sows it under.
+_MIXER_STATISTIC = {"mlp": "mlp", "attention": "heads", "mamba": "ssm"}
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["hidden", "mlp", "attention_heads", "mamba_heads", "mamba_channels",
+                                "mamba_activations", "depth_scores", "depth_order"],
+                   meta_fields=["num_samples"])
+@dataclasses.dataclass(frozen=True)
+class Importance:
+  """Importance scores per elastic axis (higher = more important); per-block entries keyed by block index.
+
+  depth_scores[j] is the normalized logit MSE of the model with block j and every block removed before it removed,
+  i.e. the cost at the moment j was removed; depth_order lists block indices most important first (the reverse
+  removal order). Both are None when depth was not estimated.
+  """
+
+  hidden: np.ndarray  # [d]
+  mlp: dict[int, np.ndarray]  # MLP block -> [F]
+  attention_heads: dict[int, np.ndarray]  # attention block -> [Hq]
+  mamba_heads: dict[int, np.ndarray]  # Mamba block -> [H]
+  mamba_channels: dict[int, np.ndarray]  # Mamba block -> [P]
+  mamba_activations: dict[int, np.ndarray]  # Mamba block -> [H, P] aggregated x statistic
+  depth_scores: np.ndarray | None  # [num_layers]
+  depth_order: np.ndarray | None  # [num_layers] block indices, most important first
+  num_samples: int = 0
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["hidden", "mlp", "attention_heads", "mamba_heads", "mamba_channels", "depth"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Rankings:
+  """Permutation indices per elastic axis: ``order[new_position] = old_index``, most important first.
+
+  Per-block entries are keyed by block index. attention_heads and mamba_heads reorder heads only within their KV
+  group / Mamba group (each group's slice of positions holds that group's heads). mamba_channels is shared by all
+  heads of its block. depth is an order over blocks used by depth masks; blocks never move.
+  """
+
+  hidden: np.ndarray  # [d]
+  mlp: dict[int, np.ndarray]  # MLP block -> [F]
+  attention_heads: dict[int, np.ndarray]  # attention block -> [Hq]
+  mamba_heads: dict[int, np.ndarray]  # Mamba block -> [H]
+  mamba_channels: dict[int, np.ndarray]  # Mamba block -> [P]
+  depth: np.ndarray | None = None  # [num_layers]
+
+  @classmethod
+  def identity(cls, config: ModelConfig) -> "Rankings":
+    """The rankings that leave every axis in its current order."""
+    specs = config.block_specs()
+    return cls(
+        hidden=np.arange(config.hidden_size),
+        mlp={s.index: np.arange(s.intermediate_size) for s in specs if s.kind == "mlp"},
+        attention_heads={s.index: np.arange(s.num_attention_heads) for s in specs if s.kind == "attention"},
+        mamba_heads={s.index: np.arange(s.mamba_num_heads) for s in specs if s.kind == "mamba"},
+        mamba_channels={s.index: np.arange(s.mamba_head_dim) for s in specs if s.kind == "mamba"},
+        depth=np.arange(config.num_layers))
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def _zero_sums(config: ModelConfig) -> dict[str, dict[int, Array]]:
+  """fp32 accumulators of Σ_samples stat²: {"hidden": {i: [d]}, "mlp"|"heads"|"ssm": {i: [...]}}."""
+  sums: dict[str, dict[int, Array]] = {"hidden": {}, "mlp": {}, "heads": {}, "ssm": {}}
+  for spec in config.block_specs():
+    sums["hidden"][spec.index] = jnp.zeros((config.hidden_size,), jnp.float32)
+    if spec.kind == "mlp":
+      shape = (spec.intermediate_size,)
+    elif spec.kind == "attention":
+      shape = (spec.num_attention_heads, config.head_dim)
+    else:
+      shape = (spec.mamba_num_heads, spec.mamba_head_dim)
+    sums[_MIXER_STATISTIC[spec.kind]][spec.index] = jnp.zeros(shape, jnp.float32)
+  return sums
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _accumulate_statistics(config: ModelConfig, sums: dict[str, dict[int, Array]], params: Params,
+                           tokens: Array) -> dict[str, dict[int, Array]]:
+  """sums + Σ over this batch's samples of the squared per-sample statistics (one compile per config and shape)."""
+  _, state = HybridLM(config).apply({"params": params}, tokens, mutable=["importance"])
+  sown = state["importance"]
+
+  def add(total: Array, per_sample: tuple[Array]) -> Array:  # flax sow stores a 1-tuple; per_sample [b, ...]
+    return total + jnp.sum(jnp.square(per_sample[0].astype(jnp.float32)), axis=0)
+
+  new = {name: dict(per_block) for name, per_block in sums.items()}
+  for spec in config.block_specs():
+    block = sown[f"layers_{spec.index}"]
+    stat = _MIXER_STATISTIC[spec.kind]
+    new["hidden"][spec.index] = add(sums["hidden"][spec.index], block["hidden"])
+    new[stat][spec.index] = add(sums[stat][spec.index], block["mixer"][stat])
+  return new
+
+
+# ------------------------------------------------------------------------------------------------ depth
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_with_blocks(config: ModelConfig, params: Params, tokens: Array, keep: Array) -> Array:
+  """Logits [b, l, V] with block j skipped where keep[j] == 0; keep [num_layers] is an input, so one compile."""
+  depth = jnp.broadcast_to(keep.astype(jnp.float32), (tokens.shape[0], config.num_layers))
+  return HybridLM(config).apply({"params": params}, tokens, masks={"depth": depth})
+
+
+@jax.jit
+def _sum_squared_difference(reference: Array, other: Array) -> Array:
+  return jnp.sum(jnp.square(reference - other))
+
+
+def _depth_importance(config: ModelConfig, params: Params, batches: list[np.ndarray], progress: bool
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Iterative block removal by normalized logit MSE against the full model (spec §4).
+
+  Each step removes, on top of the blocks already removed, the block whose removal raises
+  Σ(M_full − M_without)² / Σ M_full² the least (lowest index on ties). Returns (depth_scores [L], depth_order [L]).
+  """
+  num_layers = config.num_layers
+  full = np.ones((num_layers,), np.float32)
+  keep = full.copy()
+  scores = np.zeros((num_layers,), np.float64)
+  removal_order: list[int] = []
+  reference_energy = 0.0  # Σ M_full², the same for every step
+  for step in tqdm(range(num_layers), desc="depth importance", disable=not progress):
+    candidates = np.flatnonzero(keep)
+    errors = np.zeros((len(candidates),), np.float64)
+    for tokens in batches:
+      # Recomputed per step rather than held for all batches: at scale the full logits of a calibration set do not
+      # fit in memory, and one extra forward per step is small next to one per candidate.
+      reference = _logits_with_blocks(config, params, tokens, full)
+      if step == 0:
+        reference_energy += float(_sum_squared_difference(reference, jnp.zeros_like(reference)))
+      for c, block in enumerate(candidates):
+        without = keep.copy()
+        without[block] = 0.0
+        errors[c] += float(_sum_squared_difference(reference, _logits_with_blocks(config, params, tokens, without)))
+    best = int(np.argmin(errors))  # first minimum: ties go to the lowest block index
+    removed = int(candidates[best])
+    keep[removed] = 0.0
+    scores[removed] = errors[best] / max(reference_energy, np.finfo(np.float64).tiny)
+    removal_order.append(removed)
+  return scores, np.asarray(removal_order[::-1], np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+def estimate_importance(config: ModelConfig, params: Params, batches: Iterable[Array | np.ndarray], *,
+                        depth: bool = True, depth_batches: int | None = None, progress: bool = True
+                        ) -> Importance:
+  """Scores every elastic axis of ``params`` on calibration ``batches`` (int32 token arrays [b, l]).
+
+  Every token of every sample counts (no padding mask). Batches may differ in shape (one compile per shape).
+  depth: also run the iterative depth ranking, which costs about num_layers²/2 forwards per batch it uses;
+  depth_batches limits it to the first that many batches (None: all). progress: show tqdm progress bars.
+  """
+  batches = [np.asarray(tokens) for tokens in batches]  # kept: the depth ranking passes over them many times
+  if not batches:
+    raise ValueError("estimate_importance needs at least one calibration batch of tokens [b, l].")
+  for i, tokens in enumerate(batches):
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+      raise ValueError(f"calibration batch {i} must be integer tokens [b, l]; got {tokens.dtype} {tokens.shape}.")
+
+  sums = _zero_sums(config)
+  num_samples = 0
+  for tokens in tqdm(batches, desc="importance statistics", disable=not progress):
+    sums = _accumulate_statistics(config, sums, params, jnp.asarray(tokens, jnp.int32))
+    num_samples += tokens.shape[0]
+  aggregated = jax.tree.map(lambda s: np.sqrt(np.asarray(s, np.float32)), sums)  # sqrt(Σ_samples stat²)
+
+  hidden = np.sum(np.stack(list(aggregated["hidden"].values())), axis=0)
+  attention_heads = {i: np.linalg.norm(a, axis=-1) for i, a in aggregated["heads"].items()}
+  mamba_heads = {i: np.linalg.norm(a, axis=1) for i, a in aggregated["ssm"].items()}
+  mamba_channels = {i: np.linalg.norm(a, axis=0) for i, a in aggregated["ssm"].items()}
+
+  depth_scores = depth_order = None
+  if depth:
+    depth_set = batches if depth_batches is None else batches[:depth_batches]
+    depth_scores, depth_order = _depth_importance(
+        config, params, [jnp.asarray(t, jnp.int32) for t in depth_set], progress)
+  return Importance(hidden=hidden, mlp=dict(aggregated["mlp"]), attention_heads=attention_heads,
+                    mamba_heads=mamba_heads, mamba_channels=mamba_channels,
+                    mamba_activations=dict(aggregated["ssm"]), depth_scores=depth_scores, depth_order=depth_order,
+                    num_samples=num_samples)
+
+
+def descending_order(scores: np.ndarray) -> np.ndarray:
+  """Indices by descending score; equal scores keep ascending index order (stable), so rankings are deterministic."""
+  return np.argsort(-np.asarray(scores, np.float64), kind="stable")
+
+
+def descending_order_within_groups(scores: np.ndarray, num_groups: int) -> np.ndarray:
+  """Like ``descending_order``, but each of ``num_groups`` contiguous groups is ranked in its own slice.
+
+  Group g's positions [g*n, (g+1)*n) hold group g's own indices, so a prefix of every group is a valid nested mask
+  and no head ever leaves its group.
+  """
+  scores = np.asarray(scores)
+  size = scores.shape[0] // num_groups
+  return np.concatenate([g * size + descending_order(scores[g * size:(g + 1) * size]) for g in range(num_groups)])
+
+
+def rankings(importance: Importance, config: ModelConfig) -> Rankings:
+  """Permutation indices that sort every axis of ``config`` by ``importance``, most important first.
+
+  Mamba heads are ranked within each of the n_groups groups (spec §3), query heads within each KV group (D-1).
+  """
+  specs = config.block_specs()
+  return Rankings(
+      hidden=descending_order(importance.hidden),
+      mlp={s.index: descending_order(importance.mlp[s.index]) for s in specs if s.kind == "mlp"},
+      attention_heads={s.index: descending_order_within_groups(importance.attention_heads[s.index],
+                                                               config.num_key_value_heads)
+                       for s in specs if s.kind == "attention"},
+      mamba_heads={s.index: descending_order_within_groups(importance.mamba_heads[s.index], config.n_groups)
+                   for s in specs if s.kind == "mamba"},
+      mamba_channels={s.index: descending_order(importance.mamba_channels[s.index])
+                      for s in specs if s.kind == "mamba"},
+      depth=None if importance.depth_order is None else np.asarray(importance.depth_order))

@@ -1,0 +1,149 @@
+"""Reorders the parent's weights so that index order == importance order on every elastic axis (spec §3).
+
+After ``permute_params`` every budget's sub-network is a prefix of each axis (per group where groups exist), which
+is what nested masks and extraction assume. The permutation is a reparametrisation: the permuted model computes
+the same logits (hidden channels pass only through RMSNorms, which are permutation invariant; heads and neurons only
+through sums).
+
+Which tensors share an axis is read from the model's own logical axis names (``param_logical_axes``), so every
+tensor that names an axis is permuted with it and a new tensor needs no entry here:
+
+    ``embed``         rankings.hidden              embedding columns, every norm scale, every projection's d side,
+                                                   the LM head's input side
+    ``mlp``           rankings.mlp[i]              up_proj columns, down_proj rows
+    ``heads``         rankings.attention_heads[i]  q_proj heads, o_proj heads (never k/v: ``kv_heads``)
+    ``ssm_heads``     rankings.mamba_heads[i]      z/x/dt projections, conv_x, A_log, D, dt_bias, norm, out_proj
+    ``ssm_head_dim``  rankings.mamba_channels[i]   z/x projections, conv_x, norm, out_proj (never B/C: ``ssm_state``)
+
+Depth is not a weight permutation: blocks stay in place and the depth order only drives depth masks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+
+from elastic_jax.elastic.importance import Rankings
+from elastic_jax.model.config import ModelConfig
+from elastic_jax.model.hybrid import param_logical_axes
+
+Params = dict[str, Any]
+
+# Logical axis name -> the Rankings field that orders it (per block, except the global hidden axis).
+_RANKED_AXES = {
+    "mlp": "mlp",
+    "heads": "attention_heads",
+    "ssm_heads": "mamba_heads",
+    "ssm_head_dim": "mamba_channels",
+}
+
+
+class RankingError(ValueError):
+  """Rankings that are not valid permutations, or that would move a head out of its group."""
+
+
+def check_rankings(config: ModelConfig, rankings: Rankings) -> None:
+  """Raises ``RankingError`` unless every ranking is a permutation of its axis that respects the group structure.
+
+  Mamba heads may only be reordered within their group (group g owns heads [g*H/G, (g+1)*H/G)); query heads only
+  within their KV group (head h reads KV head h // (Hq/Hkv)). Moving a head across groups would change which B/C
+  group or KV head it reads, i.e. change the function.
+  """
+  _check_permutation("hidden", rankings.hidden, config.hidden_size)
+  expected: dict[str, dict[int, int]] = {field: {} for field in _RANKED_AXES.values()}
+  for spec in config.block_specs():
+    if spec.kind == "mlp":
+      expected["mlp"][spec.index] = spec.intermediate_size
+    elif spec.kind == "attention":
+      expected["attention_heads"][spec.index] = spec.num_attention_heads
+    else:
+      expected["mamba_heads"][spec.index] = spec.mamba_num_heads
+      expected["mamba_channels"][spec.index] = spec.mamba_head_dim
+  for field, sizes in expected.items():
+    given = getattr(rankings, field)
+    if set(given) != set(sizes):
+      raise RankingError(f"rankings.{field} has entries for blocks {sorted(given)} but pattern "
+                         f"{config.pattern!r} needs exactly blocks {sorted(sizes)}.")
+    for index, size in sizes.items():
+      _check_permutation(f"{field}[{index}]", given[index], size)
+  for index, order in rankings.attention_heads.items():
+    _check_within_groups(f"attention block {index}", "query head", "KV group", order, config.num_key_value_heads)
+  for index, order in rankings.mamba_heads.items():
+    _check_within_groups(f"Mamba block {index}", "head", "group", order, config.n_groups)
+  if rankings.depth is not None:
+    _check_permutation("depth", rankings.depth, config.num_layers)
+
+
+def _check_permutation(name: str, order: Any, size: int) -> None:
+  order = np.asarray(order)
+  if order.shape != (size,) or not np.issubdtype(order.dtype, np.integer):
+    raise RankingError(f"rankings.{name} must be integer indices of shape ({size},); got {order.dtype} "
+                       f"{order.shape}.")
+  if not np.array_equal(np.sort(order), np.arange(size)):
+    raise RankingError(f"rankings.{name} is not a permutation of range({size}): "
+                       f"missing {sorted(set(range(size)) - set(order.tolist()))}, repeated "
+                       f"{sorted(int(v) for v, c in zip(*np.unique(order, return_counts=True)) if c > 1)}.")
+
+
+def _check_within_groups(where: str, item: str, group: str, order: Any, num_groups: int) -> None:
+  order = np.asarray(order)
+  size = order.shape[0] // num_groups
+  for position, index in enumerate(order.tolist()):
+    if index // size != position // size:
+      raise RankingError(
+          f"{where}: the ranking puts {item} {index} ({group} {index // size}) at position {position} "
+          f"({group} {position // size}); {item}s may only be reordered within their own {group} "
+          f"({size} {item}s per {group}), so rank them per {group}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _logical_axes(config: ModelConfig) -> dict[str, Any]:
+  return param_logical_axes(config)
+
+
+def permute_params(config: ModelConfig, params: Params, rankings: Rankings) -> Params:
+  """Returns ``params`` with every elastic axis reordered by ``rankings`` (``new[..., k, ...] = old[..., order[k],
+  ...]``); ``params`` itself is not modified.
+
+  Pure indexing: works on numpy or jax arrays, and under ``jax.jit`` (rankings may then be traced; they are checked
+  with ``check_rankings`` only when concrete, so check them before tracing).
+  """
+  if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(rankings)):
+    check_rankings(config, rankings)
+  axes = _logical_axes(config)
+  used: set[tuple[str, int]] = set()
+
+  def permute(path: tuple[Any, ...], leaf: Any, spec: jax.sharding.PartitionSpec) -> Any:
+    block = _block_index(path)
+    for axis, name in enumerate(spec):
+      if name == "embed":
+        order = rankings.hidden
+      elif name in _RANKED_AXES:
+        field = _RANKED_AXES[name]
+        order = getattr(rankings, field)[block]
+        used.add((field, block))
+      else:
+        continue
+      leaf = leaf[(slice(None),) * axis + (order,)]
+    return leaf
+
+  permuted = jax.tree.map_with_path(permute, params, axes)
+  # Every per-block ranking must have reordered some tensor; otherwise the model's axis names and this table
+  # have drifted apart and the permutation would be silently incomplete.
+  for field in _RANKED_AXES.values():
+    for block in getattr(rankings, field):
+      if (field, block) not in used:
+        raise RankingError(f"rankings.{field}[{block}] reordered no parameter: no tensor of layers_{block} names "
+                           f"the axis {field!r} ranks.")
+  return permuted
+
+
+def _block_index(path: tuple[Any, ...]) -> int | None:
+  """The block index of a parameter path (``layers_3/...`` -> 3); None outside blocks."""
+  top = getattr(path[0], "key", None)
+  if isinstance(top, str) and top.startswith("layers_"):
+    return int(top[len("layers_"):])
+  return None
