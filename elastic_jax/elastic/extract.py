@@ -1,0 +1,161 @@
+"""Zero-shot extraction: slice a sub-network out of the (importance-permuted) parent as a standalone ``HybridLM``.
+
+Every tensor is sliced on every elastic axis it carries, found by its *logical* axis names (the same names the
+sharding rules use): ``embed`` (hidden channels: embedding, every norm, every projection's input or output side,
+the LM head), ``mlp`` (neurons: up columns, down rows), ``heads`` (query heads: q and o), ``ssm_heads`` (Mamba
+heads: z, x, dt, conv_x, A_log, D, dt_bias, norm, out_proj) and ``ssm_head_dim`` (channels of every kept Mamba
+head). B/C (``ssm_groups``, ``ssm_state``), KV heads and the attention head dim are never touched. Blocks outside
+the kept depth are dropped and the rest renumbered in pattern order.
+
+The kept indices come from ``masks.kept_indices`` / ``masks.kept_blocks``, i.e. from the very prefix rule the masks
+use, so the masked parent and the extracted child compute the same function (spec D-2).
+
+Works on numpy arrays, JAX arrays, and under ``jax.eval_shape`` on ``jax.ShapeDtypeStruct`` trees (to size a
+child without allocating it).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from elastic_jax.elastic.masks import kept_blocks, kept_indices
+from elastic_jax.elastic.space import Choice
+from elastic_jax.model.config import ModelConfig
+from elastic_jax.model.hybrid import param_logical_axes
+
+Params = dict[str, Any]
+# Per-layer widths: Choice field -> (ModelConfig scalar field, ModelConfig per-layer field, block kind).
+_WIDTH_FIELDS = {
+    "mlp": ("intermediate_size", "intermediate_size_per_layer", "mlp"),
+    "attention_heads": ("num_attention_heads", "num_attention_heads_per_layer", "attention"),
+    "mamba_heads": ("mamba_num_heads", "mamba_num_heads_per_layer", "mamba"),
+    "mamba_head_dim": ("mamba_head_dim", "mamba_head_dim_per_layer", "mamba"),
+}
+
+
+def child_config(config: ModelConfig, choice: Choice, depth_order: Any = None) -> ModelConfig:
+  """The config of the sub-network ``choice``: dropped blocks removed from the pattern, widths of the kept blocks.
+
+  A kind whose kept blocks all have the same size gets the plain (homogeneous, HF-exportable) field; otherwise
+  the ``*_per_layer`` tuple lists the kept blocks' sizes in pattern order.
+  """
+  choice.validate(config)
+  kept = kept_blocks(choice.depth, depth_order, config.num_layers)
+  specs = config.block_specs()
+  changes: dict[str, Any] = {"pattern": "".join(config.pattern[i] for i in kept), "hidden_size": choice.hidden}
+  kept_set = set(kept.tolist())
+  for axis, (field, per_layer_field, kind) in _WIDTH_FIELDS.items():
+    kind_blocks = [spec.index for spec in specs if spec.kind == kind]
+    values = tuple(v for v, index in zip(getattr(choice, axis), kind_blocks) if index in kept_set)
+    if len(set(values)) > 1:
+      changes[field], changes[per_layer_field] = max(values), values
+    else:
+      changes[per_layer_field] = None
+      if values:
+        changes[field] = values[0]
+      elif getattr(config, field) <= 0:  # no block of this kind survives; any valid scalar will do
+        changes[field] = max(getattr(choice, axis), default=1)
+  return config.replace(**changes)
+
+
+@functools.lru_cache(maxsize=16)
+def _logical_axes(config: ModelConfig) -> dict[str, Any]:
+  """Parameter path -> logical axis names, from the model's own declarations."""
+  leaves = jax.tree_util.tree_flatten_with_path(param_logical_axes(config),
+                                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+  return {_path_str(path): tuple(spec) for path, spec in leaves}
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _kept_units(config: ModelConfig, choice: Choice) -> dict[str, list[dict[str, np.ndarray]]]:
+  """Per block (pattern index) the kept indices of each elastic logical axis it carries."""
+  hidden = kept_indices(choice.hidden, config.hidden_size)
+  per_block: dict[int, dict[str, np.ndarray]] = {}
+  seen = {"mamba": 0, "attention": 0, "mlp": 0}
+  for spec in config.block_specs():
+    k = seen[spec.kind]
+    seen[spec.kind] += 1
+    units = {"embed": hidden}
+    if spec.kind == "mlp":
+      units["mlp"] = kept_indices(choice.mlp[k], spec.intermediate_size)
+    elif spec.kind == "attention":
+      units["heads"] = kept_indices(choice.attention_heads[k], spec.num_attention_heads, config.num_key_value_heads)
+    else:
+      units["ssm_heads"] = kept_indices(choice.mamba_heads[k], spec.mamba_num_heads, config.n_groups)
+      units["ssm_head_dim"] = kept_indices(choice.mamba_head_dim[k], spec.mamba_head_dim)
+    per_block[spec.index] = units
+  return {"hidden": hidden, "blocks": per_block}
+
+
+def _take(x: Any, axis: int, indices: np.ndarray) -> Any:
+  """x restricted to ``indices`` along ``axis``: a slice when they are a prefix (no gather), else an index array."""
+  if len(indices) == x.shape[axis]:
+    return x
+  where = (slice(None),) * axis
+  if np.array_equal(indices, np.arange(len(indices))):
+    return x[where + (slice(0, len(indices)),)]
+  return x[where + (indices,)]
+
+
+def _slice_leaf(x: Any, names: tuple[str | None, ...], units: Mapping[str, np.ndarray]) -> Any:
+  for axis, name in enumerate(names):
+    if name in units:
+      x = _take(x, axis, units[name])
+  if isinstance(x, np.ndarray) and x.base is not None:
+    x = np.ascontiguousarray(x) if not x.flags.c_contiguous else x.copy()  # do not keep the parent alive
+  return x
+
+
+def extract_params(config: ModelConfig, params: Mapping[str, Any], choice: Choice,
+                   depth_order: Any = None) -> Params:
+  """The child's parameter tree (see ``extract``); traceable, so ``jax.eval_shape`` sizes it abstractly."""
+  choice.validate(config)
+  axes = _logical_axes(config)
+  units = _kept_units(config, choice)
+  kept = kept_blocks(choice.depth, depth_order, config.num_layers)
+  global_units = {"embed": units["hidden"]}
+
+  def slice_tree(tree: Mapping[str, Any], prefix: str, block_units: Mapping[str, np.ndarray]) -> Params:
+    out: Params = {}
+    for name, node in tree.items():
+      path = f"{prefix}/{name}" if prefix else name
+      if isinstance(node, Mapping):
+        out[name] = slice_tree(node, path, block_units)
+      else:
+        if path not in axes:
+          raise KeyError(f"param {path} is not part of HybridLM({config.pattern!r}); is this the parent's tree?")
+        out[name] = _slice_leaf(node, axes[path], block_units)
+    return out
+
+  child: Params = {}
+  for name in ("embed", "norm_f", "lm_head"):
+    child[name] = slice_tree(params[name], name, global_units)
+  for new_index, old_index in enumerate(kept.tolist()):
+    name = f"layers_{old_index}"
+    child[f"layers_{new_index}"] = slice_tree(params[name], name, units["blocks"][old_index])
+  return child
+
+
+def extract(config: ModelConfig, params: Mapping[str, Any], choice: Choice,
+            depth_order: Any = None) -> tuple[ModelConfig, Params]:
+  """Slices the sub-network ``choice`` out of ``params`` (already permuted into importance order).
+
+  Args:
+    config: the parent's config.
+    params: the parent's parameter tree (numpy or JAX arrays).
+    choice: the sub-network; validated against ``config``.
+    depth_order: block indices, most important first (needed when ``choice.depth`` drops blocks).
+
+  Returns:
+    ``(child_config, child_params)``: a plain ``HybridLM(child_config)`` and its parameters (same array type and
+    dtype as ``params``; numpy results are fresh arrays, not views of the parent).
+  """
+  return child_config(config, choice, depth_order), extract_params(config, params, choice, depth_order)

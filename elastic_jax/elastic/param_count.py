@@ -1,0 +1,159 @@
+"""Exact parameter counts (spec §2) for a config, for a sub-network ``Choice``, and in expectation for the router.
+
+One formula per block kind, written over plain numbers so the same code counts Python ints (exact) and JAX
+arrays (the router's differentiable expected count). Block kinds:
+
+- Mamba:     d(2·d_inner + 2GN + H) + K(d_inner + 2GN) + (d_inner + 2GN) + 3H + d_inner + d_inner·d + d,
+             d_inner = H·P
+- attention: d·Hq·hd + 2·d·Hkv·hd + Hq·hd·d + d
+- MLP:       2·d·F + d
+- embedding + LM head + final norm: 2·V·d + d
+
+Every term is a product of *distinct* axes (d, F, Hq, H, P), each appearing at most once, so for independent
+per-axis distributions E[count] is the formula evaluated at each axis' expected size, and a block's expected
+contribution is scaled by its probability of being kept. That is what ``expected_param_count`` computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from elastic_jax.elastic.masks import weighted_depth_mask
+from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, Choice, ElasticSpace, SpaceError, parent_widths
+from elastic_jax.model.config import ModelConfig
+
+Array = jax.Array
+Number = Any  # int | float | jax.Array: the formulas below work on any of them
+
+
+# ---------------------------------------------------------------------------------------------------- formulas
+def embedding_param_count(config: ModelConfig, hidden: Number) -> Number:
+  """Token embedding [V, d] + LM head [d, V] (untied) + final norm [d]."""
+  return 2 * config.vocab_size * hidden + hidden
+
+
+def mamba_param_count(config: ModelConfig, hidden: Number, heads: Number, head_dim: Number) -> Number:
+  """One Mamba-2 block, its pre-norm included; G, N and K are never elastic."""
+  d_inner = heads * head_dim
+  gn2 = 2 * config.n_groups * config.ssm_state_size
+  return (hidden * (2 * d_inner + gn2 + heads)  # in_proj rows z | x | B | C | dt
+          + config.conv_kernel * (d_inner + gn2) + (d_inner + gn2)  # depthwise conv kernel and bias over x | B | C
+          + 3 * heads  # A_log, D, dt_bias
+          + d_inner  # grouped gated norm weight
+          + d_inner * hidden  # out_proj
+          + hidden)  # block pre-norm
+
+
+def attention_param_count(config: ModelConfig, hidden: Number, heads: Number) -> Number:
+  """One GQA attention block (no biases, NoPE), its pre-norm included; KV heads and head dim are never elastic."""
+  hd, hkv = config.head_dim, config.num_key_value_heads
+  return hidden * heads * hd + 2 * hidden * hkv * hd + heads * hd * hidden + hidden
+
+
+def mlp_param_count(hidden: Number, neurons: Number) -> Number:
+  """One squared-ReLU MLP block (up, down, no gate, no biases), its pre-norm included."""
+  return 2 * hidden * neurons + hidden
+
+
+def _block_counts(config: ModelConfig, hidden: Number, widths: Mapping[str, list]) -> list:
+  """Per block (pattern order) the formula at ``hidden`` and the block's widths (``widths[axis][k]`` for the k-th
+  block of that axis' kind)."""
+  seen = {"mamba": 0, "attention": 0, "mlp": 0}
+  out = []
+  for spec in config.block_specs():
+    k = seen[spec.kind]
+    seen[spec.kind] += 1
+    if spec.kind == "mamba":
+      out.append(mamba_param_count(config, hidden, widths["mamba_heads"][k], widths["mamba_head_dim"][k]))
+    elif spec.kind == "attention":
+      out.append(attention_param_count(config, hidden, widths["attention_heads"][k]))
+    else:
+      out.append(mlp_param_count(hidden, widths["mlp"][k]))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------- exact
+def param_count(config: ModelConfig) -> int:
+  """Exact number of parameters of ``HybridLM(config)`` (per-layer widths included)."""
+  widths = {axis: list(parent_widths(config, axis)) for axis in PER_LAYER_AXES}
+  return int(embedding_param_count(config, config.hidden_size) + sum(_block_counts(config, config.hidden_size,
+                                                                                   widths)))
+
+
+def choice_param_count(config: ModelConfig, choice: Choice, depth_order: Any = None) -> int:
+  """Exact parameter count of the sub-network ``choice`` of ``config`` (== that of its extracted child).
+
+  ``depth_order`` (block indices, most important first) is needed when ``choice.depth`` drops blocks: which kinds
+  of blocks go depends on it.
+  """
+  from elastic_jax.elastic.extract import child_config  # extract builds on masks and space, not on counts
+  return param_count(child_config(config, choice, depth_order))
+
+
+# ---------------------------------------------------------------------------------------------------- expected
+def expected_sizes(config: ModelConfig, space: ElasticSpace, probs: Mapping[str, Any]) -> dict[str, Any]:
+  """Per-axis expected sizes Σ_i π_i · candidate_i.
+
+  Returns ``{"hidden": [...], "depth": absent, per-layer axis: list over blocks of that kind of [...]}`` where
+  ``[...]`` is the probabilities' leading (batch) shape; axes absent from ``probs`` are at the parent's size.
+  """
+  unknown = sorted(set(probs) - set(AXES))
+  if unknown:
+    raise SpaceError(f"unknown axis name(s) {unknown} in probs; axes are {list(AXES)}.")
+  sizes: dict[str, Any] = {}
+  for axis in ("hidden", *PER_LAYER_AXES):
+    parents = parent_widths(config, axis)
+    if axis not in probs:
+      sizes[axis] = list(parents)
+      continue
+    p = jnp.asarray(probs[axis], jnp.float32)
+    cands = jnp.asarray(space.candidates(axis), jnp.float32)
+    if p.shape[-1] != cands.shape[0]:
+      raise SpaceError(f"{axis} probs have {p.shape[-1]} entries on the last axis but the space has "
+                       f"{cands.shape[0]} {axis} candidates {list(space.candidates(axis))}.")
+    mean = p @ cands  # [...] or [..., n_blocks]
+    if axis in PER_LAYER_AXES and space.mode(axis) == "heterogeneous":
+      if p.ndim < 2 or p.shape[-2] != len(parents):
+        raise SpaceError(f"{axis} is heterogeneous: probs must be [..., {len(parents)} blocks, "
+                         f"{cands.shape[0]} candidates], got {p.shape}.")
+      sizes[axis] = [mean[..., k] for k in range(len(parents))]
+    else:
+      sizes[axis] = mean if axis == "hidden" else [mean] * len(parents)
+  return sizes
+
+
+def expected_param_count(config: ModelConfig, space: ElasticSpace, probs: Mapping[str, Any],
+                         depth_order: Any = None) -> Array:
+  """Differentiable expected parameter count under independent per-axis distributions over candidates.
+
+  Args:
+    config, space: the parent and its search space.
+    probs: axis -> probabilities over that axis' candidates, ``[..., n_candidates]``; per-layer axes in
+      heterogeneous mode take ``[..., n_blocks, n_candidates]`` (one distribution per block of that kind). Leading
+      dims (e.g. a batch of budgets) are kept. Absent axes are at the parent's size.
+    depth_order: block indices, most important first; required with ``depth`` probabilities. A block's expected
+      contribution is scaled by its probability of being kept, Σ_i π_i · [rank(block) < depth_candidate_i].
+
+  Returns:
+    float32 ``[...]``. With one-hot probs it equals ``choice_param_count`` of that choice.
+  """
+  sizes = expected_sizes(config, space, probs)
+  hidden = sizes["hidden"]
+  blocks = _block_counts(config, hidden, sizes)
+  if "depth" in probs:
+    if depth_order is None:
+      raise SpaceError("depth probabilities need depth_order (block indices, most important first).")
+    p = jnp.asarray(probs["depth"], jnp.float32)
+    if p.shape[-1] != len(space.depth):
+      raise SpaceError(f"depth probs have {p.shape[-1]} entries on the last axis but the space has "
+                       f"{len(space.depth)} depth candidates {list(space.depth)}.")
+    kept = weighted_depth_mask(p, space.depth, depth_order, config.num_layers)  # [..., L]
+    blocks = [kept[..., j] * count for j, count in enumerate(blocks)]
+  total = embedding_param_count(config, hidden)
+  for count in blocks:
+    total = total + count
+  return jnp.asarray(total, jnp.float32)
