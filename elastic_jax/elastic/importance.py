@@ -219,6 +219,8 @@ def estimate_importance(config: ModelConfig, params: Params, batches: Iterable[A
 
   depth_scores = depth_order = None
   if depth:
+    if depth_batches is not None and depth_batches < 1:
+      raise ValueError(f"depth_batches={depth_batches} must be >= 1 (or None for all batches), or pass depth=False.")
     depth_set = batches if depth_batches is None else batches[:depth_batches]
     depth_scores, depth_order = _depth_importance(
         config, params, [jnp.asarray(t, jnp.int32) for t in depth_set], progress)
