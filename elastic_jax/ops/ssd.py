@@ -12,7 +12,8 @@ computed in one of three ways behind :func:`ssd`, chosen explicitly with ``impl`
   [q, q] attention-like matmul; across chunks only one [p, n] state per head is passed on, either by ``lax.scan``
   (``inter_chunk="scan"``) or by ``lax.associative_scan`` (``inter_chunk="associative"``).
 - ``"pallas"``: a fused kernel registered with :func:`register_kernel`. ``"auto"`` uses a registered kernel when it
-  supports the input and falls back to ``"chunked"`` otherwise (fail closed).
+  supports the input and falls back to ``"chunked"`` otherwise (fail closed). The Pallas kernels of the ``kernels``
+  package register themselves on the first such dispatch on a GPU (see kernels/README.md).
 
 Decoding one token uses :func:`ssd_step`, which bypasses every scan.
 
@@ -87,6 +88,18 @@ def registered_kernels() -> tuple[str, ...]:
   return tuple(_KERNELS)
 
 
+def _register_builtin_kernels(backend: str) -> None:
+  """Lets the ``kernels`` package register its SSD kernels for ``backend``; imported here, lazily, to keep Pallas out
+  of this module's imports."""
+  try:
+    from kernels.ssd import api as ssd_kernel_api  # pylint: disable=import-outside-toplevel
+  except ModuleNotFoundError as error:
+    if error.name not in ("kernels", "kernels.ssd"):
+      raise
+    return  # installed without the kernels package: dispatch falls back to XLA
+  ssd_kernel_api.register_builtin(backend)
+
+
 def _find_kernel(x_shape: tuple[int, ...], x_dtype: jnp.dtype, backend: str) -> Kernel | None:
   for kernel in _KERNELS.values():
     if kernel.supports(x_shape, x_dtype, backend):
@@ -142,6 +155,7 @@ def ssd(
 
   if impl in ("auto", "pallas"):
     backend = jax.default_backend()
+    _register_builtin_kernels(backend)
     kernel = _find_kernel(x.shape, x.dtype, backend)
     if kernel is not None:
       return kernel.fn(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state)
