@@ -35,6 +35,8 @@ class BlockSizes:
   Attributes:
     state_block_p: Head-dim rows of the state carried by one program of the state-passing kernel.
     state_block_n: State columns carried by one program of the state-passing kernel.
+    output_block_q: Output rows (tokens of a chunk) per program of the output kernel.
+    output_block_p: Head dims per program of the output kernel (each block recomputes the chunk's C . B).
     output_block_n: State columns per step of the output kernel's loop over the state size.
     state_num_warps: Warps per program of the state-passing kernel.
     output_num_warps: Warps per program of the output kernel.
@@ -43,13 +45,15 @@ class BlockSizes:
 
   state_block_p: int
   state_block_n: int
+  output_block_q: int
+  output_block_p: int
   output_block_n: int
   state_num_warps: int = 4
   output_num_warps: int = 4
   num_stages: int = 2
 
   def __post_init__(self):
-    for field in ("state_block_p", "state_block_n", "output_block_n"):
+    for field in ("state_block_p", "state_block_n", "output_block_q", "output_block_p", "output_block_n"):
       value = getattr(self, field)
       if value < MIN_TILE or value & (value - 1):
         raise ValueError(f"BlockSizes.{field}={value} must be a power of two >= {MIN_TILE}.")
@@ -57,12 +61,17 @@ class BlockSizes:
 
 # (head dim p, state size n) -> block sizes. Starting points chosen for register budgets, not yet tuned on a GPU:
 # the state-passing kernel keeps a [state_block_p, state_block_n] fp32 tile per program (<= 32 registers per thread
-# at 4 warps), and p = 80 splits into five exact blocks of 16.
+# at 4 warps; p = 80 splits into five exact blocks of 16), and the output kernel [output_block_q, chunk] scores next
+# to a [output_block_q, output_block_p] output tile.
 BLOCK_SIZES: dict[tuple[int, int], BlockSizes] = {
-    (64, 64): BlockSizes(state_block_p=32, state_block_n=64, output_block_n=64),
-    (64, 128): BlockSizes(state_block_p=32, state_block_n=128, output_block_n=128),
-    (80, 128): BlockSizes(state_block_p=16, state_block_n=128, output_block_n=128, output_num_warps=8),
-    (128, 128): BlockSizes(state_block_p=32, state_block_n=128, output_block_n=64, output_num_warps=8),
+    (64, 64): BlockSizes(state_block_p=32, state_block_n=64, output_block_q=64, output_block_p=64,
+                         output_block_n=64),
+    (64, 128): BlockSizes(state_block_p=32, state_block_n=128, output_block_q=64, output_block_p=64,
+                          output_block_n=64),
+    (80, 128): BlockSizes(state_block_p=16, state_block_n=128, output_block_q=64, output_block_p=128,
+                          output_block_n=64, output_num_warps=8),
+    (128, 128): BlockSizes(state_block_p=32, state_block_n=128, output_block_q=64, output_block_p=64,
+                           output_block_n=64),
 }
 
 
@@ -76,6 +85,7 @@ def block_sizes(head_dim: int, state_size: int) -> BlockSizes:
   if (head_dim, state_size) in BLOCK_SIZES:
     return BLOCK_SIZES[(head_dim, state_size)]
   return BlockSizes(state_block_p=min(32, padded_size(head_dim)), state_block_n=min(128, padded_size(state_size)),
+                    output_block_q=64, output_block_p=min(64, padded_size(head_dim)),
                     output_block_n=min(64, padded_size(state_size)))
 
 

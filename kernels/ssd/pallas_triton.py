@@ -5,8 +5,9 @@ Inputs arrive in whole chunks of ``chunk`` tokens, ``chunk`` a power of two >= 1
 1. ``_state_passing_kernel``, grid (b, h, p blocks, n blocks): walks the chunks of one head in order with a
    [block_p, block_n] tile of the state in registers, storing the state that enters each chunk and the final state.
    It fuses each chunk's own contribution with the inter-chunk recurrence, so per-chunk states never reach memory.
-2. ``_chunk_output_kernel``, grid (b, c, h): one chunk of one head: the intra-chunk (attention-like) output, the
-   chunk-start state's contribution and the D skip, written once in the output dtype.
+2. ``_chunk_output_kernel``, grid (b, c, h, row blocks, p blocks): one tile of output rows and head dims of one
+   chunk of one head: the intra-chunk (attention-like) output, the chunk-start state's contribution and the D skip,
+   written once in the output dtype.
 
 Head dims and state sizes that are not powers of two are covered by padded tiles with masked loads and stores.
 Matmuls take their operands in the input dtype and accumulate in fp32; fp32 operands multiply in full IEEE
@@ -79,42 +80,49 @@ def _state_passing_kernel(x_ref, B_ref, dt_ref, a_cum_ref, initial_state_ref,  #
   plgpu.store(final_state_ref, final_state, mask=state_valid)
 
 
-def _chunk_output_kernel(x_ref, B_ref, C_ref, dt_ref, a_cum_ref, start_state_ref, D_ref,  # inputs
+def _chunk_output_kernel(x_ref, B_ref, C_ref, dt_ref, a_cum_ref, a_cum_rows_ref, start_state_ref, D_ref,  # inputs
                          y_ref,  # output
                          *, head_dim: int, state_size: int, block_n: int):
-  """One (batch row, chunk, head): y = intra-chunk output + exp(a_cum) C . start + D x.
+  """One (batch row, chunk, head, block of output rows, block of head dims): y = intra-chunk output
+  + exp(a_cum) C . start + D x.
 
-  Refs: x [q, P] (P = padded head dim), B and C [q, N] (N = state size padded to whole blocks of block_n),
-  dt and a_cum [q] fp32, start_state [P, N] fp32, D [h] fp32; output y [q, P].
+  Refs: x [q, block_p] (every token of the chunk), B [q, N] and C [block_q, N] (N = state size padded to whole blocks
+  of block_n), dt and a_cum [q] fp32, a_cum_rows [block_q] fp32 (the output rows'), start_state [block_p, N] fp32,
+  D [h] fp32; output y [block_q, block_p].
   """
-  chunk, padded_head_dim = x_ref.shape
+  chunk, block_p = x_ref.shape
+  block_q = y_ref.shape[0]
   matmul_dtype = x_ref.dtype
-  p_valid = jnp.arange(padded_head_dim) < head_dim  # [P]
-  x = plgpu.load(x_ref, mask=p_valid[None, :], other=0.0)  # [q, P]
-  dt = dt_ref[...]  # [q]
-  a_cum = a_cum_ref[...]  # [q]
+  rows = pl.program_id(3) * block_q + jnp.arange(block_q)  # [block_q]: output positions within the chunk
+  p_valid = pl.program_id(4) * block_p + jnp.arange(block_p) < head_dim  # [block_p]
+  x = plgpu.load(x_ref, mask=p_valid[None, :], other=0.0)  # [k, block_p]
+  x_rows = plgpu.load(x_ref.at[pl.ds(pl.program_id(3) * block_q, block_q), :], mask=p_valid[None, :],
+                      other=0.0)  # [block_q, block_p]
+  dt = dt_ref[...]  # [k]
+  a_cum = a_cum_ref[...]  # [k]
+  a_cum_rows = a_cum_rows_ref[...]  # [block_q]
 
   # Sum over the state size in blocks: C . B (the chunk's "attention scores") and C . start.
-  scores = jnp.zeros((chunk, chunk), jnp.float32)  # [q, k]
-  y_from_start = jnp.zeros((chunk, padded_head_dim), jnp.float32)  # [q, P]
+  scores = jnp.zeros((block_q, chunk), jnp.float32)  # [block_q, k]
+  y_from_start = jnp.zeros((block_q, block_p), jnp.float32)
   for n_block in range(C_ref.shape[1] // block_n):
     columns = pl.ds(n_block * block_n, block_n)
     n_valid = n_block * block_n + jnp.arange(block_n) < state_size  # [block_n]
-    C = plgpu.load(C_ref.at[:, columns], mask=n_valid[None, :], other=0.0)  # [q, block_n]
+    C = plgpu.load(C_ref.at[:, columns], mask=n_valid[None, :], other=0.0)  # [block_q, block_n]
     B = plgpu.load(B_ref.at[:, columns], mask=n_valid[None, :], other=0.0)  # [k, block_n]
     start = plgpu.load(start_state_ref.at[:, columns], mask=p_valid[:, None] & n_valid[None, :],
-                       other=0.0)  # [P, block_n]
+                       other=0.0)  # [block_p, block_n]
     scores += _dot(C, B, contract=(1, 1))
     y_from_start += _dot(C, start, contract=(1, 1))
 
   # y_q = sum over k <= q of scores[q, k] exp(a_cum_q - a_cum_k) dt_k x_k. Mask before exp: above the diagonal the
   # exponent is positive and could overflow.
-  causal = jnp.arange(chunk)[:, None] >= jnp.arange(chunk)[None, :]
-  decay = jnp.exp(jnp.where(causal, a_cum[:, None] - a_cum[None, :], -jnp.inf))  # [q, k]
+  causal = rows[:, None] >= jnp.arange(chunk)[None, :]  # [block_q, k]
+  decay = jnp.exp(jnp.where(causal, a_cum_rows[:, None] - a_cum[None, :], -jnp.inf))
   weights = (scores * decay * dt[None, :]).astype(matmul_dtype)
-  y = _dot(weights, x, contract=(1, 0))  # [q, P]
-  y += jnp.exp(a_cum)[:, None] * y_from_start
-  y += D_ref[pl.program_id(2)] * x.astype(jnp.float32)
+  y = _dot(weights, x, contract=(1, 0))  # [block_q, block_p]
+  y += jnp.exp(a_cum_rows)[:, None] * y_from_start
+  y += D_ref[pl.program_id(2)] * x_rows.astype(jnp.float32)
   plgpu.store(y_ref, y.astype(y_ref.dtype), mask=p_valid[None, :])
 
 
@@ -167,25 +175,31 @@ def forward(x: jax.Array, dt: jax.Array, a_cum: jax.Array, B: jax.Array, C: jax.
       name="ssd_state_passing",
   )(x, B, dt, a_cum, initial_state)
 
-  padded_p = padded_size(p)
+  output_block_p = min(blocks.output_block_p, padded_size(p))
+  output_block_q = min(blocks.output_block_q, chunk)
+  row_blocks = chunk // output_block_q  # row blocks per chunk
   output_block_n = min(blocks.output_block_n, padded_size(n))
   covered_n = pl.cdiv(n, output_block_n) * output_block_n
+  # Grid (batch row i, chunk j, head k, row block m, head-dim block o).
   y = pl.pallas_call(
       functools.partial(_chunk_output_kernel, head_dim=p, state_size=n, block_n=output_block_n),
-      grid=(b, num_chunks, h),
+      grid=(b, num_chunks, h, row_blocks, pl.cdiv(p, output_block_p)),
       in_specs=[
-          pl.BlockSpec((None, chunk, None, padded_p), lambda i, j, k: (i, j, k, 0)),  # x
-          pl.BlockSpec((None, chunk, None, covered_n), lambda i, j, k: (i, j, k // r, 0)),  # B
-          pl.BlockSpec((None, chunk, None, covered_n), lambda i, j, k: (i, j, k // r, 0)),  # C
-          pl.BlockSpec((None, None, chunk), lambda i, j, k: (i, k, j)),  # dt
-          pl.BlockSpec((None, None, chunk), lambda i, j, k: (i, k, j)),  # a_cum
-          pl.BlockSpec((None, None, None, padded_p, covered_n), lambda i, j, k: (i, j, k, 0, 0)),  # start
-          pl.BlockSpec((h,), lambda i, j, k: (0,)),  # D
+          pl.BlockSpec((None, chunk, None, output_block_p), lambda i, j, k, m, o: (i, j, k, o)),  # x
+          pl.BlockSpec((None, chunk, None, covered_n), lambda i, j, k, m, o: (i, j, k // r, 0)),  # B
+          pl.BlockSpec((None, output_block_q, None, covered_n),
+                       lambda i, j, k, m, o: (i, j * row_blocks + m, k // r, 0)),  # C, the output rows
+          pl.BlockSpec((None, None, chunk), lambda i, j, k, m, o: (i, k, j)),  # dt
+          pl.BlockSpec((None, None, chunk), lambda i, j, k, m, o: (i, k, j)),  # a_cum
+          pl.BlockSpec((None, None, output_block_q), lambda i, j, k, m, o: (i, k, j * row_blocks + m)),  # a_cum rows
+          pl.BlockSpec((None, None, None, output_block_p, covered_n), lambda i, j, k, m, o: (i, j, k, o, 0)),
+          pl.BlockSpec((h,), lambda i, j, k, m, o: (0,)),  # D
       ],
-      out_specs=pl.BlockSpec((None, chunk, None, padded_p), lambda i, j, k: (i, j, k, 0)),
+      out_specs=pl.BlockSpec((None, output_block_q, None, output_block_p),
+                             lambda i, j, k, m, o: (i, j * row_blocks + m, k, o)),
       out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=blocks.output_num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
       name="ssd_chunk_output",
-  )(x, B, C, dt, a_cum, start_states, D)
+  )(x, B, C, dt, a_cum, a_cum, start_states, D)
   return y, start_states, final_state
