@@ -1,0 +1,219 @@
+"""Tests of kernels.ssd: the fused SSD in Pallas interpret mode against the token-by-token oracle (outputs, final
+state and the gradient w.r.t. every input), its lowering to Triton for CUDA, and its place in ``ops.ssd``'s
+fail-closed dispatch.
+
+Interpret mode runs the kernels' Python on CPU one grid step at a time, so the shapes are small.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_ssd import FAST_COMPILE, INPUT_NAMES, assert_matches, make_inputs, random_cotangents
+
+from elastic_jax.ops import ssd as ssd_ops
+from elastic_jax.ops.ssd import ssd
+from kernels.ssd import BlockSizes, api, ssd_pallas
+
+CHUNK = 16  # the smallest chunk that is a kernel tile as it is
+LENGTHS = (1, CHUNK - 1, CHUNK, 3 * CHUNK + 5)
+# Small tiles so that small inputs still span several blocks of every tiled axis.
+SMALL_BLOCKS = BlockSizes(state_block_p=16, state_block_n=16, output_block_q=16, output_block_p=16,
+                          output_block_n=16)
+
+
+def outputs_and_grads(inputs, cotangents, run):
+  (y, final_state), pullback = jax.vjp(run, inputs)
+  (grads,) = pullback(cotangents)
+  return y, final_state, grads
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "block_sizes"), compiler_options=FAST_COMPILE)
+def kernel_and_oracle(inputs, cotangents, *, chunk_size: int = CHUNK, block_sizes: BlockSizes | None = None):
+  """(y, final_state, grads) of the interpreted kernel and of the oracle, compiled together."""
+  kernel = lambda inputs: ssd_pallas(**inputs, chunk_size=chunk_size, interpret=True, block_sizes=block_sizes)
+  oracle = lambda inputs: ssd(**inputs, chunk_size=chunk_size, impl="oracle")
+  return outputs_and_grads(inputs, cotangents, kernel), outputs_and_grads(inputs, cotangents, oracle)
+
+
+def assert_kernel_matches_oracle(inputs, *, dtype=jnp.float32, chunk_size: int = CHUNK,
+                                 block_sizes: BlockSizes | None = None) -> None:
+  (y, state, grads), (y_ref, state_ref, grads_ref) = kernel_and_oracle(
+      inputs, random_cotangents(1, inputs), chunk_size=chunk_size, block_sizes=block_sizes)
+  assert y.dtype == inputs["x"].dtype and y.shape == inputs["x"].shape
+  assert state.dtype == jnp.float32
+  assert_matches(y, y_ref, dtype=dtype, name="y")
+  assert_matches(state, state_ref, dtype=dtype, name="final_state")
+  for name in INPUT_NAMES:
+    if inputs[name] is None:
+      continue
+    assert grads[name].dtype == inputs[name].dtype, f"d/d{name}"
+    assert_matches(grads[name], grads_ref[name], dtype=dtype, name=f"d/d{name}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Interpreted kernel == oracle.
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True], ids=["zero_state", "initial_state"])
+@pytest.mark.parametrize("l", LENGTHS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_matches_oracle(dtype, l, with_initial_state):
+  inputs = make_inputs(l, l=l, dtype=dtype, with_initial_state=with_initial_state)
+  assert_kernel_matches_oracle(inputs, dtype=dtype)
+
+
+@pytest.mark.parametrize("shape,chunk_size", [
+    (dict(l=2 * CHUNK + 3, h=6, g=3, p=20, n=40), CHUNK),  # several blocks of heads-per-group, p and n
+    (dict(l=2 * CHUNK + 3, h=8, g=2, p=16, n=16), 2 * CHUNK),  # exact tiles, two output row blocks per chunk
+    (dict(l=29, h=4, g=1, p=5, n=7), 12),  # a chunk padded to a 16-token tile
+    (dict(l=300, b=1, h=2, g=1, p=4, n=4), 280),  # a chunk above the largest tile, processed as 256-token chunks
+], ids=["multi_block", "row_blocks", "padded_chunk", "split_chunk"])
+def test_kernel_tiling_matches_oracle(shape, chunk_size):
+  assert_kernel_matches_oracle(make_inputs(5, **shape), chunk_size=chunk_size, block_sizes=SMALL_BLOCKS)
+
+
+def test_kernel_without_D_and_long_decay_is_finite():
+  # Large dt * A drives decays to exp(-huge) = 0: values and gradients must stay finite (no inf * 0).
+  inputs = make_inputs(5, l=2 * CHUNK + 1)
+  inputs["D"] = None
+  inputs["dt"] = inputs["dt"] * 200.0
+  (y, state, grads), (y_ref, state_ref, _) = kernel_and_oracle(inputs, random_cotangents(0, inputs))
+  for name, value in [("y", y), ("state", state)] + [(k, v) for k, v in grads.items() if v is not None]:
+    assert np.all(np.isfinite(value)), name
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(state, state_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ssd_pallas_rejects_what_it_cannot_run():
+  inputs = make_inputs(0, l=5, dtype=jnp.float16)
+  with pytest.raises(ValueError, match=r"ssd_pallas: x has shape \(2, 5, 4, 3\) and dtype float16; the kernel takes "
+                                       r"x \[b, l, h, p\] with p <= 128 in \['float32', 'bfloat16'\]"):
+    ssd_pallas(**inputs, chunk_size=CHUNK, interpret=True)
+
+
+def test_block_sizes_must_be_powers_of_two():
+  with pytest.raises(ValueError, match=r"BlockSizes.output_block_p=24 must be a power of two >= 16"):
+    BlockSizes(state_block_p=16, state_block_n=16, output_block_q=16, output_block_p=24, output_block_n=16)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Triton lowering: what CPU CI can check of the GPU path without a GPU.
+
+
+def abstract_inputs(b, l, h, p, g, n, dtype):
+  f32 = jnp.float32
+  return {"x": jax.ShapeDtypeStruct((b, l, h, p), dtype), "dt": jax.ShapeDtypeStruct((b, l, h), f32),
+          "A": jax.ShapeDtypeStruct((h,), f32), "B": jax.ShapeDtypeStruct((b, l, g, n), dtype),
+          "C": jax.ShapeDtypeStruct((b, l, g, n), dtype), "D": jax.ShapeDtypeStruct((h,), f32),
+          "initial_state": jax.ShapeDtypeStruct((b, h, p, n), f32)}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,chunk_size", [
+    ((2, 1024, 128, 80, 8, 128), 128),  # the Nemotron Nano V2 Mamba layer
+    ((1, 100, 4, 3, 2, 5), 8),  # odd sizes everywhere
+], ids=["nano_v2", "odd"])
+def test_forward_and_backward_lower_to_triton_for_cuda(shape, chunk_size, dtype):
+  """Both kernels pass every Triton lowering rule (power-of-two tiles, dot shapes, supported ops) for CUDA."""
+
+  def loss(inputs):
+    y, final_state = ssd_pallas(**inputs, chunk_size=chunk_size)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final_state)
+
+  lowered = jax.jit(jax.grad(loss)).trace(abstract_inputs(*shape, dtype)).lower(lowering_platforms=("cuda",))
+  kernel_names = re.findall(r'name = "(ssd_[a-z_]+)"', lowered.as_text())
+  assert sorted(kernel_names) == ["ssd_chunk_output", "ssd_state_passing"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dispatch through ops.ssd.
+
+
+def traced_program(inputs, *, impl: str) -> str:
+  return str(jax.make_jaxpr(functools.partial(ssd, chunk_size=CHUNK, impl=impl))(**inputs))
+
+
+@pytest.fixture
+def cuda_gpu(monkeypatch):
+  """Makes ``supports`` see an NVIDIA GPU with compute capability >= 8.0."""
+  monkeypatch.setattr(api, "_is_cuda_sm80_or_newer", lambda: True)
+
+
+@pytest.fixture
+def forced_interpret(monkeypatch):
+  """Forces the kernel into dispatch on CPU (interpret mode); unregisters it afterwards."""
+  monkeypatch.setenv(api.INTERPRET_ENV_VAR, "1")
+  monkeypatch.setattr(api, "_registered_by_dispatch", False)
+  yield
+  ssd_ops.unregister_kernel(api.KERNEL_NAME)
+
+
+@pytest.mark.parametrize("shape,dtype,backend,expected", [
+    ((2, 64, 8, 64), jnp.bfloat16, "gpu", True),
+    ((2, 64, 8, 128), jnp.float32, "gpu", True),
+    ((2, 64, 8, 80), jnp.bfloat16, "gpu", True),
+    ((2, 64, 8, 129), jnp.bfloat16, "gpu", False),  # head dim above MAX_HEAD_DIM
+    ((2, 64, 8, 64), jnp.float16, "gpu", False),
+    ((2, 64, 8), jnp.bfloat16, "gpu", False),
+    ((2, 64, 8, 64), jnp.bfloat16, "tpu", False),
+    ((2, 64, 8, 64), jnp.bfloat16, "cpu", False),  # CPU only with interpret mode forced
+], ids=["bf16", "fp32_p128", "p80", "p129", "fp16", "3d", "tpu", "cpu"])
+def test_supports(cuda_gpu, shape, dtype, backend, expected):
+  assert api.supports(shape, dtype, backend) is expected
+
+
+def test_supports_needs_an_ampere_or_newer_cuda_gpu(monkeypatch):
+  monkeypatch.setattr(api, "_is_cuda_sm80_or_newer", lambda: False)
+  assert not api.supports((2, 64, 8, 64), jnp.bfloat16, "gpu")
+  # On this CPU-only machine the real check finds no GPU.
+  monkeypatch.undo()
+  assert not api.supports((2, 64, 8, 64), jnp.bfloat16, "gpu")
+
+
+def test_cpu_dispatch_keeps_xla_and_registers_nothing():
+  inputs = make_inputs(2, l=CHUNK + 3)
+  assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
+  assert api.KERNEL_NAME not in ssd_ops.registered_kernels()
+  with pytest.raises(ValueError, match=r"impl='pallas' but no registered kernel supports x.shape=\(2, 19, 4, 3\), "
+                                       r"dtype=float32, backend='cpu' \(registered: none\)\. Use impl='auto'"):
+    ssd(**inputs, chunk_size=CHUNK, impl="pallas")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_forced_dispatch_runs_the_kernel(forced_interpret, dtype):
+  inputs = make_inputs(3, l=CHUNK + 3, dtype=dtype)
+  for impl in ("pallas", "auto"):
+    assert "pallas_call" in traced_program(inputs, impl=impl), impl
+  assert ssd_ops.registered_kernels() == (api.KERNEL_NAME,)
+
+  run = jax.jit(lambda inputs: ssd(**inputs, chunk_size=CHUNK, impl="pallas"), compiler_options=FAST_COMPILE)
+  y, state = run(inputs)
+  y_ref, state_ref = ssd(**inputs, chunk_size=CHUNK, impl="oracle")
+  assert_matches(y, y_ref, dtype=dtype, name="y")
+  assert_matches(state, state_ref, dtype=dtype, name="final_state")
+
+
+@pytest.mark.parametrize("override,shape_text,dtype_text", [
+    ({"dtype": jnp.float16}, r"\(2, 19, 4, 3\)", "float16"),
+    ({"p": 2 * api.MAX_HEAD_DIM}, r"\(2, 19, 4, 256\)", "float32"),
+], ids=["fp16", "p256"])
+def test_forced_dispatch_falls_back_where_unsupported(forced_interpret, override, shape_text, dtype_text):
+  inputs = make_inputs(2, l=CHUNK + 3, **override)
+  assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
+  with pytest.raises(ValueError, match=rf"impl='pallas' but no registered kernel supports x.shape={shape_text}, "
+                                       rf"dtype={dtype_text}, backend='cpu' \(registered: \['pallas_triton'\]\)"):
+    ssd(**inputs, chunk_size=CHUNK, impl="pallas")
+
+
+def test_unregistering_the_kernel_sticks(forced_interpret):
+  inputs = make_inputs(2, l=5)
+  assert "pallas_call" in traced_program(inputs, impl="auto")
+  ssd_ops.unregister_kernel(api.KERNEL_NAME)
+  assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
+  assert ssd_ops.registered_kernels() == ()
