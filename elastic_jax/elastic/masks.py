@@ -177,14 +177,19 @@ def masks_from_counts(config: ModelConfig, counts: Mapping[str, Any], depth_orde
 
 
 def choice_masks(config: ModelConfig, choices: Choice | Sequence[Choice], depth_order: Any = None) -> Masks:
-  """One ``Choice`` (batch 1) or a list of choices (one per sample, batch = len) -> the full masks dict."""
+  """One ``Choice`` (batch 1) or a list of choices (one per sample, batch = len) -> the masks dict.
+
+  Every axis gets a mask; ``depth`` too whenever ``depth_order`` is given (so that the dict's structure, and with
+  it a jitted forward's compilation, does not depend on the choices). Without ``depth_order`` every choice must
+  keep all blocks.
+  """
   choices = [choices] if isinstance(choices, Choice) else list(choices)
   for choice in choices:
     choice.validate(config)
   counts = {axis: np.asarray([choice.values(axis) for choice in choices], np.int32) for axis in PER_LAYER_AXES
             if kind_count(config, AXES[axis][0]) > 0}
   counts["hidden"] = np.asarray([c.hidden for c in choices], np.int32)
-  if any(c.depth < config.num_layers for c in choices):
+  if depth_order is not None or any(c.depth < config.num_layers for c in choices):
     counts["depth"] = np.asarray([c.depth for c in choices], np.int32)
   return masks_from_counts(config, counts, depth_order)
 
@@ -197,7 +202,7 @@ def masks_from_weights(config: ModelConfig, space: ElasticSpace, weights: Mappin
   Args:
     config, space: the parent and its search space (candidates, ascending).
     weights: axis -> ``[b, n_candidates]``; per-layer axes may instead be ``[b, n_blocks, n_candidates]`` (one
-      distribution per block of that kind). Probabilities give the soft "staircase" mask; one-hot rows give the
+      distribution per block of that kind, or ``[b, 1, n_candidates]`` shared by all). Probabilities give the soft "staircase" mask; one-hot rows give the
       exact binary mask of the chosen candidate. An absent axis gets no mask.
     depth_order: block indices, most important first; required when ``depth`` is weighted.
   """
@@ -210,18 +215,28 @@ def masks_from_weights(config: ModelConfig, space: ElasticSpace, weights: Mappin
       raise SpaceError(f"{axis} weights have {jnp.shape(w)[-1]} entries on the last axis but the space has {n} "
                        f"{axis} candidates {list(space.candidates(axis))}.")
   masks: Masks = {}
+  for axis in ("hidden", "depth"):
+    if axis in weights and jnp.ndim(weights[axis]) != 2 and jnp.shape(weights[axis])[1:-1] != (1,):
+      raise SpaceError(f"{axis} weights must be [b, n_candidates] (or [b, 1, n_candidates]), got "
+                       f"{jnp.shape(weights[axis])}.")
   if "hidden" in weights:
-    masks["hidden"] = weighted_prefix_mask(weights["hidden"], space.hidden, config.hidden_size)
+    w = jnp.reshape(weights["hidden"], (jnp.shape(weights["hidden"])[0], -1))
+    masks["hidden"] = weighted_prefix_mask(w, space.hidden, config.hidden_size)
   if "depth" in weights:
     if depth_order is None:
       raise SpaceError("depth weights need depth_order (block indices, most important first).")
     _check_depth_order(depth_order, config.num_layers)
-    masks["depth"] = weighted_depth_mask(weights["depth"], space.depth, depth_order, config.num_layers)
+    w = jnp.reshape(weights["depth"], (jnp.shape(weights["depth"])[0], -1))
+    masks["depth"] = weighted_depth_mask(w, space.depth, depth_order, config.num_layers)
 
   def layer_mask(axis: str, spec: BlockSpec, k: int) -> Array:
     w = weights[axis]
-    if jnp.ndim(w) == 3:
-      w = w[:, k]
+    if jnp.ndim(w) == 3:  # per block; a middle axis of 1 (a homogeneous router's output) serves every block
+      n = kind_count(config, spec.kind)
+      if w.shape[1] not in (1, n):
+        raise SpaceError(f"{axis} weights have {w.shape[1]} rows per sample but pattern={config.pattern!r} has {n} "
+                         f"{spec.kind} blocks (give 1 row to share it).")
+      w = w[:, k if w.shape[1] > 1 else 0]
     elif jnp.ndim(w) != 2:
       raise SpaceError(f"{axis} weights must be [b, n_candidates] or [b, n_blocks, n_candidates], got "
                        f"{jnp.shape(w)}.")

@@ -117,11 +117,13 @@ def expected_sizes(config: ModelConfig, space: ElasticSpace, probs: Mapping[str,
                        f"{cands.shape[0]} {axis} candidates {list(space.candidates(axis))}.")
     mean = p @ cands  # [...] or [..., n_blocks]
     if axis in PER_LAYER_AXES and space.mode(axis) == "heterogeneous":
-      if p.ndim < 2 or p.shape[-2] != len(parents):
+      if p.ndim < 2 or p.shape[-2] not in (1, len(parents)):
         raise SpaceError(f"{axis} is heterogeneous: probs must be [..., {len(parents)} blocks, "
                          f"{cands.shape[0]} candidates], got {p.shape}.")
-      sizes[axis] = [mean[..., k] for k in range(len(parents))]
+      sizes[axis] = [mean[..., k if p.shape[-2] > 1 else 0] for k in range(len(parents))]
     else:
+      if p.ndim >= 3 and p.shape[-2] == 1:  # [b, 1, n_candidates]: a router's single row for the whole axis
+        mean = mean[..., 0]
       sizes[axis] = mean if axis == "hidden" else [mean] * len(parents)
   return sizes
 
@@ -148,6 +150,8 @@ def expected_param_count(config: ModelConfig, space: ElasticSpace, probs: Mappin
     if depth_order is None:
       raise SpaceError("depth probabilities need depth_order (block indices, most important first).")
     p = jnp.asarray(probs["depth"], jnp.float32)
+    if p.ndim >= 3 and p.shape[-2] == 1:  # [b, 1, n_candidates]: a router's single row
+      p = p[..., 0, :]
     if p.shape[-1] != len(space.depth):
       raise SpaceError(f"depth probs have {p.shape[-1]} entries on the last axis but the space has "
                        f"{len(space.depth)} depth candidates {list(space.depth)}.")

@@ -178,7 +178,7 @@ class ElasticSpace:
         if len(set(widths)) > 1:
           raise SpaceError(f"{axis} candidates must be given explicitly: the parent's per-layer {AXES[axis][1]} "
                            f"differ ({list(widths)}), so there is no single full size to default to.")
-        fields[axis] = widths
+        fields[axis] = (widths[0],)
     for name in ("mlp_mode", "attention_mode", "mamba_mode"):
       if name in values:
         fields[name] = values[name]
