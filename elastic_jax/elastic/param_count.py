@@ -108,7 +108,7 @@ def expected_sizes(config: ModelConfig, space: ElasticSpace, probs: Mapping[str,
   for axis in ("hidden", *PER_LAYER_AXES):
     parents = parent_widths(config, axis)
     if axis not in probs:
-      sizes[axis] = list(parents)
+      sizes[axis] = parents[0] if axis == "hidden" else list(parents)
       continue
     p = jnp.asarray(probs[axis], jnp.float32)
     cands = jnp.asarray(space.candidates(axis), jnp.float32)
