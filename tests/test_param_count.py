@@ -39,8 +39,9 @@ NANO_3_4B = NANO_V2_9B.replace(pattern="M-M-M-MM-M-M*-M-M*-M-M-M*-M-M-MM*-MMM-M-
 
 SMALL_CONFIGS = {
     "homogeneous": small_config("M-*M-*"),
-    "heterogeneous": small_config("M-*M-*-", intermediate_size_per_layer=(8, 48, 20), num_attention_heads_per_layer=(2, 6),
-                                  mamba_num_heads_per_layer=(2, 6), mamba_head_dim_per_layer=(3, 8)),
+    "heterogeneous": small_config("M-*M-*-", intermediate_size_per_layer=(8, 48, 20),
+                                  num_attention_heads_per_layer=(2, 6), mamba_num_heads_per_layer=(2, 6),
+                                  mamba_head_dim_per_layer=(3, 8)),
     "mamba_only": small_config("MM", n_groups=4, mamba_num_heads=8, conv_kernel=3),
     "attention_mlp": small_config("*-*", num_key_value_heads=4, num_attention_heads=8, head_dim=5),
 }

@@ -202,8 +202,9 @@ def masks_from_weights(config: ModelConfig, space: ElasticSpace, weights: Mappin
   Args:
     config, space: the parent and its search space (candidates, ascending).
     weights: axis -> ``[b, n_candidates]``; per-layer axes may instead be ``[b, n_blocks, n_candidates]`` (one
-      distribution per block of that kind, or ``[b, 1, n_candidates]`` shared by all). Probabilities give the soft "staircase" mask; one-hot rows give the
-      exact binary mask of the chosen candidate. An absent axis gets no mask.
+      distribution per block of that kind, or ``[b, 1, n_candidates]`` shared by all). Probabilities give the
+      soft "staircase" mask; one-hot rows give the exact binary mask of the chosen candidate. An absent axis gets
+      no mask.
     depth_order: block indices, most important first; required when ``depth`` is weighted.
   """
   unknown = sorted(set(weights) - set(AXES))
