@@ -19,6 +19,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, ElasticSpace, kind_count
+from elastic_jax.model.config import ModelConfig
+
 Array = jax.Array
 
 
@@ -145,3 +148,45 @@ def router_param_fraction(router_params, parent_param_count: int) -> float:
   """Router size relative to the parent (the paper's overhead bound is < 2%)."""
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(router_params))
   return n / parent_param_count
+
+
+# ------------------------------------------------------------------------------------------------ space <-> router
+def router_axes(space: ElasticSpace, config: ModelConfig) -> tuple[RouterAxis, ...]:
+  """One routed axis per axis of the space, per layer where the space is heterogeneous.
+
+  An axis with a single candidate is routed too (trivially): its mask and parameter count then follow the space
+  even when that one size is smaller than the parent's. Axes of block kinds absent from the pattern are skipped.
+  """
+  axes = []
+  for name in AXES:
+    n = len(space.candidates(name))
+    if n == 0:
+      continue
+    layers = 1
+    if name in PER_LAYER_AXES and space.mode(name) == "heterogeneous":
+      layers = kind_count(config, AXES[name][0])
+    axes.append(RouterAxis(name, n, layers))
+  return tuple(axes)
+
+
+def candidate_weights(samples: dict[str, AxisSample], space: ElasticSpace, *, hard: bool = True
+                      ) -> dict[str, Array]:
+  """Per-axis weights over candidates for ``masks_from_weights``.
+
+  hard=True: one-hot of the sampled choice times its straight-through weight (the exact binary mask forward,
+  router gradients backward). hard=False: the Gumbel-softmax probabilities (the soft staircase mask).
+  Heterogeneous axes are [b, L, C]; the others [b, C].
+  """
+  weights = {}
+  for name, s in samples.items():
+    weights[name] = jax.nn.one_hot(s.index, s.probs.shape[-1]) * s.st_weight[..., None] if hard else s.probs
+  return _layout(weights, space)
+
+
+def probabilities(samples: dict[str, AxisSample], space: ElasticSpace) -> dict[str, Array]:
+  """The Gumbel-softmax probabilities pi in the layout of ``candidate_weights`` (for the expected count, D-6)."""
+  return _layout({name: s.probs for name, s in samples.items()}, space)
+
+
+def _layout(weights: dict[str, Array], space: ElasticSpace) -> dict[str, Array]:
+  return {name: w if space.mode(name) == "heterogeneous" else w[:, 0] for name, w in weights.items()}
