@@ -86,7 +86,7 @@ def test_nano_family_as_sub_networks():
 def test_choice_count_equals_extracted_leaves():
   parent = SMALL_CONFIGS["homogeneous"]
   rng = np.random.default_rng(0)
-  for _ in range(12):
+  for _ in range(6):
     choice = Choice(hidden=int(rng.integers(1, 33)), mlp=tuple(int(v) for v in rng.integers(1, 49, 2)),
                     attention_heads=tuple(2 * int(v) for v in rng.integers(1, 3, 2)),
                     mamba_heads=tuple(2 * int(v) for v in rng.integers(1, 3, 2)),
