@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 
 from elastic_jax.elastic.extract import extract
+from elastic_jax.elastic.importance import estimate_importance, rankings
 from elastic_jax.elastic.param_count import choice_param_count, param_count
+from elastic_jax.elastic.permute import permute_params
 from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, Choice, ElasticSpace, kind_count
 from elastic_jax.model.config import ModelConfig
 
@@ -114,9 +116,6 @@ def prune(config: ModelConfig, params: Params, calibration_batches: Iterable[Any
   Returns:
     ``(child_config, child_params, choice)``; ``choice`` indexes the importance-permuted parent.
   """
-  from elastic_jax.elastic.importance import estimate_importance, rankings
-  from elastic_jax.elastic.permute import permute_params
-
   if (target_params is None) == (target_fraction is None):
     raise PruneError("give exactly one of target_params and target_fraction.")
   parent_count = param_count(config)

@@ -155,7 +155,8 @@ def extract(config: ModelConfig, params: Mapping[str, Any], choice: Choice,
     depth_order: block indices, most important first (needed when ``choice.depth`` drops blocks).
 
   Returns:
-    ``(child_config, child_params)``: a plain ``HybridLM(child_config)`` and its parameters (same array type and
-    dtype as ``params``; numpy results are fresh arrays, not views of the parent).
+    ``(child_config, child_params)``: a plain ``HybridLM(child_config)`` and its parameters, same array type and
+    dtype as ``params``. Sliced numpy arrays are fresh copies (no view keeps the parent alive); tensors no axis
+    shrinks (e.g. B/C projections at full width) are the parent's own arrays, shared rather than copied.
   """
   return child_config(config, choice, depth_order), extract_params(config, params, choice, depth_order)

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from elastic_jax.elastic.extract import child_config
 from elastic_jax.elastic.masks import weighted_depth_mask
 from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, Choice, ElasticSpace, SpaceError, parent_widths
 from elastic_jax.model.config import ModelConfig
@@ -90,7 +91,6 @@ def choice_param_count(config: ModelConfig, choice: Choice, depth_order: Any = N
   ``depth_order`` (block indices, most important first) is needed when ``choice.depth`` drops blocks: which kinds
   of blocks go depends on it.
   """
-  from elastic_jax.elastic.extract import child_config  # extract builds on masks and space, not on counts
   return param_count(child_config(config, choice, depth_order))
 
 
