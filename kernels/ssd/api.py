@@ -11,6 +11,8 @@ This module imports no Pallas code: the kernel is imported when it is first trac
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import os
 
 import jax
@@ -94,13 +96,16 @@ def interpret_forced() -> bool:
   return os.environ.get(INTERPRET_ENV_VAR, "") == "1"
 
 
+@functools.cache
 def _is_cuda_sm80_or_newer() -> bool:
-  """Whether the first GPU is an NVIDIA GPU with bf16 matrix units (Ampere or newer), as Triton Pallas needs."""
+  """Whether the first GPU is an NVIDIA GPU with bf16 matrix units (Ampere or newer) and this JAX still has Pallas'
+  Triton backend (deprecated from JAX 0.11), as the kernel needs."""
   try:
     device = jax.devices("gpu")[0]
     return ("cuda" in device.client.platform_version.lower()
-            and float(device.compute_capability) >= 8.0)
-  except (RuntimeError, AttributeError, ValueError, IndexError):
+            and float(device.compute_capability) >= 8.0
+            and importlib.util.find_spec("jax.experimental.pallas.triton") is not None)
+  except (RuntimeError, AttributeError, ValueError, IndexError, ImportError):
     return False
 
 

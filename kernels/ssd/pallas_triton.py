@@ -1,4 +1,4 @@
-"""The forward pass of the chunked SSD as two Pallas kernels lowered through Triton (NVIDIA GPUs; interpret mode on CPU).
+"""The chunked SSD forward as two Pallas kernels lowered through Triton (NVIDIA GPUs; interpret mode elsewhere).
 
 Inputs arrive in whole chunks of ``chunk`` tokens, ``chunk`` a power of two >= 16 (see ``kernels/ssd/fused.py``):
 
