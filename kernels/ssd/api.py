@@ -1,7 +1,7 @@
 """Dispatch of the fused SSD kernel: where it applies, its block sizes, and its registration with ``ops.ssd``.
 
-``elastic_jax.ops.ssd.ssd`` calls :func:`register_builtin` on its first ``impl="auto"``/``"pallas"`` dispatch. On a
-GPU this registers :func:`ssd_kernel` under :data:`KERNEL_NAME`; everywhere else nothing is registered, so ``"auto"``
+``elastic_jax.ops.ssd.ssd`` calls :func:`register_builtin` on every ``impl="auto"``/``"pallas"`` dispatch. On a GPU
+the first call registers :func:`ssd_kernel` under :data:`KERNEL_NAME`; elsewhere nothing is registered, so ``"auto"``
 keeps the chunked XLA path and ``"pallas"`` raises. Setting :data:`INTERPRET_ENV_VAR` to ``1`` registers the kernel on
 CPU too, where it runs in Pallas interpret mode: slow, meant for tests of the dispatch path.
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 KERNEL_NAME = "pallas_triton"
 INTERPRET_ENV_VAR = "ELASTIC_JAX_PALLAS_INTERPRET"
 
-# The largest head dim p the kernel takes: the output kernel holds a [chunk, p] tile and a [p, n] state tile.
+# The largest head dim p the kernel is offered: Mamba-2 models use 64 to 128, and larger tiles are untested.
 MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # Triton's matrix units need every side of a product to be at least 16.

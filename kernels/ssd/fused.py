@@ -55,6 +55,8 @@ def _from_tiles(t: jax.Array, *, length: int, tokens_per_tile: int, tile: int) -
 
 @dataclasses.dataclass(frozen=True)
 class _TileConfig:
+  """The static (hashable) arguments of the custom VJP."""
+
   chunk: int  # tokens per tile
   blocks: api.BlockSizes
   interpret: bool
