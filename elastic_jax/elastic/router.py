@@ -46,6 +46,10 @@ class AxisRouter(nn.Module):
     # Zero-initialised output: every candidate starts equally likely, so early samples explore all sizes.
     logits = nn.Dense(self.axis.num_layers * self.axis.num_choices, kernel_init=nn.initializers.zeros,
                       name="logits")(h)
+    # Bounded logits: the logit-scale schedule (1 -> 10), not the size the optimizer lets raw outputs grow to,
+    # decides how deterministic sampling is. Unbounded, Adam saturates the softmax within tens of steps, the
+    # budget loss's gradient vanishes, and a budget can freeze far from its target.
+    logits = jnp.tanh(logits)
     return logits.reshape(*logits.shape[:-1], self.axis.num_layers, self.axis.num_choices)
 
 

@@ -1,0 +1,223 @@
+"""The jitted train steps: plain next-token training (parent pretraining, baselines) and the elastic step.
+
+Elastic step (spec §5–§6), all inside one compiled program:
+
+  budgets ~ stage probabilities (per sample, from the step's PRNG key)
+  router(budget) -> Gumbel-softmax sample per axis -> nested masks (exact binary forward, straight-through backward)
+  student(tokens, masks) vs frozen teacher(tokens) -> forward KL (+ optional CE)
+  expected params(router probabilities) vs budget target -> router loss (+ full-budget anchor)
+  grads: model <- KD only (the router loss does not touch the model); router <- KD + lambda * router loss
+
+Budgets only change mask *values*, so one compilation serves every budget draw and every stage with the same
+shapes; stage probabilities are an input, not a constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from elastic_jax.elastic import router as router_lib
+from elastic_jax.elastic.masks import masks_from_weights
+from elastic_jax.elastic.param_count import expected_param_count, param_count
+from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, Choice, ElasticSpace, kind_count
+from elastic_jax.model import HybridLM, ModelConfig
+from elastic_jax.train.losses import cross_entropy, forward_kl, mean_by_group
+from elastic_jax.train.sampling import sample_budgets
+
+Array = jax.Array
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. The PRNG key is stored as raw key data so checkpoints hold plain arrays."""
+
+  step: Array
+  params: Params
+  opt_state: Any
+  rng: Array
+  router_params: Params = None
+  router_opt_state: Any = None
+
+  def key(self) -> Array:
+    return jax.random.wrap_key_data(self.rng)
+
+
+def split_batch(tokens: Array) -> tuple[Array, Array]:
+  """[b, l+1] token ids -> (inputs [b, l], next-token targets [b, l])."""
+  return tokens[:, :-1], tokens[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------------ plain LM step
+def make_lm_step(config: ModelConfig, tx: optax.GradientTransformation) -> Callable:
+  """Next-token cross-entropy training of one model: ``step(state, tokens [b, l+1]) -> (state, metrics)``."""
+  model = HybridLM(config)
+
+  def step(state: TrainState, tokens: Array) -> tuple[TrainState, dict[str, Array]]:
+    inputs, targets = split_batch(tokens)
+
+    def loss_fn(params):
+      return jnp.mean(cross_entropy(model.apply({"params": params}, inputs), targets))
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return step
+
+
+# ------------------------------------------------------------------------------------------------ elastic step
+@dataclasses.dataclass(frozen=True)
+class ElasticSetup:
+  """What the elastic step needs besides the train state; static (hashable) except the arrays it holds.
+
+  budgets: target fractions of the parent's parameter count, one per family member (e.g. (1.0, 0.75, 0.5)).
+  depth_order: block indices, most important first (from importance), used by depth masks and counts.
+  hard: straight-through binary masks (default, D-5) or soft staircase masks.
+  """
+
+  config: ModelConfig
+  space: ElasticSpace
+  budgets: tuple[float, ...]
+  depth_order: tuple[int, ...]
+  schedule: router_lib.RouterSchedule
+  router_width: int = 256
+  hard: bool = True
+  kd_temperature: float = 1.0
+  ce_weight: float = 0.0
+  router_loss_weight: float = 1.0
+  dead_zone: float = 0.02
+  stratified: bool = False
+
+  def __post_init__(self):
+    if not self.budgets:
+      raise ValueError("budgets is empty: give at least one target fraction, e.g. (1.0, 0.75, 0.5).")
+    for b in self.budgets:
+      if not 0.0 < b <= 1.0:
+        raise ValueError(f"budget {b} is outside (0, 1]: budgets are fractions of the parent's parameter count.")
+    if sorted(self.depth_order) != list(range(self.config.num_layers)):
+      raise ValueError(f"depth_order {list(self.depth_order)} is not a permutation of range({self.config.num_layers}).")
+    self.space.validate(self.config)
+
+  @property
+  def router(self) -> router_lib.Router:
+    return router_lib.Router(router_lib.router_axes(self.space, self.config), len(self.budgets), self.router_width)
+
+  @property
+  def parent_params(self) -> int:
+    return param_count(self.config)
+
+  def target_params(self) -> np.ndarray:
+    return np.asarray(self.budgets, np.float64) * self.parent_params
+
+  def full_index(self) -> dict[str, int]:
+    """Per routed axis, the index of the parent's (largest) size: the anchor of the 100% budget."""
+    return {axis.name: axis.num_choices - 1 for axis in self.router.axes}
+
+
+def check_budget_probs(probs: Sequence[float], num_budgets: int, where: str = "budget_probs") -> np.ndarray:
+  probs = np.asarray(probs, np.float64)
+  if probs.shape != (num_budgets,):
+    raise ValueError(f"{where} has {probs.size} entries but there are {num_budgets} budgets.")
+  if (probs < 0).any() or abs(probs.sum() - 1.0) > 1e-6:
+    raise ValueError(f"{where} {probs.tolist()} must be non-negative and sum to 1 (they sum to {probs.sum():.6g}).")
+  return probs.astype(np.float32)
+
+
+def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
+                      router_tx: optax.GradientTransformation) -> Callable:
+  """``step(state, teacher_params, tokens [b, l+1], budget_probs [n_budgets]) -> (state, metrics)``."""
+  model = HybridLM(setup.config)
+  router = setup.router
+  space, config = setup.space, setup.config
+  depth_order = np.asarray(setup.depth_order, np.int32)
+  targets = jnp.asarray(setup.target_params(), jnp.float32)
+  full_index = setup.full_index()
+  full_budget = int(np.argmax(setup.budgets)) if max(setup.budgets) == 1.0 else -1
+  num_budgets = len(setup.budgets)
+
+  def step(state: TrainState, teacher_params: Params, tokens: Array, budget_probs: Array
+           ) -> tuple[TrainState, dict[str, Array]]:
+    inputs, next_tokens = split_batch(tokens)
+    key, budget_key, route_key = jax.random.split(state.key(), 3)
+    budget_ids = sample_budgets(budget_key, inputs.shape[0], budget_probs, stratified=setup.stratified)
+    teacher_logits = jax.lax.stop_gradient(model.apply({"params": teacher_params}, inputs))
+    tau, scale = setup.schedule.tau(state.step), setup.schedule.scale(state.step)
+
+    def loss_fn(params, router_params):
+      samples = router_lib.route(route_key, router.apply({"params": router_params}, budget_ids), tau, scale)
+      weights = router_lib.candidate_weights(samples, space, hard=setup.hard)
+      masks = masks_from_weights(config, space, weights, depth_order)
+      logits = model.apply({"params": params}, inputs, masks=masks)
+      kd = forward_kl(logits, teacher_logits, temperature=setup.kd_temperature)  # [b]
+      if setup.ce_weight:
+        kd = kd + setup.ce_weight * cross_entropy(logits, next_tokens)
+      probs = router_lib.probabilities(samples, space)
+      expected = expected_param_count(config, space, probs, depth_order)
+      router_loss = router_lib.budget_loss(expected, targets[budget_ids], setup.dead_zone)
+      if full_budget >= 0:
+        anchor = router_lib.full_choice_anchor({n: s.probs for n, s in samples.items()}, full_index)
+        router_loss = router_loss + jnp.where(budget_ids == full_budget, anchor, 0.0)
+      total = jnp.mean(kd) + setup.router_loss_weight * jnp.mean(router_loss)
+      return total, (kd, router_loss, expected)
+
+    (loss, (kd, router_loss, expected)), (grads, router_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.router_params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    router_updates, router_opt_state = router_tx.update(router_grads, state.router_opt_state, state.router_params)
+    kd_per_budget, count_per_budget = mean_by_group(kd, budget_ids, num_budgets)
+    size_per_budget, _ = mean_by_group(expected / setup.parent_params, budget_ids, num_budgets)
+    metrics = {
+        "loss": loss, "kd": jnp.mean(kd), "router_loss": jnp.mean(router_loss),
+        "kd_per_budget": kd_per_budget, "samples_per_budget": count_per_budget,
+        "expected_size_per_budget": size_per_budget, "tau": tau, "logit_scale": scale,
+        "grad_norm": optax.tree.norm(grads),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+        router_params=optax.apply_updates(state.router_params, router_updates), router_opt_state=router_opt_state,
+        rng=jax.random.key_data(key))
+    return new_state, metrics
+
+  return step
+
+
+def init_elastic_state(setup: ElasticSetup, params: Params, tx: optax.GradientTransformation,
+                       router_tx: optax.GradientTransformation, seed: int) -> TrainState:
+  key, router_key = jax.random.split(jax.random.key(seed))
+  router_params = setup.router.init(router_key, jnp.zeros((1,), jnp.int32))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(key), router_params=router_params,
+                    router_opt_state=router_tx.init(router_params))
+
+
+# ------------------------------------------------------------------------------------------------ deployment
+def deployed_choices(setup: ElasticSetup, router_params: Params) -> list[Choice]:
+  """Router argmax per budget -> the ``Choice`` each budget deploys with (no noise), in budget order."""
+  config, space = setup.config, setup.space
+  logits = setup.router.apply({"params": router_params}, jnp.arange(len(setup.budgets)))
+  picked = {name: np.asarray(index) for name, index in router_lib.deterministic_choice(logits).items()}
+  choices = []
+  for b in range(len(setup.budgets)):
+    fields = {}
+    for axis in ("hidden", "depth", *PER_LAYER_AXES):
+      if axis not in picked:  # a block kind absent from the pattern
+        fields[axis] = ()
+        continue
+      value = tuple(space.candidates(axis)[i] for i in picked[axis][b])
+      if axis in ("hidden", "depth"):
+        fields[axis] = value[0]
+      else:
+        fields[axis] = value * kind_count(config, AXES[axis][0]) if len(value) == 1 else value
+    choices.append(Choice(**fields))
+  return choices
