@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
+import tempfile
+
+# Tests run many small programs once each, so XLA's compile time dominates: compile without backend optimisation
+# (about 2x faster suites; numerics are unchanged, only the generated code is slower). Set before JAX starts.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
 
 from elastic_jax.model import ModelConfig, param_shapes
+
+# Many tests compile the same programs (same model, same step) in different closures: a persistent compilation
+# cache shared by the whole run turns those recompiles into cache hits.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "elastic_jax_test_xla_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def small_config(pattern: str = "M-*M", **overrides) -> ModelConfig:

@@ -1,0 +1,1 @@
+"""Data: token sources with checkpointable positions, synthetic reasoning tasks, packing, tokenizers."""

@@ -1,0 +1,250 @@
+"""The elastic training loop: a curriculum of stages over one jitted step, with exact resume and preemption saves.
+
+A stage fixes the sequence length, batch size, step count and budget probabilities (spec §6: stage 1 uniform over
+budgets at short context; stage 2 skewed to the full model at long context). Budget probabilities are a step
+*input*, so a stage change recompiles only when the batch shape changes, and at most once.
+
+Everything a resumed run needs is in the checkpoint: train state (student, router, both optimizer states, step,
+PRNG), the data iterator's position, the stage, and the configuration (a changed configuration is refused, naming
+the field). Resuming continues exactly as if never stopped: same batches, same budget draws, same losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, abstract_like
+from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
+from elastic_jax.train.step import (ElasticSetup, TrainState, check_budget_probs, init_elastic_state,
+                                    make_elastic_step)
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One curriculum stage: ``steps`` steps of ``batch_size`` sequences of ``seq_len`` tokens."""
+
+  name: str
+  steps: int
+  batch_size: int
+  seq_len: int
+  budget_probs: tuple[float, ...]
+
+  def validate(self, num_budgets: int) -> None:
+    for field in ("steps", "batch_size", "seq_len"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"stage {self.name!r}: {field}={value!r} must be a positive integer.")
+    check_budget_probs(self.budget_probs, num_budgets, f"stage {self.name!r} budget_probs")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "Stage":
+    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown stage key(s) {unknown}; known keys are {sorted(known)}.")
+    values["budget_probs"] = tuple(float(p) for p in values.get("budget_probs", ()))
+    return cls(**values)
+
+
+class TokenIterator(Protocol):
+  """What a stage's data source must be: batches of int32 [batch, seq_len + 1] and a JSON-able position."""
+
+  def __next__(self) -> np.ndarray: ...
+  def get_state(self) -> dict[str, Any]: ...
+  def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+DataFactory = Callable[[Stage, int], TokenIterator]  # (stage, stage index) -> iterator
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: TrainState
+  history: list[dict[str, Any]]  # one dict of host metrics per step run in this call
+  preempted: bool
+
+
+def _stage_at(stages: Sequence[Stage], step: int) -> tuple[int, int]:
+  """Global step -> (stage index, steps already done inside that stage)."""
+  start = 0
+  for index, stage in enumerate(stages):
+    if step < start + stage.steps:
+      return index, step - start
+    start += stage.steps
+  return len(stages), 0
+
+
+def _to_host(metrics: dict[str, jax.Array]) -> dict[str, Any]:
+  return {k: (np.asarray(v).tolist()) for k, v in jax.device_get(metrics).items()}
+
+
+def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: Params, student_params: Params,
+                  make_data: DataFactory, workdir: str | os.PathLike, *,
+                  optimizer: OptimizerConfig = OptimizerConfig(),
+                  router_optimizer: OptimizerConfig | None = None, seed: int = 0,
+                  checkpoint_every: int = 100, log_every: int = 10, max_steps: int | None = None,
+                  run_config: Mapping[str, Any] | None = None, progress: bool = True) -> TrainResult:
+  """Runs (or resumes) the curriculum in ``workdir``; returns the final state and this call's metrics.
+
+  Args:
+    setup: the elastic setup (model config, space, budgets, depth order, router schedule, loss options).
+    stages: the curriculum, run in order.
+    teacher_params: the frozen parent (never updated; may be bf16).
+    student_params: the student's starting point (normally a copy of the parent); ignored when resuming.
+    make_data: builds the token iterator of a stage; the loop restores its position when resuming.
+    workdir: checkpoints go to ``workdir/checkpoints`` and metrics to ``workdir/metrics.jsonl``.
+    optimizer, router_optimizer: the model's and the router's optimizers (separate states and learning rates).
+    seed: PRNG seed of the run (budget draws, Gumbel noise).
+    checkpoint_every: steps between periodic checkpoints (one is also written at the end and on SIGTERM).
+    log_every: steps between metric flushes to the host (the step itself never waits for the host).
+    max_steps: stop after this global step (saving a checkpoint), e.g. to split a run; None runs all stages.
+    run_config: JSON-able description of everything that must match on resume; defaults to the setup's.
+    progress: show a progress bar.
+  """
+  for stage in stages:
+    stage.validate(len(setup.budgets))
+  total_steps = sum(stage.steps for stage in stages)
+  router_optimizer = router_optimizer or default_router_optimizer_config()
+  tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
+  run_config = dict(run_config) if run_config is not None else describe_run(setup, stages, optimizer,
+                                                                            router_optimizer, seed)
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+
+  state = init_elastic_state(setup, student_params, tx, router_tx, seed)
+  data_state = None
+  if checkpointer.latest_step() is not None:
+    state, metadata = checkpointer.restore(abstract_like(state), expected_config=run_config)
+    data_state = metadata["data_state"]
+  start_step = int(state.step)
+  _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
+
+  step_fn = _compiled_elastic_step(setup, optimizer, router_optimizer, total_steps)
+  stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
+  history: list[dict[str, Any]] = []
+  pending: list[tuple[int, dict[str, jax.Array]]] = []
+  preempted = False
+  bar = tqdm(total=stop_at, initial=start_step, disable=not progress, desc="elastic training", unit="step")
+
+  def flush() -> None:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+      for step, metrics in pending:
+        record = {"step": step, **_to_host(metrics)}
+        history.append(record)
+        f.write(json.dumps(record) + "\n")
+    if pending:
+      last = history[-1]
+      bar.set_postfix(loss=f"{last['loss']:.4f}", kd=",".join(f"{x:.3f}" for x in last["kd_per_budget"]),
+                      tau=f"{last['tau']:.3f}")
+    pending.clear()
+
+  last_saved = start_step
+
+  def save(step: int, iterator: "_TrackedIterator") -> None:
+    nonlocal last_saved
+    if step != last_saved:
+      checkpointer.save(step, state, {"config": run_config, "step": step, "data_state": iterator.get_state(),
+                                      "depth_order": list(setup.depth_order)})
+      last_saved = step
+
+  with PreemptionGuard() as guard:
+    step = start_step
+    while step < stop_at and not preempted:
+      stage_index, done_in_stage = _stage_at(stages, step)
+      stage = stages[stage_index]
+      iterator = make_data(stage, stage_index)
+      if data_state is not None and data_state.get("stage") == stage_index:
+        iterator.set_state(data_state["iterator"])
+      data_state = None
+      tracked = _TrackedIterator(iterator, stage_index)
+      probs = jnp.asarray(stage.budget_probs, jnp.float32)
+      stage_end = min(stop_at, step - done_in_stage + stage.steps)
+      tic = time.perf_counter()
+      while step < stage_end:
+        tokens = _check_batch(next(iterator), stage)
+        state, metrics = step_fn(state, teacher_params, tokens, probs)
+        step += 1
+        pending.append((step, metrics))
+        bar.update(1)
+        if step % log_every == 0:
+          flush()
+          elapsed = time.perf_counter() - tic
+          bar.set_description(f"{stage.name} {stage.batch_size * stage.seq_len * log_every / elapsed:,.0f} tok/s")
+          tic = time.perf_counter()
+        if guard.requested:  # SIGTERM: save where we are and stop cleanly
+          preempted = True
+          break
+        if step % checkpoint_every == 0:
+          save(step, tracked)
+      save(step, tracked)  # end of the stage (or of this call): always resumable from here
+  flush()
+  bar.close()
+  checkpointer.close()
+  return TrainResult(state, history, preempted)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_elastic_step(setup: ElasticSetup, optimizer: OptimizerConfig, router_optimizer: OptimizerConfig,
+                           total_steps: int) -> Callable:
+  """One jitted step per (setup, optimizers, length): a resumed or repeated run in the same process reuses it."""
+  tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
+  return jax.jit(make_elastic_step(setup, tx, router_tx), donate_argnums=(0,))
+
+
+class _TrackedIterator:
+  """Wraps an iterator's state with its stage index, the form checkpoints store."""
+
+  def __init__(self, iterator: TokenIterator, stage_index: int):
+    self._iterator, self._stage = iterator, stage_index
+
+  def get_state(self) -> dict[str, Any]:
+    return {"stage": self._stage, "iterator": self._iterator.get_state()}
+
+
+def _check_batch(tokens: Any, stage: Stage) -> jax.Array:
+  expected = (stage.batch_size, stage.seq_len + 1)
+  if tuple(np.shape(tokens)) != expected:
+    raise ValueError(f"stage {stage.name!r}: the data source gave a batch of shape {tuple(np.shape(tokens))}, "
+                     f"expected {expected} (batch_size, seq_len + 1 tokens: inputs plus next-token targets).")
+  return jnp.asarray(tokens, jnp.int32)
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Drops metric lines past the restored step, so a resumed run's log reads as one uninterrupted run."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(lines)
+
+
+def describe_run(setup: ElasticSetup, stages: Sequence[Stage], optimizer: OptimizerConfig,
+                 router_optimizer: OptimizerConfig, seed: int) -> dict[str, Any]:
+  """A JSON-able record of everything a resumed run must share with the original."""
+  elastic = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)
+             if f.name not in ("config", "space", "schedule")}
+  elastic["depth_order"] = list(setup.depth_order)
+  elastic["budgets"] = list(setup.budgets)
+  return json.loads(json.dumps({
+      "model": setup.config.to_dict(), "space": setup.space.to_dict(), "elastic": elastic,
+      "router_schedule": dataclasses.asdict(setup.schedule),
+      "stages": [dict(dataclasses.asdict(s), budget_probs=list(s.budget_probs)) for s in stages],
+      "optimizer": dataclasses.asdict(optimizer), "router_optimizer": dataclasses.asdict(router_optimizer),
+      "seed": seed,
+  }))
