@@ -19,12 +19,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from elastic_jax.model import HybridLM
 from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, abstract_like
+from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings, make_mesh,
+                                        replicated)
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
 from elastic_jax.train.step import (ElasticSetup, TrainState, check_budget_probs, init_elastic_state,
                                     make_elastic_step)
@@ -97,7 +102,8 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
                   optimizer: OptimizerConfig = OptimizerConfig(),
                   router_optimizer: OptimizerConfig | None = None, seed: int = 0,
                   checkpoint_every: int = 100, log_every: int = 10, max_steps: int | None = None,
-                  run_config: Mapping[str, Any] | None = None, progress: bool = True) -> TrainResult:
+                  run_config: Mapping[str, Any] | None = None, progress: bool = True, mesh: Mesh | None = None,
+                  rules: LogicalRules = DEFAULT_RULES) -> TrainResult:
   """Runs (or resumes) the curriculum in ``workdir``; returns the final state and this call's metrics.
 
   Args:
@@ -114,6 +120,8 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
     max_steps: stop after this global step (saving a checkpoint), e.g. to split a run; None runs all stages.
     run_config: JSON-able description of everything that must match on resume; defaults to the setup's.
     progress: show a progress bar.
+    mesh, rules: the device mesh (default: every device on the data axis) and the logical-axis rules that map
+      params, optimizer state and batches onto it.
   """
   for stage in stages:
     stage.validate(len(setup.budgets))
@@ -126,7 +134,11 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   os.makedirs(workdir, exist_ok=True)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
 
-  state = init_elastic_state(setup, student_params, tx, router_tx, seed)
+  mesh = mesh or make_mesh()
+  step_fn, state_shardings = _compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, seed, mesh,
+                                                    rules)
+  state = jax.device_put(init_elastic_state(setup, student_params, tx, router_tx, seed), state_shardings)
+  teacher_params = jax.device_put(teacher_params, state_shardings.params)
   data_state = None
   if checkpointer.latest_step() is not None:
     state, metadata = checkpointer.restore(abstract_like(state), expected_config=run_config)
@@ -134,7 +146,6 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   start_step = int(state.step)
   _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
 
-  step_fn = _compiled_elastic_step(setup, optimizer, router_optimizer, total_steps)
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
   history: list[dict[str, Any]] = []
   pending: list[tuple[int, dict[str, jax.Array]]] = []
@@ -198,12 +209,36 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   return TrainResult(state, history, preempted)
 
 
+def _abstract_boxed_state(setup: ElasticSetup, tx, router_tx, seed: int) -> TrainState:
+  """The train state's shapes with the model's logical-axis boxes kept (optimizer moments inherit them)."""
+  def build():
+    boxed = HybridLM(setup.config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    return init_elastic_state(setup, boxed, tx, router_tx, seed)
+  return jax.eval_shape(build)
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled_elastic_step(setup: ElasticSetup, optimizer: OptimizerConfig, router_optimizer: OptimizerConfig,
-                           total_steps: int) -> Callable:
-  """One jitted step per (setup, optimizers, length): a resumed or repeated run in the same process reuses it."""
+                           total_steps: int, seed: int, mesh: Mesh, rules: LogicalRules
+                           ) -> tuple[Callable, TrainState]:
+  """One jitted step per (setup, optimizers, length, mesh): a resumed or repeated run in one process reuses it.
+
+  Returns the step and the train state's shardings. The state is donated; the teacher and the batch are inputs
+  with their own shardings; metrics come back replicated.
+  """
   tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
-  return jax.jit(make_elastic_step(setup, tx, router_tx), donate_argnums=(0,))
+  state_shardings = logical_shardings(_abstract_boxed_state(setup, tx, router_tx, seed), mesh, rules)
+  step = jax.jit(make_elastic_step(setup, tx, router_tx),
+                 in_shardings=(state_shardings, state_shardings.params, batch_sharding(mesh, rules),
+                               replicated(mesh)),
+                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+
+  def run(*args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return step(*args)
+
+  run.jitted = step
+  return run, state_shardings
 
 
 class _TrackedIterator:

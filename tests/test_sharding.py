@@ -1,0 +1,43 @@
+"""Logical-axis rules: params, optimizer moments and batches get the shardings the rules table says."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import small_config
+from jax.sharding import PartitionSpec as P
+
+from elastic_jax.elastic.router import RouterSchedule
+from elastic_jax.elastic.space import ElasticSpace
+from elastic_jax.train.loop import _compiled_elastic_step  # pylint: disable=protected-access
+from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config
+from elastic_jax.train.sharding import DEFAULT_RULES, batch_sharding, make_mesh
+from elastic_jax.train.step import ElasticSetup
+
+
+def test_state_shardings_follow_the_rules_table():
+  config = small_config("M-*")
+  setup = ElasticSetup(config, ElasticSpace.from_fractions(config, (0.5, 1.0)), (1.0, 0.5), (0, 1, 2),
+                       RouterSchedule(total_steps=10), router_width=8)
+  mesh = make_mesh()
+  _, shardings = _compiled_elastic_step(setup, OptimizerConfig(), default_router_optimizer_config(), 10, 0, mesh,
+                                        DEFAULT_RULES)
+  params = shardings.params
+  assert params["layers_1"]["mixer"]["up_proj"]["kernel"].spec == P("fsdp", "tensor")
+  assert params["layers_1"]["mixer"]["down_proj"]["kernel"].spec == P("tensor", "fsdp")
+  assert params["layers_0"]["mixer"]["x_proj"]["kernel"].spec == P("fsdp", "tensor", None)
+  assert params["layers_0"]["mixer"]["B_proj"]["kernel"].spec == P("fsdp", None, None)
+  assert params["layers_2"]["mixer"]["q_proj"]["kernel"].spec == P("fsdp", "tensor", None)
+  assert params["embed"]["embedding"].spec == P("tensor", "fsdp")
+  # AdamW's moments are sharded like the params they track; counters, PRNG and router are replicated.
+  adam = [s for s in jax.tree.leaves(shardings.opt_state) if s.spec == P("fsdp", "tensor")]
+  assert len(adam) >= 2
+  assert shardings.step.spec == P() and shardings.rng.spec == P()
+  assert all(s.spec == P() for s in jax.tree.leaves(shardings.router_params))
+  assert batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+
+
+def test_mesh_shape_must_match_devices():
+  with pytest.raises(ValueError, match=r"mesh shape \(2, 2, 2\) needs 8 devices but 1 are available"):
+    make_mesh((2, 2, 2))
