@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -17,7 +18,8 @@ from conftest import random_params, small_config
 
 from elastic_jax.data.random_tokens import RandomTokenBatches
 from elastic_jax.elastic.router import RouterSchedule
-from elastic_jax.elastic.space import ElasticSpace
+from elastic_jax.elastic.param_count import choice_param_count
+from elastic_jax.elastic.space import Choice, ElasticSpace
 from elastic_jax.train.checkpoint import ConfigMismatchError
 from elastic_jax.train.loop import Stage, train_elastic
 from elastic_jax.train.optim import OptimizerConfig
@@ -64,6 +66,12 @@ def test_resume_continues_exactly(tmp_path):
   # The metrics log reads as one uninterrupted run.
   lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 7
+  # The choice each budget deploys with is saved for extraction, with its exact size.
+  records = json.loads((tmp_path / "split" / "deployed_choices.json").read_text())
+  assert [r["budget"] for r in records] == [1.0, 0.75, 0.5]
+  for record in records:
+    choice = Choice.from_dict(record["choice"])
+    assert record["params"] == choice_param_count(CONFIG, choice, (0, 2, 1, 3))
 
 
 def test_resume_at_a_stage_boundary(tmp_path):

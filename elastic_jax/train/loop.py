@@ -31,8 +31,9 @@ from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, abstract
 from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings, make_mesh,
                                         replicated)
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
-from elastic_jax.train.step import (ElasticSetup, TrainState, check_budget_probs, init_elastic_state,
-                                    make_elastic_step)
+from elastic_jax.elastic.param_count import choice_param_count
+from elastic_jax.train.step import (ElasticSetup, TrainState, check_budget_probs, deployed_choices,
+                                    init_elastic_state, make_elastic_step)
 
 Params = Any
 
@@ -170,7 +171,8 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
     nonlocal last_saved
     if step != last_saved:
       checkpointer.save(step, state, {"config": run_config, "step": step, "data_state": iterator.get_state(),
-                                      "depth_order": list(setup.depth_order)})
+                                      "depth_order": list(setup.depth_order),
+                                      "deployed_choices": deployed_choice_records(setup, state.router_params)})
       last_saved = step
 
   with PreemptionGuard() as guard:
@@ -206,7 +208,20 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   flush()
   bar.close()
   checkpointer.close()
+  if step == total_steps:
+    with open(os.path.join(workdir, "deployed_choices.json"), "w", encoding="utf-8") as f:
+      json.dump(deployed_choice_records(setup, state.router_params), f, indent=1)
   return TrainResult(state, history, preempted)
+
+
+def deployed_choice_records(setup: ElasticSetup, router_params: Params) -> list[dict[str, Any]]:
+  """Router argmax per budget, as JSON records: the budget, its choice, and the choice's exact parameter count."""
+  records = []
+  for budget, choice in zip(setup.budgets, deployed_choices(setup, router_params)):
+    count = choice_param_count(setup.config, choice, setup.depth_order)
+    records.append({"budget": budget, "params": count, "fraction": count / setup.parent_params,
+                    "choice": choice.to_dict()})
+  return records
 
 
 def _abstract_boxed_state(setup: ElasticSetup, tx, router_tx, seed: int) -> TrainState:
