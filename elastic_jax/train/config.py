@@ -1,0 +1,88 @@
+"""From a run's ``ml_collections`` config to the training engine's objects, with errors that name the bad key.
+
+Layout of the training part of a config (see ``configs/tiny.py``)::
+
+  config.elastic = dict(
+      budgets=(1.0, 0.75, 0.5),                 # fractions of the parent's parameter count
+      space=dict(hidden=[...], mlp=[...], ..., mlp_mode="homogeneous"),   # ElasticSpace.from_dict
+      router=dict(width=256, hard=True, tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0,
+                  tau_decay="exponential"),
+      kd_temperature=1.0, ce_weight=0.0, router_loss_weight=1.0, dead_zone=0.02, stratified=False)
+  config.stages = [dict(name="stage1", steps=..., batch_size=..., seq_len=..., budget_probs=[...]), ...]
+  config.optimizer = dict(learning_rate=9e-5, warmup_steps=60, ...)        # OptimizerConfig
+  config.router_optimizer = dict(learning_rate=1e-2, ...)                  # OptimizerConfig
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from elastic_jax.elastic.router import RouterSchedule
+from elastic_jax.elastic.space import ElasticSpace
+from elastic_jax.model.config import ModelConfig
+from elastic_jax.train.loop import Stage
+from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config
+from elastic_jax.train.step import ElasticSetup
+
+T = TypeVar("T")
+_ROUTER_KEYS = ("width", "hard", "tau_start", "tau_end", "scale_start", "scale_end", "tau_decay")
+_ELASTIC_KEYS = ("budgets", "space", "router", "kd_temperature", "ce_weight", "router_loss_weight", "dead_zone",
+                 "stratified")
+
+
+def plain(values: Any) -> dict[str, Any]:
+  """A ConfigDict / mapping as a plain dict (None as empty)."""
+  if values is None:
+    return {}
+  return dict(values.to_dict() if hasattr(values, "to_dict") else values)
+
+
+def check_keys(values: Mapping[str, Any], known: Sequence[str], where: str) -> None:
+  unknown = sorted(set(values) - set(known))
+  if unknown:
+    raise ValueError(f"unknown key(s) {unknown} in {where}; known keys are {sorted(known)}.")
+
+
+def dataclass_from(cls: type[T], values: Any, where: str, **defaults: Any) -> T:
+  """``cls(**values)`` after rejecting keys ``cls`` does not have, naming ``where`` in the error."""
+  values = plain(values)
+  check_keys(values, [f.name for f in dataclasses.fields(cls)], where)
+  return cls(**{**defaults, **values})
+
+
+def optimizers_from_config(config: Any) -> tuple[OptimizerConfig, OptimizerConfig]:
+  model = dataclass_from(OptimizerConfig, config.get("optimizer"), "config.optimizer")
+  router_defaults = dataclasses.asdict(default_router_optimizer_config())
+  router = dataclass_from(OptimizerConfig, config.get("router_optimizer"), "config.router_optimizer",
+                          **router_defaults)
+  return model, router
+
+
+def stages_from_config(config: Any) -> tuple[Stage, ...]:
+  stages = config.get("stages")
+  if not stages:
+    raise ValueError("config.stages is empty: give at least one stage (name, steps, batch_size, seq_len, "
+                     "budget_probs).")
+  out = []
+  for i, stage in enumerate(stages):
+    values = plain(stage)
+    check_keys(values, [f.name for f in dataclasses.fields(Stage)], f"config.stages[{i}]")
+    out.append(Stage.from_dict(values))
+  return tuple(out)
+
+
+def elastic_setup_from_config(config: Any, model_config: ModelConfig, depth_order: Sequence[int],
+                              total_steps: int) -> ElasticSetup:
+  """Builds the ElasticSetup of ``config.elastic``; the router schedule spans the whole run (D-4)."""
+  elastic = plain(config.get("elastic"))
+  check_keys(elastic, _ELASTIC_KEYS, "config.elastic")
+  router = plain(elastic.pop("router", None))
+  check_keys(router, _ROUTER_KEYS, "config.elastic.router")
+  space = ElasticSpace.from_dict(plain(elastic.pop("space", None)), model_config)
+  budgets = tuple(float(b) for b in elastic.pop("budgets", (1.0, 0.75, 0.5)))
+  width, hard = router.pop("width", 256), router.pop("hard", True)
+  schedule = RouterSchedule(total_steps=total_steps, **router)
+  return ElasticSetup(model_config, space, budgets, tuple(int(i) for i in depth_order), schedule,
+                      router_width=width, hard=hard, **elastic)
