@@ -1,0 +1,249 @@
+"""Data wing: task answers against independent checkers, split disjointness, exact packing, resume, sharding, errors."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from elastic_jax.data import pipeline, tasks
+from elastic_jax.data.tokenizer import ByteTokenizer, HFTokenizer, check_vocab_fits, load_tokenizer
+
+STAGE = types.SimpleNamespace(batch_size=3, seq_len=15)
+
+
+def random_documents(count: int, seed: int = 0) -> list[str]:
+  rng = np.random.default_rng(seed)
+  alphabet = list("abcdefghij klmnop\nqrstuvwxyzé")
+  return [f"doc{i}:" + "".join(rng.choice(alphabet, int(rng.integers(0, 40)))) for i in range(count)]
+
+
+def packed_stream(iterator, batches: int) -> list[int]:
+  return [int(t) for _ in range(batches) for t in next(iterator).reshape(-1)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tasks
+
+
+@pytest.mark.parametrize("family", tasks.FAMILIES)
+def test_every_answer_matches_the_independent_checker(family):
+  for difficulty, distractors in [(1, 0), (2, 5), (4, 30)]:
+    config = tasks.TaskConfig(families=(family,), difficulty=difficulty, distractors=distractors)
+    for example in tasks.generate_examples(config, seed=7, split="train", count=150):
+      assert example.family == family
+      assert example.text.startswith(example.prompt) and example.prompt.endswith("\nA:")
+      assert example.text.endswith("\n") and example.text.count(tasks.ANSWER_MARK) == 1
+      assert tasks.extract_answer(example.text) == example.answer
+      assert tasks.verify(example), example.text
+
+
+@pytest.mark.parametrize("family", tasks.FAMILIES)
+def test_checker_rejects_a_wrong_answer(family):
+  example = tasks.generate_example(tasks.TaskConfig(families=(family,)), seed=0, split="train", index=3)
+  wrong = str(int(example.answer) + 1)
+  tampered = tasks.Example(family, example.prompt, example.solution.replace(example.answer, wrong), wrong)
+  assert not tasks.verify(tampered)
+
+
+def test_arithmetic_worked_example_by_hand():
+  # 4821 + 397: columns 1+7=8, 2+9=11 (carry), 8+3+1=12 (carry), 4+0+1=5 -> 5218.
+  assert tasks._check_arithmetic("Q: 4821+397=?\nA:") == "5218"
+  assert tasks._check_arithmetic("Q: 1000-1=?\nA:") == "999"
+  assert tasks._check_modular("Q: x=3; y=1; x=(x*5+2)%7; y=(y*2+1)%7; x=(x*2+6)%7. What is x?\nA:") == "5"  # 17%7=3, 12%7=5
+  assert tasks._check_variables("Q: Track the variables.\na=5\nnote: x\nb=a\na=7\nWhat is b?\nA:") == "5"
+
+
+def test_examples_are_deterministic_and_seed_dependent():
+  config = tasks.TaskConfig(distractors=3)
+  first = tasks.generate_examples(config, seed=1, split="train", count=30)
+  assert first == tasks.generate_examples(config, seed=1, split="train", count=30)
+  other = tasks.generate_examples(config, seed=2, split="train", count=30)
+  assert sum(a.prompt != b.prompt for a, b in zip(first, other)) > 20
+
+
+def test_training_and_evaluation_splits_never_overlap():
+  config = tasks.TaskConfig(difficulty=1)
+  train = {e.prompt for e in tasks.generate_examples(config, seed=0, split="train", count=4000)}
+  held_out = [e.prompt for e in tasks.generate_examples(config, seed=0, split="eval", count=1000)]
+  assert len(train) > 3900 and len(set(held_out)) > 950
+  assert not train & set(held_out)
+  assert all(tasks.split_of_prompt(prompt) == "eval" for prompt in held_out)
+  # The partition is by prompt text, so even another seed's training set stays out of the held-out set.
+  other_train = {e.prompt for e in tasks.generate_examples(config, seed=5, split="train", count=2000)}
+  assert not other_train & set(held_out)
+
+
+def test_extract_answer_and_score():
+  assert tasks.extract_answer(" 1+2+0=3 c0; so 3 #### 3\nQ: next") == "3"
+  assert tasks.extract_answer("no answer here") is None
+  assert tasks.extract_answer("#### -12") == "-12"
+  examples = tasks.generate_examples(tasks.TaskConfig(), seed=0, split="eval", count=4)
+  generations = [examples[0].solution, "#### nonsense", examples[2].solution, ""]
+  assert tasks.score(examples, generations) == 0.5
+
+
+def test_bad_task_config_is_refused():
+  with pytest.raises(ValueError, match="must be a non-empty subset"):
+    tasks.TaskConfig(families=("poetry",))
+  with pytest.raises(ValueError, match="difficulty=0 must be >= 1"):
+    tasks.TaskConfig(difficulty=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenizers
+
+
+def test_byte_tokenizer_round_trip_and_reserved_nul():
+  tokenizer = ByteTokenizer()
+  text = "Q: 12+34=?\nA: é #### 46\n"
+  assert tokenizer.encode(text) == list(text.encode("utf-8"))
+  assert tokenizer.decode(tokenizer.encode(text) + [tokenizer.eos_id, 65]) == text
+  with pytest.raises(ValueError, match="NUL byte"):
+    tokenizer.encode("a\x00b")
+  check_vocab_fits(tokenizer, 256)
+  assert isinstance(load_tokenizer(None), ByteTokenizer)
+
+
+def write_word_tokenizer(path, num_words: int) -> str:
+  tokenizers = pytest.importorskip("tokenizers")
+  vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(num_words)}}
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  file = str(path / "tokenizer.json")
+  tokenizer.save(file)
+  return file
+
+
+def test_hf_tokenizer_loads_and_packs_with_its_eos(tmp_path):
+  tokenizer = load_tokenizer(write_word_tokenizer(tmp_path, 10))
+  assert isinstance(tokenizer, HFTokenizer) and tokenizer.vocab_size == 12 and tokenizer.eos_id == 0
+  assert tokenizer.encode("w0 w3 zz") == [2, 5, 1]
+  documents = ["w1 w2", "w3", "w4 w5 w6"]
+  stream = pipeline.FileDocuments(documents, seed=0)
+  iterator = pipeline.PackedBatches(stream, tokenizer, batch_size=1, seq_len=6)
+  order = [stream.text(0, i) for i in range(3)]
+  expected = [t for doc in order for t in tokenizer.encode(doc) + [0]]
+  assert packed_stream(iterator, 1) == expected[:7]
+
+
+def test_vocab_mismatch_is_refused_with_both_sizes(tmp_path):
+  tokenizer = load_tokenizer(write_word_tokenizer(tmp_path, 298))
+  with pytest.raises(ValueError, match=r"tokenizer has 300 tokens but model vocab_size=256"):
+    check_vocab_fits(tokenizer, 256)
+  with pytest.raises(ValueError, match=r"tokenizer has 300 tokens but model vocab_size=256"):
+    pipeline.data_factory(pipeline.SourceConfig(), seed=0, tokenizer=tokenizer, vocab_size=256)
+
+
+def test_missing_tokenizer_file(tmp_path):
+  pytest.importorskip("tokenizers")
+  with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+    load_tokenizer(tmp_path / "absent.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# packing, resume, sharding
+
+
+def test_packing_keeps_every_token_exactly_once_per_epoch():
+  documents = random_documents(37)
+  tokenizer = ByteTokenizer()
+  stream = pipeline.FileDocuments(documents, seed=3)
+  epoch_orders = [[stream.text(epoch, i) for i in range(stream.epoch_length(epoch))] for epoch in range(3)]
+  for order in epoch_orders:
+    assert sorted(order) == sorted(documents)  # each epoch is a permutation of the corpus
+  assert epoch_orders[0] != epoch_orders[1]  # reshuffled every epoch
+  expected = [t for order in epoch_orders for doc in order for t in list(doc.encode("utf-8")) + [0]]
+  per_batch = STAGE.batch_size * (STAGE.seq_len + 1)
+  batches = (5 * len(expected) // 6) // per_batch  # runs well into the third epoch
+  iterator = pipeline.PackedBatches(stream, tokenizer, STAGE.batch_size, STAGE.seq_len)
+  got = packed_stream(iterator, batches)
+  assert got == expected[:len(got)]
+  assert iterator.get_state()["epoch"] >= 2
+
+
+def test_task_stream_packs_the_generated_texts_in_order():
+  config = tasks.TaskConfig(distractors=2)
+  iterator = pipeline.PackedBatches(pipeline.TaskDocuments(config, seed=11), ByteTokenizer(), 2, 63)
+  got = packed_stream(iterator, 6)
+  texts = [e.text for e in tasks.generate_examples(config, seed=11, split="train", count=200)]
+  expected = [t for text in texts for t in list(text.encode("utf-8")) + [0]]
+  assert got == expected[:len(got)]
+
+
+@pytest.mark.parametrize("kind", ["tasks", "files"])
+def test_iterator_resumes_at_the_same_position(kind, tmp_path):
+  if kind == "files":
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"text": doc}) for doc in random_documents(11)) + "\n")
+    config = pipeline.SourceConfig(kind="files", paths=(str(path),))
+  else:
+    config = pipeline.SourceConfig()
+  make_data = pipeline.data_factory(config, seed=5, vocab_size=256)
+  for stage_index in (0, 1):
+    iterator = make_data(STAGE, stage_index)
+    for _ in range(7):
+      batch = next(iterator)
+      assert batch.shape == (STAGE.batch_size, STAGE.seq_len + 1) and batch.dtype == np.int32
+    state = json.loads(json.dumps(iterator.get_state()))  # what a checkpoint stores
+    after = [next(iterator) for _ in range(9)]
+    resumed = make_data(STAGE, stage_index)
+    resumed.set_state(state)
+    np.testing.assert_array_equal(np.stack([next(resumed) for _ in range(9)]), np.stack(after))
+    fresh = make_data(STAGE, stage_index)  # same seed and stage: same stream from the start
+    np.testing.assert_array_equal(next(fresh), next(make_data(STAGE, stage_index)))
+  assert not np.array_equal(next(make_data(STAGE, 0)), next(make_data(STAGE, 1)))
+
+
+def test_processes_see_disjoint_documents():
+  documents = random_documents(50, seed=1)
+  count = 3
+  shards = [pipeline.FileDocuments(documents, seed=9, process_index=p, process_count=count) for p in range(count)]
+  for epoch in (0, 1):
+    seen = [[shard.text(epoch, i) for i in range(shard.epoch_length(epoch))] for shard in shards]
+    assert sum(len(s) for s in seen) == len(documents)
+    assert sorted(doc for s in seen for doc in s) == sorted(documents)  # disjoint and covering
+  task_shards = [pipeline.TaskDocuments(tasks.TaskConfig(), seed=0, process_index=p, process_count=count)
+                 for p in range(count)]
+  prompts = [{shard.text(0, i) for i in range(300)} for shard in task_shards]
+  assert all(not prompts[a] & prompts[b] for a in range(count) for b in range(a + 1, count))
+  # The packed batches differ across processes too.
+  batches = [next(pipeline.make_stage_data(pipeline.SourceConfig(), STAGE, 0, seed=0, process_index=p,
+                                           process_count=count)) for p in range(count)]
+  assert not np.array_equal(batches[0], batches[1])
+
+
+def test_bad_sources_fail_clearly(tmp_path):
+  with pytest.raises(FileNotFoundError, match="data path not found: .*missing.txt"):
+    pipeline.data_factory({"kind": "files", "paths": [str(tmp_path / "missing.txt")]}, seed=0)
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n  \n")
+  with pytest.raises(ValueError, match="data file is empty: .*empty.jsonl"):
+    pipeline.load_documents([empty])
+  no_text = tmp_path / "no_text.jsonl"
+  no_text.write_text('{"text": "fine"}\n{"body": "x"}\n')
+  with pytest.raises(ValueError, match=r"no_text.jsonl:2: expected a JSON object with a string 'text' field"):
+    pipeline.load_documents([no_text])
+  with pytest.raises(ValueError, match="needs at least one path"):
+    pipeline.SourceConfig(kind="files")
+  with pytest.raises(ValueError, match="kind 'web' must be one of"):
+    pipeline.SourceConfig(kind="web")
+  with pytest.raises(ValueError, match="cannot give each of 4 processes"):
+    pipeline.FileDocuments(["a", "b"], seed=0, process_index=0, process_count=4)
+  with pytest.raises(ValueError, match="lacks"):
+    pipeline.make_stage_data(pipeline.SourceConfig(), STAGE, 0, seed=0).set_state({"epoch": 0})
+
+
+def test_text_files_and_directories(tmp_path):
+  (tmp_path / "b.txt").write_text("second file")
+  (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+  (tmp_path / "ignored.bin").write_text("x")
+  assert pipeline.load_documents([tmp_path]) == ["one", "two", "second file"]
+
+
+def test_source_config_from_plain_values():
+  config = pipeline.SourceConfig.from_dict(
+      {"kind": "tasks", "stage_tasks": [{"families": ["modular"], "difficulty": 3, "distractors": 10}]})
+  assert config.stage_tasks == (tasks.TaskConfig(families=("modular",), difficulty=3, distractors=10),)
+  text = pipeline.make_stage_data(config, STAGE, 4, seed=0)  # later stages reuse the last entry
+  assert ByteTokenizer().decode(next(text)[0]).startswith("Q: x=")
