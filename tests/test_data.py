@@ -46,11 +46,12 @@ def test_checker_rejects_a_wrong_answer(family):
   assert not tasks.verify(tampered)
 
 
-def test_arithmetic_worked_example_by_hand():
+def test_checkers_on_hand_worked_prompts():
   # 4821 + 397: columns 1+7=8, 2+9=11 (carry), 8+3+1=12 (carry), 4+0+1=5 -> 5218.
   assert tasks._check_arithmetic("Q: 4821+397=?\nA:") == "5218"
   assert tasks._check_arithmetic("Q: 1000-1=?\nA:") == "999"
-  assert tasks._check_modular("Q: x=3; y=1; x=(x*5+2)%7; y=(y*2+1)%7; x=(x*2+6)%7. What is x?\nA:") == "5"  # 17%7=3, 12%7=5
+  # x: (3*5+2)%7 = 17%7 = 3, then (3*2+6)%7 = 12%7 = 5; the y update is a distractor.
+  assert tasks._check_modular("Q: x=3; y=1; x=(x*5+2)%7; y=(y*2+1)%7; x=(x*2+6)%7. What is x?\nA:") == "5"
   assert tasks._check_variables("Q: Track the variables.\na=5\nnote: x\nb=a\na=7\nWhat is b?\nA:") == "5"
 
 
@@ -247,3 +248,10 @@ def test_source_config_from_plain_values():
   assert config.stage_tasks == (tasks.TaskConfig(families=("modular",), difficulty=3, distractors=10),)
   text = pipeline.make_stage_data(config, STAGE, 4, seed=0)  # later stages reuse the last entry
   assert ByteTokenizer().decode(next(text)[0]).startswith("Q: x=")
+
+
+def test_factory_accepts_the_loops_stage():
+  from elastic_jax.train.loop import Stage  # pylint: disable=import-outside-toplevel
+  stage = Stage(name="short", steps=2, batch_size=2, seq_len=32, budget_probs=(1.0,))
+  batch = next(pipeline.data_factory(pipeline.SourceConfig(), seed=0, vocab_size=256)(stage, 0))
+  assert batch.shape == (2, 33) and batch.dtype == np.int32 and batch.max() < 256
