@@ -95,8 +95,6 @@ def test_bad_stage_inputs(tmp_path):
     train_elastic(_setup(), bad, teacher, teacher, _data, tmp_path, progress=False)
   with pytest.raises(ValueError, match=r"stage 'x': steps=0 must be a positive integer"):
     train_elastic(_setup(), (Stage("x", 0, 4, 8, (1, 0, 0)),), teacher, teacher, _data, tmp_path, progress=False)
-  with pytest.raises(ValueError, match=r"unknown stage key\(s\) \['seq_length'\]"):
-    Stage.from_dict({"name": "s", "steps": 1, "batch_size": 1, "seq_length": 8, "budget_probs": [1.0]})
   wrong_shape = lambda stage, index: RandomTokenBatches(0, stage.batch_size, stage.seq_len, CONFIG.vocab_size)
   with pytest.raises(ValueError, match=r"gave a batch of shape \(4, 8\), expected \(4, 9\)"):
     train_elastic(_setup(), STAGES, teacher, jax.tree.map(jnp.copy, teacher), wrong_shape, tmp_path / "w",

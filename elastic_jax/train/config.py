@@ -68,8 +68,8 @@ def stages_from_config(config: Any) -> tuple[Stage, ...]:
   out = []
   for i, stage in enumerate(stages):
     values = plain(stage)
-    check_keys(values, [f.name for f in dataclasses.fields(Stage)], f"config.stages[{i}]")
-    out.append(Stage.from_dict(values))
+    values["budget_probs"] = tuple(float(p) for p in values.get("budget_probs", ()))
+    out.append(dataclass_from(Stage, values, f"config.stages[{i}]"))
   return tuple(out)
 
 

@@ -55,16 +55,6 @@ class Stage:
         raise ValueError(f"stage {self.name!r}: {field}={value!r} must be a positive integer.")
     check_budget_probs(self.budget_probs, num_budgets, f"stage {self.name!r} budget_probs")
 
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> "Stage":
-    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown stage key(s) {unknown}; known keys are {sorted(known)}.")
-    values["budget_probs"] = tuple(float(p) for p in values.get("budget_probs", ()))
-    return cls(**values)
-
 
 class TokenIterator(Protocol):
   """What a stage's data source must be: batches of int32 [batch, seq_len + 1] and a JSON-able position."""
