@@ -20,7 +20,7 @@ from elastic_jax.data.random_tokens import RandomTokenBatches
 from elastic_jax.elastic.router import RouterSchedule
 from elastic_jax.elastic.param_count import choice_param_count
 from elastic_jax.elastic.space import Choice, ElasticSpace
-from elastic_jax.train.checkpoint import ConfigMismatchError
+from elastic_jax.train.checkpoint import Checkpointer, ConfigMismatchError, abstract_like
 from elastic_jax.train.loop import Stage, train_elastic
 from elastic_jax.train.optim import OptimizerConfig
 from elastic_jax.train.step import ElasticSetup
@@ -57,8 +57,9 @@ def test_resume_continues_exactly(tmp_path):
   full = _run(tmp_path / "full")
   assert [h["step"] for h in full.history] == list(range(1, 8))
 
-  first = _run(tmp_path / "split", max_steps=3)  # stops inside stage 1 (and checkpoints)
-  second = _run(tmp_path / "split")  # resumes at step 3: data position, PRNG, optimizer, router
+  rankings = {"rankings": {"hidden": [3, 1, 2, 0]}}
+  first = _run(tmp_path / "split", max_steps=3, metadata=rankings)  # stops inside stage 1 (and checkpoints)
+  second = _run(tmp_path / "split", metadata=rankings)  # resumes at step 3: data position, PRNG, optimizer, router
   assert _losses(first.history) + _losses(second.history) == _losses(full.history)
   for a, b in zip(jax.tree.leaves((full.state.params, full.state.router_params)),
                   jax.tree.leaves((second.state.params, second.state.router_params))):
@@ -66,6 +67,9 @@ def test_resume_continues_exactly(tmp_path):
   # The metrics log reads as one uninterrupted run.
   lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 7
+  _, meta = Checkpointer(tmp_path / "split" / "checkpoints").restore(abstract_like(first.state))
+  assert meta["step"] == 7 and meta["rankings"] == {"hidden": [3, 1, 2, 0]}
+  assert meta["data_state"] == {"stage": 1, "iterator": {"position": 3}}  # 3 batches into stage 2
   # The choice each budget deploys with is saved for extraction, with its exact size.
   records = json.loads((tmp_path / "split" / "deployed_choices.json").read_text())
   assert [r["budget"] for r in records] == [1.0, 0.75, 0.5]

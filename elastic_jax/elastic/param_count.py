@@ -161,3 +161,59 @@ def expected_param_count(config: ModelConfig, space: ElasticSpace, probs: Mappin
   for count in blocks:
     total = total + count
   return jnp.asarray(total, jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def block_cache_bytes(config: ModelConfig, kind: str, heads: Number = 0, head_dim: Number = 0, *, context: int,
+                      cache_bytes: int = 2, state_bytes: int = 4) -> Number:
+  """Decode-time cache of one block for one sequence of ``context`` tokens.
+
+  Attention: K and V, 2·context·Hkv·hd (never elastic; only depth removes it). Mamba: the SSM state H·P·N (fp32)
+  plus the conv window (K-1)·(H·P + 2GN). MLP blocks keep nothing.
+  """
+  if kind == "attention":
+    return 2 * context * config.num_key_value_heads * config.head_dim * cache_bytes
+  if kind == "mamba":
+    d_inner = heads * head_dim
+    conv = (config.conv_kernel - 1) * (d_inner + 2 * config.n_groups * config.ssm_state_size)
+    return d_inner * config.ssm_state_size * state_bytes + conv * cache_bytes
+  return 0
+
+
+def _memory_bytes(config: ModelConfig, hidden: Number, widths: Mapping[str, list], kept: Any, *, context: int,
+                  param_bytes: int, cache_bytes: int) -> Number:
+  """Weights plus caches at ``context``; ``kept[j]`` (1, 0 or a probability) scales block j."""
+  counts = _block_counts(config, hidden, widths)
+  seen = {"mamba": 0, "attention": 0, "mlp": 0}
+  total = embedding_param_count(config, hidden) * param_bytes
+  for j, spec in enumerate(config.block_specs()):
+    k = seen[spec.kind]
+    seen[spec.kind] += 1
+    heads = widths["mamba_heads"][k] if spec.kind == "mamba" else 0
+    head_dim = widths["mamba_head_dim"][k] if spec.kind == "mamba" else 0
+    cache = block_cache_bytes(config, spec.kind, heads, head_dim, context=context, cache_bytes=cache_bytes)
+    total = total + kept[j] * (counts[j] * param_bytes + cache)
+  return total
+
+
+def memory_bytes(config: ModelConfig, *, context: int, param_bytes: int = 2, cache_bytes: int = 2) -> int:
+  """Deployment memory of ``HybridLM(config)`` serving one sequence of ``context`` tokens: weights + caches."""
+  widths = {axis: list(parent_widths(config, axis)) for axis in PER_LAYER_AXES}
+  return int(_memory_bytes(config, config.hidden_size, widths, [1] * config.num_layers, context=context,
+                           param_bytes=param_bytes, cache_bytes=cache_bytes))
+
+
+def expected_memory_bytes(config: ModelConfig, space: ElasticSpace, probs: Mapping[str, Any], depth_order: Any = None,
+                          *, context: int, param_bytes: int = 2, cache_bytes: int = 2) -> Array:
+  """Differentiable expected deployment memory (weights + KV cache + SSM state at ``context``), the memory
+  counterpart of ``expected_param_count`` (same arguments; every term still has each axis at most once)."""
+  sizes = expected_sizes(config, space, probs)
+  kept = [1.0] * config.num_layers
+  if "depth" in probs:
+    if depth_order is None:
+      raise SpaceError("depth probabilities need depth_order (block indices, most important first).")
+    mask = weighted_depth_mask(jnp.asarray(probs["depth"], jnp.float32), space.depth, depth_order,
+                               config.num_layers)
+    kept = [mask[..., j] for j in range(config.num_layers)]
+  return jnp.asarray(_memory_bytes(config, sizes["hidden"], sizes, kept, context=context, param_bytes=param_bytes,
+                                   cache_bytes=cache_bytes), jnp.float32)

@@ -7,7 +7,9 @@ Layout of the training part of a config (see ``configs/tiny.py``)::
       space=dict(hidden=[...], mlp=[...], ..., mlp_mode="homogeneous"),   # ElasticSpace.from_dict
       router=dict(width=256, hard=True, tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0,
                   tau_decay="exponential"),
-      kd_temperature=1.0, ce_weight=0.0, router_loss_weight=1.0, dead_zone=0.02, stratified=False)
+      kd_temperature=1.0, ce_weight=0.0, router_loss_weight=1.0, dead_zone=0.02, stratified=False,
+      budget_metric="params",  # or "memory": weights + KV cache + SSM state at memory_context tokens
+      memory_context=8192)
   config.stages = [dict(name="stage1", steps=..., batch_size=..., seq_len=..., budget_probs=[...]), ...]
   config.optimizer = dict(learning_rate=9e-5, warmup_steps=60, ...)        # OptimizerConfig
   config.router_optimizer = dict(learning_rate=1e-2, ...)                  # OptimizerConfig
@@ -29,7 +31,7 @@ from elastic_jax.train.step import ElasticSetup
 T = TypeVar("T")
 _ROUTER_KEYS = ("width", "hard", "tau_start", "tau_end", "scale_start", "scale_end", "tau_decay")
 _ELASTIC_KEYS = ("budgets", "space", "router", "kd_temperature", "ce_weight", "router_loss_weight", "dead_zone",
-                 "stratified")
+                 "stratified", "budget_metric", "memory_context")
 
 
 def plain(values: Any) -> dict[str, Any]:

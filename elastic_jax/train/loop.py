@@ -31,7 +31,8 @@ from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, abstract
 from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings, make_mesh,
                                         replicated)
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
-from elastic_jax.elastic.param_count import choice_param_count
+from elastic_jax.elastic.extract import child_config
+from elastic_jax.elastic.param_count import choice_param_count, memory_bytes
 from elastic_jax.train.step import (ElasticSetup, TrainState, check_budget_probs, deployed_choices,
                                     init_elastic_state, make_elastic_step)
 
@@ -94,7 +95,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
                   router_optimizer: OptimizerConfig | None = None, seed: int = 0,
                   checkpoint_every: int = 100, log_every: int = 10, max_steps: int | None = None,
                   run_config: Mapping[str, Any] | None = None, progress: bool = True, mesh: Mesh | None = None,
-                  rules: LogicalRules = DEFAULT_RULES) -> TrainResult:
+                  rules: LogicalRules = DEFAULT_RULES, metadata: Mapping[str, Any] | None = None) -> TrainResult:
   """Runs (or resumes) the curriculum in ``workdir``; returns the final state and this call's metrics.
 
   Args:
@@ -111,6 +112,8 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
     max_steps: stop after this global step (saving a checkpoint), e.g. to split a run; None runs all stages.
     run_config: JSON-able description of everything that must match on resume; defaults to the setup's.
     progress: show a progress bar.
+    metadata: JSON-able records saved with every checkpoint (e.g. the importance rankings the student's weights
+      were permuted with), so a checkpoint is self-describing for extraction and export.
     mesh, rules: the device mesh (default: every device on the data axis) and the logical-axis rules that map
       params, optimizer state and batches onto it.
   """
@@ -160,7 +163,8 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   def save(step: int, iterator: "_TrackedIterator") -> None:
     nonlocal last_saved
     if step != last_saved:
-      checkpointer.save(step, state, {"config": run_config, "step": step, "data_state": iterator.get_state(),
+      checkpointer.save(step, state, {**(metadata or {}), "config": run_config, "step": step,
+                                      "data_state": iterator.get_state(),
                                       "depth_order": list(setup.depth_order),
                                       "deployed_choices": deployed_choice_records(setup, state.router_params)})
       last_saved = step
@@ -209,8 +213,11 @@ def deployed_choice_records(setup: ElasticSetup, router_params: Params) -> list[
   records = []
   for budget, choice in zip(setup.budgets, deployed_choices(setup, router_params)):
     count = choice_param_count(setup.config, choice, setup.depth_order)
-    records.append({"budget": budget, "params": count, "fraction": count / setup.parent_params,
-                    "choice": choice.to_dict()})
+    record = {"budget": budget, "params": count, "fraction": count / setup.parent_params}
+    if setup.budget_metric == "memory":
+      size = memory_bytes(child_config(setup.config, choice, setup.depth_order), context=setup.memory_context)
+      record.update(memory_bytes=size, fraction=size / setup.parent_size)
+    records.append({**record, "choice": choice.to_dict()})
   return records
 
 

@@ -26,7 +26,7 @@ import optax
 
 from elastic_jax.elastic import router as router_lib
 from elastic_jax.elastic.masks import masks_from_weights
-from elastic_jax.elastic.param_count import expected_param_count, param_count
+from elastic_jax.elastic.param_count import expected_memory_bytes, expected_param_count, memory_bytes, param_count
 from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, Choice, ElasticSpace, kind_count
 from elastic_jax.model import HybridLM, ModelConfig
 from elastic_jax.train.losses import cross_entropy, forward_kl, mean_by_group
@@ -98,6 +98,10 @@ class ElasticSetup:
   router_loss_weight: float = 1.0
   dead_zone: float = 0.02
   stratified: bool = False
+  # What a budget is a fraction of: "params" (the paper) or "memory" (weights + KV cache + SSM state when serving
+  # one sequence of memory_context tokens, weights and caches in bf16).
+  budget_metric: str = "params"
+  memory_context: int = 8192
 
   def __post_init__(self):
     if not self.budgets:
@@ -105,6 +109,8 @@ class ElasticSetup:
     for b in self.budgets:
       if not 0.0 < b <= 1.0:
         raise ValueError(f"budget {b} is outside (0, 1]: budgets are fractions of the parent's parameter count.")
+    if self.budget_metric not in ("params", "memory"):
+      raise ValueError(f"budget_metric={self.budget_metric!r} is not one of ('params', 'memory').")
     if sorted(self.depth_order) != list(range(self.config.num_layers)):
       raise ValueError(f"depth_order {list(self.depth_order)} is not a permutation of range({self.config.num_layers}).")
     self.space.validate(self.config)
@@ -117,8 +123,21 @@ class ElasticSetup:
   def parent_params(self) -> int:
     return param_count(self.config)
 
-  def target_params(self) -> np.ndarray:
-    return np.asarray(self.budgets, np.float64) * self.parent_params
+  @property
+  def parent_size(self) -> int:
+    """The parent's size in the budget's metric (parameters, or bytes of deployment memory)."""
+    if self.budget_metric == "memory":
+      return memory_bytes(self.config, context=self.memory_context)
+    return self.parent_params
+
+  def target_sizes(self) -> np.ndarray:
+    return np.asarray(self.budgets, np.float64) * self.parent_size
+
+  def expected_size(self, probs: dict[str, Array], depth_order: np.ndarray) -> Array:
+    """The differentiable expected size under the router's probabilities, in the budget's metric."""
+    if self.budget_metric == "memory":
+      return expected_memory_bytes(self.config, self.space, probs, depth_order, context=self.memory_context)
+    return expected_param_count(self.config, self.space, probs, depth_order)
 
   def full_index(self) -> dict[str, int]:
     """Per routed axis, the index of the parent's (largest) size: the anchor of the 100% budget."""
@@ -141,7 +160,7 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
   router = setup.router
   space, config = setup.space, setup.config
   depth_order = np.asarray(setup.depth_order, np.int32)
-  targets = jnp.asarray(setup.target_params(), jnp.float32)
+  targets = jnp.asarray(setup.target_sizes(), jnp.float32)
   full_index = setup.full_index()
   full_budget = int(np.argmax(setup.budgets)) if max(setup.budgets) == 1.0 else -1
   num_budgets = len(setup.budgets)
@@ -163,7 +182,7 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
       if setup.ce_weight:
         kd = kd + setup.ce_weight * cross_entropy(logits, next_tokens)
       probs = router_lib.probabilities(samples, space)
-      expected = expected_param_count(config, space, probs, depth_order)
+      expected = setup.expected_size(probs, depth_order)
       router_loss = router_lib.budget_loss(expected, targets[budget_ids], setup.dead_zone)
       if full_budget >= 0:
         anchor = router_lib.full_choice_anchor({n: s.probs for n, s in samples.items()}, full_index)
@@ -176,7 +195,7 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     router_updates, router_opt_state = router_tx.update(router_grads, state.router_opt_state, state.router_params)
     kd_per_budget, count_per_budget = mean_by_group(kd, budget_ids, num_budgets)
-    size_per_budget, _ = mean_by_group(expected / setup.parent_params, budget_ids, num_budgets)
+    size_per_budget, _ = mean_by_group(expected / setup.parent_size, budget_ids, num_budgets)
     metrics = {
         "loss": loss, "kd": jnp.mean(kd), "router_loss": jnp.mean(router_loss),
         "kd_per_budget": kd_per_budget, "samples_per_budget": count_per_budget,
