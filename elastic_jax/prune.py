@@ -248,10 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.format == "hf":
     hf.save(out, child_config, child_params)
   else:
-    from elastic_jax.train.checkpoint import Checkpointer
-    checkpointer = Checkpointer(out / "checkpoint", async_save=False)
-    checkpointer.save(0, child_params, {"config": child_config.to_dict(), "choice": choice.to_dict()})
-    checkpointer.close()
+    from elastic_jax.train.checkpoint import save_model
+    save_model(out / "checkpoint", child_config.to_dict(), child_params, {"choice": choice.to_dict()})
   report = {"parent": args.hf, "parent_params": parent_count, "target_params": target, "child_params": child_count,
             "child_fraction": child_count / parent_count, "choice": choice.to_dict(), "calibration": args.calib,
             "calibration_tokens": int(tokens.size), "format": args.format, "pattern": child_config.pattern}

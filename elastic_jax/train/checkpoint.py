@@ -122,3 +122,28 @@ class PreemptionGuard:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
     self._previous.clear()
+
+
+def save_model(directory: str | os.PathLike, config_dict: Mapping[str, Any], params: PyTree,
+               metadata: Mapping[str, Any] | None = None) -> None:
+  """A standalone model: its params as an Orbax checkpoint (step 0) with the model config in the metadata."""
+  checkpointer = Checkpointer(directory, async_save=False)
+  checkpointer.save(0, params, {**(metadata or {}), "config": dict(config_dict)})
+  checkpointer.close()
+
+
+def load_model(directory: str | os.PathLike, abstract_params: PyTree | None = None) -> tuple[dict[str, Any], PyTree]:
+  """(metadata incl. the model ``config``, params) of a ``save_model`` directory.
+
+  Without ``abstract_params`` the arrays are restored as saved (host/device default placement).
+  """
+  checkpointer = Checkpointer(directory, async_save=False)
+  manager = checkpointer._manager  # pylint: disable=protected-access
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no saved model in {os.fspath(directory)}")
+  metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+  restore = ocp.args.StandardRestore(abstract_params) if abstract_params is not None else ocp.args.StandardRestore()
+  params = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+  checkpointer.close()
+  return metadata, params
