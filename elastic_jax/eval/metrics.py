@@ -1,0 +1,127 @@
+"""Evaluation metrics: held-out perplexity and generated-answer accuracy on the synthetic reasoning tasks.
+
+Both run the one ``HybridLM`` class, so a parent, a masked parent (``masks``) and an extracted child are measured by
+the same code.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from elastic_jax.data.tasks import Example, extract_answer
+from elastic_jax.data.tokenizer import Tokenizer
+from elastic_jax.eval.generate import generate
+from elastic_jax.model import HybridLM, ModelConfig
+
+Array = jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _summed_nll(config: ModelConfig, params, tokens: Array, masks: dict[str, Any] | None) -> tuple[Array, Array]:
+  """tokens [b, l+1] -> (sum of next-token NLL over the b*l targets, number of targets); fp32 log-softmax."""
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  logits = HybridLM(config).apply({"params": params}, inputs, masks=masks)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+
+
+def perplexity(config: ModelConfig, params, batches: Iterable[Array | np.ndarray],
+               masks: dict[str, Any] | None = None) -> float:
+  """exp(mean next-token NLL) over every target token of every batch.
+
+  Args:
+    config: the model's config.
+    params: its params.
+    batches: token batches [b, l+1] (inputs are ``[:, :-1]``, targets ``[:, 1:]``), e.g. held-out packed batches.
+      Every target counts, document separators included, as in training.
+    masks: optional sub-network masks passed to the model (``elastic_jax.elastic.masks``), to evaluate a nested
+      child inside its parent; their batch axis must match the batches'.
+
+  Returns:
+    The perplexity (a Python float).
+  """
+  # Sums accumulate on the host in float64: a long evaluation must not lose precision in a float32 running sum.
+  total_nll, total_count = 0.0, 0.0
+  for tokens in batches:
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+      raise ValueError(f"perplexity batches must be [b, l+1] with l >= 1, got shape {tuple(tokens.shape)}.")
+    nll, count = _summed_nll(config, params, tokens, masks)
+    total_nll += float(nll)
+    total_count += float(count)
+  if total_count == 0:
+    raise ValueError("perplexity needs at least one batch.")
+  return math.exp(total_nll / total_count)
+
+
+def generated_texts(prompt_len: int, rows: np.ndarray, tokenizer: Tokenizer) -> list[str]:
+  """[b, prompt_len + n] generated rows -> the text after each prompt, up to the first end-of-document id."""
+  return [tokenizer.decode([int(t) for t in row[prompt_len:]]) for row in np.asarray(rows)]
+
+
+def grade(examples: Sequence[Example], generations: Sequence[str]) -> dict[str, Any]:
+  """Exact match of each generation's extracted answer: {"accuracy", "n", "correct", "per_family": {family: ...}}."""
+  if len(examples) != len(generations):
+    raise ValueError(f"{len(examples)} examples but {len(generations)} generations.")
+  correct: dict[str, int] = collections.Counter()
+  count: dict[str, int] = collections.Counter()
+  for example, text in zip(examples, generations):
+    count[example.family] += 1
+    correct[example.family] += int(extract_answer(text) == example.answer)
+  n = sum(count.values())
+  return {"accuracy": sum(correct.values()) / n if n else 0.0, "n": n, "correct": sum(correct.values()),
+          "per_family": {family: {"accuracy": correct[family] / count[family], "n": count[family]}
+                         for family in sorted(count)}}
+
+
+def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], tokenizer: Tokenizer, *,
+                    max_new_tokens: int, batch_size: int, return_generations: bool = False) -> dict[str, Any]:
+  """Greedy cached decoding of each example's prompt, graded by exact match of the answer after ``####``.
+
+  Prompts are grouped by exact token length and never padded: a pad token would enter the Mamba state and change
+  the continuation. Each length is one compile of ``generate``; a length's last, partial batch is filled up by
+  repeating one of its prompts (rows decode independently) and the copies are dropped, so no extra batch size
+  compiles.
+
+  Args:
+    config: the model's config.
+    params: its params.
+    examples: task examples (``prompt`` and ``answer`` are used).
+    tokenizer: encodes prompts and decodes generations; its ``eos_id`` ends a generation.
+    max_new_tokens: tokens generated per prompt (an answer not reached by then counts as wrong).
+    batch_size: prompts decoded together.
+    return_generations: also return the generated texts, in the order of ``examples``.
+
+  Returns:
+    {"accuracy": float, "n": int, "correct": int, "per_family": {family: {"accuracy", "n"}}} and, when asked,
+    "generations": list[str].
+  """
+  if batch_size < 1 or max_new_tokens < 1:
+    raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1.")
+  encoded = [tokenizer.encode(example.prompt) for example in examples]
+  by_length: dict[int, list[int]] = collections.defaultdict(list)
+  for index, ids in enumerate(encoded):
+    by_length[len(ids)].append(index)
+  generations: list[str | None] = [None] * len(examples)
+  for length in sorted(by_length):
+    indices = by_length[length]
+    for start in range(0, len(indices), batch_size):
+      chunk = indices[start:start + batch_size]
+      filled = chunk + [chunk[0]] * (min(batch_size, len(indices)) - len(chunk))
+      prompts = jnp.asarray([encoded[i] for i in filled], jnp.int32)
+      rows = generate(config, params, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                      eos_id=tokenizer.eos_id)
+      for index, text in zip(chunk, generated_texts(length, np.asarray(rows), tokenizer)):
+        generations[index] = text
+  result = grade(examples, generations)
+  if return_generations:
+    result["generations"] = generations
+  return result
