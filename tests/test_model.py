@@ -187,3 +187,20 @@ def test_time_step_limit_clamps_dt():
   clamped = HybridLM(config.replace(time_step_limit=(1e-3, math.inf))).apply({"params": params}, tokens)
   assert float(jnp.abs(unclamped - base).max()) > 1e-3
   assert float(jnp.abs(clamped - unclamped).max()) > 1e-5
+
+
+def test_ragged_generation_equals_each_prompt_alone():
+  from elastic_jax.eval.generate import generate_ragged  # pylint: disable=import-outside-toplevel
+  config = small_config("M-*M")
+  params = random_params(config, seed=5)
+  rng = np.random.default_rng(0)
+  lengths = np.array([3, 7, 5, 1])
+  prompts = rng.integers(0, config.vocab_size, (4, 7)).astype(np.int32)
+  out = np.asarray(generate_ragged(config, params, prompts, lengths, max_new_tokens=6))
+  for i, length in enumerate(lengths):
+    alone = np.asarray(generate(config, params, prompts[i:i + 1, :length], max_new_tokens=6))[0, length:]
+    np.testing.assert_array_equal(out[i], alone)
+  eos = int(out[1, 2])
+  stopped = np.asarray(generate_ragged(config, params, prompts, lengths, max_new_tokens=6, eos_id=eos))
+  first = int(np.argmax(out[1] == eos))
+  assert (stopped[1, first:] == eos).all() and (stopped[1, :first] == out[1, :first]).all()
