@@ -1,0 +1,202 @@
+"""Evaluation: perplexity against a numpy log-softmax, answer grading with controlled generations, report files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from elastic_jax.data.tasks import TaskConfig, generate_examples
+from elastic_jax.data.tokenizer import ByteTokenizer
+from elastic_jax.elastic.masks import choice_masks
+from elastic_jax.elastic.space import Choice
+from elastic_jax.eval import metrics, report
+from elastic_jax.eval.generate import generate
+from elastic_jax.model import HybridLM
+from tests.conftest import random_params, small_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _numpy_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+  """Per-token NLL from a float64 log-softmax written out by hand."""
+  logits = logits.astype(np.float64)
+  shifted = logits - logits.max(axis=-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+  return -np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def test_perplexity_matches_numpy_log_softmax():
+  config = small_config()
+  params = random_params(config, seed=1)
+  rng = np.random.default_rng(0)
+  batches = [rng.integers(0, config.vocab_size, (2, 9)), rng.integers(0, config.vocab_size, (3, 9))]
+  model = HybridLM(config)
+  nll = np.concatenate([_numpy_nll(np.asarray(model.apply({"params": params}, jnp.asarray(b[:, :-1]))), b[:, 1:])
+                        .ravel() for b in batches])
+  # Mean over all targets (not a mean of per-batch means: the batches have different sizes).
+  assert metrics.perplexity(config, params, batches) == pytest.approx(math.exp(nll.mean()), rel=1e-5)
+
+
+def test_perplexity_with_masks_evaluates_the_masked_child():
+  config = small_config()
+  params = random_params(config, seed=2)
+  tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 9))
+  full = choice_masks(config, [Choice.full(config)] * 2)
+  child_choice = Choice.homogeneous(config, mlp=24, mamba_heads=2)
+  child = choice_masks(config, [child_choice] * 2)
+  assert metrics.perplexity(config, params, [tokens], masks=full) == pytest.approx(
+      metrics.perplexity(config, params, [tokens]), rel=1e-5)
+  logits = np.asarray(HybridLM(config).apply({"params": params}, jnp.asarray(tokens[:, :-1]), masks=child))
+  expected = math.exp(_numpy_nll(logits, tokens[:, 1:]).mean())
+  assert metrics.perplexity(config, params, [tokens], masks=child) == pytest.approx(expected, rel=1e-5)
+  assert abs(expected - metrics.perplexity(config, params, [tokens])) > 1e-3  # the masks did change the model
+
+
+def _examples():
+  short = generate_examples(TaskConfig(), seed=0, split="eval", count=9)
+  long = generate_examples(TaskConfig(families=("variables",), distractors=2), seed=0, split="eval", count=3)
+  return short + long
+
+
+def _fake_generate(solutions: dict[tuple[int, ...], str], calls: list[tuple[int, int]]):
+  """A stand-in for ``generate`` that continues each known prompt with the given text, then end-of-document."""
+  tokenizer = ByteTokenizer()
+
+  def fake(config, params, prompts, *, max_new_tokens, temperature, eos_id, rng=None):
+    del config, params, temperature, rng
+    prompts = np.asarray(prompts)
+    calls.append(prompts.shape)
+    rows = []
+    for prompt in prompts:
+      new = tokenizer.encode(solutions[tuple(int(t) for t in prompt)]) + [eos_id] * max_new_tokens
+      rows.append(list(prompt) + new[:max_new_tokens])
+    return jnp.asarray(rows, jnp.int32)
+
+  return fake
+
+
+def test_answer_accuracy_grades_controlled_generations(monkeypatch):
+  tokenizer = ByteTokenizer()
+  examples = _examples()
+  # The right worked solution for arithmetic and variables; modular answers off by one.
+  solutions = {}
+  for example in examples:
+    text = example.solution
+    if example.family == "modular":
+      text = f" x=? #### {int(example.answer) + 1}\n"
+    solutions[tuple(tokenizer.encode(example.prompt))] = text
+  calls: list[tuple[int, int]] = []
+  monkeypatch.setattr(metrics, "generate", _fake_generate(solutions, calls))
+  longest = max(len(tokenizer.encode(e.solution)) for e in examples)
+  result = metrics.answer_accuracy(None, None, examples, tokenizer, max_new_tokens=longest + 4, batch_size=2,
+                                   return_generations=True)
+  families = [e.family for e in examples]
+  assert result["n"] == len(examples)
+  assert result["per_family"]["arithmetic"] == {"accuracy": 1.0, "n": families.count("arithmetic")}
+  assert result["per_family"]["variables"] == {"accuracy": 1.0, "n": families.count("variables")}
+  assert result["per_family"]["modular"] == {"accuracy": 0.0, "n": families.count("modular")}
+  assert result["accuracy"] == pytest.approx(1 - families.count("modular") / len(examples))
+  # Generations come back in example order, cut at the end-of-document id.
+  assert result["generations"][0] == solutions[tuple(tokenizer.encode(examples[0].prompt))]
+  # Pad-free batches: each call holds prompts of one length, at most batch_size of them, and one batch size per
+  # length (a partial batch is filled up, not compiled again).
+  lengths = sorted(len(tokenizer.encode(e.prompt)) for e in examples)
+  assert len(calls) == sum(math.ceil(lengths.count(n) / 2) for n in set(lengths))
+  assert any(lengths.count(n) == 3 for n in set(lengths))  # a length whose last batch is partial
+  assert all(batch <= 2 for batch, _ in calls)
+  for length in set(lengths):
+    assert len({batch for batch, l in calls if l == length}) == 1
+
+  # Too few new tokens to reach "####": every answer counts as wrong.
+  short = metrics.answer_accuracy(None, None, examples, tokenizer, max_new_tokens=3, batch_size=4)
+  assert short["accuracy"] == 0.0
+
+
+def test_answer_accuracy_of_a_random_model_is_zero_and_batching_changes_nothing():
+  config = small_config(vocab_size=256)
+  params = random_params(config, seed=3)
+  tokenizer = ByteTokenizer()
+  examples = generate_examples(TaskConfig(families=("arithmetic",)), seed=1, split="eval", count=5)
+  result = metrics.answer_accuracy(config, params, examples, tokenizer, max_new_tokens=6, batch_size=4,
+                                   return_generations=True)
+  assert result["n"] == 5 and result["accuracy"] == 0.0
+  # Decoding example 0 alone gives the text it got inside its length bucket (no padding, no cross-row effects).
+  prompt = jnp.asarray([tokenizer.encode(examples[0].prompt)], jnp.int32)
+  alone = generate(config, params, prompt, max_new_tokens=6, temperature=0.0, eos_id=tokenizer.eos_id)
+  assert result["generations"][0] == tokenizer.decode(np.asarray(alone)[0, prompt.shape[1]:].tolist())
+
+
+def test_grade_rejects_mismatched_lengths():
+  with pytest.raises(ValueError):
+    metrics.grade(_examples()[:2], ["#### 1"])
+
+
+ROWS = [
+    dict(budget="full", params=1234567, ppl=3.14159, accuracy_short=0.625, accuracy_long=0.5),
+    dict(budget="0.66", params=814000, ppl=4.5678, accuracy_short=0.5, accuracy_long=0.25, baseline_params=812345,
+         baseline_ppl=5.25, baseline_accuracy_short=0.375, baseline_accuracy_long=0.125),
+    dict(budget="0.5", params=617000, ppl=6.0, accuracy_short=0.125, accuracy_long=0.0, baseline_params=616999,
+         baseline_ppl=5.5, baseline_accuracy_short=0.25, baseline_accuracy_long=0.0),
+]
+
+
+def _check_png(path: str):
+  with open(path, "rb") as f:
+    data = f.read()
+  assert data[:8] == PNG_MAGIC
+  assert len(data) > 5000  # axes, lines and labels, not an empty canvas
+
+
+def test_write_report(tmp_path):
+  config = small_config()
+  metrics_path = tmp_path / "metrics.jsonl"
+  with open(metrics_path, "w", encoding="utf-8") as f:
+    for step in range(1, 21):
+      f.write(json.dumps({"step": step, "loss": 1.0, "kd_per_budget": [2 / step, 3 / step, 4 / step],
+                          "samples_per_budget": [1, 0 if step % 5 == 0 else 1, 1]}) + "\n")
+  router_choices = {row["budget"]: report.choice_fractions(config, choice) for row, choice in zip(ROWS, [
+      Choice.full(config), Choice.homogeneous(config, mlp=24, mamba_heads=2),
+      Choice.homogeneous(config, mlp=12, mamba_heads=2, attention_heads=2)])}
+  assert router_choices["0.66"]["mlp"] == [0.5]
+  assert router_choices["0.66"]["mamba_heads"] == [0.5, 0.5]
+
+  paths = report.write_report(tmp_path / "out", ROWS, curves=str(metrics_path), router_choices=router_choices)
+
+  markdown = open(paths["markdown"], encoding="utf-8").read()
+  table = [line for line in markdown.splitlines() if line.startswith("| ")]
+  assert len(table) == 1 + len(ROWS)  # header + one row per budget
+  full, mid, small = table[1:]
+  for text in ("| full |", "1,234,567", "3.142", "62.5%", "50.0%"):
+    assert text in full
+  for text in ("814,000", "4.568", "812,345", "5.250", "37.5%", "12.5%", "25.0%"):
+    assert text in mid
+  for text in ("616,999", "6.000", "5.500", "12.5%", "0.0%"):
+    assert text in small
+  assert "Budget full: no pruned baseline" in markdown
+  assert "Budget 0.66: the elastic child beats the pruned baseline" in markdown
+  assert "Budget 0.5: the elastic child does not beat the pruned baseline" in markdown
+
+  saved = json.load(open(paths["json"], encoding="utf-8"))
+  assert [row["budget"] for row in saved["rows"]] == ["full", "0.66", "0.5"]
+  assert saved["rows"][1]["baseline_ppl"] == 5.25
+  for key in ("accuracy_plot", "loss_plot", "router_plot"):
+    _check_png(paths[key])
+    assert f"({os.path.basename(paths[key])})" in markdown
+
+
+def test_verdict_breaks_accuracy_ties_with_perplexity():
+  row = dict(budget="b", accuracy_short=0.5, baseline_accuracy_short=0.5, ppl=3.0, baseline_ppl=4.0)
+  assert "beats" in report.verdict(row) and "not" not in report.verdict(row)
+  row["ppl"] = 5.0
+  assert "does not beat" in report.verdict(row)
+
+
+def test_report_without_curves_or_choices(tmp_path):
+  paths = report.write_report(tmp_path, [dict(budget="x", params=10)])
+  assert set(paths) == {"json", "markdown"}
+  assert "| x | 10 | — |" in open(paths["markdown"], encoding="utf-8").read()
