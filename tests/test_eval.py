@@ -125,10 +125,16 @@ def test_answer_accuracy_of_a_random_model_is_zero_and_batching_changes_nothing(
   result = metrics.answer_accuracy(config, params, examples, tokenizer, max_new_tokens=6, batch_size=4,
                                    return_generations=True)
   assert result["n"] == 5 and result["accuracy"] == 0.0
+  assert all(result["generations"])  # non-empty texts, so the comparisons below carry signal
   # Decoding example 0 alone gives the text it got inside its length bucket (no padding, no cross-row effects).
   prompt = jnp.asarray([tokenizer.encode(examples[0].prompt)], jnp.int32)
   alone = generate(config, params, prompt, max_new_tokens=6, temperature=0.0, eos_id=tokenizer.eos_id)
   assert result["generations"][0] == tokenizer.decode(np.asarray(alone)[0, prompt.shape[1]:].tolist())
+  # Mixed-length batches through the ragged decoder (one compile) give the same texts as the length buckets.
+  ragged = metrics.answer_accuracy(config, params, examples, tokenizer, max_new_tokens=6, batch_size=4,
+                                   ragged=True, return_generations=True)
+  assert len({len(e.prompt) for e in examples}) > 1
+  assert ragged["generations"] == result["generations"]
 
 
 def test_grade_rejects_mismatched_lengths():

@@ -17,7 +17,7 @@ import numpy as np
 
 from elastic_jax.data.tasks import Example, extract_answer
 from elastic_jax.data.tokenizer import Tokenizer
-from elastic_jax.eval.generate import generate
+from elastic_jax.eval.generate import generate, generate_ragged
 from elastic_jax.model import HybridLM, ModelConfig
 
 Array = jax.Array
@@ -83,13 +83,16 @@ def grade(examples: Sequence[Example], generations: Sequence[str]) -> dict[str, 
 
 
 def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], tokenizer: Tokenizer, *,
-                    max_new_tokens: int, batch_size: int, return_generations: bool = False) -> dict[str, Any]:
+                    max_new_tokens: int, batch_size: int, ragged: bool = False,
+                    return_generations: bool = False) -> dict[str, Any]:
   """Greedy cached decoding of each example's prompt, graded by exact match of the answer after ``####``.
 
-  Prompts are grouped by exact token length and never padded: a pad token would enter the Mamba state and change
-  the continuation. Each length is one compile of ``generate``; a length's last, partial batch is filled up by
-  repeating one of its prompts (rows decode independently) and the copies are dropped, so no extra batch size
-  compiles.
+  Prompts are never padded: a pad token would enter the Mamba state and change the continuation. By default they
+  are grouped by exact token length, with one compile of ``generate`` per length (fast prefill, one compile per
+  length). With ``ragged=True`` every batch goes through ``generate_ragged`` instead, which reads each prompt one
+  token at a time: a single compile for the whole set, slower per batch (no parallel prefill); the better choice
+  when there are many distinct lengths and compiles dominate. A last, partial batch is filled up by repeating one
+  of its prompts (rows decode independently) and the copies are dropped, so no extra batch size compiles.
 
   Args:
     config: the model's config.
@@ -98,6 +101,7 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
     tokenizer: encodes prompts and decodes generations; its ``eos_id`` ends a generation.
     max_new_tokens: tokens generated per prompt (an answer not reached by then counts as wrong).
     batch_size: prompts decoded together.
+    ragged: decode batches of mixed lengths with ``generate_ragged`` (one compile) instead of length buckets.
     return_generations: also return the generated texts, in the order of ``examples``.
 
   Returns:
@@ -107,10 +111,24 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
   if batch_size < 1 or max_new_tokens < 1:
     raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1.")
   encoded = [tokenizer.encode(example.prompt) for example in examples]
+  generations: list[str | None] = [None] * len(examples)
+  if ragged and encoded:
+    width = max(len(ids) for ids in encoded)
+    for start in range(0, len(examples), batch_size):
+      chunk = list(range(start, min(start + batch_size, len(examples))))
+      filled = chunk + [chunk[0]] * (min(batch_size, len(examples)) - len(chunk))
+      prompts = np.zeros((len(filled), width), np.int32)  # the tail past each length is never read
+      for row, index in enumerate(filled):
+        prompts[row, :len(encoded[index])] = encoded[index]
+      lengths = jnp.asarray([len(encoded[i]) for i in filled], jnp.int32)
+      new_tokens = generate_ragged(config, params, jnp.asarray(prompts), lengths, max_new_tokens=max_new_tokens,
+                                   eos_id=tokenizer.eos_id)
+      for index, text in zip(chunk, generated_texts(0, np.asarray(new_tokens), tokenizer)):
+        generations[index] = text
+    return _result(examples, generations, return_generations)
   by_length: dict[int, list[int]] = collections.defaultdict(list)
   for index, ids in enumerate(encoded):
     by_length[len(ids)].append(index)
-  generations: list[str | None] = [None] * len(examples)
   for length in sorted(by_length):
     indices = by_length[length]
     for start in range(0, len(indices), batch_size):
@@ -121,6 +139,10 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
                       eos_id=tokenizer.eos_id)
       for index, text in zip(chunk, generated_texts(length, np.asarray(rows), tokenizer)):
         generations[index] = text
+  return _result(examples, generations, return_generations)
+
+
+def _result(examples: Sequence[Example], generations: list, return_generations: bool) -> dict[str, Any]:
   result = grade(examples, generations)
   if return_generations:
     result["generations"] = generations
