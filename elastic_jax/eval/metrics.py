@@ -88,8 +88,7 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
   """Greedy cached decoding of each example's prompt, graded by exact match of the answer after ``####``.
 
   Prompts are never padded: a pad token would enter the Mamba state and change the continuation. By default they
-  are grouped by exact token length, with one compile of ``generate`` per length (fast prefill, one compile per
-  length). With ``ragged=True`` every batch goes through ``generate_ragged`` instead, which reads each prompt one
+  are grouped by exact token length: one compile of ``generate`` per length, and a parallel prefill. With ``ragged=True`` every batch goes through ``generate_ragged`` instead, which reads each prompt one
   token at a time: a single compile for the whole set, slower per batch (no parallel prefill); the better choice
   when there are many distinct lengths and compiles dominate. A last, partial batch is filled up by repeating one
   of its prompts (rows decode independently) and the copies are dropped, so no extra batch size compiles.
