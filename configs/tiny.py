@@ -1,6 +1,9 @@
-"""The embedded default: a tiny hybrid model that runs end to end on a 2-core CPU in minutes.
+"""The embedded default: the whole method on a tiny hybrid model, end to end on a 2-core CPU.
 
-    python -m elastic_jax.train --config configs/tiny.py [--config.model.hidden_size=96 ...]
+    python -m elastic_jax.train --config configs/tiny.py [--workdir DIR] [--config.parent.pretrain_steps=300 ...]
+
+Parent: pretrained here on the synthetic reasoning corpus (set ``parent.hf_path`` to elastify a Nemotron-H
+checkpoint instead). Family: 100% / 75% / 50% of the parent's parameters.
 """
 
 import ml_collections
@@ -27,8 +30,28 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="float32",
       param_dtype="float32",
   ))
-  config.batch_size = 8
-  config.seq_len = 256
-  config.prompt = "12+34="
-  config.max_new_tokens = 32
+  # Data: the synthetic reasoning tasks (kind="files", paths=[...] for your own text/JSONL).
+  config.data = ml_collections.ConfigDict(dict(kind="tasks"))
+  # Parent: hf_path="" -> pretrain on the data above.
+  config.parent = ml_collections.ConfigDict(dict(hf_path="", pretrain_steps=600, batch_size=16, seq_len=128,
+                                                 learning_rate=3e-3, warmup_steps=50))
+  config.importance = ml_collections.ConfigDict(dict(batches=8, batch_size=8, seq_len=256, depth_batches=2))
+  config.elastic = ml_collections.ConfigDict(dict(
+      budgets=[1.0, 0.75, 0.5],
+      space=dict(hidden=[64, 80, 96, 112, 128], mlp=[96, 192, 288, 384], attention_heads=[2, 4],
+                 mamba_heads=[4, 6, 8], mamba_head_dim=[16, 24, 32], depth=[5, 6]),
+      router=dict(width=64),
+      dead_zone=0.02,
+      stratified=True,
+  ))
+  # Stage 1: uniform over budgets, short context. Stage 2: longer context (long-distractor tasks), skewed to 100%.
+  config.stages = [
+      dict(name="stage1", steps=200, batch_size=12, seq_len=128, budget_probs=[1 / 3, 1 / 3, 1 / 3]),
+      dict(name="stage2", steps=80, batch_size=6, seq_len=256, budget_probs=[0.5, 0.3, 0.2]),
+  ]
+  config.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=20, schedule="cosine"))
+  config.router_optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=20))
+  config.checkpoint_every = 100
+  config.eval = ml_collections.ConfigDict(dict(ppl_batches=4, batch_size=8, seq_len=256, examples=32,
+                                               max_new_tokens=160, decode_batch=32))
   return config

@@ -1,53 +1,87 @@
-"""``python -m elastic_jax.train --config configs/<name>.py [--config.key=value ...]``
+"""``python -m elastic_jax.train --config configs/<name>.py [--config.key=value ...] [--workdir DIR]``
 
-The pipeline driver. Today it builds the configured parent model, checks its forward pass and cached generation
-end to end, and reports size and throughput; the elastic phases (importance, training stages, extraction,
-evaluation) plug in behind the same command line.
+The main job: parent (HF import or a short pretraining run) -> importance -> permutation -> elastic stages ->
+extraction of every budget and of the zero-shot pruned baseline of the same size -> evaluation -> report
+(``DIR/report.md``, ``DIR/report.json``, PNG plots). Finished phases are skipped, so re-running the same command
+after an interruption resumes.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a Python config file (get_config()).",
                                           lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run (default: workdir/<config name>). "
+                               "Re-running with the same folder resumes.")
+
+
+def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
+  """Perplexity and answer accuracy (short and long tasks) of every child and baseline; writes the report."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from elastic_jax.data import tasks  # pylint: disable=import-outside-toplevel
+  from elastic_jax.data.tokenizer import ByteTokenizer  # pylint: disable=import-outside-toplevel
+  from elastic_jax.elastic.space import Choice  # pylint: disable=import-outside-toplevel
+  from elastic_jax.eval.metrics import answer_accuracy, perplexity  # pylint: disable=import-outside-toplevel
+  from elastic_jax.eval.report import choice_fractions, write_report  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.loop import Stage  # pylint: disable=import-outside-toplevel
+  from elastic_jax.data.pipeline import data_factory  # pylint: disable=import-outside-toplevel
+
+  eval_cfg = dict(cfg.get("eval", {}))
+  tokenizer = ByteTokenizer()
+  source = result["source"]
+  held_out = data_factory(source, seed=int(cfg.seed) + 104729, vocab_size=int(cfg.model.vocab_size))
+  stage = Stage("eval", 1, int(eval_cfg.get("batch_size", 8)), int(eval_cfg.get("seq_len", 256)), (1.0,))
+  ppl_batches = [np.asarray(next(held_out(stage, 0))) for _ in range(int(eval_cfg.get("ppl_batches", 4)))]
+  n = int(eval_cfg.get("examples", 64))
+  short = tasks.generate_examples(source.stage_tasks[0], int(cfg.seed), "eval", n)
+  long = tasks.generate_examples(source.stage_tasks[-1], int(cfg.seed) + 1, "eval", n)
+  max_new = int(eval_cfg.get("max_new_tokens", 96))
+
+  def measure(config, params) -> dict:
+    out = {"ppl": perplexity(config, params, ppl_batches)}
+    for label, examples in (("short", short), ("long", long)):
+      out[f"accuracy_{label}"] = answer_accuracy(config, params, examples, tokenizer, max_new_tokens=max_new,
+                                                 batch_size=int(eval_cfg.get("decode_batch", 16)),
+                                                 ragged=True)["accuracy"]
+    return out
+
+  from elastic_jax.elastic.param_count import param_count  # pylint: disable=import-outside-toplevel
+  parent_metrics = measure(result["config"], result["parent"])
+  rows = [{"budget": "parent", "params": param_count(result["config"]), **parent_metrics}]
+  by_name = {}
+  for model in result["models"]:
+    by_name.setdefault(model["name"], {})[model["kind"]] = model
+  router_choices = {}
+  for record in result["records"]:
+    name = f"{int(round(100 * record['budget']))}pct"
+    child, baseline = by_name[name]["children"], by_name[name]["baselines"]
+    row = {"budget": name, "params": child["param_count"], **measure(child["config"], child["params"]),
+           "baseline_params": baseline["param_count"]}
+    row.update({f"baseline_{k}": v for k, v in measure(baseline["config"], baseline["params"]).items()})
+    rows.append(row)
+    router_choices[name] = choice_fractions(result["config"], Choice.from_dict(record["choice"]))
+  return write_report(workdir, rows, os.path.join(workdir, "elastic", "metrics.jsonl"), router_choices)
 
 
 def main(argv) -> None:
   del argv
-  import jax
-  import numpy as np
-
-  from elastic_jax.eval.generate import generate
-  from elastic_jax.model import HybridLM, ModelConfig
-
   cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
-  model_config = ModelConfig.from_dict(cfg.model)
-  model = HybridLM(model_config)
-  key = jax.random.key(cfg.seed)
-  tokens = jax.random.randint(key, (cfg.batch_size, cfg.seq_len), 0, model_config.vocab_size)
-  params = jax.jit(model.init)(key, tokens)["params"]
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  print(f"model: pattern={model_config.pattern!r} d={model_config.hidden_size} params={n_params:,}")
+  from elastic_jax.train.pipeline import run_pipeline  # pylint: disable=import-outside-toplevel
 
-  forward = jax.jit(model.apply)
-  logits = forward({"params": params}, tokens).block_until_ready()
-  start = time.perf_counter()
-  reps = 3
-  for _ in range(reps):
-    logits = forward({"params": params}, tokens).block_until_ready()
-  elapsed = (time.perf_counter() - start) / reps
-  print(f"forward: logits {tuple(logits.shape)} finite={bool(np.isfinite(np.asarray(logits)).all())} "
-        f"{cfg.batch_size * cfg.seq_len / elapsed:,.0f} tokens/s")
-
-  prompt = np.frombuffer(cfg.prompt.encode(), np.uint8).astype(np.int32)[None] % model_config.vocab_size
-  out = generate(model_config, params, prompt, max_new_tokens=cfg.max_new_tokens)
-  print(f"generate: {np.asarray(out)[0, prompt.shape[1]:].tolist()} (untrained parent: arbitrary tokens)")
+  config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
+  workdir = _WORKDIR.value or os.path.join("workdir", config_name)
+  started = time.perf_counter()
+  result = run_pipeline(cfg, workdir)
+  files = evaluate_and_report(cfg, workdir, result)
+  print(f"[elastic_jax] done in {time.perf_counter() - started:.0f} s; report: {files}")
 
 
 if __name__ == "__main__":

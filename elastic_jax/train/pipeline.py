@@ -1,0 +1,204 @@
+"""The main job, phase by phase: parent -> importance -> permutation -> elastic stages -> extraction -> evaluation.
+
+Each phase writes its output under the workdir and is skipped when that output exists, so re-running the same
+command after an interruption resumes (the elastic phase resumes from its own checkpoints mid-stage).
+
+  W/parent/        the parent (HF import, or a short pretraining run on the configured data)
+  W/importance/    rankings.json: importance order of every axis (+ depth order)
+  W/permuted/      the parent in importance order (the teacher, and the student's starting point)
+  W/elastic/       checkpoints, metrics.jsonl, deployed_choices.json
+  W/children/<b>/  each budget's extracted child; W/baselines/<b>/ the zero-shot pruned model of the same size
+  W/report.*       the evaluation report
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from elastic_jax.data.pipeline import SourceConfig, data_factory
+from elastic_jax.elastic.extract import extract
+from elastic_jax.elastic.importance import Rankings, estimate_importance, rankings
+from elastic_jax.elastic.param_count import param_count
+from elastic_jax.elastic.permute import permute_params
+from elastic_jax.elastic.space import Choice
+from elastic_jax.model import ModelConfig, init_params, param_shapes
+from elastic_jax.prune import select_choice
+from elastic_jax.train.checkpoint import load_model, save_model
+from elastic_jax.train.config import elastic_setup_from_config, optimizers_from_config, plain, stages_from_config
+from elastic_jax.train.loop import Stage, train_elastic
+from elastic_jax.train.optim import OptimizerConfig, make_optimizer
+from elastic_jax.train.step import TrainState, make_lm_step
+
+Params = Any
+
+
+def _log(message: str) -> None:
+  print(f"[elastic_jax] {message}", flush=True)
+
+
+def _phase(workdir: str, name: str, done_marker: str) -> tuple[str, bool]:
+  path = os.path.join(workdir, name)
+  return path, os.path.exists(os.path.join(path, done_marker))
+
+
+def _mark_done(path: str) -> None:
+  with open(os.path.join(path, "DONE"), "w", encoding="utf-8") as f:
+    f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+
+def _load(path: str, config: ModelConfig) -> Params:
+  _, params = load_model(os.path.join(path, "model"), param_shapes(config))
+  return params
+
+
+# ------------------------------------------------------------------------------------------------ phases
+def parent_phase(cfg: Any, workdir: str, make_data: Callable) -> tuple[ModelConfig, Params]:
+  """The parent: an HF Nemotron-H checkpoint when ``cfg.parent.hf_path`` is set, else a short pretraining run."""
+  path, done = _phase(workdir, "parent", "DONE")
+  parent_cfg = plain(cfg.get("parent"))
+  if parent_cfg.get("hf_path"):
+    from elastic_jax.interop import hf  # pylint: disable=import-outside-toplevel
+    config, params = hf.load(parent_cfg["hf_path"])
+    return config, jax.tree.map(jnp.asarray, params)
+  config = ModelConfig.from_dict(cfg.model)
+  if done:
+    _log(f"parent: reusing {path}")
+    return config, _load(path, config)
+  steps = int(parent_cfg.get("pretrain_steps", 500))
+  stage = Stage("pretrain", steps, int(parent_cfg.get("batch_size", 16)), int(parent_cfg.get("seq_len", 128)),
+                (1.0,))
+  optimizer = OptimizerConfig(learning_rate=float(parent_cfg.get("learning_rate", 3e-3)),
+                              warmup_steps=int(parent_cfg.get("warmup_steps", 50)), weight_decay=0.01)
+  tx = make_optimizer(optimizer, steps)
+  params = init_params(config, jax.random.key(int(cfg.seed)))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.key_data(jax.random.key(0)))
+  step_fn = jax.jit(make_lm_step(config, tx), donate_argnums=(0,))
+  # Its own document streams (another seed), alternating the stage-1 and stage-2 task settings so the parent
+  # knows both the short and the long-context variants before it is elastified.
+  streams = [make_data(stage, 0), make_data(stage, 1)]
+  bar = tqdm(range(steps), desc="parent pretraining", unit="step")
+  for i in bar:
+    state, metrics = step_fn(state, jnp.asarray(next(streams[i % 2])))
+    if i % 20 == 0 or i == steps - 1:
+      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+  os.makedirs(path, exist_ok=True)
+  save_model(os.path.join(path, "model"), config.to_dict(), state.params, {"pretrain_steps": steps})
+  _mark_done(path)
+  return config, state.params
+
+
+def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params, make_data: Callable
+                     ) -> Rankings:
+  path, done = _phase(workdir, "importance", "rankings.json")
+  if done:
+    _log(f"importance: reusing {path}")
+    return _rankings_from_json(json.load(open(os.path.join(path, "rankings.json"), encoding="utf-8")))
+  imp_cfg = plain(cfg.get("importance"))
+  stage = Stage("calibration", 1, int(imp_cfg.get("batch_size", 8)), int(imp_cfg.get("seq_len", 256)), (1.0,))
+  data = make_data(stage, 0)
+  batches = [next(data)[:, :-1] for _ in range(int(imp_cfg.get("batches", 8)))]
+  importance = estimate_importance(config, params, batches, depth=True,
+                                   depth_batches=int(imp_cfg.get("depth_batches", 2)))
+  ranks = rankings(importance, config)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "rankings.json"), "w", encoding="utf-8") as f:
+    json.dump(_rankings_to_json(ranks), f)
+  return ranks
+
+
+def _rankings_to_json(ranks: Rankings) -> dict[str, Any]:
+  per_block = lambda d: {str(k): np.asarray(v).tolist() for k, v in d.items()}
+  return {"hidden": np.asarray(ranks.hidden).tolist(), "mlp": per_block(ranks.mlp),
+          "attention_heads": per_block(ranks.attention_heads), "mamba_heads": per_block(ranks.mamba_heads),
+          "mamba_channels": per_block(ranks.mamba_channels),
+          "depth": None if ranks.depth is None else np.asarray(ranks.depth).tolist()}
+
+
+def _rankings_from_json(values: dict[str, Any]) -> Rankings:
+  per_block = lambda d: {int(k): np.asarray(v) for k, v in d.items()}
+  return Rankings(hidden=np.asarray(values["hidden"]), mlp=per_block(values["mlp"]),
+                  attention_heads=per_block(values["attention_heads"]),
+                  mamba_heads=per_block(values["mamba_heads"]), mamba_channels=per_block(values["mamba_channels"]),
+                  depth=None if values["depth"] is None else np.asarray(values["depth"]))
+
+
+def permutation_phase(workdir: str, config: ModelConfig, params: Params, ranks: Rankings) -> Params:
+  path, done = _phase(workdir, "permuted", "DONE")
+  if done:
+    _log(f"permutation: reusing {path}")
+    return _load(path, config)
+  permuted = permute_params(config, params, ranks)
+  os.makedirs(path, exist_ok=True)
+  save_model(os.path.join(path, "model"), config.to_dict(), permuted)
+  _mark_done(path)
+  return permuted
+
+
+def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, ranks: Rankings,
+                  make_data: Callable) -> list[dict[str, Any]]:
+  path = os.path.join(workdir, "elastic")
+  choices_file = os.path.join(path, "deployed_choices.json")
+  if os.path.exists(choices_file):
+    _log(f"elastic training: reusing {path}")
+    return json.load(open(choices_file, encoding="utf-8"))
+  stages = stages_from_config(cfg)
+  total = sum(stage.steps for stage in stages)
+  setup = elastic_setup_from_config(cfg, config, [int(i) for i in ranks.depth], total)
+  optimizer, router_optimizer = optimizers_from_config(cfg)
+  train_elastic(setup, stages, teacher, jax.tree.map(jnp.copy, teacher), make_data, path, optimizer=optimizer,
+                router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=10,
+                checkpoint_every=int(cfg.get("checkpoint_every", 100)),
+                metadata={"rankings": _rankings_to_json(ranks)})
+  return json.load(open(choices_file, encoding="utf-8"))
+
+
+def extraction_phase(workdir: str, config: ModelConfig, permuted: Params, ranks: Rankings,
+                     records: list[dict[str, Any]], space_cfg: Any) -> list[dict[str, Any]]:
+  """Each budget's child (router argmax) and the zero-shot pruned model of the same size from the same ranking."""
+  from elastic_jax.elastic.space import ElasticSpace  # pylint: disable=import-outside-toplevel
+  space = ElasticSpace.from_dict(plain(space_cfg), config)
+  depth_order = [int(i) for i in ranks.depth]
+  models = []
+  for record in records:
+    name = f"{int(round(100 * record['budget']))}pct"
+    choice = Choice.from_dict(record["choice"])
+    baseline = select_choice(config, space, record["params"], tolerance=0.02, depth_order=depth_order)
+    for kind, pick in (("children", choice), ("baselines", baseline)):
+      path = os.path.join(workdir, kind, name)
+      child_config, child_params = extract(config, permuted, pick, depth_order)
+      if not os.path.exists(os.path.join(path, "DONE")):
+        os.makedirs(path, exist_ok=True)
+        save_model(os.path.join(path, "model"), child_config.to_dict(), child_params,
+                   {"choice": pick.to_dict(), "budget": record["budget"]})
+        _mark_done(path)
+      models.append({"kind": kind, "name": name, "budget": record["budget"], "config": child_config,
+                     "params": child_params, "param_count": param_count(child_config)})
+  return models
+
+
+def run_pipeline(cfg: Any, workdir: str) -> dict[str, Any]:
+  """Runs every phase not already done in ``workdir``; returns what the evaluation needs."""
+  os.makedirs(workdir, exist_ok=True)
+  started = time.perf_counter()
+  source = SourceConfig.from_dict(plain(cfg.get("data")) or {})
+  make_data = data_factory(source, seed=int(cfg.seed), vocab_size=int(cfg.model.vocab_size))
+  # Pretraining and calibration read streams of their own seed, apart from the elastic stages' streams.
+  side_data = data_factory(source, seed=int(cfg.seed) + 7919, vocab_size=int(cfg.model.vocab_size))
+  config, params = parent_phase(cfg, workdir, side_data)
+  _log(f"parent: {param_count(config):,} parameters, pattern {config.pattern!r}")
+  ranks = importance_phase(cfg, workdir, config, params, side_data)
+  permuted = permutation_phase(workdir, config, params, ranks)
+  records = elastic_phase(cfg, workdir, config, permuted, ranks, make_data)
+  models = extraction_phase(workdir, config, permuted, ranks, records, cfg.elastic.space)
+  _log(f"phases done in {time.perf_counter() - started:.0f} s")
+  return {"config": config, "parent": permuted, "models": models, "records": records, "source": source}
