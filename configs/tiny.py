@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
       param_dtype="float32",
   ))
   # Data: the synthetic reasoning tasks (kind="files", paths=[...] for your own text/JSONL).
-  config.data = ml_collections.ConfigDict(dict(kind="tasks"))
+  config.data = ml_collections.ConfigDict(dict(kind="tasks", paths=""))
   # Parent: hf_path="" -> pretrain on the data above.
   config.parent = ml_collections.ConfigDict(dict(hf_path="", pretrain_steps=600, batch_size=16, seq_len=128,
                                                  learning_rate=3e-3, warmup_steps=50))

@@ -62,7 +62,8 @@ class SourceConfig:
     """From plain values (e.g. a ConfigDict): ``stage_tasks`` entries may be dicts of TaskConfig fields."""
     values = dict(values)
     if "paths" in values:
-      values["paths"] = (values["paths"],) if isinstance(values["paths"], str) else tuple(values["paths"])
+      paths = values["paths"]
+      values["paths"] = (() if not paths else (paths,)) if isinstance(paths, str) else tuple(paths)
     if "stage_tasks" in values:
       values["stage_tasks"] = tuple(
           entry if isinstance(entry, tasks.TaskConfig)
