@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timing import median_seconds  # pylint: disable=wrong-import-order
+
 from elastic_jax.elastic.extract import extract, extract_params
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
@@ -44,17 +46,6 @@ def tiny_config() -> ModelConfig:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return ModelConfig.from_dict(module.get_config().model)
-
-
-def median_seconds(fn: Callable[[], object], reps: int, warmup: bool = True) -> float:
-  if warmup:
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def random_numpy_params(config: ModelConfig, seed: int = 0) -> dict:

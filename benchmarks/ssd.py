@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from timing import median_seconds  # pylint: disable=wrong-import-order
 
 from elastic_jax.ops.ssd import ssd
 
@@ -31,17 +31,6 @@ IMPLEMENTATIONS = {  # name -> ssd keyword arguments
     "chunked(associative)": {"impl": "chunked", "inter_chunk": "associative"},
     "oracle": {"impl": "oracle"},
 }
-
-
-def median_seconds(fn: Callable[[], object], reps: int) -> float:
-  """Median wall time of ``fn()`` over ``reps`` runs, after one warm-up run that also compiles."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def ssd_inputs(b: int, l: int, h: int, p: int, g: int, n: int, seed: int = 0) -> dict[str, jax.Array]:
