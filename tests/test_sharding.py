@@ -41,3 +41,16 @@ def test_state_shardings_follow_the_rules_table():
 def test_mesh_shape_must_match_devices():
   with pytest.raises(ValueError, match=r"mesh shape \(2, 2, 2\) needs 8 devices but 1 are available"):
     make_mesh((2, 2, 2))
+
+
+def test_mesh_and_rules_come_from_the_run_config():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.pipeline import mesh_from_config  # pylint: disable=import-outside-toplevel
+  mesh, rules = mesh_from_config(ml_collections.ConfigDict({"mesh": {"shape": [1, 1, 1],
+                                                                    "rules": [["batch", ["data"]], ["mlp", None]]}}))
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert rules == (("batch", ("data",)), ("mlp", None))
+  _, default = mesh_from_config(ml_collections.ConfigDict({}))
+  assert default == DEFAULT_RULES
+  with pytest.raises(ValueError, match=r"unknown key\(s\) \['axes'\] in config.mesh"):
+    mesh_from_config(ml_collections.ConfigDict({"mesh": {"axes": 1}}))

@@ -33,9 +33,11 @@ from elastic_jax.elastic.space import Choice
 from elastic_jax.model import ModelConfig, init_params, param_shapes
 from elastic_jax.prune import select_choice
 from elastic_jax.train.checkpoint import load_model, save_model
-from elastic_jax.train.config import elastic_setup_from_config, optimizers_from_config, plain, stages_from_config
+from elastic_jax.train.config import (check_keys, elastic_setup_from_config, optimizers_from_config, plain,
+                                      stages_from_config)
 from elastic_jax.train.loop import Stage, train_elastic
 from elastic_jax.train.optim import OptimizerConfig, make_optimizer
+from elastic_jax.train.sharding import DEFAULT_RULES, make_mesh
 from elastic_jax.train.step import TrainState, make_lm_step
 
 Params = Any
@@ -155,11 +157,24 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
   total = sum(stage.steps for stage in stages)
   setup = elastic_setup_from_config(cfg, config, [int(i) for i in ranks.depth], total)
   optimizer, router_optimizer = optimizers_from_config(cfg)
+  mesh, rules = mesh_from_config(cfg)
   train_elastic(setup, stages, teacher, jax.tree.map(jnp.copy, teacher), make_data, path, optimizer=optimizer,
                 router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=10,
                 checkpoint_every=int(cfg.get("checkpoint_every", 100)),
-                metadata={"rankings": _rankings_to_json(ranks)})
+                metadata={"rankings": _rankings_to_json(ranks)}, mesh=mesh, rules=rules)
   return json.load(open(choices_file, encoding="utf-8"))
+
+
+def mesh_from_config(cfg: Any) -> tuple[Any, tuple]:
+  """``config.mesh``: ``shape`` over (data, fsdp, tensor) (default: every device on data) and ``rules``, the
+  logical-axis rules table as (logical name, mesh axis or axes or None) pairs (default: ``DEFAULT_RULES``)."""
+  mesh_cfg = plain(cfg.get("mesh"))
+  check_keys(mesh_cfg, ("shape", "rules"), "config.mesh")
+  shape = mesh_cfg.get("shape")
+  rules = mesh_cfg.get("rules")
+  rules = DEFAULT_RULES if not rules else tuple(
+      (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
+  return make_mesh(tuple(shape) if shape else None), rules
 
 
 def extraction_phase(workdir: str, config: ModelConfig, permuted: Params, ranks: Rankings,
