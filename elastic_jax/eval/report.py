@@ -191,7 +191,8 @@ def plot_router_choices(router_choices: Mapping[str, Mapping[str, Sequence[float
 
 def write_report(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
                  curves: str | os.PathLike | Iterable[Mapping[str, Any]] | None = None,
-                 router_choices: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> dict[str, str]:
+                 router_choices: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                 curve_labels: Sequence[str] | None = None) -> dict[str, str]:
   """Writes ``report.json``, ``report.md`` and the plots that have data into ``workdir``.
 
   Args:
@@ -199,6 +200,8 @@ def write_report(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     rows: one dict per budget (keys in the module docstring); ``budget`` is required.
     curves: a ``metrics.jsonl`` path or its records, for the loss curves.
     router_choices: {budget: {axis: [fraction per block]}}, for the router-choice plot.
+    curve_labels: names of the ``kd_per_budget`` entries, in order (default: the rows' budgets, for when the rows
+      are exactly the trained budgets; pass them when the table has extra rows such as the parent).
 
   Returns:
     {"json", "markdown", and each plot written: "accuracy_plot", "loss_plot", "router_plot"}: file paths.
@@ -216,7 +219,8 @@ def write_report(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     plots.append(("Accuracy vs parameters", "accuracy_vs_params.png"))
   if curves is not None:
     records = read_metrics(curves)
-    if plot_loss_curves(records, [str(row["budget"]) for row in rows], os.path.join(workdir, "loss_curves.png")):
+    labels = list(curve_labels) if curve_labels is not None else [str(row["budget"]) for row in rows]
+    if plot_loss_curves(records, labels, os.path.join(workdir, "loss_curves.png")):
       paths["loss_plot"] = os.path.join(workdir, "loss_curves.png")
       plots.append(("KD loss per budget", "loss_curves.png"))
   if router_choices and plot_router_choices(router_choices, os.path.join(workdir, "router_choices.png")):

@@ -66,7 +66,8 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
     row.update({f"baseline_{k}": v for k, v in measure(baseline["config"], baseline["params"]).items()})
     rows.append(row)
     router_choices[name] = choice_fractions(result["config"], Choice.from_dict(record["choice"]))
-  return write_report(workdir, rows, os.path.join(workdir, "elastic", "metrics.jsonl"), router_choices)
+  return write_report(workdir, rows, os.path.join(workdir, "elastic", "metrics.jsonl"), router_choices,
+                      curve_labels=list(router_choices))
 
 
 def main(argv) -> None:
