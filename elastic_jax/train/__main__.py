@@ -11,8 +11,19 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from elastic_jax.data import tasks
+from elastic_jax.data.pipeline import data_factory
+from elastic_jax.data.tokenizer import ByteTokenizer
+from elastic_jax.elastic.param_count import param_count
+from elastic_jax.elastic.space import Choice
+from elastic_jax.eval.metrics import answer_accuracy, perplexity
+from elastic_jax.eval.report import choice_fractions, write_report
+from elastic_jax.train.loop import Stage
+from elastic_jax.train.pipeline import run_pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a Python config file (get_config()).",
                                           lock_config=True)
@@ -22,15 +33,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run (defau
 
 def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
   """Perplexity and answer accuracy (short and long tasks) of every child and baseline; writes the report."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
 
-  from elastic_jax.data import tasks  # pylint: disable=import-outside-toplevel
-  from elastic_jax.data.tokenizer import ByteTokenizer  # pylint: disable=import-outside-toplevel
-  from elastic_jax.elastic.space import Choice  # pylint: disable=import-outside-toplevel
-  from elastic_jax.eval.metrics import answer_accuracy, perplexity  # pylint: disable=import-outside-toplevel
-  from elastic_jax.eval.report import choice_fractions, write_report  # pylint: disable=import-outside-toplevel
-  from elastic_jax.train.loop import Stage  # pylint: disable=import-outside-toplevel
-  from elastic_jax.data.pipeline import data_factory  # pylint: disable=import-outside-toplevel
 
   eval_cfg = dict(cfg.get("eval", {}))
   tokenizer = ByteTokenizer()
@@ -51,7 +54,6 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
                                                  ragged=True)["accuracy"]
     return out
 
-  from elastic_jax.elastic.param_count import param_count  # pylint: disable=import-outside-toplevel
   parent_metrics = measure(result["config"], result["parent"])
   rows = [{"budget": "parent", "params": param_count(result["config"]), **parent_metrics}]
   by_name = {}
@@ -75,7 +77,6 @@ def main(argv) -> None:
   cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
-  from elastic_jax.train.pipeline import run_pipeline  # pylint: disable=import-outside-toplevel
 
   config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("workdir", config_name)

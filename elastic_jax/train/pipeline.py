@@ -52,6 +52,11 @@ def _phase(workdir: str, name: str, done_marker: str) -> tuple[str, bool]:
   return path, os.path.exists(os.path.join(path, done_marker))
 
 
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def _mark_done(path: str) -> None:
   with open(os.path.join(path, "DONE"), "w", encoding="utf-8") as f:
     f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
@@ -104,7 +109,7 @@ def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params
   path, done = _phase(workdir, "importance", "rankings.json")
   if done:
     _log(f"importance: reusing {path}")
-    return _rankings_from_json(json.load(open(os.path.join(path, "rankings.json"), encoding="utf-8")))
+    return _rankings_from_json(_read_json(os.path.join(path, "rankings.json")))
   imp_cfg = plain(cfg.get("importance"))
   stage = Stage("calibration", 1, int(imp_cfg.get("batch_size", 8)), int(imp_cfg.get("seq_len", 256)), (1.0,))
   data = make_data(stage, 0)
@@ -152,7 +157,7 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
   choices_file = os.path.join(path, "deployed_choices.json")
   if os.path.exists(choices_file):
     _log(f"elastic training: reusing {path}")
-    return json.load(open(choices_file, encoding="utf-8"))
+    return _read_json(choices_file)
   stages = stages_from_config(cfg)
   total = sum(stage.steps for stage in stages)
   setup = elastic_setup_from_config(cfg, config, [int(i) for i in ranks.depth], total)
@@ -162,7 +167,7 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
                 router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=10,
                 checkpoint_every=int(cfg.get("checkpoint_every", 100)),
                 metadata={"rankings": _rankings_to_json(ranks)}, mesh=mesh, rules=rules)
-  return json.load(open(choices_file, encoding="utf-8"))
+  return _read_json(choices_file)
 
 
 def mesh_from_config(cfg: Any) -> tuple[Any, tuple]:
