@@ -33,8 +33,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run (defau
 
 def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
   """Perplexity and answer accuracy (short and long tasks) of every child and baseline; writes the report."""
-
-
   eval_cfg = dict(cfg.get("eval", {}))
   tokenizer = ByteTokenizer()
   source = result["source"]
