@@ -15,7 +15,7 @@ The machine is shared and noisy, so repetitions are interleaved: each round runs
 rotated from round to round, with one large fp32 matmul (the CPU's achievable FLOP/s under the same load) between
 consecutive calls. Times are medians over rounds; the ``vs`` ratios are medians over rounds of the two steps' times
 within a round; MFU is the median over calls of model FLOPs / call time / the FLOP/s of the matmuls just before and
-after that call. Model FLOPs come from ``forward_flops_per_token``; XLA's own count
+after that call. Model FLOPs come from ``elastic_jax.train.flops.forward_flops_per_token``; XLA's own count
 (``compiled.cost_analysis()["flops"]``) is printed beside them.
 
 ``--breakdown`` splits the elastic overhead with two more variants of plain KD whose student runs with fixed masks
@@ -34,7 +34,6 @@ import argparse
 import concurrent.futures
 import dataclasses
 import importlib.util
-import math
 import os
 import pathlib
 import statistics
@@ -52,6 +51,7 @@ from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.router import RouterSchedule
 from elastic_jax.elastic.space import Choice, ElasticSpace
 from elastic_jax.model import HybridLM, ModelConfig, init_params
+from elastic_jax.train.flops import forward_flops_per_token
 from elastic_jax.train.losses import forward_kl
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
 from elastic_jax.train.step import (ElasticSetup, TrainState, init_elastic_state, make_elastic_step, make_lm_step,
@@ -91,45 +91,6 @@ MEDIUM = BenchmarkModel("medium", ModelConfig(
 
 
 # ------------------------------------------------------------------------------------------------ FLOP model
-def forward_flops_per_token(config: ModelConfig, length: int) -> dict[str, float]:
-  """Model FLOPs of one forward pass per token (2 per multiply-add), by kind of work.
-
-  matmul: 2 x the matmul parameters: every projection kernel of every block (Mamba z, x, B, C, dt and out; attention
-    q, k, v, o; MLP up and down) and the LM head [d, V]. The embedding lookup, norms, conv kernels/biases and the
-    per-head SSM scalars (A_log, D, dt_bias) do no matmul and are not counted.
-  attention: per attention block, scores Q K^T and outputs P V over all ``length`` keys (the core computes the full
-    [l, l] square and masks it): 2 l hd Hq + 2 l hd Hq = 4 l hd Hq per token.
-  ssd: per Mamba block, the four einsums of ``ops.ssd._ssd_chunked`` per chunk of q tokens (sequences are padded
-    to whole chunks, so the per-token cost is scaled by padded / real length):
-      C B^T scores, per group:               2 q^2 n  per chunk and group  ->  2 q g n  per token
-      weights @ x, per head:                 2 q^2 p  per chunk and head   ->  2 q h p  per token
-      chunk states x^T (decay dt B):         2 q p n  per chunk and head   ->  2 h p n  per token
-      outputs from the chunk-start state:    2 q p n  per chunk and head   ->  2 h p n  per token
-    The elementwise decays, the softmaxes, the KL and the state passing across chunks (O(h p n) per chunk) are not
-    counted.
-
-  A training step of a student costs 3x its forward (the backward computes two operand gradients per matmul), a
-  frozen teacher 1x. A masked student computes at the parent's full size, so masks change no FLOP count here.
-  """
-  d, vocab = config.hidden_size, config.vocab_size
-  matmul_params = d * vocab  # LM head
-  attention = ssd = 0.0
-  for spec in config.block_specs():
-    if spec.kind == "mlp":
-      matmul_params += 2 * d * spec.intermediate_size
-    elif spec.kind == "attention":
-      hq, hkv, hd = spec.num_attention_heads, config.num_key_value_heads, config.head_dim
-      matmul_params += d * hq * hd + 2 * d * hkv * hd + hq * hd * d
-      attention += 4 * length * hd * hq
-    else:
-      h, p, g, n, q = (spec.mamba_num_heads, spec.mamba_head_dim, config.n_groups, config.ssm_state_size,
-                       config.chunk_size)
-      matmul_params += d * (2 * h * p + 2 * g * n + h) + h * p * d
-      padded = math.ceil(length / q) * q
-      ssd += 2 * (q * g * n + q * h * p + 2 * h * p * n) * padded / length
-  return {"matmul": 2.0 * matmul_params, "attention": attention, "ssd": ssd}
-
-
 # Forward passes per token of each step: a student's train pass counts 3, a frozen teacher's forward 1.
 FORWARDS_PER_STEP = {"lm": 3, "kd": 4, "kd+masks": 4, "kd+mask grads": 4, "elastic": 4}
 
