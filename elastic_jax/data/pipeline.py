@@ -27,7 +27,7 @@ import grain
 import numpy as np
 
 from elastic_jax.data import tasks
-from elastic_jax.data.tokenizer import ByteTokenizer, Tokenizer, check_vocab_fits
+from elastic_jax.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
 
 SOURCE_KINDS = ("tasks", "files")
 _TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -43,11 +43,15 @@ class SourceConfig:
       document), or directories (their ``.txt`` and ``.jsonl`` files, sorted).
     stage_tasks: for "tasks": the task settings of stage ``i`` are ``stage_tasks[min(i, len - 1)]``; the default
       makes stage 2 harder and long-context (many distractor lines).
+    tokenizer: a Hugging Face ``tokenizer.json`` (or a directory holding one); empty: UTF-8 bytes (vocab 256).
+    eos_token: the tokenizer's end-of-document token; empty: the first of the usual names it has.
   """
   kind: str = "tasks"
   paths: tuple[str, ...] = ()
   stage_tasks: tuple[tasks.TaskConfig, ...] = (tasks.TaskConfig(difficulty=1),
                                                tasks.TaskConfig(difficulty=2, distractors=40))
+  tokenizer: str = ""
+  eos_token: str = ""
 
   def __post_init__(self):
     if self.kind not in SOURCE_KINDS:
@@ -56,11 +60,19 @@ class SourceConfig:
       raise ValueError("data source kind 'files' needs at least one path.")
     if self.kind == "tasks" and not self.stage_tasks:
       raise ValueError("data source kind 'tasks' needs at least one entry in stage_tasks.")
+    for name in ("tokenizer", "eos_token"):
+      if not isinstance(getattr(self, name), str):
+        raise ValueError(f"data.{name}={getattr(self, name)!r} must be a string (empty for the default).")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "SourceConfig":
     """From plain values (e.g. a ConfigDict): ``stage_tasks`` entries may be dicts of TaskConfig fields."""
     values = dict(values)
+    for name in ("tokenizer", "eos_token"):
+      if values.get(name) is None:
+        values.pop(name, None)
+      elif isinstance(values[name], os.PathLike):
+        values[name] = os.fspath(values[name])
     if "paths" in values:
       paths = values["paths"]
       values["paths"] = (() if not paths else (paths,)) if isinstance(paths, str) else tuple(paths)
@@ -226,14 +238,14 @@ def make_stage_data(source_config: SourceConfig | Mapping[str, Any], stage: _Sta
     stage: anything with ``batch_size`` and ``seq_len`` (the loop's Stage).
     stage_index: position of the stage in the curriculum; stages draw from different document orders.
     seed: the run's data seed.
-    tokenizer: defaults to the byte tokenizer.
+    tokenizer: defaults to ``source_config.tokenizer`` (the byte tokenizer when that is empty).
     vocab_size: the model's vocabulary size; when given, a tokenizer that does not fit is refused.
     process_index: this process among ``process_count``; each sees a disjoint share of the documents.
     documents: already loaded file documents (saves re-reading the files at each stage); "files" kind only.
   """
   if not isinstance(source_config, SourceConfig):
     source_config = SourceConfig.from_dict(source_config)
-  tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+  tokenizer = tokenizer if tokenizer is not None else source_tokenizer(source_config)
   if vocab_size is not None:
     check_vocab_fits(tokenizer, vocab_size)
   stage_seed = int(np.random.SeedSequence([seed, stage_index]).generate_state(1)[0])
@@ -252,17 +264,22 @@ def data_factory(source_config: SourceConfig | Mapping[str, Any], *, seed: int, 
                  process_count: int = 1) -> Callable[[_StageShape, int], PackedBatches]:
   """``make_stage_data`` with everything but the stage bound: pass it to the loop as ``make_data``.
 
-  File documents are read and checked here, once, so a bad path fails before training starts.
+  File documents are read and checked here, once, so a bad path fails before training starts; so is the tokenizer
+  (``tokenizer``, else ``source_config.tokenizer``) against ``vocab_size``.
   """
   if not isinstance(source_config, SourceConfig):
     source_config = SourceConfig.from_dict(source_config)
-  tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+  tokenizer = tokenizer if tokenizer is not None else source_tokenizer(source_config)
   if vocab_size is not None:
     check_vocab_fits(tokenizer, vocab_size)
   documents = load_documents(source_config.paths) if source_config.kind == "files" else None
   return functools.partial(make_stage_data, source_config, seed=seed, tokenizer=tokenizer,
                            process_index=process_index, process_count=process_count, documents=documents)
 
+
+def source_tokenizer(source_config: SourceConfig) -> Tokenizer:
+  """The tokenizer ``source_config`` names (``tokenizer``, ``eos_token``): UTF-8 bytes when none is named."""
+  return load_tokenizer(source_config.tokenizer, source_config.eos_token)
 
 
 def _check_process(process_index: int, process_count: int) -> None:

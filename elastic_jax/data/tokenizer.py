@@ -41,7 +41,7 @@ _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>
 
 
 class HFTokenizer:
-  """A Hugging Face ``tokenizers`` tokenizer loaded from ``tokenizer.json``."""
+  """A Hugging Face ``tokenizers`` tokenizer loaded from ``tokenizer.json`` (or a directory holding one)."""
 
   def __init__(self, path: str | os.PathLike, eos_token: str | None = None):
     try:
@@ -49,16 +49,20 @@ class HFTokenizer:
     except ImportError as error:
       raise ImportError(f"loading {path} needs the 'tokenizers' package (pip install tokenizers); the default "
                         "byte tokenizer needs nothing.") from error
+    if os.path.isdir(path):  # an HF model directory: its tokenizer.json
+      path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"tokenizer file not found: {path}")
-    self._tokenizer = tokenizers.Tokenizer.from_file(os.fspath(path))
+      raise FileNotFoundError(f"tokenizer file not found: {path} (expected a tokenizer.json file, or a directory "
+                              "holding one).")
+    self.path = os.fspath(path)
+    self._tokenizer = tokenizers.Tokenizer.from_file(self.path)
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     candidates = (eos_token,) if eos_token is not None else _EOS_CANDIDATES
     ids = [self._tokenizer.token_to_id(token) for token in candidates]
     found = [i for i in ids if i is not None]
     if not found:
       raise ValueError(f"tokenizer {path} has none of the end-of-document tokens {list(candidates)}; "
-                       "name one with eos_token.")
+                       "name one with eos_token (config.data.eos_token in the main job).")
     self.eos_id = found[0]
 
   def encode(self, text: str) -> list[int]:
@@ -72,11 +76,22 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike | None = None, eos_token: str | None = None) -> Tokenizer:
-  """The byte tokenizer when ``path`` is None or empty, else the ``tokenizer.json`` at ``path``."""
-  return HFTokenizer(path, eos_token) if path else ByteTokenizer()
+  """The byte tokenizer when ``path`` is None or empty, else the ``tokenizer.json`` at ``path`` (a file, or a
+  directory holding one); ``eos_token`` None or empty picks the first known end-of-document token it has."""
+  return HFTokenizer(path, eos_token or None) if path else ByteTokenizer()
+
+
+def describe(tokenizer: Tokenizer) -> str:
+  """A short human-readable name: the file of an HF tokenizer, else the class."""
+  path = getattr(tokenizer, "path", None)
+  if path:
+    return path
+  return "byte tokenizer (UTF-8 bytes)" if isinstance(tokenizer, ByteTokenizer) else type(tokenizer).__name__
 
 
 def check_vocab_fits(tokenizer: Tokenizer, vocab_size: int) -> None:
   """Refuses a tokenizer whose ids would index past the model's embedding table."""
   if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model vocab_size={vocab_size}.")
+    raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model vocab_size={vocab_size} "
+                     f"({describe(tokenizer)}): its ids would index past the embedding table. Use the tokenizer the "
+                     f"model was trained with, or a model with vocab_size >= {tokenizer.vocab_size}.")
