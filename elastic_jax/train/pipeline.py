@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from elastic_jax.data.pipeline import SourceConfig, data_factory
+from elastic_jax.data.pipeline import SourceConfig, data_factory, source_tokenizer
+from elastic_jax.data.tokenizer import check_vocab_fits
 from elastic_jax.elastic.extract import extract
 from elastic_jax.elastic.importance import Rankings, estimate_importance, rankings
 from elastic_jax.elastic.param_count import param_count
@@ -211,14 +212,23 @@ def run_pipeline(cfg: Any, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   started = time.perf_counter()
   source = SourceConfig.from_dict(plain(cfg.get("data")) or {})
-  make_data = data_factory(source, seed=int(cfg.seed), vocab_size=int(cfg.model.vocab_size))
+  tokenizer = source_tokenizer(source)  # config.data.tokenizer; UTF-8 bytes when empty
+  # The tokenizer must fit the model before any training: config.model's vocabulary for a parent pretrained here,
+  # an imported parent's own vocabulary as soon as it is loaded.
+  imported_parent = bool(plain(cfg.get("parent")).get("hf_path"))
+  if not imported_parent:
+    check_vocab_fits(tokenizer, int(cfg.model.vocab_size))
+  make_data = data_factory(source, seed=int(cfg.seed), tokenizer=tokenizer)
   # Pretraining and calibration read streams of their own seed, apart from the elastic stages' streams.
-  side_data = data_factory(source, seed=int(cfg.seed) + 7919, vocab_size=int(cfg.model.vocab_size))
+  side_data = data_factory(source, seed=int(cfg.seed) + 7919, tokenizer=tokenizer)
   config, params = parent_phase(cfg, workdir, side_data)
+  if imported_parent:
+    check_vocab_fits(tokenizer, config.vocab_size)
   _log(f"parent: {param_count(config):,} parameters, pattern {config.pattern!r}")
   ranks = importance_phase(cfg, workdir, config, params, side_data)
   permuted = permutation_phase(workdir, config, params, ranks)
   records = elastic_phase(cfg, workdir, config, permuted, ranks, make_data)
   models = extraction_phase(workdir, config, permuted, ranks, records, cfg.elastic.space)
   _log(f"phases done in {time.perf_counter() - started:.0f} s")
-  return {"config": config, "parent": permuted, "models": models, "records": records, "source": source}
+  return {"config": config, "parent": permuted, "models": models, "records": records, "source": source,
+          "tokenizer": tokenizer}
