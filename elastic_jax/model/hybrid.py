@@ -9,10 +9,12 @@ Usage::
   logits = model.apply({"params": params}, tokens)                      # [b, l, V] fp32
   cache = init_cache(config, batch, max_len)
   logits, cache = model.apply({"params": params}, tokens, cache=cache)  # continue a sequence (prefill / decode)
+  model = HybridLM(config, remat=remat_policies({"mamba": "full", "mlp": "dots"}))  # training memory lever
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -20,13 +22,37 @@ import jax
 import jax.numpy as jnp
 
 from elastic_jax.model.attention import Attention, init_attention_cache
-from elastic_jax.model.config import BlockSpec, ModelConfig
+from elastic_jax.model.config import BLOCK_KINDS, BlockSpec, ModelConfig
 from elastic_jax.model.layers import Embedding, Projection, RMSNorm, constrain, record_importance
 from elastic_jax.model.mamba import Mamba2Mixer, init_mamba_cache
 from elastic_jax.model.mlp import MLP
 
 Array = jax.Array
 Cache = dict[str, Any]  # {"position": int32 [], "layers_{i}": per-block cache (Mamba and attention blocks only)}
+RematPolicies = tuple[tuple[str, str], ...]  # ((block kind, policy), ...), sorted: hashable, a static attribute
+
+# What the backward pass keeps of a block's forward. "none": everything (no recomputation); "full": only the
+# block's inputs (the whole block is recomputed); "dots": the outputs of matmuls without batch dimensions (the
+# projections), recomputing the cheap elementwise work, norms and the SSD/attention cores around them.
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policies(remat: Mapping[str, str] | RematPolicies | None) -> RematPolicies:
+  """Validates a per-block-kind remat setting (e.g. ``{"mamba": "full", "mlp": "dots"}``) into its hashable form.
+
+  Kinds left out, and kinds set to "none", are not rematerialised (and are dropped from the result).
+  """
+  kinds = tuple(BLOCK_KINDS.values())
+  out = []
+  for kind, policy in sorted(dict(remat or {}).items()):
+    if kind not in kinds:
+      raise ValueError(f"remat has block kind {kind!r}; the kinds are {kinds} (map each to one of "
+                       f"{REMAT_POLICIES}).")
+    if policy not in REMAT_POLICIES:
+      raise ValueError(f"remat[{kind!r}]={policy!r} is not a policy; use one of {REMAT_POLICIES}.")
+    if policy != "none":
+      out.append((kind, policy))
+  return tuple(out)
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
@@ -46,9 +72,14 @@ def init_params(config: ModelConfig, key: Array) -> dict[str, Any]:
   The draws use the ``rbg`` PRNG seeded from ``key``: XLA compiles one threefry draw per parameter slowly on CPU
   (about 0.5 s each), rbg several times faster, and init quality does not depend on the generator.
   """
+  return nn.meta.unbox(jax.jit(init_boxed_params, static_argnums=0)(config, key))
+
+
+def init_boxed_params(config: ModelConfig, key: Array) -> dict[str, Any]:
+  """Fresh parameters, each boxed with its logical axis names; traceable, so ``jax.jit(..., out_shardings=...)``
+  over it creates every parameter directly in its sharded layout (see ``init_params`` for the PRNG)."""
   init_key = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  return nn.meta.unbox(jax.jit(HybridLM(config).init)(init_key, tokens)["params"])
+  return HybridLM(config).init(init_key, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def param_shapes(config: ModelConfig) -> dict[str, Any]:
@@ -61,6 +92,11 @@ def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
   """The logical axis names of every parameter, as a tree of ``PartitionSpec`` shaped like the params."""
   boxed = jax.eval_shape(lambda: HybridLM(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
   return nn.get_partition_spec(boxed["params"])
+
+
+def _checkpoint_policy(policy: str) -> Callable | None:
+  """The ``jax.checkpoint`` policy of a remat setting ("full" saves nothing, so its policy is None)."""
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
 
 
 class Block(nn.Module):
@@ -106,11 +142,22 @@ class HybridLM(nn.Module):
   """
 
   config: ModelConfig
+  # Per block kind, what the backward pass recomputes (see REMAT_POLICIES; build with ``remat_policies``).
+  # Training forwards only (no cache); the parameter tree is the same with or without it.
+  remat: RematPolicies = ()
+
+  def _block_class(self, kind: str, decoding: bool) -> type[nn.Module]:
+    policy = dict(self.remat).get(kind, "none")
+    if decoding or policy == "none":
+      return Block
+    # nn.remat counts self as argument 0, so 3 is ``position``: a Python int outside decoding, kept static.
+    return nn.remat(Block, static_argnums=(3,), policy=_checkpoint_policy(policy))
 
   @nn.compact
   def __call__(self, tokens: Array, cache: Cache | None = None, masks: dict[str, Any] | None = None
                ) -> Array | tuple[Array, Cache]:
     cfg = self.config
+    remat_policies(self.remat)  # fail early, naming the bad entry
     masks = masks or {}
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     hidden_mask = masks.get("hidden")
@@ -127,7 +174,8 @@ class HybridLM(nn.Module):
     new_cache: Cache = {} if cache is None else {"position": position + tokens.shape[1]}
     for spec in cfg.block_specs():
       name = f"layers_{spec.index}"
-      h, layer_cache = Block(cfg, spec, name=name)(
+      block = self._block_class(spec.kind, decoding=cache is not None)
+      h, layer_cache = block(cfg, spec, name=name)(
           h, None if cache is None else cache.get(name), position, hidden_mask,
           None if depth is None else depth[:, spec.index], masks.get(name))
       if layer_cache is not None:

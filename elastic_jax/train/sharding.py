@@ -1,23 +1,27 @@
 """Mesh and logical-axis rules: the one table that maps the model's logical axis names onto mesh axes.
 
-Modules name only logical axes (``embed``, ``mlp``, ``heads``, ``ssm_heads``, ``vocab``, ``batch``...). This table
-decides where each goes on a ``(data, fsdp, tensor)`` mesh; a logical axis whose mesh axis is already used by an
-earlier dimension of the same array falls through to the next matching rule (or stays unsharded), so activations
-``[batch, length, embed]`` shard batch over (data, fsdp) while parameters ``[embed, mlp]`` shard embed over fsdp.
+Modules name only logical axes (``embed``, ``mlp``, ``heads``, ``ssm_heads``, ``vocab``, ``batch``, ``length``...).
+This table decides where each goes on a ``(data, fsdp, tensor, context)`` mesh; a logical axis whose mesh axis is
+already used by an earlier dimension of the same array falls through to the next matching rule (or stays
+unsharded), so activations ``[batch, length, embed]`` shard batch over (data, fsdp) and the sequence over context,
+while parameters ``[embed, mlp]`` shard embed over fsdp. No parameter has a ``length`` axis, so the context axis
+only splits activations (the context-parallel mixers exchange what crosses shard boundaries).
+
+Every jitted program over the mesh goes through ``sharded_jit``: explicit in/out shardings, donation, and the
+mesh and rules active while it traces, so the model's logical constraints resolve to this mesh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "context")
 LogicalRules = tuple[tuple[str, Any], ...]
 
 DEFAULT_RULES: LogicalRules = (
@@ -28,7 +32,7 @@ DEFAULT_RULES: LogicalRules = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("ssm_heads", "tensor"),
-    ("length", None),
+    ("length", "context"),
     ("head_dim", None),
     ("ssm_head_dim", None),
     ("ssm_groups", None),
@@ -39,17 +43,23 @@ DEFAULT_RULES: LogicalRules = (
 
 def make_mesh(shape: Sequence[int] | None = None, axis_names: Sequence[str] = MESH_AXES,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh of ``shape`` over ``devices`` (default: all, on the data axis); the product of ``shape`` must equal the
-  device count."""
+  """A mesh of ``shape`` over ``devices`` (default: all, on the data axis).
+
+  ``shape`` may name fewer axes than ``axis_names``: the trailing ones get size 1, so ``(2, 4)`` or ``(2, 2, 2)``
+  mean (data, fsdp[, tensor]) with no context parallelism. The product of ``shape`` must equal the device count.
+  """
   devices = list(jax.devices() if devices is None else devices)
-  shape = (len(devices),) + (1,) * (len(axis_names) - 1) if shape is None else tuple(shape)
-  if len(shape) != len(axis_names):
-    raise ValueError(f"mesh shape {tuple(shape)} has {len(shape)} axes but axis_names {tuple(axis_names)} has "
-                     f"{len(axis_names)}.")
+  shape = (len(devices),) if shape is None else tuple(int(n) for n in shape)
+  if len(shape) > len(axis_names):
+    raise ValueError(f"mesh shape {shape} has {len(shape)} axes but the mesh has only {len(axis_names)} "
+                     f"({', '.join(axis_names)}); give at most {len(axis_names)} sizes.")
+  if any(n <= 0 for n in shape):
+    raise ValueError(f"mesh shape {shape} has a non-positive size; every axis needs at least 1 device.")
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices but {len(devices)} are "
+    raise ValueError(f"mesh shape {shape} needs {int(np.prod(shape))} devices but {len(devices)} are "
                      "available; make the product of the mesh shape equal the device count.")
-  return Mesh(np.asarray(devices).reshape(tuple(shape)), tuple(axis_names))
+  shape = shape + (1,) * (len(axis_names) - len(shape))
+  return Mesh(np.asarray(devices).reshape(shape), tuple(axis_names))
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
@@ -64,10 +74,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
-  """Token batches [batch, length] split over the data-parallel axes."""
-  return nn.logical_to_mesh_sharding(PartitionSpec("batch", "length"), mesh, rules)
+  """Token batches [batch, length + 1] split over the data-parallel axes.
+
+  The token axis stays whole: a batch holds one token more than the model's inputs (next-token targets), which
+  would not divide over the context axis; the model's own constraints split the ``length`` activations.
+  """
+  return nn.logical_to_mesh_sharding(PartitionSpec("batch", None), mesh, rules)
 
 
 def shard_params(params: Any, shardings: Any) -> Any:
-  """Places a host/device param tree into its shardings (e.g. a checkpoint loaded on the host)."""
-  return jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x), s), params, shardings)
+  """Places a host/device param tree into its shardings (e.g. a checkpoint loaded on the host).
+
+  Host (numpy) leaves go straight to their shards; nothing is first gathered on one device.
+  """
+  return jax.device_put(params, shardings)
+
+
+def sharded_jit(fn: Callable, mesh: Mesh, rules: LogicalRules, in_shardings: Any, out_shardings: Any,
+                donate_argnums: int | Sequence[int] = ()) -> Callable:
+  """``jax.jit(fn)`` with explicit shardings, run with ``mesh`` and the logical-axis ``rules`` active.
+
+  The mesh and rules must be active while ``fn`` traces, so that the model's logical activation constraints resolve
+  to this mesh; the returned callable activates them around every call. ``run.jitted`` is the bare jitted
+  function (for ``lower``/``_cache_size``). Used for train steps and for the initialisers that create params and
+  optimizer state directly in their shardings (``out_shardings``), never materialised on one device first.
+  """
+  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
+
+  def run(*args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(*args)
+
+  run.jitted = jitted
+  return run

@@ -10,6 +10,12 @@ Elastic step (spec §5–§6), all inside one compiled program:
 
 Budgets only change mask *values*, so one compilation serves every budget draw and every stage with the same
 shapes; stage probabilities are an input, not a constant.
+
+Gradient accumulation (``grad_accum_steps`` k): the global batch is split into k micro-batches run one after the
+other under ``lax.scan`` (micro-batch i takes rows i, i+k, i+2k, ..., so every micro-batch keeps the batch's
+spread over the data-parallel devices), their gradients are summed, and one optimizer update follows. Every random
+draw (budgets, Gumbel noise) is made for the whole global batch before the split, and each micro-batch's loss is its
+share of the global mean, so k micro-batches compute the same step as one batch of the global size.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from elastic_jax.elastic.masks import masks_from_weights
 from elastic_jax.elastic.param_count import expected_memory_bytes, expected_param_count, memory_bytes, param_count
 from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, Choice, ElasticSpace, kind_count
 from elastic_jax.model import HybridLM, ModelConfig
+from elastic_jax.model.hybrid import RematPolicies, remat_policies
 from elastic_jax.train.losses import cross_entropy, forward_kl, mean_by_group
 from elastic_jax.train.sampling import sample_budgets
 
@@ -56,18 +63,84 @@ def split_batch(tokens: Array) -> tuple[Array, Array]:
   return tokens[:, :-1], tokens[:, 1:]
 
 
+# ------------------------------------------------------------------------------------------------ micro-batches
+TEACHER_DTYPES = ("float32", "bfloat16")
+
+
+def check_grad_accum_steps(grad_accum_steps: Any) -> None:
+  if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+    raise ValueError(f"grad_accum_steps={grad_accum_steps!r} must be a positive integer (1 = no accumulation).")
+
+
+def check_grad_accum(batch_size: int, grad_accum_steps: int, where: str) -> int:
+  """The micro-batch size of ``batch_size`` rows split into ``grad_accum_steps`` micro-batches; ``where`` names the
+  stage (or step) in the error when it does not divide."""
+  check_grad_accum_steps(grad_accum_steps)
+  if batch_size % grad_accum_steps:
+    raise ValueError(f"{where}: batch_size={batch_size} is not divisible by grad_accum_steps={grad_accum_steps}; "
+                     "make the batch size a multiple of the number of micro-batches.")
+  return batch_size // grad_accum_steps
+
+
+def micro_batches(x: Array, k: int) -> Array:
+  """[B, ...] -> [k, B/k, ...]: micro-batch i holds rows i, i+k, i+2k, ... (strided, so that each micro-batch
+  draws rows from every data-parallel shard of the batch rather than from a few devices)."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def micro_rows(x: Array, index: Array, k: int) -> Array:
+  """Rows of micro-batch ``index`` of a global-batch array [B, ...] -> [B/k, ...] (same split as ``micro_batches``)."""
+  return jax.lax.dynamic_index_in_dim(x.reshape(x.shape[0] // k, k, *x.shape[1:]), index, axis=1, keepdims=False)
+
+
+def merge_micro_batches(x: Array) -> Array:
+  """Inverse of ``micro_batches``: [k, B/k, ...] -> [B, ...] in the global batch's row order."""
+  return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def accumulate_gradients(value_and_grad_fn: Callable, xs: Any, grads_like: Any) -> tuple[Array, Any, Any]:
+  """Sums ``value_and_grad_fn(x) -> ((loss, aux), grads)`` over micro-batches ``xs`` (leading axis k) with
+  ``lax.scan``; returns (summed loss, summed grads, aux stacked [k, ...]).
+
+  Sums are kept in at least fp32 whatever the params' dtype, and only one micro-batch's activations are alive at a
+  time, which is the point of accumulating.
+  """
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), grads_like)
+
+  def body(carry, x):
+    loss_sum, grad_sum = carry
+    (loss, aux), grads = value_and_grad_fn(x)
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), aux
+
+  (loss, grads), aux = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)
+  return loss, grads, aux
+
+
 # ------------------------------------------------------------------------------------------------ plain LM step
-def make_lm_step(config: ModelConfig, tx: optax.GradientTransformation) -> Callable:
-  """Next-token cross-entropy training of one model: ``step(state, tokens [b, l+1]) -> (state, metrics)``."""
-  model = HybridLM(config)
+def make_lm_step(config: ModelConfig, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
+                 remat: Any = ()) -> Callable:
+  """Next-token cross-entropy training of one model: ``step(state, tokens [b, l+1]) -> (state, metrics)``.
+
+  grad_accum_steps: micro-batches per step (b must divide by it); remat: per-block-kind rematerialisation
+  (``remat_policies``), e.g. ``{"mamba": "full"}``.
+  """
+  check_grad_accum_steps(grad_accum_steps)
+  k = grad_accum_steps
+  model = HybridLM(config, remat=remat_policies(remat))
 
   def step(state: TrainState, tokens: Array) -> tuple[TrainState, dict[str, Array]]:
     inputs, targets = split_batch(tokens)
+    batch = inputs.shape[0]
+    check_grad_accum(batch, k, "the LM step's batch")
 
-    def loss_fn(params):
-      return jnp.mean(cross_entropy(model.apply({"params": params}, inputs), targets))
+    def micro_loss(params, micro):
+      micro_inputs, micro_targets = micro
+      per_sample = cross_entropy(model.apply({"params": params}, micro_inputs), micro_targets)
+      return jnp.sum(per_sample) / batch, ()  # this micro-batch's share of the global-batch mean
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    loss, grads, _ = accumulate_gradients(lambda micro: grad_fn(state.params, micro),
+                                          (micro_batches(inputs, k), micro_batches(targets, k)), state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -84,6 +157,9 @@ class ElasticSetup:
   budgets: target fractions of the parent's parameter count, one per family member (e.g. (1.0, 0.75, 0.5)).
   depth_order: block indices, most important first (from importance), used by depth masks and counts.
   hard: straight-through binary masks (default, D-5) or soft staircase masks.
+  grad_accum_steps, remat, teacher_dtype: memory levers that leave the step's result unchanged (up to the
+    teacher's rounding in bf16): micro-batches per step, the student's per-block-kind rematerialisation (a dict
+    or ``remat_policies`` pairs; stored as the hashable pairs), and the frozen teacher's storage dtype.
   """
 
   config: ModelConfig
@@ -102,8 +178,17 @@ class ElasticSetup:
   # one sequence of memory_context tokens, weights and caches in bf16).
   budget_metric: str = "params"
   memory_context: int = 8192
+  grad_accum_steps: int = 1
+  remat: RematPolicies = ()
+  # "bfloat16" halves the teacher's memory: its params are stored and its forward computed in bf16 (the logits
+  # stay fp32 for the KL). "float32" keeps the params fp32 and computes in the model's compute dtype.
+  teacher_dtype: str = "float32"
 
   def __post_init__(self):
+    object.__setattr__(self, "remat", remat_policies(self.remat))
+    check_grad_accum_steps(self.grad_accum_steps)
+    if self.teacher_dtype not in TEACHER_DTYPES:
+      raise ValueError(f"teacher_dtype={self.teacher_dtype!r} is not one of {TEACHER_DTYPES}.")
     if not self.budgets:
       raise ValueError("budgets is empty: give at least one target fraction, e.g. (1.0, 0.75, 0.5).")
     for b in self.budgets:
@@ -139,6 +224,17 @@ class ElasticSetup:
       return expected_memory_bytes(self.config, self.space, probs, depth_order, context=self.memory_context)
     return expected_param_count(self.config, self.space, probs, depth_order)
 
+  @property
+  def student(self) -> HybridLM:
+    return HybridLM(self.config, remat=self.remat)
+
+  @property
+  def teacher(self) -> HybridLM:
+    """The frozen teacher's module: the model's compute dtype, lowered to bf16 when ``teacher_dtype`` is bf16."""
+    if self.teacher_dtype == "bfloat16":
+      return HybridLM(dataclasses.replace(self.config, dtype="bfloat16"))
+    return HybridLM(self.config)
+
   def full_index(self) -> dict[str, int]:
     """Per routed axis, the index of the parent's (largest) size: the anchor of the 100% budget."""
     return {axis.name: axis.num_choices - 1 for axis in self.router.axes}
@@ -156,7 +252,7 @@ def check_budget_probs(probs: Sequence[float], num_budgets: int, where: str = "b
 def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
                       router_tx: optax.GradientTransformation) -> Callable:
   """``step(state, teacher_params, tokens [b, l+1], budget_probs [n_budgets]) -> (state, metrics)``."""
-  model = HybridLM(setup.config)
+  student, teacher = setup.student, setup.teacher
   router = setup.router
   space, config = setup.space, setup.config
   depth_order = np.asarray(setup.depth_order, np.int32)
@@ -164,40 +260,58 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
   full_index = setup.full_index()
   full_budget = int(np.argmax(setup.budgets)) if max(setup.budgets) == 1.0 else -1
   num_budgets = len(setup.budgets)
+  k = setup.grad_accum_steps
 
   def step(state: TrainState, teacher_params: Params, tokens: Array, budget_probs: Array
            ) -> tuple[TrainState, dict[str, Array]]:
     inputs, next_tokens = split_batch(tokens)
+    batch = inputs.shape[0]
+    check_grad_accum(batch, k, "the elastic step's batch")
     key, budget_key, route_key = jax.random.split(state.key(), 3)
-    budget_ids = sample_budgets(budget_key, inputs.shape[0], budget_probs, stratified=setup.stratified)
-    teacher_logits = jax.lax.stop_gradient(model.apply({"params": teacher_params}, inputs))
+    budget_ids = sample_budgets(budget_key, batch, budget_probs, stratified=setup.stratified)
     tau, scale = setup.schedule.tau(state.step), setup.schedule.scale(state.step)
 
-    def loss_fn(params, router_params):
-      samples = router_lib.route(route_key, router.apply({"params": router_params}, budget_ids), tau, scale)
-      weights = router_lib.candidate_weights(samples, space, hard=setup.hard)
-      masks = masks_from_weights(config, space, weights, depth_order)
-      logits = model.apply({"params": params}, inputs, masks=masks)
-      kd = forward_kl(logits, teacher_logits, temperature=setup.kd_temperature)  # [b]
-      if setup.ce_weight:
-        kd = kd + setup.ce_weight * cross_entropy(logits, next_tokens)
-      probs = router_lib.probabilities(samples, space)
-      expected = setup.expected_size(probs, depth_order)
+    def route(router_params):
+      # The whole global batch's routing, with one draw of Gumbel noise whatever the micro-batch split.
+      return router_lib.route(route_key, router.apply({"params": router_params}, budget_ids), tau, scale)
+
+    def router_loss_fn(router_params):
+      # Depends on the router only (not on the model), so it needs no micro-batching.
+      samples = route(router_params)
+      expected = setup.expected_size(router_lib.probabilities(samples, space), depth_order)
       router_loss = router_lib.budget_loss(expected, targets[budget_ids], setup.dead_zone)
       if full_budget >= 0:
         anchor = router_lib.full_choice_anchor({n: s.probs for n, s in samples.items()}, full_index)
         router_loss = router_loss + jnp.where(budget_ids == full_budget, anchor, 0.0)
-      total = jnp.mean(kd) + setup.router_loss_weight * jnp.mean(router_loss)
-      return total, (kd, router_loss, expected)
+      return setup.router_loss_weight * jnp.mean(router_loss), (router_loss, expected)
 
-    (loss, (kd, router_loss, expected)), (grads, router_grads) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1), has_aux=True)(state.params, state.router_params)
+    def kd_fn(params, router_params, micro):
+      index, micro_inputs, micro_next = micro
+      # The router is tiny: rerouting the global batch and taking this micro-batch's rows keeps the noise global.
+      samples = jax.tree.map(lambda x: micro_rows(x, index, k), route(router_params))
+      weights = router_lib.candidate_weights(samples, space, hard=setup.hard)
+      masks = masks_from_weights(config, space, weights, depth_order)
+      teacher_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, micro_inputs))
+      logits = student.apply({"params": params}, micro_inputs, masks=masks)
+      kd = forward_kl(logits, teacher_logits, temperature=setup.kd_temperature)  # [b/k]
+      if setup.ce_weight:
+        kd = kd + setup.ce_weight * cross_entropy(logits, micro_next)
+      return jnp.sum(kd) / batch, kd  # this micro-batch's share of the global-batch mean
+
+    (router_term, (router_loss, expected)), router_loss_grads = jax.value_and_grad(
+        router_loss_fn, has_aux=True)(state.router_params)
+    kd_grad_fn = jax.value_and_grad(kd_fn, argnums=(0, 1), has_aux=True)
+    micro = (jnp.arange(k), micro_batches(inputs, k), micro_batches(next_tokens, k))
+    kd_mean, (grads, kd_router_grads), kd = accumulate_gradients(
+        lambda m: kd_grad_fn(state.params, state.router_params, m), micro, (state.params, state.router_params))
+    kd = merge_micro_batches(kd)
+    router_grads = jax.tree.map(jnp.add, kd_router_grads, router_loss_grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     router_updates, router_opt_state = router_tx.update(router_grads, state.router_opt_state, state.router_params)
     kd_per_budget, count_per_budget = mean_by_group(kd, budget_ids, num_budgets)
     size_per_budget, _ = mean_by_group(expected / setup.parent_size, budget_ids, num_budgets)
     metrics = {
-        "loss": loss, "kd": jnp.mean(kd), "router_loss": jnp.mean(router_loss),
+        "loss": kd_mean + router_term, "kd": jnp.mean(kd), "router_loss": jnp.mean(router_loss),
         "kd_per_budget": kd_per_budget, "samples_per_budget": count_per_budget,
         "expected_size_per_budget": size_per_budget, "tau": tau, "logit_scale": scale,
         "grad_norm": optax.tree.norm(grads),
