@@ -12,7 +12,10 @@ document order, of the next token. A resumed iterator yields exactly the batches
 Document order: the synthetic tasks are an endless stream (example ``i`` is already a fresh random draw); a file
 corpus is reshuffled every epoch with a ``grain.MapDataset`` (lazy, random access, seeded by seed, stage and epoch).
 With ``process_count`` processes, process ``p`` takes positions ``p, p + process_count, ...`` of the shared order,
-so processes see disjoint documents. Packing itself is a plain iterator: its state stays small and JSON-able.
+so processes see disjoint documents, and a stage's ``batch_size`` is the global batch: each process packs
+``batch_size / process_count`` rows (by default the process index and count are JAX's, so a multi-host run needs no
+extra arguments; index 0 of count 1 gives every process the same full batches, for computations replicated on each).
+Packing itself is a plain iterator: its state stays small and JSON-able.
 """
 
 from __future__ import annotations
@@ -229,9 +232,10 @@ class _StageShape(Protocol):
 
 def make_stage_data(source_config: SourceConfig | Mapping[str, Any], stage: _StageShape, stage_index: int, *,
                     seed: int, tokenizer: Tokenizer | None = None, vocab_size: int | None = None,
-                    process_index: int = 0, process_count: int = 1,
+                    process_index: int | None = None, process_count: int | None = None,
                     documents: Sequence[str] | None = None) -> PackedBatches:
-  """The training loop's ``make_data``: packed batches of ``stage.batch_size`` x ``stage.seq_len + 1`` tokens.
+  """The training loop's ``make_data``: this process's rows of a stage batch, ``stage.batch_size / process_count`` x
+  ``stage.seq_len + 1`` tokens.
 
   Args:
     source_config: a SourceConfig or its fields as a mapping.
@@ -240,7 +244,8 @@ def make_stage_data(source_config: SourceConfig | Mapping[str, Any], stage: _Sta
     seed: the run's data seed.
     tokenizer: defaults to ``source_config.tokenizer`` (the byte tokenizer when that is empty).
     vocab_size: the model's vocabulary size; when given, a tokenizer that does not fit is refused.
-    process_index: this process among ``process_count``; each sees a disjoint share of the documents.
+    process_index, process_count: this process among ``process_count``; each sees a disjoint share of the documents
+      and packs its share of the rows. None: ``jax.process_index()`` / ``jax.process_count()``.
     documents: already loaded file documents (saves re-reading the files at each stage); "files" kind only.
   """
   if not isinstance(source_config, SourceConfig):
@@ -248,6 +253,12 @@ def make_stage_data(source_config: SourceConfig | Mapping[str, Any], stage: _Sta
   tokenizer = tokenizer if tokenizer is not None else source_tokenizer(source_config)
   if vocab_size is not None:
     check_vocab_fits(tokenizer, vocab_size)
+  process_index, process_count = _resolve_process(process_index, process_count)
+  if stage.batch_size % process_count:
+    name = getattr(stage, "name", None)
+    where = f"stage {name!r}: " if name else ""
+    raise ValueError(f"{where}batch_size={stage.batch_size} is the global batch, split evenly over {process_count} "
+                     f"processes: make it a multiple of {process_count}.")
   stage_seed = int(np.random.SeedSequence([seed, stage_index]).generate_state(1)[0])
   if source_config.kind == "tasks":
     task_config = source_config.stage_tasks[min(stage_index, len(source_config.stage_tasks) - 1)]
@@ -256,12 +267,12 @@ def make_stage_data(source_config: SourceConfig | Mapping[str, Any], stage: _Sta
     if documents is None:
       documents = load_documents(source_config.paths)
     stream = FileDocuments(documents, stage_seed, process_index, process_count)
-  return PackedBatches(stream, tokenizer, stage.batch_size, stage.seq_len)
+  return PackedBatches(stream, tokenizer, stage.batch_size // process_count, stage.seq_len)
 
 
 def data_factory(source_config: SourceConfig | Mapping[str, Any], *, seed: int, tokenizer: Tokenizer | None = None,
-                 vocab_size: int | None = None, process_index: int = 0,
-                 process_count: int = 1) -> Callable[[_StageShape, int], PackedBatches]:
+                 vocab_size: int | None = None, process_index: int | None = None,
+                 process_count: int | None = None) -> Callable[[_StageShape, int], PackedBatches]:
   """``make_stage_data`` with everything but the stage bound: pass it to the loop as ``make_data``.
 
   File documents are read and checked here, once, so a bad path fails before training starts; so is the tokenizer
@@ -280,6 +291,15 @@ def data_factory(source_config: SourceConfig | Mapping[str, Any], *, seed: int, 
 def source_tokenizer(source_config: SourceConfig) -> Tokenizer:
   """The tokenizer ``source_config`` names (``tokenizer``, ``eos_token``): UTF-8 bytes when none is named."""
   return load_tokenizer(source_config.tokenizer, source_config.eos_token)
+
+def _resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """Explicit values, else JAX's (read when the data is built, after the distributed runtime has started)."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  _check_process(process_index, process_count)
+  return process_index, process_count
 
 
 def _check_process(process_index: int, process_count: int) -> None:

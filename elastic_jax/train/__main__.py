@@ -22,6 +22,7 @@ from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
 from elastic_jax.eval.metrics import answer_accuracy, perplexity
 from elastic_jax.eval.report import choice_fractions, write_report
+from elastic_jax.train import distributed
 from elastic_jax.train.loop import Stage
 from elastic_jax.train.pipeline import run_pipeline
 
@@ -36,7 +37,9 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
   eval_cfg = dict(cfg.get("eval", {}))
   tokenizer = ByteTokenizer()
   source = result["source"]
-  held_out = data_factory(source, seed=int(cfg.seed) + 104729, vocab_size=int(cfg.model.vocab_size))
+  # Evaluation is repeated on every process of a multi-host run: all read the same full held-out batches.
+  held_out = data_factory(source, seed=int(cfg.seed) + 104729, vocab_size=int(cfg.model.vocab_size),
+                          process_index=0, process_count=1)
   stage = Stage("eval", 1, int(eval_cfg.get("batch_size", 8)), int(eval_cfg.get("seq_len", 256)), (1.0,))
   ppl_batches = [np.asarray(next(held_out(stage, 0))) for _ in range(int(eval_cfg.get("ppl_batches", 4)))]
   n = int(eval_cfg.get("examples", 64))
@@ -66,6 +69,8 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
     row.update({f"baseline_{k}": v for k, v in measure(baseline["config"], baseline["params"]).items()})
     rows.append(row)
     router_choices[name] = choice_fractions(result["config"], Choice.from_dict(record["choice"]))
+  if not distributed.is_primary():  # the report is written once, by process 0
+    return {}
   return write_report(workdir, rows, os.path.join(workdir, "elastic", "metrics.jsonl"), router_choices,
                       curve_labels=list(router_choices))
 
@@ -75,6 +80,9 @@ def main(argv) -> None:
   cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+  # Joins a multi-host run (TPU pod slice, SLURM, explicit ELASTIC_JAX_* variables) before anything touches a
+  # device; a no-op for a single process.
+  distributed.initialize()
 
   config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("workdir", config_name)

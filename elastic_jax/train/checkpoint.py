@@ -46,7 +46,9 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, async_save: bool = True):
-    self.directory = os.fspath(os.path.abspath(directory))
+    directory = os.fspath(directory)
+    # Object-store URLs (gs://bucket/run) go to Orbax as they are; abspath would turn them into local paths.
+    self.directory = directory if "://" in directory else os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -120,7 +122,9 @@ class PreemptionGuard:
 
   def __exit__(self, *exc) -> None:
     for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+      # None: the previous handler was installed outside Python (e.g. by the distributed runtime's preemption
+      # notifier) and cannot be reinstated from here; fall back to the default action.
+      signal.signal(sig, signal.SIG_DFL if handler is None else handler)
     self._previous.clear()
 
 

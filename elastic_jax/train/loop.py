@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from elastic_jax.model import HybridLM
+from elastic_jax.train import distributed
 from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, abstract_like
 from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings, make_mesh,
                                         replicated)
@@ -133,25 +134,28 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
                                                     rules)
   state = jax.device_put(init_elastic_state(setup, student_params, tx, router_tx, seed), state_shardings)
   teacher_params = jax.device_put(teacher_params, state_shardings.params)
+  tokens_sharding = batch_sharding(mesh, rules)
   data_state = None
   if checkpointer.latest_step() is not None:
     state, metadata = checkpointer.restore(abstract_like(state), expected_config=run_config)
     data_state = metadata["data_state"]
   start_step = int(state.step)
-  _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
+  if distributed.is_primary():  # shared files are written by process 0 only
+    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
 
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
   history: list[dict[str, Any]] = []
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   preempted = False
-  bar = tqdm(total=stop_at, initial=start_step, disable=not progress, desc="elastic training", unit="step")
+  bar = tqdm(total=stop_at, initial=start_step, disable=not progress or not distributed.is_primary(),
+             desc="elastic training", unit="step")
 
   def flush() -> None:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-      for step, metrics in pending:
-        record = {"step": step, **_to_host(metrics)}
-        history.append(record)
-        f.write(json.dumps(record) + "\n")
+    records = [{"step": step, **_to_host(metrics)} for step, metrics in pending]
+    history.extend(records)
+    if distributed.is_primary():
+      with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
     if pending:
       last = history[-1]
       bar.set_postfix(loss=f"{last['loss']:.4f}", kd=",".join(f"{x:.3f}" for x in last["kd_per_budget"]),
@@ -183,7 +187,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
       stage_end = min(stop_at, step - done_in_stage + stage.steps)
       tic = time.perf_counter()
       while step < stage_end:
-        tokens = _check_batch(next(iterator), stage)
+        tokens = _check_batch(next(iterator), stage, tokens_sharding)
         state, metrics = step_fn(state, teacher_params, tokens, probs)
         step += 1
         pending.append((step, metrics))
@@ -193,7 +197,8 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
           elapsed = time.perf_counter() - tic
           bar.set_description(f"{stage.name} {stage.batch_size * stage.seq_len * log_every / elapsed:,.0f} tok/s")
           tic = time.perf_counter()
-        if guard.requested:  # SIGTERM: save where we are and stop cleanly
+        # SIGTERM: save where we are and stop cleanly (all processes at the same step: they agree at log steps).
+        if distributed.agreed_stop(guard.requested, sync_now=step % log_every == 0):
           preempted = True
           break
         if step % checkpoint_every == 0:
@@ -203,8 +208,11 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   bar.close()
   checkpointer.close()
   if step == total_steps:
-    with open(os.path.join(workdir, "deployed_choices.json"), "w", encoding="utf-8") as f:
-      json.dump(deployed_choice_records(setup, state.router_params), f, indent=1)
+    records = deployed_choice_records(setup, state.router_params)
+    if distributed.is_primary():
+      with open(os.path.join(workdir, "deployed_choices.json"), "w", encoding="utf-8") as f:
+        json.dump(records, f, indent=1)
+    distributed.barrier("deployed_choices_written")  # the other processes read it next
   return TrainResult(state, history, preempted)
 
 
@@ -263,12 +271,15 @@ class _TrackedIterator:
     return {"stage": self._stage, "iterator": self._iterator.get_state()}
 
 
-def _check_batch(tokens: Any, stage: Stage) -> jax.Array:
-  expected = (stage.batch_size, stage.seq_len + 1)
+def _check_batch(tokens: Any, stage: Stage, sharding: jax.sharding.Sharding) -> jax.Array:
+  """This process's rows of a stage batch -> the global batch on the mesh (``stage.batch_size`` is global)."""
+  local_rows = distributed.local_batch_size(stage.batch_size, f"stage {stage.name!r}: batch_size")
+  expected = (local_rows, stage.seq_len + 1)
   if tuple(np.shape(tokens)) != expected:
+    share = f" (this process's share of {stage.batch_size} rows)" if local_rows != stage.batch_size else ""
     raise ValueError(f"stage {stage.name!r}: the data source gave a batch of shape {tuple(np.shape(tokens))}, "
-                     f"expected {expected} (batch_size, seq_len + 1 tokens: inputs plus next-token targets).")
-  return jnp.asarray(tokens, jnp.int32)
+                     f"expected {expected}{share} (batch_size, seq_len + 1 tokens: inputs plus next-token targets).")
+  return distributed.global_batch(tokens, sharding)
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:

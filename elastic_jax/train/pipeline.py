@@ -36,9 +36,10 @@ from elastic_jax.prune import select_choice
 from elastic_jax.train.checkpoint import load_model, save_model
 from elastic_jax.train.config import (check_keys, elastic_setup_from_config, optimizers_from_config, plain,
                                       stages_from_config)
+from elastic_jax.train.distributed import global_batch, is_primary
 from elastic_jax.train.loop import Stage, train_elastic
 from elastic_jax.train.optim import OptimizerConfig, make_optimizer
-from elastic_jax.train.sharding import DEFAULT_RULES, make_mesh
+from elastic_jax.train.sharding import DEFAULT_RULES, batch_sharding, make_mesh
 from elastic_jax.train.step import TrainState, make_lm_step
 
 Params = Any
@@ -94,9 +95,10 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable) -> tuple[ModelConf
   # Its own document streams (another seed), alternating the stage-1 and stage-2 task settings so the parent
   # knows both the short and the long-context variants before it is elastified.
   streams = [make_data(stage, 0), make_data(stage, 1)]
-  bar = tqdm(range(steps), desc="parent pretraining", unit="step")
+  tokens_sharding = batch_sharding(*mesh_from_config(cfg))  # each process's rows of the global batch
+  bar = tqdm(range(steps), desc="parent pretraining", unit="step", disable=not is_primary())
   for i in bar:
-    state, metrics = step_fn(state, jnp.asarray(next(streams[i % 2])))
+    state, metrics = step_fn(state, global_batch(next(streams[i % 2]), tokens_sharding))
     if i % 20 == 0 or i == steps - 1:
       bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
   os.makedirs(path, exist_ok=True)
@@ -225,7 +227,10 @@ def run_pipeline(cfg: Any, workdir: str) -> dict[str, Any]:
   if imported_parent:
     check_vocab_fits(tokenizer, config.vocab_size)
   _log(f"parent: {param_count(config):,} parameters, pattern {config.pattern!r}")
-  ranks = importance_phase(cfg, workdir, config, params, side_data)
+  # Calibration is repeated on every process and must give each the same rankings: all read the same full batches.
+  calibration_data = data_factory(source, seed=int(cfg.seed) + 7919, tokenizer=tokenizer, process_index=0,
+                                  process_count=1)
+  ranks = importance_phase(cfg, workdir, config, params, calibration_data)
   permuted = permutation_phase(workdir, config, params, ranks)
   records = elastic_phase(cfg, workdir, config, permuted, ranks, make_data)
   models = extraction_phase(workdir, config, permuted, ranks, records, cfg.elastic.space)
