@@ -16,11 +16,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from elastic_jax.data import tasks
-from elastic_jax.data.pipeline import data_factory
-from elastic_jax.data.tokenizer import ByteTokenizer
+from elastic_jax.data.pipeline import data_factory, source_tokenizer
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
-from elastic_jax.eval.metrics import answer_accuracy, perplexity
+from elastic_jax.eval.measure import measure_model
 from elastic_jax.eval.report import choice_fractions, write_report
 from elastic_jax.train import distributed
 from elastic_jax.train.loop import Stage
@@ -35,11 +34,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run (defau
 def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
   """Perplexity and answer accuracy (short and long tasks) of every child and baseline; writes the report."""
   eval_cfg = dict(cfg.get("eval", {}))
-  tokenizer = ByteTokenizer()
   source = result["source"]
+  tokenizer = result.get("tokenizer") or source_tokenizer(source)  # the one the data was tokenized with
   # Evaluation is repeated on every process of a multi-host run: all read the same full held-out batches.
-  held_out = data_factory(source, seed=int(cfg.seed) + 104729, vocab_size=int(cfg.model.vocab_size),
-                          process_index=0, process_count=1)
+  held_out = data_factory(source, seed=int(cfg.seed) + 104729, tokenizer=tokenizer,
+                          vocab_size=result["config"].vocab_size, process_index=0, process_count=1)
   stage = Stage("eval", 1, int(eval_cfg.get("batch_size", 8)), int(eval_cfg.get("seq_len", 256)), (1.0,))
   ppl_batches = [np.asarray(next(held_out(stage, 0))) for _ in range(int(eval_cfg.get("ppl_batches", 4)))]
   n = int(eval_cfg.get("examples", 64))
@@ -48,12 +47,10 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
   max_new = int(eval_cfg.get("max_new_tokens", 96))
 
   def measure(config, params) -> dict:
-    out = {"ppl": perplexity(config, params, ppl_batches)}
-    for label, examples in (("short", short), ("long", long)):
-      out[f"accuracy_{label}"] = answer_accuracy(config, params, examples, tokenizer, max_new_tokens=max_new,
-                                                 batch_size=int(eval_cfg.get("decode_batch", 16)),
-                                                 ragged=True)["accuracy"]
-    return out
+    measured = measure_model(config, params, ppl_batches, {"short": short, "long": long}, tokenizer,
+                             max_new_tokens=max_new, decode_batch=int(eval_cfg.get("decode_batch", 16)))
+    return {"ppl": measured["ppl"],
+            **{f"accuracy_{label}": graded["accuracy"] for label, graded in measured["accuracy"].items()}}
 
   parent_metrics = measure(result["config"], result["parent"])
   rows = [{"budget": "parent", "params": param_count(result["config"]), **parent_metrics}]

@@ -1,0 +1,72 @@
+"""Measuring one model: perplexity on token batches and generated-answer accuracy on task examples.
+
+The main job's report (``python -m elastic_jax.train``) and the ``python -m elastic_jax.evaluate`` CLI both measure
+through :func:`measure_model`, so the two give the same number for the same model, data and settings: greedy cached
+decoding with one compile for prompts of any length (``answer_accuracy(..., ragged=True)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from elastic_jax.data import tasks
+from elastic_jax.data.pipeline import PackedBatches
+from elastic_jax.data.tokenizer import Tokenizer
+from elastic_jax.eval.metrics import answer_accuracy, perplexity
+from elastic_jax.model import ModelConfig
+
+
+class EvalSplitDocuments:
+  """The synthetic tasks' evaluation split as an endless document stream (``elastic_jax.data.pipeline``'s
+  ``DocumentStream``): document ``i`` is the text of ``tasks.generate_example(config, seed, "eval", i)``.
+
+  The evaluation split never shares a prompt with the training split (``tasks.split_of_prompt``), so perplexity on
+  these documents is held out whatever seed the training used.
+  """
+
+  def __init__(self, config: tasks.TaskConfig, seed: int):
+    self.config, self.seed = config, seed
+
+  def epoch_length(self, epoch: int) -> None:
+    del epoch
+    return None
+
+  def text(self, epoch: int, position: int) -> str:
+    del epoch  # endless: every position is a fresh example
+    return tasks.generate_example(self.config, self.seed, "eval", position).text
+
+
+def eval_split_batches(config: tasks.TaskConfig, seed: int, tokenizer: Tokenizer, *, batches: int, batch_size: int,
+                       seq_len: int) -> list[np.ndarray]:
+  """``batches`` int32 [batch_size, seq_len + 1] batches packed from the evaluation split (documents joined by the
+  tokenizer's end-of-document id, exactly as training batches are packed)."""
+  packed = PackedBatches(EvalSplitDocuments(config, seed), tokenizer, batch_size, seq_len)
+  return [next(packed) for _ in range(batches)]
+
+
+def measure_model(config: ModelConfig, params: Any, ppl_batches: Sequence[np.ndarray],
+                  example_sets: Mapping[str, Sequence[tasks.Example]], tokenizer: Tokenizer, *, max_new_tokens: int,
+                  decode_batch: int) -> dict[str, Any]:
+  """Perplexity over ``ppl_batches`` and answer accuracy on each set of examples.
+
+  Args:
+    config: the model's config.
+    params: its params.
+    ppl_batches: token batches [b, l + 1]; none skips perplexity.
+    example_sets: label -> task examples; each set is decoded and graded on its own.
+    tokenizer: encodes prompts, decodes generations (its end-of-document id stops a generation).
+    max_new_tokens: tokens generated per prompt.
+    decode_batch: prompts decoded together.
+
+  Returns:
+    {"ppl": float or None, "accuracy": {label: {"accuracy", "n", "correct", "per_family": {family: {"accuracy",
+    "n"}}}}}.
+  """
+  ppl = perplexity(config, params, ppl_batches) if len(ppl_batches) else None
+  accuracy = {label: answer_accuracy(config, params, examples, tokenizer, max_new_tokens=max_new_tokens,
+                                     batch_size=decode_batch, ragged=True)
+              for label, examples in example_sets.items()}
+  return {"ppl": ppl, "accuracy": accuracy}
