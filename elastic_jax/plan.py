@@ -1,0 +1,583 @@
+"""Will it fit? Memory and time of an elastic run per device, planned ahead of time on abstract shapes.
+
+    python -m elastic_jax.plan --config configs/nano_v2_12b.py [--config.key=value ...] [--device v5p]
+                               [--json] [--compile] [--mfu 0.4]
+
+Nothing is loaded or allocated: the train state's shapes come from ``jax.eval_shape`` and its shardings from the
+run's logical-axis rules over a ``jax.sharding.AbstractMesh`` of the configured shape, so a 12B plan for 128 chips
+runs on a laptop in seconds. For every stage it prints, per device:
+
+- student params, optimizer state (AdamW's two moments and its counters), the frozen teacher (in
+  ``memory.teacher_dtype``) and the router (its params and optimizer state, with the step counter and PRNG key):
+  shapes divided by the shard counts of their real ``NamedSharding`` (rounded up, as XLA pads uneven shards);
+- gradients: the params' per-device bytes, twice with gradient accumulation (the running sum and the current
+  micro-batch's gradients are both alive);
+- activations of one micro-batch, from the analytical model below;
+
+then their total against the device's HBM (times ``--usable_fraction``, for what the runtime reserves) with a
+FITS / DOES NOT FIT verdict and the margin, the step's model FLOPs (``elastic_jax.train.flops``) and the time per
+step at an assumed MFU.
+
+Activation model (bytes per device of one micro-batch; every tensor is counted at its per-device shard size under
+the rules table, e.g. ``[batch, length, embed]`` splits batch over the data-parallel axes and length over context):
+
+    A = sum_b S_b + max(H, max_b W_b)
+    S_b = I + {none: N_b, dots: D_b, full: 0}[remat policy of block b's kind]
+    W_b = (N_b - S_b + I) + N_b + I
+    H   = 5 [B, L, V] fp32 + [B, L, d] (fp32 + compute dtype)
+    teacher phase: T = max_b N_b + [B, L, V] fp32;     activations = max(A, T)
+
+where I is a block's input (the fp32 residual stream [B, L, d], kept for every block under every policy); N_b is
+the sum of block b's forward intermediates (``_block_tensors``: projection outputs, masked and activated copies,
+attention scores [B, Hq, L, L] in fp32 and probabilities in the compute dtype, the chunked SSD's per-chunk decay,
+score and state tensors in fp32, the gated norm's fp32 temporaries); D_b is the part of N_b that the "dots" policy
+saves (the outputs of the projections: matmuls without batch dimensions). S_b is what the backward pass keeps of
+block b; W_b is the working set while block b is differentiated: what it recomputes, about as much again for the
+gradients of those intermediates, and the residual stream's gradient. H is the loss at its peak: student and
+teacher logits, the two log-softmaxes and the logits' gradient, plus the final norm's output. The teacher's forward
+keeps nothing but its logits. Token ids, masks and router activations are small and not counted.
+
+The model is conservative where implementations differ: attention is counted with its full [L/context, L] score
+matrix per head (a flash-attention kernel would not materialise it), Mamba with the chunked SSD (a fused kernel
+keeps less). ``--compile`` (when enough devices exist, e.g. virtual CPU devices) lowers and compiles the real
+train step and prints XLA's memory analysis next to the estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from elastic_jax.elastic.param_count import param_count
+from elastic_jax.model import HybridLM, ModelConfig
+from elastic_jax.model.config import BLOCK_KINDS, BlockSpec
+from elastic_jax.train import sharding as sharding_lib
+from elastic_jax.train.config import elastic_setup_from_config, optimizers_from_config, plain, stages_from_config
+from elastic_jax.train.flops import elastic_step_flops, forward_flops_per_token
+from elastic_jax.train.loop import Stage
+from elastic_jax.train.optim import make_optimizer
+from elastic_jax.train.step import ElasticSetup, init_elastic_state, make_elastic_step
+
+GB = 1e9
+REMAT_POLICIES = ("none", "full", "dots")
+TEACHER_DTYPES = ("float32", "bfloat16")
+_EMBED = ("batch", "length", "embed")
+
+
+# ------------------------------------------------------------------------------------------------ devices
+@dataclasses.dataclass(frozen=True)
+class Device:
+  """One accelerator: its memory and its dense bf16 matmul peak (FLOP/s)."""
+
+  description: str
+  hbm_bytes: float
+  peak_flops: float
+
+
+def _host_memory_bytes() -> float:
+  return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+# Published per-chip / per-GPU figures (memory in GB = 1e9 bytes, as vendors quote it; bf16 dense peaks).
+DEVICES: dict[str, Device] = {
+    "v5p": Device("TPU v5p chip", 95 * GB, 459e12),
+    "v5e": Device("TPU v5e chip", 16 * GB, 197e12),
+    "v4": Device("TPU v4 chip", 32 * GB, 275e12),
+    "h100": Device("NVIDIA H100 SXM 80GB", 80 * GB, 989e12),
+    "h200": Device("NVIDIA H200 141GB", 141 * GB, 989e12),
+    "a100": Device("NVIDIA A100 80GB", 80 * GB, 312e12),
+    "cpu": Device("host CPU (this machine's RAM; nominal 1e11 FLOP/s)", _host_memory_bytes(), 1e11),
+}
+
+
+def device_spec(name: str) -> Device:
+  if name not in DEVICES:
+    raise ValueError(f"unknown device {name!r}; choose one of {sorted(DEVICES)} (--device or config.plan.device).")
+  return DEVICES[name]
+
+
+# ------------------------------------------------------------------------------------------------ settings
+@dataclasses.dataclass(frozen=True)
+class MemorySettings:
+  """The run's memory levers (``config.memory``; defaults when the section or a key is absent)."""
+
+  remat: tuple[tuple[str, str], ...]  # (block kind, policy) for every kind
+  grad_accum_steps: int = 1
+  teacher_dtype: str = "float32"
+
+  def policy(self, kind: str) -> str:
+    return dict(self.remat)[kind]
+
+
+def memory_settings(config: Any) -> MemorySettings:
+  """Reads ``config.memory``: ``remat`` (a policy for every block kind, or a dict per kind, absent kinds "none"),
+  ``grad_accum_steps`` (1) and ``teacher_dtype`` ("float32")."""
+  memory = plain(config.get("memory"))
+  kinds = tuple(BLOCK_KINDS.values())
+  remat = memory.get("remat") or {}
+  remat = {kind: remat for kind in kinds} if isinstance(remat, str) else plain(remat)
+  for kind, policy in remat.items():
+    if kind not in kinds:
+      raise ValueError(f"config.memory.remat has block kind {kind!r}; the kinds are {kinds}.")
+    if policy not in REMAT_POLICIES:
+      raise ValueError(f"config.memory.remat[{kind!r}]={policy!r} is not a policy; use one of {REMAT_POLICIES}.")
+  accum = memory.get("grad_accum_steps", 1)
+  if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
+    raise ValueError(f"config.memory.grad_accum_steps={accum!r} must be a positive integer (1 = no accumulation).")
+  teacher_dtype = memory.get("teacher_dtype", "float32")
+  if teacher_dtype not in TEACHER_DTYPES:
+    raise ValueError(f"config.memory.teacher_dtype={teacher_dtype!r} is not one of {TEACHER_DTYPES}.")
+  return MemorySettings(tuple((kind, remat.get(kind, "none")) for kind in kinds), accum, teacher_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  """Where the run is planned: the device kind, the mesh over ``num_devices`` of them, the rules and the MFU."""
+
+  device_name: str
+  device: Device
+  mesh_shape: tuple[int, ...]  # one size per axis of ``sharding.MESH_AXES``
+  rules: tuple
+  mfu: float
+  usable_fraction: float
+
+  @property
+  def num_devices(self) -> int:
+    return int(np.prod(self.mesh_shape))
+
+  @property
+  def axis_sizes(self) -> dict[str, int]:
+    return dict(zip(sharding_lib.MESH_AXES, self.mesh_shape))
+
+  def abstract_mesh(self) -> AbstractMesh:
+    return AbstractMesh(self.mesh_shape, tuple(sharding_lib.MESH_AXES))
+
+
+def hardware_from_config(config: Any, device: str | None = None, mfu: float | None = None,
+                         usable_fraction: float = 0.9) -> Hardware:
+  """The mesh (``config.mesh``), the device kind and count (``config.plan``: ``device``, ``num_devices``, ``mfu``).
+
+  ``config.mesh.shape`` may name fewer axes than the mesh has (trailing axes get size 1) or be empty (every device
+  on the data axis). Its product must equal ``config.plan.num_devices`` when that is given.
+  """
+  plan_cfg = plain(config.get("plan"))
+  mesh_cfg = plain(config.get("mesh"))
+  axes = tuple(sharding_lib.MESH_AXES)
+  shape = tuple(int(n) for n in (mesh_cfg.get("shape") or ()))
+  claimed = plan_cfg.get("num_devices")
+  if len(shape) > len(axes):
+    raise ValueError(f"config.mesh.shape={shape} has {len(shape)} axes but the mesh has {len(axes)} "
+                     f"({', '.join(axes)}); give at most {len(axes)} sizes.")
+  if any(n <= 0 for n in shape):
+    raise ValueError(f"config.mesh.shape={shape} has a non-positive size; every axis needs at least 1 device.")
+  if not shape:
+    shape = (int(claimed) if claimed else 1,)
+  if claimed is not None and int(np.prod(shape)) != int(claimed):
+    raise ValueError(f"config.mesh.shape={shape} spans {int(np.prod(shape))} devices but config.plan.num_devices="
+                     f"{claimed}; make the product of the mesh shape equal the device count.")
+  shape = shape + (1,) * (len(axes) - len(shape))
+  rules = mesh_cfg.get("rules")
+  rules = sharding_lib.DEFAULT_RULES if not rules else tuple(
+      (name, tuple(mesh_axes) if isinstance(mesh_axes, (list, tuple)) else mesh_axes) for name, mesh_axes in rules)
+  name = device or plan_cfg.get("device") or "cpu"
+  mfu = float(mfu if mfu is not None else plan_cfg.get("mfu", 0.4))
+  if not 0.0 < mfu <= 1.0:
+    raise ValueError(f"mfu={mfu} must be in (0, 1] (a fraction of the device's peak FLOP/s).")
+  if not 0.0 < usable_fraction <= 1.0:
+    raise ValueError(f"usable_fraction={usable_fraction} must be in (0, 1].")
+  return Hardware(name, device_spec(name), shape, rules, mfu, usable_fraction)
+
+
+# ------------------------------------------------------------------------------------------------ state bytes
+def per_device_bytes(shape: Sequence[int], itemsize: int, spec: PartitionSpec, axis_sizes: Mapping[str, int]
+                     ) -> int:
+  """Bytes one device holds of an array of ``shape`` sharded by ``spec`` (uneven shards round up, as XLA pads)."""
+  entries = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+  local = 1
+  for dim, entry in zip(shape, entries):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    local *= math.ceil(dim / int(np.prod([axis_sizes[n] for n in names], dtype=np.int64)))
+  return int(local) * int(itemsize)
+
+
+def abstract_boxed_state(setup: ElasticSetup, tx, router_tx) -> Any:
+  """The elastic train state as shapes, with the model's logical-axis boxes kept (optimizer moments inherit them)."""
+  def build():
+    boxed = HybridLM(setup.config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    return init_elastic_state(setup, boxed, tx, router_tx, seed=0)
+  return jax.eval_shape(build)
+
+
+def state_bytes(setup: ElasticSetup, tx, router_tx, hardware: Hardware, teacher_dtype: str) -> dict[str, int]:
+  """Per-device bytes of the train state's parts (student params, optimizer state, router incl. step and PRNG key)
+  and of the frozen teacher, from the real shardings of the rules table over an abstract mesh."""
+  boxed = abstract_boxed_state(setup, tx, router_tx)
+  shardings = sharding_lib.logical_shardings(boxed, hardware.abstract_mesh(), hardware.rules)
+  shapes = nn.meta.unbox(boxed)
+  sizes = hardware.axis_sizes
+
+  def total(tree_shapes, tree_shardings, dtype=None) -> int:
+    leaves = jax.tree.map(
+        lambda x, s: per_device_bytes(x.shape, jnp.dtype(dtype or x.dtype).itemsize, s.spec, sizes),
+        tree_shapes, tree_shardings)
+    return int(sum(jax.tree.leaves(leaves)))
+
+  router = (total(shapes.router_params, shardings.router_params)
+            + total(shapes.router_opt_state, shardings.router_opt_state)
+            + total(shapes.step, shardings.step) + total(shapes.rng, shardings.rng))
+  return {"params": total(shapes.params, shardings.params),
+          "opt_state": total(shapes.opt_state, shardings.opt_state),
+          "router": router,
+          "teacher": total(shapes.params, shardings.params, dtype=teacher_dtype)}
+
+
+# ------------------------------------------------------------------------------------------------ activations
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]  # logical axis names
+  itemsize: int
+  saved_by_dots: bool = False  # a projection output: what the "dots" remat policy keeps
+
+
+def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int) -> list[_Tensor]:
+  """The forward intermediates of one block on a micro-batch of b sequences of l tokens (N_b's terms)."""
+  c = jnp.dtype(config.dtype).itemsize
+  d, f32 = config.hidden_size, 4
+  out = [_Tensor((b, l, d), _EMBED, f32),  # pre-norm output (fp32, masked)
+         _Tensor((b, l, d), _EMBED, c),  # its cast to the compute dtype: the projections' input
+         _Tensor((b, l, d), _EMBED, f32)]  # mixer output in fp32 (masked, depth-gated) before the residual add
+  if spec.kind == "mlp":
+    mlp = ("batch", "length", "mlp")
+    shape = (b, l, spec.intermediate_size)
+    out += [_Tensor(shape, mlp, c, True),  # up_proj output
+            _Tensor(shape, mlp, c), _Tensor(shape, mlp, c),  # masked, relu^2
+            _Tensor((b, l, d), _EMBED, c, True)]  # down_proj output
+  elif spec.kind == "attention":
+    hq, hkv, hd = spec.num_attention_heads, config.num_key_value_heads, config.head_dim
+    q_axes, kv_axes = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
+    scores = ("batch", "heads", "length", None)  # keys stay whole: every query shard sees every key
+    out += [_Tensor((b, l, hq, hd), q_axes, c, True),
+            _Tensor((b, l, hkv, hd), kv_axes, c, True), _Tensor((b, l, hkv, hd), kv_axes, c, True),
+            _Tensor((b, hq, l, l), scores, f32),  # masked scores
+            _Tensor((b, hq, l, l), scores, c),  # probabilities in the compute dtype (the PV matmul's operand)
+            _Tensor((b, l, hq, hd), q_axes, c), _Tensor((b, l, hq, hd), q_axes, c),  # core output, head-masked
+            _Tensor((b, l, d), _EMBED, c, True)]  # o_proj output
+  else:
+    h, p, g, n, q = spec.mamba_num_heads, spec.mamba_head_dim, config.n_groups, config.ssm_state_size, \
+        config.chunk_size
+    heads, groups = ("batch", "length", "ssm_heads", "ssm_head_dim"), ("batch", "length", "ssm_groups", "ssm_state")
+    per_head = ("batch", "length", "ssm_heads")
+    chunks = math.ceil(l / q)
+    out += [_Tensor((b, l, h, p), heads, c, True), _Tensor((b, l, h, p), heads, c, True),  # z, x
+            _Tensor((b, l, g, n), groups, c, True), _Tensor((b, l, g, n), groups, c, True),  # B, C
+            _Tensor((b, l, h), per_head, c, True)]  # dt
+    out += [_Tensor((b, l, h, p), heads, c)] * 3  # x: conv output, SiLU output, channel-masked
+    out += [_Tensor((b, l, g, n), groups, c)] * 4  # B and C: conv and SiLU outputs
+    out += [_Tensor((b, l, h), per_head, f32)]  # dt after softplus, fp32
+    # Chunked SSD, fp32: C.B^T scores per group, segment decays and weights per head ([q, q] per chunk = q per
+    # token), decay-weighted x, chunk states and chunk-start states ([p, n] per head and chunk), y and y_from_start.
+    out += [_Tensor((b, l, g, q), ("batch", "length", "ssm_groups", None), f32)]
+    out += [_Tensor((b, l, h, q), ("batch", "length", "ssm_heads", None), f32)] * 2
+    out += [_Tensor((b, l, h, p), heads, f32)]
+    out += [_Tensor((b, chunks, h, p, n), ("batch", "length", "ssm_heads", "ssm_head_dim", "ssm_state"), f32)] * 2
+    out += [_Tensor((b, l, h, p), heads, f32)] * 2
+    out += [_Tensor((b, l, h, p), heads, f32)] * 2 + [_Tensor((b, l, h, p), heads, c)]  # gated norm: gated, normed
+    out += [_Tensor((b, l, d), _EMBED, c, True)]  # out_proj output
+  return out
+
+
+def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, settings: MemorySettings,
+                     hardware: Hardware) -> dict[str, float]:
+  """Per-device activation bytes of one micro-batch (the module docstring's formula), with its terms."""
+  sizes, rules = hardware.axis_sizes, hardware.rules
+
+  def nbytes(t: _Tensor) -> int:
+    return per_device_bytes(t.shape, t.itemsize, nn.logical_to_mesh_axes(t.axes, rules), sizes)
+
+  b, l, d, v = micro_batch, seq_len, config.hidden_size, config.vocab_size
+  block_input = nbytes(_Tensor((b, l, d), _EMBED, 4))
+  saved_total, working_max, forward_max = 0, 0, 0
+  for spec in config.block_specs():
+    tensors = _block_tensors(config, spec, b, l)
+    everything = sum(nbytes(t) for t in tensors)
+    dots = sum(nbytes(t) for t in tensors if t.saved_by_dots)
+    kept = {"none": everything, "dots": dots, "full": 0}[settings.policy(spec.kind)]
+    saved_total += block_input + kept
+    working_max = max(working_max, (everything - kept) + everything + block_input)
+    forward_max = max(forward_max, everything)
+  logits = nbytes(_Tensor((b, l, v), ("batch", "length", "vocab"), 4))
+  head = 5 * logits + nbytes(_Tensor((b, l, d), _EMBED, 4)) + nbytes(
+      _Tensor((b, l, d), _EMBED, jnp.dtype(config.dtype).itemsize))
+  student = saved_total + max(head, working_max)
+  teacher = forward_max + logits
+  return {"total": float(max(student, teacher)), "saved_by_blocks": float(saved_total),
+          "block_backward_working_set": float(working_max), "logits_and_loss": float(head),
+          "teacher_forward": float(teacher)}
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+@dataclasses.dataclass
+class StagePlan:
+  """One stage's per-device memory (bytes), FLOPs and time."""
+
+  name: str
+  batch_size: int
+  seq_len: int
+  micro_batch: int  # sequences per micro-batch (global)
+  tokens_per_device: float  # tokens of one micro-batch on one device
+  memory: dict[str, float]  # params, opt_state, teacher, router, gradients, activations, total
+  activation_terms: dict[str, float]
+  capacity: float  # usable HBM bytes per device
+  flops_per_step: float
+  seconds_per_step: float
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def fits(self) -> bool:
+    return self.memory["total"] <= self.capacity
+
+  @property
+  def margin(self) -> float:
+    return self.capacity - self.memory["total"]
+
+
+@dataclasses.dataclass
+class Plan:
+  name: str
+  config: ModelConfig
+  hardware: Hardware
+  settings: MemorySettings
+  stages: list[StagePlan]
+
+  @property
+  def fits(self) -> bool:
+    return all(stage.fits for stage in self.stages)
+
+  def to_json(self) -> dict[str, Any]:
+    hw = self.hardware
+    return {
+        "config": self.name, "params": param_count(self.config),
+        "device": {"name": hw.device_name, "description": hw.device.description, "hbm_bytes": hw.device.hbm_bytes,
+                   "peak_flops": hw.device.peak_flops, "usable_fraction": hw.usable_fraction},
+        "num_devices": hw.num_devices, "mesh": hw.axis_sizes, "mfu": hw.mfu,
+        "memory_settings": {"remat": dict(self.settings.remat), "grad_accum_steps": self.settings.grad_accum_steps,
+                            "teacher_dtype": self.settings.teacher_dtype},
+        "fits": self.fits,
+        "stages": [{"name": s.name, "batch_size": s.batch_size, "seq_len": s.seq_len, "micro_batch": s.micro_batch,
+                    "tokens_per_device": s.tokens_per_device, "memory_bytes": s.memory,
+                    "activation_terms_bytes": s.activation_terms, "capacity_bytes": s.capacity, "fits": s.fits,
+                    "margin_bytes": s.margin, "flops_per_step": s.flops_per_step,
+                    "seconds_per_step": s.seconds_per_step, "notes": s.notes} for s in self.stages],
+    }
+
+
+def _setup_and_optimizers(config: Any, model_config: ModelConfig, stages: Sequence[Stage]):
+  total_steps = sum(stage.steps for stage in stages)
+  setup = elastic_setup_from_config(config, model_config, range(model_config.num_layers), total_steps)
+  optimizer, router_optimizer = optimizers_from_config(config)
+  return setup, optimizer, router_optimizer, total_steps
+
+
+def make_plan(config: Any, name: str = "config", device: str | None = None, mfu: float | None = None,
+              usable_fraction: float = 0.9) -> Plan:
+  """Plans every stage of a run config (``ml_collections.ConfigDict`` or mapping) without touching a device."""
+  model_config = ModelConfig.from_dict(config.model)
+  hardware = hardware_from_config(config, device, mfu, usable_fraction)
+  settings = memory_settings(config)
+  stages = stages_from_config(config)
+  setup, optimizer, router_optimizer, total_steps = _setup_and_optimizers(config, model_config, stages)
+  tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
+  state = state_bytes(setup, tx, router_tx, hardware, settings.teacher_dtype)
+  gradients = state["params"] * (2 if settings.grad_accum_steps > 1 else 1)
+  sizes = hardware.axis_sizes
+  batch_ways = math.prod(sizes[a] for a in _mesh_axes_of("batch", hardware.rules))
+  length_ways = math.prod(sizes[a] for a in _mesh_axes_of("length", hardware.rules))
+  plans = []
+  for stage in stages:
+    notes = []
+    if stage.batch_size % settings.grad_accum_steps:
+      raise ValueError(f"stage {stage.name!r}: batch_size={stage.batch_size} is not divisible by "
+                       f"config.memory.grad_accum_steps={settings.grad_accum_steps}; make the batch size a multiple "
+                       "of the number of micro-batches.")
+    micro = stage.batch_size // settings.grad_accum_steps
+    if micro % batch_ways:
+      notes.append(f"micro-batch of {micro} sequences does not divide over the {batch_ways} data-parallel devices "
+                   "(counted rounded up)")
+    if stage.seq_len % length_ways:
+      notes.append(f"seq_len {stage.seq_len} does not divide over context={length_ways} (counted rounded up)")
+    activations = activation_bytes(model_config, micro, stage.seq_len, settings, hardware)
+    memory = {"params": float(state["params"]), "opt_state": float(state["opt_state"]),
+              "teacher": float(state["teacher"]), "router": float(state["router"]), "gradients": float(gradients),
+              "activations": activations["total"]}
+    memory["total"] = float(sum(memory.values()))
+    terms = {k: v for k, v in activations.items() if k != "total"}
+    flops = elastic_step_flops(model_config, stage.batch_size, stage.seq_len)
+    seconds = flops / (hardware.num_devices * hardware.device.peak_flops * hardware.mfu)
+    tokens = math.ceil(micro / batch_ways) * math.ceil(stage.seq_len / length_ways)
+    plans.append(StagePlan(stage.name, stage.batch_size, stage.seq_len, micro, tokens, memory, terms,
+                           hardware.device.hbm_bytes * hardware.usable_fraction, flops, seconds, notes))
+  return Plan(name, model_config, hardware, settings, plans)
+
+
+def _mesh_axes_of(logical: str, rules: Sequence) -> tuple[str, ...]:
+  """The mesh axes the first rule for ``logical`` maps to (activations put batch and length there)."""
+  for name, axes in rules:
+    if name == logical:
+      return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return ()
+
+
+# ------------------------------------------------------------------------------------------------ XLA's view
+def compiled_memory(config: Any, stage_index: int = 0) -> dict[str, float]:
+  """Lowers and compiles the real elastic train step of stage ``stage_index`` on the configured mesh (needs that
+  many devices; virtual CPU devices work) and returns XLA's memory analysis in bytes per device.
+
+  The step is jitted as the training loop jits it: ``make_elastic_step`` with the train state, the teacher (in
+  ``memory.teacher_dtype``, sharded like the params), the token batch and the budget probabilities in their
+  shardings, the state donated, under the mesh and the logical-axis rules.
+  """
+  model_config = ModelConfig.from_dict(config.model)
+  settings = memory_settings(config)
+  hardware = hardware_from_config(config)
+  if jax.device_count() < hardware.num_devices:
+    raise ValueError(f"--compile needs {hardware.num_devices} devices for mesh {hardware.axis_sizes} but "
+                     f"{jax.device_count()} exist; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
+                     f"{hardware.num_devices} before starting Python.")
+  stages = stages_from_config(config)
+  setup, optimizer, router_optimizer, total_steps = _setup_and_optimizers(config, model_config, stages)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:hardware.num_devices]).reshape(hardware.mesh_shape),
+                           tuple(sharding_lib.MESH_AXES))
+  tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
+  boxed = abstract_boxed_state(setup, tx, router_tx)
+  shardings = sharding_lib.logical_shardings(boxed, mesh, hardware.rules)
+  tokens_sharding, replicated = sharding_lib.batch_sharding(mesh, hardware.rules), sharding_lib.replicated(mesh)
+  step = jax.jit(make_elastic_step(setup, tx, router_tx),
+                 in_shardings=(shardings, shardings.params, tokens_sharding, replicated),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+  struct = lambda x, s, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s)
+  shapes = nn.meta.unbox(boxed)
+  state = jax.tree.map(struct, shapes, shardings)
+  teacher = jax.tree.map(lambda x, s: struct(x, s, jnp.dtype(settings.teacher_dtype)), shapes.params,
+                         shardings.params)
+  stage = stages[stage_index]
+  tokens = jax.ShapeDtypeStruct((stage.batch_size, stage.seq_len + 1), jnp.int32,
+                                sharding=tokens_sharding)
+  probs = jax.ShapeDtypeStruct((len(setup.budgets),), jnp.float32, sharding=replicated)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(hardware.rules):
+    compiled = step.lower(state, teacher, tokens, probs).compile()
+  analysis = compiled.memory_analysis()
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes")
+  out = {name: float(getattr(analysis, name)) for name in fields}
+  out["total"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
+                  + out["temp_size_in_bytes"])
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _gb(x: float) -> str:
+  return f"{x / GB:,.2f} GB"
+
+
+def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None = None) -> str:
+  """The plan as a readable table (one column per stage)."""
+  hw, s = plan.hardware, plan.settings
+  flops_model = forward_flops_per_token(plan.config, plan.stages[0].seq_len)
+  lines = [
+      f"{plan.name}: {param_count(plan.config):,} params, pattern {plan.config.pattern} ({plan.config.num_layers} "
+      f"blocks), params {plan.config.param_dtype}, compute {plan.config.dtype}",
+      f"on {hw.num_devices} x {hw.device.description} ({_gb(hw.device.hbm_bytes)} each, "
+      f"{hw.usable_fraction:.0%} usable = {_gb(hw.device.hbm_bytes * hw.usable_fraction)}), mesh "
+      + " ".join(f"{k}={v}" for k, v in hw.axis_sizes.items()),
+      f"memory: remat {', '.join(f'{k}={v}' for k, v in s.remat)}; grad_accum_steps {s.grad_accum_steps}; "
+      f"teacher {s.teacher_dtype}",
+      f"forward FLOPs per token at seq {plan.stages[0].seq_len}: "
+      + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in flops_model.items()),
+      "",
+  ]
+  width = max(14, *(len(st.name) + 2 for st in plan.stages))
+  row = lambda label, values: f"{label:<34}" + "".join(f"{v:>{width}}" for v in values)
+  stages = plan.stages
+  lines.append(row("per device", [st.name for st in stages]))
+  lines.append(row("  global batch x seq", [f"{st.batch_size} x {st.seq_len}" for st in stages]))
+  lines.append(row("  micro-batch (global sequences)", [str(st.micro_batch) for st in stages]))
+  lines.append(row("  tokens per device per micro-batch", [f"{st.tokens_per_device:,.0f}" for st in stages]))
+  labels = {"params": "student params", "opt_state": "optimizer state (mu, nu)", "teacher": "teacher",
+            "router": "router (+ step, PRNG)", "gradients": "gradients", "activations": "activations (micro-batch)"}
+  for key, label in labels.items():
+    lines.append(row(f"  {label}", [_gb(st.memory[key]) for st in stages]))
+  terms = {"saved_by_blocks": "saved by the blocks", "block_backward_working_set": "one block's backward",
+           "logits_and_loss": "logits and KD loss", "teacher_forward": "teacher forward (peak)"}
+  for key, label in terms.items():
+    lines.append(row(f"    {label}", [_gb(st.activation_terms[key]) for st in stages]))
+  lines.append(row("  total", [_gb(st.memory["total"]) for st in stages]))
+  lines.append(row("  usable HBM", [_gb(st.capacity) for st in stages]))
+  lines.append(row("  verdict", ["FITS" if st.fits else "DOES NOT FIT" for st in stages]))
+  lines.append(row("  margin", [_gb(st.margin) for st in stages]))
+  if compiled:
+    lines.append(row("  XLA temp (compiled)", [_gb(compiled[st.name]["temp_size_in_bytes"]) if st.name in compiled
+                                               else "-" for st in stages]))
+    lines.append(row("  XLA total (args+out-alias+temp)", [_gb(compiled[st.name]["total"]) if st.name in compiled
+                                                           else "-" for st in stages]))
+  lines.append(row("model FLOPs per step", [f"{st.flops_per_step:.3e}" for st in stages]))
+  lines.append(row(f"time per step at {hw.mfu:.0%} MFU", [f"{st.seconds_per_step:,.2f} s" for st in stages]))
+  for st in stages:
+    lines.extend(f"note ({st.name}): {note}" for note in st.notes)
+  lines.append("")
+  lines.append("FITS" if plan.fits else "DOES NOT FIT: see the stages marked above (raise grad_accum_steps, remat "
+               "more block kinds, shard more: tensor/context axes, or use a device with more HBM).")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _cli() -> None:
+  """Defines the flags (only when run as a program: another CLI in the same process may own ``--config``) and runs."""
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  config_flag = config_flags.DEFINE_config_file("config", None, "Path to a Python config file (get_config()).",
+                                                lock_config=True)
+  device = flags.DEFINE_string("device", None, f"Device kind, one of {sorted(DEVICES)} (default: "
+                               "config.plan.device, else cpu).")
+  mfu = flags.DEFINE_float("mfu", None, "Assumed model FLOP utilisation for the time per step (default: "
+                           "config.plan.mfu, else 0.4).")
+  usable = flags.DEFINE_float("usable_fraction", 0.9, "Fraction of the device's HBM the run may use (the rest is "
+                              "the runtime's; on GPUs set XLA_PYTHON_CLIENT_MEM_FRACTION to match).")
+  as_json = flags.DEFINE_bool("json", False, "Print the plan as JSON.")
+  compile_ = flags.DEFINE_bool("compile", False, "Also lower and compile the real step of every stage (needs the "
+                               "mesh's device count) and print XLA's memory analysis beside the estimate.")
+
+  def main(argv: Sequence[str]) -> None:
+    del argv
+    cfg = config_flag.value
+    if cfg is None:
+      raise app.UsageError("--config is required, e.g. --config configs/nano_v2_12b.py")
+    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
+    plan = make_plan(cfg, name, device.value, mfu.value, usable.value)
+    compiled = None
+    if compile_.value:
+      compiled = {stage.name: compiled_memory(cfg, index) for index, stage in enumerate(plan.stages)}
+    if as_json.value:
+      out = plan.to_json()
+      if compiled is not None:
+        out["compiled"] = compiled
+      print(json.dumps(out, indent=1))
+    else:
+      print(format_plan(plan, compiled))
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _cli()
