@@ -1,0 +1,246 @@
+"""Extract one budget's child from a main-job workdir as a standalone model (zero-shot: slicing only, no training).
+
+The choice is the router's argmax for the budget, read from the workdir ``W`` that ``python -m elastic_jax.train``
+wrote: ``W/elastic/deployed_choices.json`` once elastic training has finished; while it is still running (or with
+``--step N``) the metadata of an elastic checkpoint, i.e. the router as it was at that step. The child is sliced out
+of the importance-permuted parent ``W/permuted/model`` with the depth order the training used, exactly as the main
+job's extraction phase does.
+
+Output in ``--out DIR``:
+
+- ``--format orbax`` (default): ``DIR/model``, our standalone-model format (``train.checkpoint.save_model``, read back
+  by ``load_model``; the layout of ``W/children/<name>/``). Any choice, heterogeneous ones included.
+- ``--format hf``: ``DIR/config.json`` + ``DIR/model.safetensors``, a NemotronH checkpoint that transformers loads.
+  Homogeneous choices only (a NemotronH config has one width per block kind).
+- Either way ``DIR/extract.json`` records the budget, its choice, the parameter count and where the choice came from.
+
+CLI::
+
+  python -m elastic_jax.extract --workdir W --budget 75pct --out DIR [--format orbax|hf] [--step N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from elastic_jax.elastic.extract import extract
+from elastic_jax.elastic.param_count import param_count
+from elastic_jax.elastic.space import Choice
+from elastic_jax.model import ModelConfig
+from elastic_jax.train.checkpoint import load_model, save_model
+
+Params = Any
+FORMATS = ("orbax", "hf")
+_PROG = "python -m elastic_jax.extract"
+_HETEROGENEOUS_FIELDS = ("intermediate_size_per_layer", "num_attention_heads_per_layer", "mamba_num_heads_per_layer",
+                         "mamba_head_dim_per_layer")
+
+
+class ExtractError(ValueError):
+  """The workdir, budget, step or output folder cannot give the requested child."""
+
+
+def budget_name(budget: float) -> str:
+  """The name the main job's report and folders use for a budget: 0.75 -> "75pct"."""
+  return f"{int(round(100 * budget))}pct"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeployedChoices:
+  """The router's argmax per budget at one point of elastic training.
+
+  Attributes:
+    records: {"budget", "params", "fraction", "choice"} per budget, as the training loop writes them.
+    depth_order: block indices, most important first (what a depth choice keeps); None when depth is fixed.
+    source: where the records were read, for messages and ``extract.json``.
+    step: the checkpoint's step, or None for the finished run's ``deployed_choices.json``.
+  """
+  records: list[dict[str, Any]]
+  depth_order: list[int] | None
+  source: str
+  step: int | None
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def checkpoint_steps(directory: str) -> list[int]:
+  """Steps of the complete elastic checkpoints under ``directory`` (empty when there is none)."""
+  if not os.path.isdir(directory):
+    return []
+  manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False))
+  steps = sorted(manager.all_steps())
+  manager.close()
+  return steps
+
+
+def _checkpoint_metadata(directory: str, step: int) -> dict[str, Any]:
+  manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False))
+  metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+  manager.close()
+  return metadata
+
+
+def read_deployed_choices(workdir: str, step: int | None = None) -> DeployedChoices:
+  """The deployed choices of ``workdir``: the finished run's, or those of checkpoint ``step`` (default: the latest
+  checkpoint when training has not finished)."""
+  if not os.path.isdir(workdir):
+    raise ExtractError(f"--workdir {workdir!r} does not exist; give the folder the main job wrote "
+                       "(python -m elastic_jax.train --config CONFIG --workdir W).")
+  elastic = os.path.join(workdir, "elastic")
+  final = os.path.join(elastic, "deployed_choices.json")
+  checkpoints = os.path.join(elastic, "checkpoints")
+  if step is None and os.path.isfile(final):
+    rankings_file = os.path.join(workdir, "importance", "rankings.json")
+    if not os.path.isfile(rankings_file):
+      raise ExtractError(f"{rankings_file} is missing: the depth order the router's choices refer to is unknown. "
+                         "Re-run the main job on this workdir to restore it.")
+    depth = _read_json(rankings_file)["depth"]
+    return DeployedChoices(_read_json(final), None if depth is None else [int(i) for i in depth], final, None)
+  steps = checkpoint_steps(checkpoints)
+  if not steps:
+    raise ExtractError(f"workdir {workdir!r} has no elastic phase output: neither {final} nor a checkpoint in "
+                       f"{checkpoints}. Run the main job on it (python -m elastic_jax.train --config CONFIG "
+                       f"--workdir {workdir}) until elastic training has saved a checkpoint.")
+  if step is not None and step not in steps:
+    raise ExtractError(f"--step {step} has no checkpoint in {checkpoints}; the saved steps are {steps}.")
+  step = steps[-1] if step is None else step
+  metadata = _checkpoint_metadata(checkpoints, step)
+  depth = metadata.get("depth_order")
+  return DeployedChoices(list(metadata["deployed_choices"]), None if depth is None else [int(i) for i in depth],
+                         f"{checkpoints} step {step}", step)
+
+
+def find_budget(records: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
+  """The record of budget ``name``: a report name such as "75pct", or the budget as a fraction such as "0.75"."""
+  text = name.strip()
+  for record in records:
+    if text == budget_name(record["budget"]):
+      return record
+  try:
+    value = float(text)
+  except ValueError:
+    value = None
+  if value is not None:
+    for record in records:
+      if abs(float(record["budget"]) - value) < 1e-9:
+        return record
+  valid = ", ".join(f"{budget_name(r['budget'])} (or {float(r['budget']):g})" for r in records)
+  raise ExtractError(f"unknown budget {name!r}; this run's budgets are {valid}.")
+
+
+def load_permuted_parent(workdir: str) -> tuple[ModelConfig, Params]:
+  """The importance-permuted parent the children are sliced from (``W/permuted/model``)."""
+  path = os.path.join(workdir, "permuted")
+  if not os.path.exists(os.path.join(path, "DONE")):
+    raise ExtractError(f"{path} is missing or incomplete: the permuted parent the children are sliced from. Re-run "
+                       f"the main job on {workdir!r} to restore it.")
+  metadata, params = load_model(os.path.join(path, "model"))
+  return ModelConfig.from_dict(metadata["config"]), params
+
+
+# ---------------------------------------------------------------------------------------------------- extracting
+def extract_budget(workdir: str, name: str, step: int | None = None) -> tuple[ModelConfig, Params, dict[str, Any]]:
+  """Budget ``name``'s child of ``workdir``: ``(config, params, info)``, info being what ``extract.json`` records."""
+  deployed = read_deployed_choices(workdir, step)
+  record = find_budget(deployed.records, name)
+  parent_config, parent_params = load_permuted_parent(workdir)
+  choice = Choice.from_dict(record["choice"])
+  config, params = extract(parent_config, parent_params, choice, deployed.depth_order)
+  parent_count, count = param_count(parent_config), param_count(config)
+  info = {"workdir": os.path.abspath(workdir), "budget": record["budget"], "name": budget_name(record["budget"]),
+          "choice": choice.to_dict(), "params": count, "parent_params": parent_count,
+          "fraction": count / parent_count, "choice_source": deployed.source, "step": deployed.step,
+          "depth_order": deployed.depth_order, "pattern": config.pattern}
+  return config, params, info
+
+
+def heterogeneous_widths(config: ModelConfig) -> dict[str, list[int]]:
+  """The per-layer width fields of ``config`` whose blocks differ (empty for a homogeneous config)."""
+  found = {}
+  for field in _HETEROGENEOUS_FIELDS:
+    values = getattr(config, field)
+    if values is not None and len(set(values)) > 1:
+      found[field] = list(values)
+  return found
+
+
+def write_child(out: str, config: ModelConfig, params: Params, info: dict[str, Any], fmt: str) -> list[str]:
+  """Writes the child in format ``fmt`` plus ``extract.json`` into ``out``; returns the paths written."""
+  if fmt not in FORMATS:
+    raise ExtractError(f"--format {fmt!r} is not one of {list(FORMATS)}.")
+  if fmt == "hf" and not config.is_homogeneous:
+    widths = ", ".join(f"{k}={v}" for k, v in heterogeneous_widths(config).items())
+    raise ExtractError(f"budget {info['name']}'s choice is heterogeneous ({widths}): a NemotronH config.json has one "
+                       "width per block kind, so it cannot be written as an HF checkpoint. Use --format orbax.")
+  model_path = os.path.join(out, "model") if fmt == "orbax" else os.path.join(out, "config.json")
+  if os.path.exists(model_path):
+    raise ExtractError(f"--out {out!r} already holds a model ({model_path}); choose another folder or remove it.")
+  os.makedirs(out, exist_ok=True)
+  if fmt == "orbax":
+    save_model(model_path, config.to_dict(), params, {"choice": info["choice"], "budget": info["budget"]})
+    written = [model_path]
+  else:
+    from elastic_jax.interop import hf  # pylint: disable=import-outside-toplevel  (safetensors only when needed)
+    hf.save(out, config, params)
+    written = [model_path, os.path.join(out, hf.SINGLE_FILE)]
+  info_path = os.path.join(out, "extract.json")
+  with open(info_path, "w", encoding="utf-8") as f:
+    json.dump({**info, "format": fmt}, f, indent=1)
+    f.write("\n")
+  return written + [info_path]
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog=_PROG,
+      description="Extract one budget's child from a main-job workdir (python -m elastic_jax.train) as a standalone "
+                  "model: the router's choice for that budget, sliced out of the importance-permuted parent.")
+  parser.add_argument("--workdir", required=True, metavar="W",
+                      help="the main job's output folder (holds permuted/, importance/ and elastic/).")
+  parser.add_argument("--budget", required=True, metavar="NAME",
+                      help="the budget: its name in the report (e.g. 75pct) or its fraction of the parent (e.g. "
+                           "0.75), one of the run's config.elastic.budgets.")
+  parser.add_argument("--out", required=True, metavar="DIR",
+                      help="output folder (created; must not already hold a model of the chosen format).")
+  parser.add_argument("--format", default="orbax", choices=FORMATS,
+                      help="orbax (default): DIR/model in our standalone-model format (load_model; any choice). hf: "
+                           "DIR/config.json + model.safetensors, a NemotronH checkpoint transformers loads "
+                           "(homogeneous choices only). Either way DIR/extract.json records the choice.")
+  parser.add_argument("--step", type=int, default=None, metavar="N",
+                      help="take the router's choice as it was at elastic checkpoint N instead of the finished run's "
+                           "W/elastic/deployed_choices.json (without --step, a run that has not finished uses its "
+                           "latest checkpoint).")
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    config, params, info = extract_budget(args.workdir, args.budget, args.step)
+    written = write_child(args.out, config, params, info, args.format)
+  except ExtractError as error:
+    print(f"{_PROG}: error: {error}", file=sys.stderr)
+    return 2
+  print(f"extracted {info['name']} (budget {float(info['budget']):g}; choice from {info['choice_source']}): "
+        f"{info['params']:,} parameters ({100 * info['fraction']:.1f}% of the parent), pattern {info['pattern']!r}, "
+        f"format {args.format}")
+  for path in written:
+    print(f"  {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
