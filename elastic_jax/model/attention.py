@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from elastic_jax.model.config import BlockSpec, ModelConfig
 from elastic_jax.model.layers import Projection, constrain, dtype_of, record_importance
+from elastic_jax.ops import context_parallel
 from elastic_jax.ops.attention import causal_gqa
 
 Array = jax.Array
@@ -41,15 +42,18 @@ class Attention(nn.Module):
     v = Projection((hkv, hd), ("embed",), ("kv_heads", "head_dim"), std, name="v_proj", **kw)(u)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
 
+    # A whole sequence under a mesh with a context axis > 1 is split along its length: ring attention over its shards.
+    context = context_parallel.active_context(*u.shape[:2]) if cache is None else None
     q_positions = position + jnp.arange(u.shape[1])
-    if cache is None:
-      new_cache, kv_positions = None, q_positions
+    new_cache = None
+    if context is not None:
+      out = context_parallel.causal_attention(q, k, v, context)
+    elif cache is None:
+      out = causal_gqa(q, k, v, q_positions, q_positions)
     else:
       new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], t.astype(cache[name].dtype), position, 1)
                    for name, t in (("k", k), ("v", v))}
-      k, v = new_cache["k"], new_cache["v"]
-      kv_positions = jnp.arange(k.shape[1])
-    out = causal_gqa(q, k, v, q_positions, kv_positions)
+      out = causal_gqa(q, new_cache["k"], new_cache["v"], q_positions, jnp.arange(new_cache["k"].shape[1]))
     record_importance(self, "heads", out)  # per-head output [b, Hq, hd]; heads ranked by its L2 over hd
     if masks and masks.get("heads") is not None:
       # Mask the head's *output*: a zeroed query would still attend uniformly and emit the mean of V.

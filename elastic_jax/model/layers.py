@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from elastic_jax.ops import context_parallel
+
 Array = jax.Array
 
 
@@ -167,7 +169,13 @@ class CausalConv(nn.Module):
   param_dtype: str = "float32"
 
   @nn.compact
-  def __call__(self, x: Array, history: Array | None = None) -> tuple[Array, Array]:
+  def __call__(self, x: Array, history: Array | None = None,
+               context: context_parallel.ContextParallelism | None = None) -> tuple[Array, Array]:
+    """x [b, l, *c] -> (conv(x) + bias, the last K-1 inputs).
+
+    context: the sequence is split over the mesh's context axis (no ``history``): each shard reads the K-1 inputs
+    before it from its left neighbour (``context_parallel.causal_conv``).
+    """
     channels = x.shape[2:]
     bound = self.kernel_size ** -0.5  # torch Conv1d's default range for a depthwise kernel (fan-in K)
     init = nn.initializers.uniform(2 * bound)
@@ -175,4 +183,11 @@ class CausalConv(nn.Module):
     pdt = dtype_of(self.param_dtype)
     kernel = param(self, "kernel", shifted, (self.kernel_size, *channels), ("conv", *self.axes), pdt)
     bias = param(self, "bias", shifted, channels, self.axes, pdt)
-    return causal_depthwise_conv(x.astype(dtype_of(self.dtype)), kernel, bias, history)
+    x = x.astype(dtype_of(self.dtype))
+    if context is None:
+      return causal_depthwise_conv(x, kernel, bias, history)
+    if history is not None:
+      raise ValueError("CausalConv: a decode history and a context-parallel split are exclusive; a cached call "
+                       "continues one sequence on every device, so pass context=None with a history.")
+    return (context_parallel.causal_conv(x, kernel, bias, causal_depthwise_conv, context),
+            x[:, x.shape[1] - (self.kernel_size - 1):])

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from elastic_jax.model.config import BlockSpec, ModelConfig
 from elastic_jax.model.layers import (CausalConv, Projection, constrain, dtype_of, gated_group_rms_norm, param,
                                       record_importance)
+from elastic_jax.ops import context_parallel
 from elastic_jax.ops import ssd as ssd_ops
 
 Array = jax.Array
@@ -77,9 +78,12 @@ class Mamba2Mixer(nn.Module):
 
     record_importance(self, "ssm", x)  # the x slice of in_proj, [b, H, P]: channel and head scores derive from it
     get = (lambda key: None) if cache is None else cache.get
-    x, conv_x = CausalConv(cfg.conv_kernel, heads, name="conv_x", **kw)(x, get("conv_x"))
-    b_in, conv_b = CausalConv(cfg.conv_kernel, groups, name="conv_B", **kw)(b_in, get("conv_B"))
-    c_in, conv_c = CausalConv(cfg.conv_kernel, groups, name="conv_C", **kw)(c_in, get("conv_C"))
+    # A whole sequence under a mesh with a context axis > 1 is split along its length: the conv and the scan (the
+    # only steps that mix tokens) exchange boundaries between shards. A cached call continues one sequence as is.
+    context = context_parallel.active_context(*u.shape[:2]) if cache is None else None
+    x, conv_x = CausalConv(cfg.conv_kernel, heads, name="conv_x", **kw)(x, get("conv_x"), context)
+    b_in, conv_b = CausalConv(cfg.conv_kernel, groups, name="conv_B", **kw)(b_in, get("conv_B"), context)
+    c_in, conv_c = CausalConv(cfg.conv_kernel, groups, name="conv_C", **kw)(c_in, get("conv_C"), context)
     x, b_in, c_in = jax.nn.silu(x), jax.nn.silu(b_in), jax.nn.silu(c_in)
     channel_mask = _head_channel_mask(masks, h, p)  # [b, 1, H, P] or None
     if channel_mask is not None:  # after the conv: a masked channel must not pick up the conv bias
@@ -97,6 +101,9 @@ class Mamba2Mixer(nn.Module):
     if cache is not None and u.shape[1] == 1:  # one decode token: a single recurrence step, no scan
       y, state = ssd_ops.ssd_step(cache["ssm"], x[:, 0], dt[:, 0], a, b_in[:, 0], c_in[:, 0], d_skip)
       y = y[:, None]
+    elif context is not None:
+      y, state = context_parallel.ssd(x, dt, a, b_in, c_in, d_skip, context=context, chunk_size=cfg.chunk_size,
+                                      impl=cfg.ssd_impl, inter_chunk=cfg.ssd_inter_chunk)
     else:
       y, state = ssd_ops.ssd(x, dt, a, b_in, c_in, d_skip, chunk_size=cfg.chunk_size,
                              initial_state=None if cache is None else cache["ssm"],
