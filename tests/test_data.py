@@ -142,6 +142,35 @@ def test_missing_tokenizer_file(tmp_path):
     load_tokenizer(tmp_path / "absent.json")
 
 
+def test_source_config_tokenizer_feeds_the_factory(tmp_path):
+  tokenizer_file = write_word_tokenizer(tmp_path, 10)  # ids: <|endoftext|> 0, [UNK] 1, w<i> i + 2
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text(json.dumps({"text": "w1 w2"}) + "\n")
+  stage = types.SimpleNamespace(batch_size=1, seq_len=5)
+  # A file path or the directory holding tokenizer.json; the default end-of-document token, or a named one.
+  for tokenizer, eos_token, eos_id in ((tokenizer_file, "", 0), (str(tmp_path), "[UNK]", 1)):
+    source = pipeline.SourceConfig.from_dict({"kind": "files", "paths": [str(corpus)], "tokenizer": tokenizer,
+                                              "eos_token": eos_token})
+    batch = next(pipeline.data_factory(source, seed=0, vocab_size=12)(stage, 0))
+    np.testing.assert_array_equal(batch, [[3, 4, eos_id, 3, 4, eos_id]])  # one document, twice (two epochs)
+
+
+def test_source_config_tokenizer_errors_name_the_value(tmp_path):
+  tokenizer_file = write_word_tokenizer(tmp_path, 10)
+  source = pipeline.SourceConfig(tokenizer=tokenizer_file)
+  with pytest.raises(ValueError, match=rf"tokenizer has 12 tokens but model vocab_size=8 \({tokenizer_file}\)"):
+    pipeline.data_factory(source, seed=0, vocab_size=8)
+  with pytest.raises(FileNotFoundError, match=f"tokenizer file not found: {tmp_path / 'absent.json'}"):
+    pipeline.data_factory(pipeline.SourceConfig(tokenizer=str(tmp_path / "absent.json")), seed=0)
+  with pytest.raises(ValueError, match=r"tokenizer .* has none of the end-of-document tokens \['<eos>'\]"):
+    pipeline.data_factory(pipeline.SourceConfig(tokenizer=tokenizer_file, eos_token="<eos>"), seed=0)
+  with pytest.raises(ValueError, match="data.tokenizer=3 must be a string"):
+    pipeline.SourceConfig(tokenizer=3)
+  # The byte default refuses a vocabulary smaller than 256 and says which tokenizer it is.
+  with pytest.raises(ValueError, match=r"tokenizer has 256 tokens but model vocab_size=100 \(byte tokenizer"):
+    pipeline.data_factory(pipeline.SourceConfig(), seed=0, vocab_size=100)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # packing, resume, sharding
 
