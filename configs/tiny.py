@@ -30,8 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="float32",
       param_dtype="float32",
   ))
-  # Data: the synthetic reasoning tasks (kind="files", paths=[...] for your own text/JSONL).
-  config.data = ml_collections.ConfigDict(dict(kind="tasks", paths=""))
+  # Data: the synthetic reasoning tasks (kind="files", paths=[...] for your own text/JSONL). tokenizer: an HF
+  # tokenizer.json (or a folder holding one) whose ids fit model.vocab_size; "" reads UTF-8 bytes.
+  config.data = ml_collections.ConfigDict(dict(kind="tasks", paths="", tokenizer="", eos_token=""))
   # Parent: hf_path="" -> pretrain on the data above.
   config.parent = ml_collections.ConfigDict(dict(hf_path="", pretrain_steps=600, batch_size=16, seq_len=128,
                                                  learning_rate=3e-3, warmup_steps=50))
