@@ -75,18 +75,24 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
+def _reader(directory: str) -> ocp.CheckpointManager:
+  """An Orbax manager over the training loop's checkpoints that never creates anything."""
+  return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False))
+
+
 def checkpoint_steps(directory: str) -> list[int]:
   """Steps of the complete elastic checkpoints under ``directory`` (empty when there is none)."""
   if not os.path.isdir(directory):
     return []
-  manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False))
+  manager = _reader(directory)
   steps = sorted(manager.all_steps())
   manager.close()
   return steps
 
 
 def _checkpoint_metadata(directory: str, step: int) -> dict[str, Any]:
-  manager = ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False))
+  """The JSON metadata saved with checkpoint ``step`` (the arrays are not read)."""
+  manager = _reader(directory)
   metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
   manager.close()
   return metadata
@@ -117,6 +123,9 @@ def read_deployed_choices(workdir: str, step: int | None = None) -> DeployedChoi
     raise ExtractError(f"--step {step} has no checkpoint in {checkpoints}; the saved steps are {steps}.")
   step = steps[-1] if step is None else step
   metadata = _checkpoint_metadata(checkpoints, step)
+  if "deployed_choices" not in metadata:
+    raise ExtractError(f"checkpoint step {step} in {checkpoints} records no deployed_choices (written by an older "
+                       "version of the training loop); extract after training has finished instead.")
   depth = metadata.get("depth_order")
   return DeployedChoices(list(metadata["deployed_choices"]), None if depth is None else [int(i) for i in depth],
                          f"{checkpoints} step {step}", step)
