@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import pytest
 from conftest import small_config
 from jax.sharding import PartitionSpec as P
@@ -12,7 +12,7 @@ from elastic_jax.elastic.router import RouterSchedule
 from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.train.loop import _compiled_elastic_step  # pylint: disable=protected-access
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config
-from elastic_jax.train.sharding import DEFAULT_RULES, batch_sharding, make_mesh
+from elastic_jax.train.sharding import DEFAULT_RULES, MESH_AXES, batch_sharding, make_mesh
 from elastic_jax.train.step import ElasticSetup
 
 
@@ -21,8 +21,8 @@ def test_state_shardings_follow_the_rules_table():
   setup = ElasticSetup(config, ElasticSpace.from_fractions(config, (0.5, 1.0)), (1.0, 0.5), (0, 1, 2),
                        RouterSchedule(total_steps=10), router_width=8)
   mesh = make_mesh()
-  _, shardings = _compiled_elastic_step(setup, OptimizerConfig(), default_router_optimizer_config(), 10, 0, mesh,
-                                        DEFAULT_RULES)
+  shardings = _compiled_elastic_step(setup, OptimizerConfig(), default_router_optimizer_config(), 10, 0, mesh,
+                                     DEFAULT_RULES).state_shardings
   params = shardings.params
   assert params["layers_1"]["mixer"]["up_proj"]["kernel"].spec == P("fsdp", "tensor")
   assert params["layers_1"]["mixer"]["down_proj"]["kernel"].spec == P("tensor", "fsdp")
@@ -41,6 +41,18 @@ def test_state_shardings_follow_the_rules_table():
 def test_mesh_shape_must_match_devices():
   with pytest.raises(ValueError, match=r"mesh shape \(2, 2, 2\) needs 8 devices but 1 are available"):
     make_mesh((2, 2, 2))
+  with pytest.raises(ValueError, match=r"mesh shape \(1, 1, 1, 1, 1\) has 5 axes but the mesh has only 4"):
+    make_mesh((1, 1, 1, 1, 1))
+
+
+def test_shorter_mesh_shapes_pad_trailing_axes_and_length_maps_to_context():
+  mesh = make_mesh((1,))
+  assert mesh.axis_names == MESH_AXES == ("data", "fsdp", "tensor", "context")
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
+  assert dict(make_mesh((1, 1, 1, 1)).shape) == dict(mesh.shape)
+  assert dict(DEFAULT_RULES)["length"] == "context"
+  activations = nn.logical_to_mesh_sharding(P("batch", "length", "embed"), mesh, DEFAULT_RULES)
+  assert activations.spec == P(("data", "fsdp"), "context", None)
 
 
 def test_mesh_and_rules_come_from_the_run_config():
@@ -48,7 +60,7 @@ def test_mesh_and_rules_come_from_the_run_config():
   from elastic_jax.train.pipeline import mesh_from_config  # pylint: disable=import-outside-toplevel
   mesh, rules = mesh_from_config(ml_collections.ConfigDict({"mesh": {"shape": [1, 1, 1],
                                                                     "rules": [["batch", ["data"]], ["mlp", None]]}}))
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
   assert rules == (("batch", ("data",)), ("mlp", None))
   _, default = mesh_from_config(ml_collections.ConfigDict({}))
   assert default == DEFAULT_RULES

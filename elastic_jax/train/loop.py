@@ -17,7 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
@@ -26,16 +26,17 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from elastic_jax.model import HybridLM
+from elastic_jax.model import HybridLM, ModelConfig
+from elastic_jax.model.hybrid import init_boxed_params
 from elastic_jax.train import distributed
-from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, abstract_like
+from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard
 from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings, make_mesh,
-                                        replicated)
+                                        replicated, shard_params, sharded_jit)
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
 from elastic_jax.elastic.extract import child_config
 from elastic_jax.elastic.param_count import choice_param_count, memory_bytes
-from elastic_jax.train.step import (ElasticSetup, TrainState, check_budget_probs, deployed_choices,
-                                    init_elastic_state, make_elastic_step)
+from elastic_jax.train.step import (ElasticSetup, TrainState, check_budget_probs, check_grad_accum,
+                                    deployed_choices, init_elastic_state, make_elastic_step, make_lm_step)
 
 Params = Any
 
@@ -120,6 +121,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   """
   for stage in stages:
     stage.validate(len(setup.budgets))
+    check_grad_accum(stage.batch_size, setup.grad_accum_steps, f"stage {stage.name!r}")
   total_steps = sum(stage.steps for stage in stages)
   router_optimizer = router_optimizer or default_router_optimizer_config()
   tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
@@ -130,15 +132,16 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
 
   mesh = mesh or make_mesh()
-  step_fn, state_shardings = _compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, seed, mesh,
-                                                    rules)
-  state = jax.device_put(init_elastic_state(setup, student_params, tx, router_tx, seed), state_shardings)
-  teacher_params = jax.device_put(teacher_params, state_shardings.params)
+  training = _compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, seed, mesh, rules)
+  step_fn = training.step
+  teacher_params = place_teacher(setup, teacher_params, training.state_shardings.params)
   tokens_sharding = batch_sharding(mesh, rules)
   data_state = None
-  if checkpointer.latest_step() is not None:
-    state, metadata = checkpointer.restore(abstract_like(state), expected_config=run_config)
+  if checkpointer.latest_step() is not None:  # restored straight into its shardings; the student is not needed
+    state, metadata = checkpointer.restore(training.abstract_state, expected_config=run_config)
     data_state = metadata["data_state"]
+  else:  # the optimizer states are created beside the sharded params, never on one device first
+    state = training.init(shard_params(student_params, training.state_shardings.params))
   start_step = int(state.step)
   if distributed.is_primary():  # shared files are written by process 0 only
     _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
@@ -229,6 +232,40 @@ def deployed_choice_records(setup: ElasticSetup, router_params: Params) -> list[
   return records
 
 
+def place_teacher(setup: ElasticSetup, teacher_params: Params, shardings: Params) -> Params:
+  """The frozen teacher in its shardings and in ``setup.teacher_dtype`` (bf16 halves its memory)."""
+  teacher = shard_params(teacher_params, shardings)
+  dtype = jnp.dtype(setup.teacher_dtype)
+  if all(x.dtype == dtype for x in jax.tree.leaves(teacher)):
+    return teacher
+  cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  return jax.jit(cast, out_shardings=shardings)(teacher)
+
+
+class ShardedTraining(NamedTuple):
+  """A train step compiled for a mesh, with the initialiser that creates its state directly in its shardings.
+
+  step: the jitted step (state donated; metrics replicated). init: builds the train state inside ``jax.jit`` with
+  ``out_shardings`` (from sharded params for the elastic state, from a PRNG key for fresh LM params), so nothing
+  is first materialised on one device. abstract_state: shapes, dtypes and shardings of the state (the restore
+  target). batch_sharding: where a token batch goes.
+  """
+
+  step: Callable
+  init: Callable
+  state_shardings: TrainState
+  abstract_state: TrainState
+  batch_sharding: Any
+
+
+def _with_shardings(abstract_boxed: Any, mesh: Mesh, rules: LogicalRules) -> tuple[Any, Any]:
+  """(shardings, abstract unboxed tree with those shardings) of an abstract tree with logical-axis boxes."""
+  shardings = logical_shardings(abstract_boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(abstract_boxed), shardings)
+  return shardings, abstract
+
+
 def _abstract_boxed_state(setup: ElasticSetup, tx, router_tx, seed: int) -> TrainState:
   """The train state's shapes with the model's logical-axis boxes kept (optimizer moments inherit them)."""
   def build():
@@ -239,26 +276,50 @@ def _abstract_boxed_state(setup: ElasticSetup, tx, router_tx, seed: int) -> Trai
 
 @functools.lru_cache(maxsize=8)
 def _compiled_elastic_step(setup: ElasticSetup, optimizer: OptimizerConfig, router_optimizer: OptimizerConfig,
-                           total_steps: int, seed: int, mesh: Mesh, rules: LogicalRules
-                           ) -> tuple[Callable, TrainState]:
+                           total_steps: int, seed: int, mesh: Mesh, rules: LogicalRules) -> ShardedTraining:
   """One jitted step per (setup, optimizers, length, mesh): a resumed or repeated run in one process reuses it.
 
-  Returns the step and the train state's shardings. The state is donated; the teacher and the batch are inputs
-  with their own shardings; metrics come back replicated.
+  The state is donated; the teacher and the batch are inputs with their own shardings; metrics come back
+  replicated. ``init(params)`` takes the student's params already in their shardings and creates the optimizer
+  states and the router beside them.
   """
   tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
-  state_shardings = logical_shardings(_abstract_boxed_state(setup, tx, router_tx, seed), mesh, rules)
-  step = jax.jit(make_elastic_step(setup, tx, router_tx),
-                 in_shardings=(state_shardings, state_shardings.params, batch_sharding(mesh, rules),
-                               replicated(mesh)),
-                 out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+  state_shardings, abstract_state = _with_shardings(_abstract_boxed_state(setup, tx, router_tx, seed), mesh, rules)
+  tokens = batch_sharding(mesh, rules)
+  step = sharded_jit(make_elastic_step(setup, tx, router_tx), mesh, rules,
+                     in_shardings=(state_shardings, state_shardings.params, tokens, replicated(mesh)),
+                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+  init = sharded_jit(lambda params: init_elastic_state(setup, params, tx, router_tx, seed), mesh, rules,
+                     in_shardings=(state_shardings.params,), out_shardings=state_shardings)
+  return ShardedTraining(step, init, state_shardings, abstract_state, tokens)
 
-  def run(*args):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return step(*args)
 
-  run.jitted = step
-  return run, state_shardings
+def init_lm_state(config: ModelConfig, tx, key: jax.Array) -> TrainState:
+  """A fresh LM train state: new params (logical-axis boxes kept, ``init_boxed_params``) and their optimizer state."""
+  params = init_boxed_params(config, key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(0)))
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_lm_step(config: ModelConfig, optimizer: OptimizerConfig, total_steps: int, mesh: Mesh,
+                     rules: LogicalRules = DEFAULT_RULES, grad_accum_steps: int = 1, remat: Any = ()
+                     ) -> ShardedTraining:
+  """Next-token training of one model over ``mesh`` (parent pretraining), in the elastic step's sharded pattern.
+
+  ``init(key)`` draws fresh params and their optimizer state directly into their shardings. ``remat`` must be
+  hashable (``remat_policies`` pairs).
+  """
+  tx = make_optimizer(optimizer, total_steps)
+  boxed_state = jax.eval_shape(lambda: init_lm_state(config, tx, jax.random.key(0)))
+  state_shardings, abstract_state = _with_shardings(boxed_state, mesh, rules)
+  tokens = batch_sharding(mesh, rules)
+  step = sharded_jit(make_lm_step(config, tx, grad_accum_steps, remat), mesh, rules,
+                     in_shardings=(state_shardings, tokens), out_shardings=(state_shardings, replicated(mesh)),
+                     donate_argnums=(0,))
+  init = sharded_jit(lambda key: nn.meta.unbox(init_lm_state(config, tx, key)), mesh, rules,
+                     in_shardings=(replicated(mesh),), out_shardings=state_shardings)
+  return ShardedTraining(step, init, state_shardings, abstract_state, tokens)
 
 
 class _TrackedIterator:
@@ -292,15 +353,21 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     f.writelines(lines)
 
 
+_MEMORY_FIELDS = ("remat", "grad_accum_steps", "teacher_dtype")
+
+
 def describe_run(setup: ElasticSetup, stages: Sequence[Stage], optimizer: OptimizerConfig,
                  router_optimizer: OptimizerConfig, seed: int) -> dict[str, Any]:
-  """A JSON-able record of everything a resumed run must share with the original."""
+  """A JSON-able record of everything a resumed run must share with the original (the memory levers included:
+  they change how the step computes, so a resume under another setting is refused rather than silently mixed)."""
   elastic = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)
-             if f.name not in ("config", "space", "schedule")}
+             if f.name not in ("config", "space", "schedule", *_MEMORY_FIELDS)}
   elastic["depth_order"] = list(setup.depth_order)
   elastic["budgets"] = list(setup.budgets)
+  memory = {"remat": dict(setup.remat), "grad_accum_steps": setup.grad_accum_steps,
+            "teacher_dtype": setup.teacher_dtype}
   return json.loads(json.dumps({
-      "model": setup.config.to_dict(), "space": setup.space.to_dict(), "elastic": elastic,
+      "model": setup.config.to_dict(), "space": setup.space.to_dict(), "elastic": elastic, "memory": memory,
       "router_schedule": dataclasses.asdict(setup.schedule),
       "stages": [dict(dataclasses.asdict(s), budget_probs=list(s.budget_probs)) for s in stages],
       "optimizer": dataclasses.asdict(optimizer), "router_optimizer": dataclasses.asdict(router_optimizer),
