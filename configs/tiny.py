@@ -53,10 +53,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=20, schedule="cosine"))
   config.router_optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=20))
   config.checkpoint_every = 100
-  # Mesh over (data, fsdp, tensor): shape=() puts every device on data (override: --config.mesh.shape="(2,2,2)").
+  # Mesh over (data, fsdp, tensor, context): shape=() puts every device on data; shorter shapes pad with 1
+  # (override: --config.mesh.shape="(2,2,2)"; context > 1 splits each sequence, e.g. "(1,2,1,4)").
   # rules=() uses the default logical-axis table (elastic_jax.train.sharding.DEFAULT_RULES); give
   # ((logical_name, mesh_axis_or_axes_or_None), ...) to change it.
   config.mesh = ml_collections.ConfigDict(dict(shape=(), rules=()))
+  # Memory levers (none needed at this size): remat per block kind (none | full | dots), micro-batches per step,
+  # and the frozen teacher's dtype ("bfloat16" halves its memory).
+  config.memory = ml_collections.ConfigDict(dict(
+      remat=dict(mamba="none", attention="none", mlp="none"),
+      grad_accum_steps=1,
+      teacher_dtype="float32",
+  ))
   config.eval = ml_collections.ConfigDict(dict(ppl_batches=4, batch_size=8, seq_len=256, examples=32,
                                                max_new_tokens=160, decode_batch=32))
   return config

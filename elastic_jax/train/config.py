@@ -13,6 +13,10 @@ Layout of the training part of a config (see ``configs/tiny.py``)::
   config.stages = [dict(name="stage1", steps=..., batch_size=..., seq_len=..., budget_probs=[...]), ...]
   config.optimizer = dict(learning_rate=9e-5, warmup_steps=60, ...)        # OptimizerConfig
   config.router_optimizer = dict(learning_rate=1e-2, ...)                  # OptimizerConfig
+  config.memory = dict(                                    # levers that trade compute for memory (all optional)
+      remat=dict(mamba="none", attention="none", mlp="none"),  # per block kind: none | full | dots
+      grad_accum_steps=1,      # micro-batches per step, for the elastic stages and parent pretraining
+      teacher_dtype="float32")  # or "bfloat16": the frozen teacher stored and run in bf16
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from typing import Any, TypeVar
 from elastic_jax.elastic.router import RouterSchedule
 from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.model.config import ModelConfig
+from elastic_jax.model.hybrid import RematPolicies, remat_policies
 from elastic_jax.train.loop import Stage
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config
-from elastic_jax.train.step import ElasticSetup
+from elastic_jax.train.step import TEACHER_DTYPES, ElasticSetup, check_grad_accum_steps
 
 T = TypeVar("T")
+_MEMORY_KEYS = ("remat", "grad_accum_steps", "teacher_dtype")
 _ROUTER_KEYS = ("width", "hard", "tau_start", "tau_end", "scale_start", "scale_end", "tau_decay")
 _ELASTIC_KEYS = ("budgets", "space", "router", "kd_temperature", "ce_weight", "router_loss_weight", "dead_zone",
                  "stratified", "budget_metric", "memory_context")
@@ -75,9 +81,36 @@ def stages_from_config(config: Any) -> tuple[Stage, ...]:
   return tuple(out)
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+  """``config.memory``: rematerialisation per block kind, gradient accumulation, the teacher's dtype."""
+
+  remat: RematPolicies = ()
+  grad_accum_steps: int = 1
+  teacher_dtype: str = "float32"
+
+
+def memory_from_config(config: Any) -> MemoryConfig:
+  """Reads and validates ``config.memory`` (absent: no remat, no accumulation, fp32 teacher)."""
+  memory = plain(config.get("memory"))
+  check_keys(memory, _MEMORY_KEYS, "config.memory")
+  remat = plain(memory.get("remat"))
+  try:
+    remat = remat_policies(remat)
+  except ValueError as error:
+    raise ValueError(f"config.memory.{error}") from None
+  steps = memory.get("grad_accum_steps", 1)
+  check_grad_accum_steps(steps, "config.memory.grad_accum_steps")
+  teacher_dtype = memory.get("teacher_dtype", "float32")
+  if teacher_dtype not in TEACHER_DTYPES:
+    raise ValueError(f"config.memory.teacher_dtype={teacher_dtype!r} is not one of {TEACHER_DTYPES}.")
+  return MemoryConfig(remat, steps, teacher_dtype)
+
+
 def elastic_setup_from_config(config: Any, model_config: ModelConfig, depth_order: Sequence[int],
                               total_steps: int) -> ElasticSetup:
-  """Builds the ElasticSetup of ``config.elastic``; the router schedule spans the whole run (D-4)."""
+  """Builds the ElasticSetup of ``config.elastic`` and ``config.memory``; the router schedule spans the whole run
+  (D-4)."""
   elastic = plain(config.get("elastic"))
   check_keys(elastic, _ELASTIC_KEYS, "config.elastic")
   router = plain(elastic.pop("router", None))
@@ -86,5 +119,7 @@ def elastic_setup_from_config(config: Any, model_config: ModelConfig, depth_orde
   budgets = tuple(float(b) for b in elastic.pop("budgets", (1.0, 0.75, 0.5)))
   width, hard = router.pop("width", 256), router.pop("hard", True)
   schedule = RouterSchedule(total_steps=total_steps, **router)
+  memory = memory_from_config(config)
   return ElasticSetup(model_config, space, budgets, tuple(int(i) for i in depth_order), schedule,
-                      router_width=width, hard=hard, **elastic)
+                      router_width=width, hard=hard, grad_accum_steps=memory.grad_accum_steps, remat=memory.remat,
+                      teacher_dtype=memory.teacher_dtype, **elastic)

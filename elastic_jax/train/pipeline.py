@@ -31,16 +31,16 @@ from elastic_jax.elastic.importance import Rankings, estimate_importance, rankin
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.permute import permute_params
 from elastic_jax.elastic.space import Choice
-from elastic_jax.model import ModelConfig, init_params, param_shapes
+from elastic_jax.model import ModelConfig, param_shapes
 from elastic_jax.prune import select_choice
 from elastic_jax.train.checkpoint import load_model, save_model
-from elastic_jax.train.config import (check_keys, elastic_setup_from_config, optimizers_from_config, plain,
-                                      stages_from_config)
+from elastic_jax.train.config import (check_keys, elastic_setup_from_config, memory_from_config,
+                                      optimizers_from_config, plain, stages_from_config)
 from elastic_jax.train.distributed import global_batch, is_primary
-from elastic_jax.train.loop import Stage, train_elastic
-from elastic_jax.train.optim import OptimizerConfig, make_optimizer
-from elastic_jax.train.sharding import DEFAULT_RULES, batch_sharding, make_mesh
-from elastic_jax.train.step import TrainState, make_lm_step
+from elastic_jax.train.loop import Stage, compiled_lm_step, train_elastic
+from elastic_jax.train.optim import OptimizerConfig
+from elastic_jax.train.sharding import DEFAULT_RULES, make_mesh
+from elastic_jax.train.step import check_grad_accum
 
 Params = Any
 
@@ -87,15 +87,18 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable) -> tuple[ModelConf
                 (1.0,))
   optimizer = OptimizerConfig(learning_rate=float(parent_cfg.get("learning_rate", 3e-3)),
                               warmup_steps=int(parent_cfg.get("warmup_steps", 50)), weight_decay=0.01)
-  tx = make_optimizer(optimizer, steps)
-  params = init_params(config, jax.random.key(int(cfg.seed)))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.key_data(jax.random.key(0)))
-  step_fn = jax.jit(make_lm_step(config, tx), donate_argnums=(0,))
+  memory = memory_from_config(cfg)
+  check_grad_accum(stage.batch_size, memory.grad_accum_steps, "parent pretraining (config.parent.batch_size)")
+  mesh, rules = mesh_from_config(cfg)
+  # The same sharded pattern as the elastic step: params and optimizer state are created in their shardings.
+  training = compiled_lm_step(config, optimizer, steps, mesh, rules, grad_accum_steps=memory.grad_accum_steps,
+                              remat=memory.remat)
+  state = training.init(jax.random.key(int(cfg.seed)))
+  step_fn = training.step
   # Its own document streams (another seed), alternating the stage-1 and stage-2 task settings so the parent
   # knows both the short and the long-context variants before it is elastified.
   streams = [make_data(stage, 0), make_data(stage, 1)]
-  tokens_sharding = batch_sharding(*mesh_from_config(cfg))  # each process's rows of the global batch
+  tokens_sharding = training.batch_sharding  # each process's rows of the global batch
   bar = tqdm(range(steps), desc="parent pretraining", unit="step", disable=not is_primary())
   for i in bar:
     state, metrics = step_fn(state, global_batch(next(streams[i % 2]), tokens_sharding))
@@ -166,7 +169,8 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
   setup = elastic_setup_from_config(cfg, config, [int(i) for i in ranks.depth], total)
   optimizer, router_optimizer = optimizers_from_config(cfg)
   mesh, rules = mesh_from_config(cfg)
-  train_elastic(setup, stages, teacher, jax.tree.map(jnp.copy, teacher), make_data, path, optimizer=optimizer,
+  # The teacher is also the student's starting point: the loop copies it into the student's sharded train state.
+  train_elastic(setup, stages, teacher, teacher, make_data, path, optimizer=optimizer,
                 router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=10,
                 checkpoint_every=int(cfg.get("checkpoint_every", 100)),
                 metadata={"rankings": _rankings_to_json(ranks)}, mesh=mesh, rules=rules)
@@ -174,8 +178,13 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
 
 
 def mesh_from_config(cfg: Any) -> tuple[Any, tuple]:
-  """``config.mesh``: ``shape`` over (data, fsdp, tensor) (default: every device on data) and ``rules``, the
-  logical-axis rules table as (logical name, mesh axis or axes or None) pairs (default: ``DEFAULT_RULES``)."""
+  """``config.mesh``: ``shape`` over (data, fsdp, tensor, context) and ``rules``, the logical-axis rules table as
+  (logical name, mesh axis or axes or None) pairs (default: ``DEFAULT_RULES``).
+
+  ``shape`` may be shorter than four axes (trailing ones are 1, e.g. (2, 4) = data 2 x fsdp 4); empty puts every
+  device on data. ``context`` > 1 splits every sequence over that many devices (context parallelism; the rules map
+  the ``length`` axis there), e.g. (1, 2, 1, 4) for long-context stages.
+  """
   mesh_cfg = plain(cfg.get("mesh"))
   check_keys(mesh_cfg, ("shape", "rules"), "config.mesh")
   shape = mesh_cfg.get("shape")

@@ -67,9 +67,9 @@ def split_batch(tokens: Array) -> tuple[Array, Array]:
 TEACHER_DTYPES = ("float32", "bfloat16")
 
 
-def check_grad_accum_steps(grad_accum_steps: Any) -> None:
+def check_grad_accum_steps(grad_accum_steps: Any, name: str = "grad_accum_steps") -> None:
   if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
-    raise ValueError(f"grad_accum_steps={grad_accum_steps!r} must be a positive integer (1 = no accumulation).")
+    raise ValueError(f"{name}={grad_accum_steps!r} must be a positive integer (1 = no accumulation).")
 
 
 def check_grad_accum(batch_size: int, grad_accum_steps: int, where: str) -> int:
