@@ -13,6 +13,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -55,9 +56,11 @@ def test_sharded_programs_communicate(report, mesh_name):
 
 
 @pytest.mark.parametrize("mesh_name", MESH_SHAPES)
-def test_indivisible_length_is_rejected(report, mesh_name):
+def test_unsplittable_sequences_take_the_single_device_path(report, mesh_name):
+  assert report[mesh_name]["unsplit"] == {"indivisible": True, "too_short_for_the_halo": True, "init": True}
+  # Only the sequence that is long enough to split but not a multiple of the context size warns.
+  (message,) = report[mesh_name]["unsplit_warnings"]
   context = MESH_SHAPES[mesh_name][-1]
-  message = report[mesh_name]["indivisible_length_error"]
   assert f"sequence length {LENGTH + 1}" in message and f"'context' axis size {context}" in message
 
 
@@ -90,12 +93,10 @@ def _worker() -> dict:
   from elastic_jax.model.mamba import Mamba2Mixer
   from elastic_jax.ops import context_parallel as cp
   from elastic_jax.ops import ssd as ssd_ops
-  from elastic_jax.train.sharding import DEFAULT_RULES
+  from elastic_jax.train.sharding import DEFAULT_RULES, MESH_AXES
 
   assert jax.device_count() == DEVICES
-  axes = ("data", "fsdp", "tensor", cp.CONTEXT_AXIS)
-  # The run's rules with the sequence on the context axis.
-  rules = tuple((name, cp.CONTEXT_AXIS if name == "length" else target) for name, target in DEFAULT_RULES)
+  assert MESH_AXES == ("data", "fsdp", "tensor", cp.CONTEXT_AXIS)  # the order MESH_SHAPES is written in
   config = small_config("M*-M")
   params = random_params(config, seed=1)
   rng = np.random.default_rng(0)
@@ -166,9 +167,9 @@ def _worker() -> dict:
 
   report = {}
   for mesh_name, shape in MESH_SHAPES.items():
-    mesh = Mesh(np.asarray(jax.devices()).reshape(shape), axes)
+    mesh = Mesh(np.asarray(jax.devices()).reshape(shape), MESH_AXES)
     sequence = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), cp.CONTEXT_AXIS))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
       shard = lambda x: jax.device_put(x, sequence)
       runs = {
           "mamba_mixer": run_sharded(mamba_fn, params["layers_0"]["mixer"], shard(u)),
@@ -181,11 +182,15 @@ def _worker() -> dict:
       context = cp.active_context(b, LENGTH)
       halo = jax.jit(context.shard_map(lambda x: cp.exchange_halo(x, config.conv_kernel - 1),
                                        in_specs=context.sequence_spec(4), out_specs=context.sequence_spec(4)))(conv_x)
-      try:
-        cp.active_context(b, LENGTH + 1)
-        indivisible_error = ""
-      except ValueError as error:
-        indivisible_error = str(error)
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        unsplit = {"indivisible": cp.active_context(b, LENGTH + 1) is None,
+                   "too_short_for_the_halo": cp.active_context(b, 2 * shape[-1], min_shard_length=3) is None}
+        indivisible_warnings = [str(w.message) for w in caught]
+        # Parameter init traces a one-token sequence under the training mesh: it must take the unsplit path.
+        init_shapes = jax.eval_shape(lambda: nn.meta.unbox(
+            HybridLM(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+        unsplit["init"] = jax.tree.structure(init_shapes) == jax.tree.structure(params)
 
     errors = {}
     for name in ("mamba_mixer", "attention"):
@@ -213,7 +218,8 @@ def _worker() -> dict:
         **errors,
         "halo_exact": bool(np.array_equal(np.asarray(halo), expected_halo)),
         "collectives": collectives,
-        "indivisible_length_error": indivisible_error,
+        "unsplit": unsplit,
+        "unsplit_warnings": indivisible_warnings,
     }
   return report
 

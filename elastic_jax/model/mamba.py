@@ -80,7 +80,8 @@ class Mamba2Mixer(nn.Module):
     get = (lambda key: None) if cache is None else cache.get
     # A whole sequence under a mesh with a context axis > 1 is split along its length: the conv and the scan (the
     # only steps that mix tokens) exchange boundaries between shards. A cached call continues one sequence as is.
-    context = context_parallel.active_context(*u.shape[:2]) if cache is None else None
+    context = (None if cache is not None else
+               context_parallel.active_context(*u.shape[:2], min_shard_length=cfg.conv_kernel - 1))
     x, conv_x = CausalConv(cfg.conv_kernel, heads, name="conv_x", **kw)(x, get("conv_x"), context)
     b_in, conv_b = CausalConv(cfg.conv_kernel, groups, name="conv_B", **kw)(b_in, get("conv_B"), context)
     c_in, conv_c = CausalConv(cfg.conv_kernel, groups, name="conv_C", **kw)(c_in, get("conv_C"), context)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -194,14 +195,17 @@ def ring_attention_shard(q: Array, k: Array, v: Array, axis_name: str = CONTEXT_
   def weighted_values(probs, values):  # [b, Hkv, r, l, hd] fp32
     return jnp.einsum("bkrls,bskd->bkrld", probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
 
-  # The diagonal block first: every query sees at least itself, so the running max is finite from here on.
-  causal = jnp.tril(jnp.ones((l, l), dtype=bool))
-  scores = jnp.where(causal, block_scores(k), jnp.finfo(jnp.float32).min)
-  row_max = jnp.max(scores, axis=-1)
-  probs = jnp.exp(scores - row_max[..., None])
-  denominator = jnp.sum(probs, axis=-1)
-  accumulator = weighted_values(probs, v)
+  # Both block steps are rematerialised in the backward pass: autodiff would otherwise keep every block's [l, l]
+  # probabilities, i.e. the whole [l, C*l] score matrix per device, the memory that splitting the sequence saves.
+  @jax.checkpoint
+  def diagonal_block(keys, values):
+    causal = jnp.tril(jnp.ones((l, l), dtype=bool))
+    scores = jnp.where(causal, block_scores(keys), jnp.finfo(jnp.float32).min)
+    row_max = jnp.max(scores, axis=-1)
+    probs = jnp.exp(scores - row_max[..., None])
+    return row_max, jnp.sum(probs, axis=-1), weighted_values(probs, values)
 
+  @jax.checkpoint
   def fold_in(keys, values, row_max, denominator, accumulator):
     scores = block_scores(keys)
     new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1))
@@ -210,6 +214,8 @@ def ring_attention_shard(q: Array, k: Array, v: Array, axis_name: str = CONTEXT_
     return (new_max, denominator * rescale + jnp.sum(probs, axis=-1),
             accumulator * rescale[..., None] + weighted_values(probs, values))
 
+  # The diagonal block first: every query sees at least itself, so the running max is finite from here on.
+  row_max, denominator, accumulator = diagonal_block(k, v)
   ring = [(i, (i + 1) % size) for i in range(size)]
 
   def hop(carry, hops):
@@ -257,18 +263,22 @@ class ContextParallelism:
                          axis_names=frozenset((*self.batch_axes, CONTEXT_AXIS)))
 
 
-def active_context(batch: int, length: int) -> ContextParallelism | None:
-  """The context parallelism of the current ``jax.set_mesh`` mesh, or None when its context axis is absent or 1.
+def active_context(batch: int, length: int, min_shard_length: int = 1) -> ContextParallelism | None:
+  """The context parallelism of the current ``jax.set_mesh`` mesh for a [batch, length] sequence, or None.
+
+  None (the caller runs its single-device path, with the same result) when there is no mesh, its context axis is
+  absent or of size 1, or the sequence does not split into equal shards of at least ``min_shard_length`` tokens. The
+  last case includes the one-token sequences that parameter init traces under the training mesh; a sequence long
+  enough to split but not a multiple of the context size also warns, since it then takes the memory of the whole
+  sequence on every device.
 
   The batch goes over the mesh axes the active logical-axis rules give ``"batch"`` (``DEFAULT_BATCH_AXES`` without
-  rules), keeping those of size > 1.
+  rules), keeping those of size > 1; a batch that does not divide over them is kept whole on each device.
 
   Args:
     batch: The batch size of the sequences about to be mixed.
     length: Their length.
-
-  Raises:
-    ValueError: ``length`` is not a multiple of the context axis size, or ``batch`` of the data-parallel size.
+    min_shard_length: Fewest tokens a shard may hold (a causal conv's halo comes from one neighbour: K - 1).
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or CONTEXT_AXIS not in mesh.axis_names or mesh.shape[CONTEXT_AXIS] <= 1:
@@ -276,19 +286,20 @@ def active_context(batch: int, length: int) -> ContextParallelism | None:
   if CONTEXT_AXIS in mesh.manual_axes:  # already inside a shard_map over the context axis: the caller splits
     return None
   size = mesh.shape[CONTEXT_AXIS]
-  if length % size:
-    raise ValueError(f"context parallelism: sequence length {length} is not a multiple of the mesh's "
-                     f"{CONTEXT_AXIS!r} axis size {size}; pad the sequence or change the mesh shape.")
+  if length % size or length // size < min_shard_length:
+    if length >= size * min_shard_length:
+      warnings.warn(f"context parallelism: sequence length {length} is not a multiple of the mesh's "
+                    f"{CONTEXT_AXIS!r} axis size {size}, so every device mixes the whole sequence; pad the sequence "
+                    "to a multiple to split it.", stacklevel=2)
+    return None
   rule = nn.logical_to_mesh_axes(("batch",))[0]
   if rule is None:
     rule = DEFAULT_BATCH_AXES
   rule = (rule,) if isinstance(rule, str) else tuple(rule)
   batch_axes = tuple(axis for axis in rule if axis in mesh.axis_names and axis != CONTEXT_AXIS
                      and axis not in mesh.manual_axes and mesh.shape[axis] > 1)
-  data_parallel = math.prod(mesh.shape[axis] for axis in batch_axes)
-  if batch % data_parallel:
-    raise ValueError(f"context parallelism: batch size {batch} is not a multiple of {data_parallel}, the size of the "
-                     f"mesh axes {batch_axes} it is split over; use a batch size that is.")
+  if batch % math.prod(mesh.shape[axis] for axis in batch_axes):
+    batch_axes = ()
   return ContextParallelism(mesh, batch_axes, size)
 
 
