@@ -6,7 +6,9 @@ import ml_collections
 import pytest
 from conftest import small_config
 
-from elastic_jax.train.config import elastic_setup_from_config, optimizers_from_config, stages_from_config
+from elastic_jax.train.config import (MemoryConfig, elastic_setup_from_config, memory_from_config,
+                                      optimizers_from_config, stages_from_config)
+from elastic_jax.train.loop import describe_run
 
 MODEL = small_config("M-*-")
 
@@ -41,6 +43,13 @@ def test_builds_the_engine_objects():
     ("optimizer", dict(lr=1.0), r"unknown key\(s\) \['lr'\] in config.optimizer"),
     ("elastic", dict(budgets=[1.0, 1.2]), r"budget 1.2 is outside \(0, 1\]"),
     ("elastic", dict(space=dict(mlp=[24, 100])), r"mlp candidate 100 is larger than the parent"),
+    ("memory", dict(remat=dict(mamba="full"), checkpointing=True),
+     r"unknown key\(s\) \['checkpointing'\] in config.memory"),
+    ("memory", dict(remat=dict(ssm="full")), r"config.memory.remat has block kind 'ssm'"),
+    ("memory", dict(remat=dict(mlp="some")), r"config.memory.remat\['mlp'\]='some' is not a policy"),
+    ("memory", dict(grad_accum_steps=0), r"config.memory.grad_accum_steps=0 must be a positive integer"),
+    ("memory", dict(teacher_dtype="float16"),
+     r"config.memory.teacher_dtype='float16' is not one of \('float32', 'bfloat16'\)"),
 ])
 def test_bad_config_names_the_field(path, value, message):
   config = _config(**{path: value})
@@ -54,3 +63,31 @@ def test_bad_stages():
     stages_from_config(_config(stages=[dict(name="s", steps=1, batch_size=1, seq_length=8, budget_probs=[1.0])]))
   with pytest.raises(ValueError, match="config.stages is empty"):
     stages_from_config(_config(stages=[]))
+
+
+def test_memory_section():
+  assert memory_from_config(_config()) == MemoryConfig()  # absent: no remat, no accumulation, fp32 teacher
+  config = _config(memory=dict(remat=dict(mamba="full", attention="dots", mlp="none"), grad_accum_steps=2,
+                               teacher_dtype="bfloat16"))
+  setup = elastic_setup_from_config(config, MODEL, (0, 1, 2, 3), total_steps=3)
+  assert setup.remat == (("attention", "dots"), ("mamba", "full"))
+  assert setup.grad_accum_steps == 2 and setup.teacher_dtype == "bfloat16"
+  # The levers are part of the run's identity: a resume under another setting is refused on these fields.
+  optimizers = optimizers_from_config(config)
+  record = describe_run(setup, stages_from_config(config), *optimizers, seed=0)
+  assert record["memory"] == {"remat": {"attention": "dots", "mamba": "full"}, "grad_accum_steps": 2,
+                              "teacher_dtype": "bfloat16"}
+  plain = describe_run(elastic_setup_from_config(_config(), MODEL, (0, 1, 2, 3), 3), stages_from_config(config),
+                       *optimizers, seed=0)
+  assert plain["memory"] == {"remat": {}, "grad_accum_steps": 1, "teacher_dtype": "float32"}
+
+
+def test_tiny_config_memory_defaults():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  path = pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"
+  spec = importlib.util.spec_from_file_location("tiny_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert memory_from_config(module.get_config()) == MemoryConfig(remat=(), grad_accum_steps=1,
+                                                                 teacher_dtype="float32")
