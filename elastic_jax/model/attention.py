@@ -24,7 +24,11 @@ def init_attention_cache(config: ModelConfig, spec: BlockSpec, batch: int, max_l
 
 
 class Attention(nn.Module):
-  """u [b, l, d] -> [b, l, d]. With a cache, ``position`` is the index of u's first token in the sequence."""
+  """u [b, l, d] -> [b, l, d]. With a cache, ``position`` is the index of u's first token in the sequence.
+
+  Without a cache, under a mesh whose "context" axis has more than one device, the sequence is split along its length
+  and attention runs as ring attention over its shards (``elastic_jax.ops.context_parallel``).
+  """
 
   config: ModelConfig
   spec: BlockSpec

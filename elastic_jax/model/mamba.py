@@ -54,7 +54,11 @@ def _dt_bias_init(dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4
 
 
 class Mamba2Mixer(nn.Module):
-  """u [b, l, d] -> [b, l, d]; with a cache, continues from it and returns the updated cache."""
+  """u [b, l, d] -> [b, l, d]; with a cache, continues from it and returns the updated cache.
+
+  Without a cache, under a mesh whose "context" axis has more than one device, the sequence is split along its length
+  and the conv and scan exchange what crosses shard boundaries (``elastic_jax.ops.context_parallel``).
+  """
 
   config: ModelConfig
   spec: BlockSpec

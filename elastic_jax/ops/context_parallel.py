@@ -37,8 +37,10 @@ own) is masked causally; earlier shards' blocks are entirely visible and later s
 future, so the latter are skipped (``lax.cond``) and never computed. Blocks are folded in with the online softmax
 in fp32: a running row max ``m``, denominator ``d`` and accumulator ``o``; a new block with scores ``z`` updates
 ``m' = max(m, max z)``, ``d' = d exp(m - m') + sum exp(z - m')``, ``o' = o exp(m - m') + exp(z - m') V``, and the
-output is ``o / d``. Memory per device is one K/V block in flight instead of the whole sequence's K/V. The work
-is unbalanced (shard ``s`` computes ``s + 1`` blocks); a zigzag token order would balance it and is not done.
+output is ``o / d``. The forward pass holds one [l, l] score block at a time, never the [l, C*l] row of scores;
+the block steps are rematerialised in the backward pass (``jax.checkpoint``), which keeps only the K/V blocks it
+received (the sequence's K/V, small next to the scores) and the softmax state per hop. The work is unbalanced
+(shard ``s`` computes ``s + 1`` blocks); a zigzag token order would balance it and is not done.
 
 Gradients need nothing special: ``ppermute`` transposes to the reverse permutation and ``all_gather`` to a
 reduce-scatter, so ``jax.grad`` of the sharded ops is the sharded gradient.
@@ -257,8 +259,11 @@ class ContextParallelism:
     return PartitionSpec(self.batch_axes or None, CONTEXT_AXIS, *([None] * (ndim - 2)))
 
   def shard_map(self, fn: Callable, in_specs, out_specs) -> Callable:
-    # Only the batch and context axes go manual; the rest (e.g. "tensor" on heads) stay with the compiler, so the
-    # per-shard functions see whole heads whatever the tensor-parallel layout.
+    """``jax.shard_map(fn)`` over the batch and context axes only.
+
+    The other mesh axes (e.g. "tensor" on heads) stay with the compiler, so the per-shard functions see every head
+    whatever the tensor-parallel layout, and parameters split over them need no gathering first.
+    """
     return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
                          axis_names=frozenset((*self.batch_axes, CONTEXT_AXIS)))
 
