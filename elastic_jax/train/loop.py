@@ -103,8 +103,9 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   Args:
     setup: the elastic setup (model config, space, budgets, depth order, router schedule, loss options).
     stages: the curriculum, run in order.
-    teacher_params: the frozen parent (never updated; may be bf16).
-    student_params: the student's starting point (normally a copy of the parent); ignored when resuming.
+    teacher_params: the frozen parent (never updated); held in its shardings in ``setup.teacher_dtype``.
+    student_params: the student's starting point (normally the parent itself: the train state gets its own
+      sharded copy); ignored when resuming.
     make_data: builds the token iterator of a stage; the loop restores its position when resuming.
     workdir: checkpoints go to ``workdir/checkpoints`` and metrics to ``workdir/metrics.jsonl``.
     optimizer, router_optimizer: the model's and the router's optimizers (separate states and learning rates).
