@@ -12,11 +12,12 @@ directory; the import reads the architecture from its ``config.json``. The ``mod
 architecture so that planning (``elastic_jax.plan``) needs no checkpoint; the two must agree.
 
 Hardware: a TPU v5p-256 slice (128 chips, one JAX device per chip): FSDP over 4, tensor parallelism over 4 (heads,
-MLP neurons, vocabulary) and context parallelism over 8 (stage 2's 49K-token sequences split over 8 chips); the
-planner gives 63 GB of the 95 GB per chip at stage 2. 32 GPUs: H200s fit with
-``--config.plan.device=h200 --config.plan.num_devices=32 --config.mesh.shape="(1,1,4,8)"
---config.memory.grad_accum_steps=512`` (118 GB of 141 GB at stage 2); 80 GB H100s fit stage 1 but not stage 2,
-whose attention scores ([L/context, L] per head, fp32) need a flash-attention kernel or more devices there.
+MLP neurons, vocabulary) and context parallelism over 8 (stage 2's 49K-token sequences split over 8 chips, ring
+attention); the planner gives 30 GB (stage 1) and 49 GB (stage 2) of the 95 GB per chip. GPUs, as planned:
+32 x H200 with ``--config.plan.device=h200 --config.plan.num_devices=32 --config.mesh.shape="(1,4,2,4)"
+--config.memory.grad_accum_steps=128`` (102 GB of 141 GB at stage 2); 80 GB H100s need 64 of them, e.g.
+``--config.plan.device=h100 --config.plan.num_devices=64 --config.mesh.shape="(1,4,4,4)"
+--config.memory.grad_accum_steps=128`` (60 GB at stage 2; 32 H100s fit stage 1 but need ~79 GB at stage 2).
 """
 
 import ml_collections
@@ -88,10 +89,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (data, fsdp, tensor, context) over 128 v5p chips: params and optimizer state sharded over fsdp x tensor (16
   # ways), each sequence over 8 chips. The global micro-batch (batch / grad_accum_steps) divides over data x fsdp.
   config.mesh = ml_collections.ConfigDict(dict(shape=(1, 4, 4, 8), rules=()))
-  # Memory levers (see ``python -m elastic_jax.plan``): every block rematerialised, 128 micro-batches per step
-  # (stage 1: 12 sequences each, 3 per FSDP rank; stage 2: 4, one per rank), teacher stored and run in bf16.
+  # Memory levers (see ``python -m elastic_jax.plan``): every block rematerialised, 64 micro-batches per step
+  # (stage 1: 24 sequences each, 6 per FSDP rank; stage 2: 8, two per rank), teacher stored and run in bf16.
   config.memory = ml_collections.ConfigDict(dict(
-      remat=dict(mamba="full", attention="full", mlp="full"), grad_accum_steps=128, teacher_dtype="bfloat16"))
+      remat=dict(mamba="full", attention="full", mlp="full"), grad_accum_steps=64, teacher_dtype="bfloat16"))
   # What the planner assumes when no --device is given.
   config.plan = ml_collections.ConfigDict(dict(device="v5p", num_devices=128, mfu=0.4))
   config.eval = ml_collections.ConfigDict(dict(ppl_batches=16, batch_size=8, seq_len=8192, examples=256,

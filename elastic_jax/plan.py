@@ -37,10 +37,12 @@ gradients of those intermediates, and the residual stream's gradient. H is the l
 teacher logits, the two log-softmaxes and the logits' gradient, plus the final norm's output. The teacher's forward
 keeps nothing but its logits. Token ids, masks and router activations are small and not counted.
 
-The model is conservative where implementations differ: attention is counted with its full [L/context, L] score
-matrix per head (a flash-attention kernel would not materialise it), Mamba with the chunked SSD (a fused kernel
-keeps less). ``--compile`` (when enough devices exist, e.g. virtual CPU devices) lowers and compiles the real
-train step and prints XLA's memory analysis next to the estimate.
+With a context axis of C > 1 devices that splits the sequence evenly, the model counts what the context-parallel
+ops (``elastic_jax.ops.context_parallel``) keep: ring attention's one [L/C, L/C] block of scores per head at a time
+and the per-hop accumulators and K/V blocks, the sharded SSD's all-gathered end states; otherwise attention's full
+[L, L] score matrix per head. Mamba is counted with the chunked SSD (a fused kernel keeps less). ``--compile``
+(when enough devices exist, e.g. virtual CPU devices) lowers and compiles the real train step and prints XLA's
+memory analysis next to the estimate.
 """
 
 from __future__ import annotations
@@ -61,16 +63,16 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.model import HybridLM, ModelConfig
 from elastic_jax.model.config import BLOCK_KINDS, BlockSpec
+from elastic_jax.ops.context_parallel import CONTEXT_AXIS
 from elastic_jax.train import sharding as sharding_lib
-from elastic_jax.train.config import elastic_setup_from_config, optimizers_from_config, plain, stages_from_config
+from elastic_jax.train.config import (elastic_setup_from_config, memory_from_config, optimizers_from_config, plain,
+                                     stages_from_config)
 from elastic_jax.train.flops import elastic_step_flops, forward_flops_per_token
 from elastic_jax.train.loop import Stage
 from elastic_jax.train.optim import make_optimizer
 from elastic_jax.train.step import ElasticSetup, init_elastic_state, make_elastic_step
 
 GB = 1e9
-REMAT_POLICIES = ("none", "full", "dots")
-TEACHER_DTYPES = ("float32", "bfloat16")
 _EMBED = ("batch", "length", "embed")
 
 
@@ -120,24 +122,11 @@ class MemorySettings:
 
 
 def memory_settings(config: Any) -> MemorySettings:
-  """Reads ``config.memory``: ``remat`` (a policy for every block kind, or a dict per kind, absent kinds "none"),
-  ``grad_accum_steps`` (1) and ``teacher_dtype`` ("float32")."""
-  memory = plain(config.get("memory"))
-  kinds = tuple(BLOCK_KINDS.values())
-  remat = memory.get("remat") or {}
-  remat = {kind: remat for kind in kinds} if isinstance(remat, str) else plain(remat)
-  for kind, policy in remat.items():
-    if kind not in kinds:
-      raise ValueError(f"config.memory.remat has block kind {kind!r}; the kinds are {kinds}.")
-    if policy not in REMAT_POLICIES:
-      raise ValueError(f"config.memory.remat[{kind!r}]={policy!r} is not a policy; use one of {REMAT_POLICIES}.")
-  accum = memory.get("grad_accum_steps", 1)
-  if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
-    raise ValueError(f"config.memory.grad_accum_steps={accum!r} must be a positive integer (1 = no accumulation).")
-  teacher_dtype = memory.get("teacher_dtype", "float32")
-  if teacher_dtype not in TEACHER_DTYPES:
-    raise ValueError(f"config.memory.teacher_dtype={teacher_dtype!r} is not one of {TEACHER_DTYPES}.")
-  return MemorySettings(tuple((kind, remat.get(kind, "none")) for kind in kinds), accum, teacher_dtype)
+  """``config.memory`` as the training reads it (``memory_from_config``), with a policy for every block kind."""
+  memory = memory_from_config(config)
+  remat = dict(memory.remat)
+  return MemorySettings(tuple((kind, remat.get(kind, "none")) for kind in BLOCK_KINDS.values()),
+                        memory.grad_accum_steps, memory.teacher_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +239,14 @@ class _Tensor:
   saved_by_dots: bool = False  # a projection output: what the "dots" remat policy keeps
 
 
-def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int) -> list[_Tensor]:
-  """The forward intermediates of one block on a micro-batch of b sequences of l tokens (N_b's terms)."""
+def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context: int = 1) -> list[_Tensor]:
+  """The forward intermediates of one block on a micro-batch of b sequences of l tokens (N_b's terms).
+
+  ``context`` > 1 (a context axis that splits l evenly) counts the context-parallel paths of
+  ``elastic_jax.ops.context_parallel``: ring attention holds one [l/C, l/C] score block per head at a time plus the
+  per-hop softmax accumulators and K/V blocks the ring's scan keeps for its backward, and the sharded SSD the
+  all-gathered [C, h, p, n] end states.
+  """
   c = jnp.dtype(config.dtype).itemsize
   d, f32 = config.hidden_size, 4
   out = [_Tensor((b, l, d), _EMBED, f32),  # pre-norm output (fp32, masked)
@@ -266,12 +261,19 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int) -> list
   elif spec.kind == "attention":
     hq, hkv, hd = spec.num_attention_heads, config.num_key_value_heads, config.head_dim
     q_axes, kv_axes = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
-    scores = ("batch", "heads", "length", None)  # keys stay whole: every query shard sees every key
     out += [_Tensor((b, l, hq, hd), q_axes, c, True),
-            _Tensor((b, l, hkv, hd), kv_axes, c, True), _Tensor((b, l, hkv, hd), kv_axes, c, True),
-            _Tensor((b, hq, l, l), scores, f32),  # masked scores
-            _Tensor((b, hq, l, l), scores, c),  # probabilities in the compute dtype (the PV matmul's operand)
-            _Tensor((b, l, hq, hd), q_axes, c), _Tensor((b, l, hq, hd), q_axes, c),  # core output, head-masked
+            _Tensor((b, l, hkv, hd), kv_axes, c, True), _Tensor((b, l, hkv, hd), kv_axes, c, True)]
+    if context > 1:  # ring attention: one [l/C, l/C] block of scores and of probabilities (fp32) at a time
+      block, per_hop = math.ceil(l / context), ("batch", None, "heads", "head_dim")
+      out += [_Tensor((b, hq, block, block), ("batch", "heads", None, None), f32)] * 2
+      out += [_Tensor((b, l, hq, hd), per_hop, f32),  # the running accumulator, kept for each of the C hops
+              _Tensor((b, l, hkv, hd), ("batch", None, "kv_heads", "head_dim"), c),  # the K and V blocks of
+              _Tensor((b, l, hkv, hd), ("batch", None, "kv_heads", "head_dim"), c)]  # every hop
+    else:  # the full core: every query against every key
+      scores = ("batch", "heads", "length", None)
+      out += [_Tensor((b, hq, l, l), scores, f32),  # masked scores
+              _Tensor((b, hq, l, l), scores, c)]  # probabilities in the compute dtype (the PV matmul's operand)
+    out += [_Tensor((b, l, hq, hd), q_axes, c), _Tensor((b, l, hq, hd), q_axes, c),  # core output, head-masked
             _Tensor((b, l, d), _EMBED, c, True)]  # o_proj output
   else:
     h, p, g, n, q = spec.mamba_num_heads, spec.mamba_head_dim, config.n_groups, config.ssm_state_size, \
@@ -292,6 +294,8 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int) -> list
     out += [_Tensor((b, l, h, p), heads, f32)]
     out += [_Tensor((b, chunks, h, p, n), ("batch", "length", "ssm_heads", "ssm_head_dim", "ssm_state"), f32)] * 2
     out += [_Tensor((b, l, h, p), heads, f32)] * 2
+    if context > 1:  # every shard's end state, all-gathered
+      out += [_Tensor((b, context, h, p, n), ("batch", None, "ssm_heads", "ssm_head_dim", "ssm_state"), f32)]
     out += [_Tensor((b, l, h, p), heads, f32)] * 2 + [_Tensor((b, l, h, p), heads, c)]  # gated norm: gated, normed
     out += [_Tensor((b, l, d), _EMBED, c, True)]  # out_proj output
   return out
@@ -306,10 +310,12 @@ def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, settin
     return per_device_bytes(t.shape, t.itemsize, nn.logical_to_mesh_axes(t.axes, rules), sizes)
 
   b, l, d, v = micro_batch, seq_len, config.hidden_size, config.vocab_size
+  context = sizes.get(CONTEXT_AXIS, 1)
+  context = context if context > 1 and l % context == 0 else 1  # else the model's single-device path runs
   block_input = nbytes(_Tensor((b, l, d), _EMBED, 4))
   saved_total, working_max, forward_max = 0, 0, 0
   for spec in config.block_specs():
-    tensors = _block_tensors(config, spec, b, l)
+    tensors = _block_tensors(config, spec, b, l, context)
     everything = sum(nbytes(t) for t in tensors)
     dots = sum(nbytes(t) for t in tensors if t.saved_by_dots)
     kept = {"none": everything, "dots": dots, "full": 0}[settings.policy(spec.kind)]
@@ -439,24 +445,52 @@ def _mesh_axes_of(logical: str, rules: Sequence) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ XLA's view
-def compiled_memory(config: Any, stage_index: int = 0) -> dict[str, float]:
-  """Lowers and compiles the real elastic train step of stage ``stage_index`` on the configured mesh (needs that
-  many devices; virtual CPU devices work) and returns XLA's memory analysis in bytes per device.
+@dataclasses.dataclass
+class JittedStep:
+  """The elastic train step of a run config, jitted over a real mesh as the training loop jits it."""
 
-  The step is jitted as the training loop jits it: ``make_elastic_step`` with the train state, the teacher (in
-  ``memory.teacher_dtype``, sharded like the params), the token batch and the budget probabilities in their
-  shardings, the state donated, under the mesh and the logical-axis rules.
-  """
+  step: Any  # jax.jit(make_elastic_step(...)) with in/out shardings, the state donated
+  setup: ElasticSetup
+  tx: Any
+  router_tx: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  state_shardings: Any
+  abstract_state: Any  # ShapeDtypeStructs with their shardings
+  abstract_teacher: Any  # the params' shapes in memory.teacher_dtype, sharded like the params
+  tokens_sharding: Any
+  replicated: Any
+
+  def abstract_inputs(self, stage: Stage) -> tuple:
+    """Every argument of the step for ``stage`` as shapes: (state, teacher, tokens [b, l+1], budget probs)."""
+    tokens = jax.ShapeDtypeStruct((stage.batch_size, stage.seq_len + 1), jnp.int32, sharding=self.tokens_sharding)
+    probs = jax.ShapeDtypeStruct((len(self.setup.budgets),), jnp.float32, sharding=self.replicated)
+    return self.abstract_state, self.abstract_teacher, tokens, probs
+
+  def lower(self, stage: Stage):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.step.lower(*self.abstract_inputs(stage))
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.step(*args)
+
+
+def jit_elastic_step(config: Any, devices: Sequence[jax.Device] | None = None) -> JittedStep:
+  """``make_elastic_step`` of a run config (identity depth order: shapes do not depend on it), jitted with the train
+  state, the teacher (sharded like the params), the token batch and the budget probabilities in their shardings on
+  the configured mesh over ``devices`` (default: the first ``num_devices`` devices), the state donated."""
   model_config = ModelConfig.from_dict(config.model)
   settings = memory_settings(config)
   hardware = hardware_from_config(config)
-  if jax.device_count() < hardware.num_devices:
-    raise ValueError(f"--compile needs {hardware.num_devices} devices for mesh {hardware.axis_sizes} but "
-                     f"{jax.device_count()} exist; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
-                     f"{hardware.num_devices} before starting Python.")
+  devices = list(jax.devices()[:hardware.num_devices] if devices is None else devices)
+  if len(devices) < hardware.num_devices:
+    raise ValueError(f"the mesh {hardware.axis_sizes} needs {hardware.num_devices} devices but {len(devices)} "
+                     f"exist; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={hardware.num_devices} "
+                     "before starting Python, or change config.mesh.shape.")
   stages = stages_from_config(config)
   setup, optimizer, router_optimizer, total_steps = _setup_and_optimizers(config, model_config, stages)
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:hardware.num_devices]).reshape(hardware.mesh_shape),
+  mesh = jax.sharding.Mesh(np.asarray(devices[:hardware.num_devices]).reshape(hardware.mesh_shape),
                            tuple(sharding_lib.MESH_AXES))
   tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
   boxed = abstract_boxed_state(setup, tx, router_tx)
@@ -470,13 +504,15 @@ def compiled_memory(config: Any, stage_index: int = 0) -> dict[str, float]:
   state = jax.tree.map(struct, shapes, shardings)
   teacher = jax.tree.map(lambda x, s: struct(x, s, jnp.dtype(settings.teacher_dtype)), shapes.params,
                          shardings.params)
-  stage = stages[stage_index]
-  tokens = jax.ShapeDtypeStruct((stage.batch_size, stage.seq_len + 1), jnp.int32,
-                                sharding=tokens_sharding)
-  probs = jax.ShapeDtypeStruct((len(setup.budgets),), jnp.float32, sharding=replicated)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(hardware.rules):
-    compiled = step.lower(state, teacher, tokens, probs).compile()
-  analysis = compiled.memory_analysis()
+  return JittedStep(step, setup, tx, router_tx, mesh, hardware.rules, shardings, state, teacher, tokens_sharding,
+                    replicated)
+
+
+def compiled_memory(config: Any, stage_index: int = 0) -> dict[str, float]:
+  """Lowers and compiles the real elastic train step of stage ``stage_index`` on the configured mesh (needs that
+  many devices; virtual CPU devices work) and returns XLA's memory analysis in bytes per device."""
+  jitted = jit_elastic_step(config)
+  analysis = jitted.lower(stages_from_config(config)[stage_index]).compile().memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")
   out = {name: float(getattr(analysis, name)) for name in fields}
@@ -485,9 +521,24 @@ def compiled_memory(config: Any, stage_index: int = 0) -> dict[str, float]:
   return out
 
 
+def detect_device(device: jax.Device | None = None) -> str:
+  """The ``DEVICES`` key of a JAX device from its ``device_kind`` (e.g. "NVIDIA H100 80GB HBM3" -> "h100")."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  if device.platform == "cpu":
+    return "cpu"
+  for pattern, name in (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("v5p", "v5p"), ("v5 lite", "v5e"),
+                        ("v5e", "v5e"), ("v5", "v5p"), ("v4", "v4")):
+    if pattern in kind:
+      return name
+  raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; pass the device name (one of "
+                   f"{sorted(DEVICES)}) explicitly.")
+
+
 # ------------------------------------------------------------------------------------------------ report
-def _gb(x: float) -> str:
-  return f"{x / GB:,.2f} GB"
+def format_bytes(x: float) -> str:
+  """GB (1e9 bytes) from 0.1 GB up, MB below: the table stays readable for 12B and tiny runs alike."""
+  return f"{x / GB:,.2f} GB" if abs(x) >= 0.1 * GB else f"{x / 1e6:,.2f} MB"
 
 
 def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None = None) -> str:
@@ -497,8 +548,8 @@ def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None =
   lines = [
       f"{plan.name}: {param_count(plan.config):,} params, pattern {plan.config.pattern} ({plan.config.num_layers} "
       f"blocks), params {plan.config.param_dtype}, compute {plan.config.dtype}",
-      f"on {hw.num_devices} x {hw.device.description} ({_gb(hw.device.hbm_bytes)} each, "
-      f"{hw.usable_fraction:.0%} usable = {_gb(hw.device.hbm_bytes * hw.usable_fraction)}), mesh "
+      f"on {hw.num_devices} x {hw.device.description} ({format_bytes(hw.device.hbm_bytes)} each, "
+      f"{hw.usable_fraction:.0%} usable = {format_bytes(hw.device.hbm_bytes * hw.usable_fraction)}), mesh "
       + " ".join(f"{k}={v}" for k, v in hw.axis_sizes.items()),
       f"memory: remat {', '.join(f'{k}={v}' for k, v in s.remat)}; grad_accum_steps {s.grad_accum_steps}; "
       f"teacher {s.teacher_dtype}",
@@ -516,19 +567,19 @@ def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None =
   labels = {"params": "student params", "opt_state": "optimizer state (mu, nu)", "teacher": "teacher",
             "router": "router (+ step, PRNG)", "gradients": "gradients", "activations": "activations (micro-batch)"}
   for key, label in labels.items():
-    lines.append(row(f"  {label}", [_gb(st.memory[key]) for st in stages]))
+    lines.append(row(f"  {label}", [format_bytes(st.memory[key]) for st in stages]))
   terms = {"saved_by_blocks": "saved by the blocks", "block_backward_working_set": "one block's backward",
            "logits_and_loss": "logits and KD loss", "teacher_forward": "teacher forward (peak)"}
   for key, label in terms.items():
-    lines.append(row(f"    {label}", [_gb(st.activation_terms[key]) for st in stages]))
-  lines.append(row("  total", [_gb(st.memory["total"]) for st in stages]))
-  lines.append(row("  usable HBM", [_gb(st.capacity) for st in stages]))
+    lines.append(row(f"    {label}", [format_bytes(st.activation_terms[key]) for st in stages]))
+  lines.append(row("  total", [format_bytes(st.memory["total"]) for st in stages]))
+  lines.append(row("  usable HBM", [format_bytes(st.capacity) for st in stages]))
   lines.append(row("  verdict", ["FITS" if st.fits else "DOES NOT FIT" for st in stages]))
-  lines.append(row("  margin", [_gb(st.margin) for st in stages]))
+  lines.append(row("  margin", [format_bytes(st.margin) for st in stages]))
   if compiled:
-    lines.append(row("  XLA temp (compiled)", [_gb(compiled[st.name]["temp_size_in_bytes"]) if st.name in compiled
+    lines.append(row("  XLA temp (compiled)", [format_bytes(compiled[st.name]["temp_size_in_bytes"]) if st.name in compiled
                                                else "-" for st in stages]))
-    lines.append(row("  XLA total (args+out-alias+temp)", [_gb(compiled[st.name]["total"]) if st.name in compiled
+    lines.append(row("  XLA total (args+out-alias+temp)", [format_bytes(compiled[st.name]["total"]) if st.name in compiled
                                                            else "-" for st in stages]))
   lines.append(row("model FLOPs per step", [f"{st.flops_per_step:.3e}" for st in stages]))
   lines.append(row(f"time per step at {hw.mfu:.0%} MFU", [f"{st.seconds_per_step:,.2f} s" for st in stages]))
