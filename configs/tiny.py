@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
       budgets=[1.0, 0.75, 0.5],
       space=dict(hidden=[64, 80, 96, 112, 128], mlp=[96, 192, 288, 384], attention_heads=[2, 4],
                  mamba_heads=[4, 6, 8], mamba_head_dim=[16, 24, 32], depth=[5, 6]),
-      router=dict(width=64, tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0),
+      router=dict(width=64, estimator="chosen", tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0),
       dead_zone=0.02,
       stratified=True,
   ))

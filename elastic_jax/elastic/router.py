@@ -173,17 +173,39 @@ def router_axes(space: ElasticSpace, config: ModelConfig) -> tuple[RouterAxis, .
   return tuple(axes)
 
 
-def candidate_weights(samples: dict[str, AxisSample], space: ElasticSpace, *, hard: bool = True
-                      ) -> dict[str, Array]:
+ESTIMATORS = ("chosen", "softmax")
+
+
+def candidate_weights(samples: dict[str, AxisSample], space: ElasticSpace, *, hard: bool = True,
+                      estimator: str = "chosen") -> dict[str, Array]:
   """Per-axis weights over candidates for ``masks_from_weights``.
 
-  hard=True: one-hot of the sampled choice times its straight-through weight (the exact binary mask forward,
-  router gradients backward). hard=False: the Gumbel-softmax probabilities (the soft staircase mask).
-  Heterogeneous axes are [b, L, C]; the others [b, C].
+  hard=True: the one-hot of the sampled choice in the forward pass (the exact binary mask), with router gradients
+  from one of two straight-through estimators:
+
+  - ``"chosen"`` (D-5): ``one_hot · p_index / stop_gradient(p_index)``. Only the chosen option's probability gets a
+    gradient: d loss / d(scale of the chosen mask). That derivative mixes in how a uniform gain on the kept channels
+    would change the loss, which rewards whatever was sampled, small choices most (they lost the most signal).
+  - ``"softmax"`` (straight-through Gumbel-softmax): ``one_hot + p - stop_gradient(p)``. Every candidate's relaxed
+    weight gets ``<d loss / d mask, mask_candidate>``; the part all nested candidates share (the common prefix, and
+    so any uniform gain) is the same for every candidate and cancels in the softmax, leaving the loss change of
+    adding or removing the channels between candidates: a larger choice is preferred exactly when its extra
+    channels lower the loss.
+
+  hard=False: the Gumbel-softmax probabilities themselves (the soft staircase mask). Heterogeneous axes are
+  [b, L, C]; the others [b, C].
   """
+  if estimator not in ESTIMATORS:
+    raise ValueError(f"router estimator={estimator!r} is not one of {ESTIMATORS}.")
   weights = {}
   for name, s in samples.items():
-    weights[name] = jax.nn.one_hot(s.index, s.probs.shape[-1]) * s.st_weight[..., None] if hard else s.probs
+    one_hot = jax.nn.one_hot(s.index, s.probs.shape[-1], dtype=s.probs.dtype)
+    if not hard:
+      weights[name] = s.probs
+    elif estimator == "chosen":
+      weights[name] = one_hot * s.st_weight[..., None]
+    else:
+      weights[name] = one_hot + (s.probs - jax.lax.stop_gradient(s.probs))
   return _layout(weights, space)
 
 

@@ -35,7 +35,7 @@ from elastic_jax.train.step import TEACHER_DTYPES, ElasticSetup, check_grad_accu
 
 T = TypeVar("T")
 _MEMORY_KEYS = ("remat", "grad_accum_steps", "teacher_dtype")
-_ROUTER_KEYS = ("width", "hard", "tau_start", "tau_end", "scale_start", "scale_end", "tau_decay")
+_ROUTER_KEYS = ("width", "hard", "estimator", "tau_start", "tau_end", "scale_start", "scale_end", "tau_decay")
 _ELASTIC_KEYS = ("budgets", "space", "router", "kd_temperature", "ce_weight", "router_loss_weight", "dead_zone",
                  "stratified", "budget_metric", "memory_context")
 
@@ -118,8 +118,10 @@ def elastic_setup_from_config(config: Any, model_config: ModelConfig, depth_orde
   space = ElasticSpace.from_dict(plain(elastic.pop("space", None)), model_config)
   budgets = tuple(float(b) for b in elastic.pop("budgets", (1.0, 0.75, 0.5)))
   width, hard = router.pop("width", 256), router.pop("hard", True)
+  estimator = router.pop("estimator", "chosen")
   schedule = RouterSchedule(total_steps=total_steps, **router)
   memory = memory_from_config(config)
   return ElasticSetup(model_config, space, budgets, tuple(int(i) for i in depth_order), schedule,
-                      router_width=width, hard=hard, grad_accum_steps=memory.grad_accum_steps, remat=memory.remat,
+                      router_width=width, hard=hard, estimator=estimator,
+                      grad_accum_steps=memory.grad_accum_steps, remat=memory.remat,
                       teacher_dtype=memory.teacher_dtype, **elastic)

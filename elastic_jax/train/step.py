@@ -169,6 +169,7 @@ class ElasticSetup:
   schedule: router_lib.RouterSchedule
   router_width: int = 256
   hard: bool = True
+  estimator: str = "chosen"  # straight-through estimator of hard masks: "chosen" (D-5) or "softmax"
   kd_temperature: float = 1.0
   ce_weight: float = 0.0
   router_loss_weight: float = 1.0
@@ -189,6 +190,8 @@ class ElasticSetup:
     check_grad_accum_steps(self.grad_accum_steps)
     if self.teacher_dtype not in TEACHER_DTYPES:
       raise ValueError(f"teacher_dtype={self.teacher_dtype!r} is not one of {TEACHER_DTYPES}.")
+    if self.estimator not in router_lib.ESTIMATORS:
+      raise ValueError(f"router estimator={self.estimator!r} is not one of {router_lib.ESTIMATORS}.")
     if not self.budgets:
       raise ValueError("budgets is empty: give at least one target fraction, e.g. (1.0, 0.75, 0.5).")
     for b in self.budgets:
@@ -289,7 +292,7 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
       index, micro_inputs, micro_next = micro
       # The router is tiny: rerouting the global batch and taking this micro-batch's rows keeps the noise global.
       samples = jax.tree.map(lambda x: micro_rows(x, index, k), route(router_params))
-      weights = router_lib.candidate_weights(samples, space, hard=setup.hard)
+      weights = router_lib.candidate_weights(samples, space, hard=setup.hard, estimator=setup.estimator)
       masks = masks_from_weights(config, space, weights, depth_order)
       teacher_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, micro_inputs))
       logits = student.apply({"params": params}, micro_inputs, masks=masks)
