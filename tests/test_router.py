@@ -83,3 +83,59 @@ def test_full_choice_anchor_prefers_the_full_choice():
 def test_deterministic_choice_is_argmax():
   logits = {"hidden": jnp.array([[[0.1, 2.0, -1.0]], [[3.0, 0.0, 0.0]]])}
   np.testing.assert_array_equal(deterministic_choice(logits)["hidden"], [[1], [0]])
+
+
+def _nested_masks(weights: jax.Array, sizes: jax.Array, width: int) -> jax.Array:
+  """Σ_c weight_c · prefix_mask(size_c): the mixture masks_from_weights builds, on one toy axis."""
+  prefix = (jnp.arange(width)[None, :] < sizes[:, None]).astype(jnp.float32)  # [C, width]
+  return weights @ prefix
+
+
+def test_softmax_estimator_is_binary_forward_and_ignores_a_uniform_gain():
+  """Independent reference: the gradient of the loss w.r.t. each candidate's prefix mask, by hand.
+
+  The loss rewards the channels every candidate keeps (0..3, standing for a uniform gain) and channels 6..9 (real
+  extra capacity). 'softmax' must give the relaxed sample's Jacobian times <dL/dmask, prefix_c>, in which the shared
+  part cancels; 'chosen' only sees d loss / d(scale of the chosen mask), which here is the shared part alone.
+  """
+  from elastic_jax.elastic.router import AxisSample, candidate_weights  # pylint: disable=import-outside-toplevel
+  from elastic_jax.elastic.space import ElasticSpace  # pylint: disable=import-outside-toplevel
+  from conftest import small_config  # pylint: disable=import-outside-toplevel
+  config = small_config("-")
+  space = ElasticSpace.from_fractions(config, (1.0,))  # homogeneous layout: weights are [b, C]
+  sizes = jnp.array([4.0, 6.0, 10.0])
+  logits = jnp.array([[[0.3, 0.1, -0.2]]])
+  gumbel = jnp.array([[[0.9, 0.0, 0.0]]])  # fixed noise: candidate 0 (the smallest) is sampled
+  channel_value = jnp.concatenate([jnp.zeros(6), jnp.ones(4)])  # only channels 6..9 lower the loss
+
+  def loss(logits, estimator):
+    probs = jax.nn.softmax((logits + gumbel) / 0.5, axis=-1)
+    index = jnp.argmax(probs, axis=-1)
+    chosen = jnp.take_along_axis(probs, index[..., None], axis=-1)[..., 0]
+    sample = AxisSample(probs, index, chosen / jax.lax.stop_gradient(chosen))
+    weights = candidate_weights({"mlp": sample}, space, estimator=estimator)["mlp"]  # [1, C]
+    mask = _nested_masks(weights, sizes, 10)
+    # Channels 0..3 (kept by every candidate) stand for the gain term; channels 6..9 for real extra capacity.
+    return -jnp.sum(mask * channel_value) - 0.5 * jnp.sum(mask[..., :4]), mask
+
+  for estimator in ("softmax", "chosen"):
+    (_, mask), _ = jax.value_and_grad(loss, has_aux=True)(logits, estimator)
+    np.testing.assert_array_equal(mask, (jnp.arange(10) < 4)[None].astype(jnp.float32))  # exactly binary
+
+  grad = jax.grad(lambda l: loss(l, "softmax")[0])(logits)
+  # By hand: dL/dmask = -channel_value - 0.5·[c < 4]; <., prefix_c> = (-2, -2, -6) for sizes (4, 6, 10).
+  per_candidate = jnp.array([-2.0, -2.0, -6.0])
+  probs = jax.nn.softmax((logits + gumbel) / 0.5, axis=-1)[0, 0]
+  jacobian = (jnp.diag(probs) - jnp.outer(probs, probs)) / 0.5
+  np.testing.assert_allclose(grad[0, 0], jacobian @ per_candidate, rtol=1e-5)
+  assert float(grad[0, 0, 2]) < 0  # descent raises the logit of the candidate that keeps channels 6..9
+  # Adding the same amount to every candidate (a uniform gain on the shared prefix) does not change the gradient.
+  np.testing.assert_allclose(jacobian @ (per_candidate + 7.0), jacobian @ per_candidate, atol=1e-5)
+
+  grad_chosen = jax.grad(lambda l: loss(l, "chosen")[0])(logits)
+  # 'chosen' sees only <dL/dmask, prefix_0> = -2 through p_0: it reinforces the sampled smallest candidate.
+  expected = (jnp.eye(3)[0] - probs) * -2.0 / 0.5
+  np.testing.assert_allclose(grad_chosen[0, 0], expected, rtol=1e-5)
+  with pytest.raises(ValueError, match="estimator='other' is not one of"):
+    candidate_weights({"mlp": AxisSample(probs[None, None], jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)))},
+                      space, estimator="other")
