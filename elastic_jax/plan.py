@@ -554,7 +554,7 @@ def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None =
       f"memory: remat {', '.join(f'{k}={v}' for k, v in s.remat)}; grad_accum_steps {s.grad_accum_steps}; "
       f"teacher {s.teacher_dtype}",
       f"forward FLOPs per token at seq {plan.stages[0].seq_len}: "
-      + ", ".join(f"{k} {v / 1e9:.2f} G" for k, v in flops_model.items()),
+      + ", ".join(f"{k} {v / 1e9:.3g} G" for k, v in flops_model.items()),
       "",
   ]
   width = max(14, *(len(st.name) + 2 for st in plan.stages))

@@ -188,3 +188,12 @@ def test_cli_prints_json_with_overrides():
   assert out["memory_settings"]["grad_accum_steps"] == 8
   proxy = load_config("proxy_1b")
   assert [s["micro_batch"] for s in out["stages"]] == [stage["batch_size"] // 8 for stage in proxy.stages]
+
+
+def test_per_device_bytes_round_uneven_shards_up():
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  sizes = {"data": 2, "fsdp": 2, "tensor": 4, "context": 1}
+  # [7, 6] fp32 over fsdp x tensor: rows ceil(7/2) = 4, columns ceil(6/4) = 2 -> 4 * 2 * 4 bytes (XLA pads).
+  assert plan_lib.per_device_bytes((7, 6), 4, P("fsdp", "tensor"), sizes) == 32
+  # A dimension over two mesh axes, a trailing unsharded one, bf16: ceil(10 / 4) * 3 * 2 bytes.
+  assert plan_lib.per_device_bytes((10, 3), 2, P(("data", "fsdp")), sizes) == 18
