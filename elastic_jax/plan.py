@@ -65,8 +65,8 @@ from elastic_jax.model import HybridLM, ModelConfig
 from elastic_jax.model.config import BLOCK_KINDS, BlockSpec
 from elastic_jax.ops.context_parallel import CONTEXT_AXIS
 from elastic_jax.train import sharding as sharding_lib
-from elastic_jax.train.config import (elastic_setup_from_config, memory_from_config, optimizers_from_config, plain,
-                                     stages_from_config)
+from elastic_jax.train.config import (check_keys, elastic_setup_from_config, memory_from_config, optimizers_from_config,
+                                     plain, stages_from_config)
 from elastic_jax.train.flops import elastic_step_flops, forward_flops_per_token
 from elastic_jax.train.loop import Stage
 from elastic_jax.train.optim import make_optimizer
@@ -160,7 +160,9 @@ def hardware_from_config(config: Any, device: str | None = None, mfu: float | No
   on the data axis). Its product must equal ``config.plan.num_devices`` when that is given.
   """
   plan_cfg = plain(config.get("plan"))
+  check_keys(plan_cfg, ("device", "num_devices", "mfu"), "config.plan")
   mesh_cfg = plain(config.get("mesh"))
+  check_keys(mesh_cfg, ("shape", "rules"), "config.mesh")
   axes = tuple(sharding_lib.MESH_AXES)
   shape = tuple(int(n) for n in (mesh_cfg.get("shape") or ()))
   claimed = plan_cfg.get("num_devices")
@@ -276,8 +278,8 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context
     out += [_Tensor((b, l, hq, hd), q_axes, c), _Tensor((b, l, hq, hd), q_axes, c),  # core output, head-masked
             _Tensor((b, l, d), _EMBED, c, True)]  # o_proj output
   else:
-    h, p, g, n, q = spec.mamba_num_heads, spec.mamba_head_dim, config.n_groups, config.ssm_state_size, \
-        config.chunk_size
+    h, p = spec.mamba_num_heads, spec.mamba_head_dim
+    g, n, q = config.n_groups, config.ssm_state_size, config.chunk_size
     heads, groups = ("batch", "length", "ssm_heads", "ssm_head_dim"), ("batch", "length", "ssm_groups", "ssm_state")
     per_head = ("batch", "length", "ssm_heads")
     chunks = math.ceil(l / q)
