@@ -2,7 +2,8 @@
 
     python -m elastic_jax.plan --config configs/nano_v2_12b.py            # will it fit? (no weights needed)
     python -m elastic_jax.train --config configs/nano_v2_12b.py \\
-        --config.parent.hf_path=/data/NVIDIA-Nemotron-Nano-12B-v2-Base --config.data.paths=/data/corpus
+        --config.parent.hf_path=/data/NVIDIA-Nemotron-Nano-12B-v2-Base --config.data.paths=/data/corpus \\
+        --config.data.tokenizer=/data/NVIDIA-Nemotron-Nano-12B-v2-Base/tokenizer.json
 
 Parent: the NVIDIA Nemotron Nano V2 12B *base* checkpoint in Hugging Face format (``config.json``,
 ``model.safetensors.index.json`` and its shards, see spec/hf_nemotron_h.md), downloaded to a local directory (e.g.
@@ -48,8 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="bfloat16",  # compute; params and optimizer state stay fp32, norms/softmax/SSD decays fp32
       param_dtype="float32",
   ))
-  # Your own corpus: JSONL files with a "text" field, text files, or directories of them.
-  config.data = ml_collections.ConfigDict(dict(kind="files", paths=""))
+  # Your own corpus (JSONL files with a "text" field, text files, or directories of them), tokenized with the
+  # checkpoint's own tokenizer: tokenizer="<hf_path>/tokenizer.json".
+  config.data = ml_collections.ConfigDict(dict(kind="files", paths="", tokenizer=""))
   config.parent = ml_collections.ConfigDict(dict(hf_path="", pretrain_steps=0, batch_size=1, seq_len=8192,
                                                  learning_rate=1e-4, warmup_steps=0))
   # Spec §4: calibration on 1024 samples x 8192 tokens (128 batches of 8).

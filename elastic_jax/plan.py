@@ -51,6 +51,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -619,7 +620,11 @@ def _cli() -> None:
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     plan = make_plan(cfg, name, device.value, mfu.value, usable.value)
     compiled = None
-    if compile_.value:
+    if compile_.value and jax.device_count() < plan.hardware.num_devices:
+      print(f"--compile skipped: the mesh needs {plan.hardware.num_devices} devices and {jax.device_count()} exist "
+            f"(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count={plan.hardware.num_devices}).",
+            file=sys.stderr)
+    elif compile_.value:
       compiled = {stage.name: compiled_memory(cfg, index) for index, stage in enumerate(plan.stages)}
     if as_json.value:
       out = plan.to_json()
