@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_collections
+import numpy as np
 
+from elastic_jax.elastic.extract import extract
+from elastic_jax.elastic.space import Choice
 from elastic_jax.train.__main__ import evaluate_and_report
+from elastic_jax.train.checkpoint import load_model
 from elastic_jax.train.pipeline import run_pipeline
 
 
@@ -35,12 +40,28 @@ def test_pipeline_runs_every_phase_and_resumes_without_redoing_them(tmp_path, ca
   result = run_pipeline(cfg, workdir)
   files = evaluate_and_report(cfg, workdir, result)
   for phase in ("parent/DONE", "importance/rankings.json", "permuted/DONE", "elastic/deployed_choices.json",
+                "elastic/student/DONE",
                 "children/100pct/DONE", "children/60pct/DONE", "baselines/60pct/DONE", "report.md", "report.json"):
     assert os.path.exists(os.path.join(workdir, phase)), phase
   report = json.loads(open(os.path.join(workdir, "report.json"), encoding="utf-8").read())
   rows = report["rows"] if isinstance(report, dict) and "rows" in report else report
   assert [r["budget"] for r in rows] == ["parent", "100pct", "60pct"]
   assert "report.md" in " ".join(str(v) for v in files.values())
+
+  # Children are slices of the elastically trained student; pruned baselines slices of the untrained parent.
+  _, student = load_model(os.path.join(workdir, "elastic", "student", "model"))
+  _, permuted = load_model(os.path.join(workdir, "permuted", "model"))
+  depth_order = [int(i) for i in json.load(open(os.path.join(workdir, "importance", "rankings.json")))["depth"]]
+  records = json.load(open(os.path.join(workdir, "elastic", "deployed_choices.json"), encoding="utf-8"))
+  for record in records:
+    name = f"{int(round(100 * record['budget']))}pct"
+    _, saved = load_model(os.path.join(workdir, "children", name, "model"))
+    _, sliced = extract(result["config"], student, Choice.from_dict(record["choice"]), depth_order)
+    jax.tree.map(np.testing.assert_array_equal, saved, sliced)
+  _, full_child = load_model(os.path.join(workdir, "children", "100pct", "model"))
+  trained = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), full_child,
+                                         permuted))
+  assert any(trained)  # the 100% child carries the trained weights, not the parent's
 
   stamps = {p: os.path.getmtime(os.path.join(workdir, p)) for p in ("parent/DONE", "permuted/DONE")}
   capsys.readouterr()

@@ -158,23 +158,32 @@ def permutation_phase(workdir: str, config: ModelConfig, params: Params, ranks: 
 
 
 def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, ranks: Rankings,
-                  make_data: Callable) -> list[dict[str, Any]]:
+                  make_data: Callable) -> tuple[list[dict[str, Any]], Params]:
+  """Elastic training; returns each budget's deployed choice and the trained student, the weights every child is
+  sliced from. The student is saved to ``W/elastic/student`` once training is complete."""
   path = os.path.join(workdir, "elastic")
   choices_file = os.path.join(path, "deployed_choices.json")
-  if os.path.exists(choices_file):
+  student_path, done = _phase(path, "student", "DONE")
+  if done:
     _log(f"elastic training: reusing {path}")
-    return _read_json(choices_file)
+    return _read_json(choices_file), _load(student_path, config)
   stages = stages_from_config(cfg)
   total = sum(stage.steps for stage in stages)
   setup = elastic_setup_from_config(cfg, config, [int(i) for i in ranks.depth], total)
   optimizer, router_optimizer = optimizers_from_config(cfg)
   mesh, rules = mesh_from_config(cfg)
   # The teacher is also the student's starting point: the loop copies it into the student's sharded train state.
-  train_elastic(setup, stages, teacher, teacher, make_data, path, optimizer=optimizer,
+  result = train_elastic(setup, stages, teacher, teacher, make_data, path, optimizer=optimizer,
                 router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=10,
                 checkpoint_every=int(cfg.get("checkpoint_every", 100)),
                 metadata={"rankings": _rankings_to_json(ranks)}, mesh=mesh, rules=rules)
-  return _read_json(choices_file)
+  if result.preempted:
+    raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to resume.")
+  os.makedirs(student_path, exist_ok=True)
+  save_model(os.path.join(student_path, "model"), config.to_dict(), result.state.params,
+             {"step": int(result.state.step), "depth_order": [int(i) for i in ranks.depth]})
+  _mark_done(student_path)
+  return _read_json(choices_file), result.state.params
 
 
 def mesh_from_config(cfg: Any) -> tuple[Any, tuple]:
@@ -194,9 +203,11 @@ def mesh_from_config(cfg: Any) -> tuple[Any, tuple]:
   return make_mesh(tuple(shape) if shape else None), rules
 
 
-def extraction_phase(workdir: str, config: ModelConfig, permuted: Params, ranks: Rankings,
+def extraction_phase(workdir: str, config: ModelConfig, student: Params, permuted: Params, ranks: Rankings,
                      records: list[dict[str, Any]], space_cfg: Any) -> list[dict[str, Any]]:
-  """Each budget's child (router argmax) and the zero-shot pruned model of the same size from the same ranking."""
+  """Each budget's child: the router's argmax choice sliced from the elastically trained ``student``; and the
+  zero-shot pruned baseline of the same size: a choice of that size sliced from the untrained ``permuted`` parent
+  (same importance ranking, no training)."""
   from elastic_jax.elastic.space import ElasticSpace  # pylint: disable=import-outside-toplevel
   space = ElasticSpace.from_dict(plain(space_cfg), config)
   depth_order = [int(i) for i in ranks.depth]
@@ -205,9 +216,9 @@ def extraction_phase(workdir: str, config: ModelConfig, permuted: Params, ranks:
     name = f"{int(round(100 * record['budget']))}pct"
     choice = Choice.from_dict(record["choice"])
     baseline = select_choice(config, space, record["params"], tolerance=0.02, depth_order=depth_order)
-    for kind, pick in (("children", choice), ("baselines", baseline)):
+    for kind, pick, source in (("children", choice, student), ("baselines", baseline, permuted)):
       path = os.path.join(workdir, kind, name)
-      child_config, child_params = extract(config, permuted, pick, depth_order)
+      child_config, child_params = extract(config, source, pick, depth_order)
       if not os.path.exists(os.path.join(path, "DONE")):
         os.makedirs(path, exist_ok=True)
         save_model(os.path.join(path, "model"), child_config.to_dict(), child_params,
@@ -241,8 +252,8 @@ def run_pipeline(cfg: Any, workdir: str) -> dict[str, Any]:
                                   process_count=1)
   ranks = importance_phase(cfg, workdir, config, params, calibration_data)
   permuted = permutation_phase(workdir, config, params, ranks)
-  records = elastic_phase(cfg, workdir, config, permuted, ranks, make_data)
-  models = extraction_phase(workdir, config, permuted, ranks, records, cfg.elastic.space)
+  records, student = elastic_phase(cfg, workdir, config, permuted, ranks, make_data)
+  models = extraction_phase(workdir, config, student, permuted, ranks, records, cfg.elastic.space)
   _log(f"phases done in {time.perf_counter() - started:.0f} s")
   return {"config": config, "parent": permuted, "models": models, "records": records, "source": source,
           "tokenizer": tokenizer}
