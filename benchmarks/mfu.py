@@ -19,7 +19,6 @@ tokens, one micro-batch and one device, so the script runs in a minute or two on
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 
 import jax
@@ -38,7 +37,7 @@ from elastic_jax.train.flops import elastic_step_flops
 from elastic_jax.train.step import init_elastic_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a Python run config (get_config()).",
-                                          lock_config=False)
+                                          lock_config=True)
 _STAGE = flags.DEFINE_integer("stage", 0, "Index of the stage whose batch shape is timed.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the compile and 2 warm-up steps).")
 _DEVICE = flags.DEFINE_string("device", None, "Peak FLOP/s of which device kind (default: detected).")
@@ -127,4 +126,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  app.run(main)
