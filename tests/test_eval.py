@@ -143,7 +143,7 @@ def test_grade_rejects_mismatched_lengths():
 
 
 ROWS = [
-    dict(budget="full", params=1234567, ppl=3.14159, accuracy_short=0.625, accuracy_long=0.5),
+    dict(budget="full", params=1234567, ppl=3.14159, accuracy_short=0.625, accuracy_long=0.5, full_size=True),
     dict(budget="0.66", params=814000, ppl=4.5678, accuracy_short=0.5, accuracy_long=0.25, baseline_params=812345,
          baseline_ppl=5.25, baseline_accuracy_short=0.375, baseline_accuracy_long=0.125),
     dict(budget="0.5", params=617000, ppl=6.0, accuracy_short=0.125, accuracy_long=0.0, baseline_params=616999,
@@ -183,9 +183,11 @@ def test_write_report(tmp_path):
     assert text in mid
   for text in ("616,999", "6.000", "5.500", "12.5%", "0.0%"):
     assert text in small
-  assert "Budget full: no pruned baseline" in markdown
-  assert "Budget 0.66: the elastic child beats the pruned baseline" in markdown
-  assert "Budget 0.5: the elastic child does not beat the pruned baseline" in markdown
+  assert "Budget full: the full-size member; nothing is pruned" in markdown
+  assert ("Budget 0.66: the elastic child is better than the pruned baseline in accuracy and perplexity (mean "
+          "accuracy 37.5% vs 25.0%, perplexity 4.568 vs 5.250)") in markdown
+  assert ("Budget 0.5: the elastic child is not better than the pruned baseline in accuracy or perplexity (mean "
+          "accuracy 6.2% vs 12.5%, perplexity 6.000 vs 5.500)") in markdown
 
   saved = json.load(open(paths["json"], encoding="utf-8"))
   assert [row["budget"] for row in saved["rows"]] == ["full", "0.66", "0.5"]
@@ -195,11 +197,14 @@ def test_write_report(tmp_path):
     assert f"({os.path.basename(paths[key])})" in markdown
 
 
-def test_verdict_breaks_accuracy_ties_with_perplexity():
+def test_verdict_judges_accuracy_and_perplexity_separately():
   row = dict(budget="b", accuracy_short=0.5, baseline_accuracy_short=0.5, ppl=3.0, baseline_ppl=4.0)
-  assert "beats" in report.verdict(row) and "not" not in report.verdict(row)
+  assert "better than the pruned baseline in perplexity but not in accuracy" in report.verdict(row)  # a tie is no win
+  row["accuracy_short"] = 0.75
+  assert "better than the pruned baseline in accuracy and perplexity" in report.verdict(row)
   row["ppl"] = 5.0
-  assert "does not beat" in report.verdict(row)
+  assert "better than the pruned baseline in accuracy but not in perplexity" in report.verdict(row)
+  assert "no pruned baseline" in report.verdict(dict(budget="c", ppl=2.0))
 
 
 def test_report_without_curves_or_choices(tmp_path):

@@ -69,33 +69,39 @@ def format_accuracy(value: Any) -> str:
 
 
 def verdict(row: Mapping[str, Any]) -> str:
-  """One sentence: does the elastic child beat the pruned baseline of the same size at this budget?
+  """One sentence per budget: is the elastic child better than the pruned baseline of its size, in mean accuracy
+  (over the task sets both were measured on) and in perplexity, each judged on its own?
 
-  Accuracy decides (the mean over the task sets both were measured on); perplexity breaks a tie or decides alone
-  when no accuracy was measured for both.
+  A row with ``full_size`` true is the family's full-size member: nothing is pruned at that size, so it has no
+  pruned baseline and the parent row is its reference.
   """
   budget = row["budget"]
+  if row.get("full_size"):
+    return (f"Budget {budget}: the full-size member; nothing is pruned at this size, so the parent row is its "
+            "reference.")
   shared = [key for key in _ACCURACY_KEYS
             if _number(row.get(key)) is not None and _number(row.get(f"baseline_{key}")) is not None]
   has_ppl = _number(row.get("ppl")) is not None and _number(row.get("baseline_ppl")) is not None
   if not shared and not has_ppl:
     return f"Budget {budget}: no pruned baseline measured at this size, so no comparison."
-  ppl_text = (f"perplexity {format_ppl(row['ppl'])} vs {format_ppl(row['baseline_ppl'])}" if has_ppl else "")
+  wins, details = [], []
   if shared:
     elastic = sum(float(row[key]) for key in shared) / len(shared)
     baseline = sum(float(row[f"baseline_{key}"]) for key in shared) / len(shared)
-    accuracy_text = f"mean accuracy {format_accuracy(elastic)} vs {format_accuracy(baseline)}"
-    if elastic != baseline or not has_ppl:
-      beats = elastic > baseline
-      detail = accuracy_text + (f", {ppl_text}" if ppl_text else "")
-    else:
-      beats = float(row["ppl"]) < float(row["baseline_ppl"])
-      detail = f"{accuracy_text} (tied), {ppl_text}"
+    wins.append(("accuracy", elastic > baseline))
+    details.append(f"mean accuracy {format_accuracy(elastic)} vs {format_accuracy(baseline)}")
+  if has_ppl:
+    wins.append(("perplexity", float(row["ppl"]) < float(row["baseline_ppl"])))
+    details.append(f"perplexity {format_ppl(row['ppl'])} vs {format_ppl(row['baseline_ppl'])}")
+  better = [name for name, won in wins if won]
+  worse = [name for name, won in wins if not won]
+  if not worse:
+    summary = f"is better than the pruned baseline in {' and '.join(better)}"
+  elif not better:
+    summary = f"is not better than the pruned baseline in {' or '.join(worse)}"
   else:
-    beats = float(row["ppl"]) < float(row["baseline_ppl"])
-    detail = ppl_text
-  word = "beats" if beats else "does not beat"
-  return f"Budget {budget}: the elastic child {word} the pruned baseline ({detail})."
+    summary = f"is better than the pruned baseline in {better[0]} but not in {worse[0]}"
+  return f"Budget {budget}: the elastic child {summary} ({', '.join(details)})."
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
