@@ -76,13 +76,15 @@ def load_standalone_model(path: str) -> tuple[ModelConfig, Params, str]:
 def model_tokenizer(model_dir: str, tokenizer_path: str | None, vocab_size: int) -> Tokenizer:
   """``--tokenizer``, else the model folder's own ``tokenizer.json`` when it has one, else UTF-8 bytes; refused
   when its ids do not fit the model's vocabulary."""
+  where = f"--tokenizer {tokenizer_path}" if tokenizer_path else "the default byte tokenizer"
   if not tokenizer_path and os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
     tokenizer_path = os.path.join(model_dir, "tokenizer.json")
+    where = f"the model folder's {tokenizer_path}"
   try:
     tokenizer = load_tokenizer(tokenizer_path)
     check_vocab_fits(tokenizer, vocab_size)
   except (FileNotFoundError, ValueError) as error:
-    raise EvaluateError(f"--tokenizer {tokenizer_path or '(bytes)'}: {error}") from error
+    raise EvaluateError(f"{where}: {error}") from error
   return tokenizer
 
 
