@@ -10,7 +10,10 @@ become a device array: the elastic loop and the parent's pretraining loop both g
   detect the cluster) or ``off`` (run as a single process whatever the environment says).
 - ``ELASTIC_JAX_COORDINATOR`` (``host:port`` of process 0), ``ELASTIC_JAX_NUM_PROCESSES`` and
   ``ELASTIC_JAX_PROCESS_ID``: an explicit cluster, for launchers JAX does not detect (e.g. a GKE JobSet on GPUs).
-  All three or none; ``ELASTIC_JAX_LOCAL_DEVICE_IDS`` (comma-separated) optionally restricts the local devices.
+  All three or none.
+- ``ELASTIC_JAX_LOCAL_DEVICE_IDS`` (comma-separated, optional, any cluster): the devices this process drives. JAX
+  gives each SLURM / Open MPI task a single GPU (one process per GPU); set it to e.g. ``0,1,2,3,4,5,6,7`` to run one
+  process per node instead.
 - Otherwise, in ``auto`` mode, the clusters JAX detects by itself: a SLURM step with more than one task, an Open MPI
   job with more than one rank, a Cloud TPU VM (single host or pod slice; JAX reads the worker list from the VM's
   metadata) and a GKE TPU node pool (``TPU_WORKER_HOSTNAMES``). Anything else is a single process: a no-op.
@@ -72,10 +75,10 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> DistributedSettin
       raise ValueError(f"{', '.join(present)} set but {', '.join(missing)} missing: an explicit cluster needs all of "
                        f"{', '.join(_EXPLICIT_VARS)} (or none of them, to let JAX detect the cluster).")
     return _explicit_settings(env)
-  if mode == "on":
-    return DistributedSettings("forced")
-  cluster = _detected_cluster(env)
-  return DistributedSettings(cluster or "single")
+  cluster = "forced" if mode == "on" else _detected_cluster(env)
+  if cluster is None:
+    return DistributedSettings("single")
+  return DistributedSettings(cluster, local_device_ids=_local_device_ids(env))
 
 
 def _explicit_settings(env: Mapping[str, str]) -> DistributedSettings:
@@ -90,14 +93,17 @@ def _explicit_settings(env: Mapping[str, str]) -> DistributedSettings:
   if not 0 <= process_id < num_processes:
     raise ValueError(f"{ENV_PROCESS_ID}={process_id} must lie in [0, {ENV_NUM_PROCESSES}={num_processes}); "
                      "number the processes 0, 1, ..., N - 1.")
+  return DistributedSettings("explicit", coordinator, num_processes, process_id, _local_device_ids(env))
+
+
+def _local_device_ids(env: Mapping[str, str]) -> tuple[int, ...] | None:
   device_ids = env.get(ENV_LOCAL_DEVICE_IDS, "").strip()
-  local_device_ids = None
-  if device_ids:
-    try:
-      local_device_ids = tuple(int(part) for part in device_ids.split(","))
-    except ValueError:
-      raise ValueError(f"{ENV_LOCAL_DEVICE_IDS}={device_ids!r} must be comma-separated integers, e.g. 0,1.") from None
-  return DistributedSettings("explicit", coordinator, num_processes, process_id, local_device_ids)
+  if not device_ids:
+    return None
+  try:
+    return tuple(int(part) for part in device_ids.split(","))
+  except ValueError:
+    raise ValueError(f"{ENV_LOCAL_DEVICE_IDS}={device_ids!r} must be comma-separated integers, e.g. 0,1.") from None
 
 
 def _int_var(env: Mapping[str, str], name: str) -> int:
@@ -150,6 +156,9 @@ def initialize(env: Mapping[str, str] | None = None, *, initialization_timeout: 
                              local_device_ids=(list(settings.local_device_ids)
                                                if settings.local_device_ids is not None else None),
                              initialization_timeout=initialization_timeout)
+  # A first collective while every process is at the same point: it sets up the cross-process communicators (gloo
+  # gives that setup a short deadline on CPU) and fails here, not mid-run, if the processes cannot reach each other.
+  barrier("elastic_jax_distributed_initialized")
   return settings
 
 
