@@ -3,8 +3,8 @@
 The choice is the router's argmax for the budget, read from the workdir ``W`` that ``python -m elastic_jax.train``
 wrote: ``W/elastic/deployed_choices.json`` once elastic training has finished; while it is still running (or with
 ``--step N``) the metadata of an elastic checkpoint, i.e. the router as it was at that step. The child is sliced out
-of the importance-permuted parent ``W/permuted/model`` with the depth order the training used, exactly as the main
-job's extraction phase does.
+of the elastically trained student with the depth order the training used, exactly as the main job's extraction
+phase does: ``W/elastic/student/model`` once training has finished, else the student weights of that checkpoint.
 
 Output in ``--out DIR``:
 
@@ -149,24 +149,33 @@ def find_budget(records: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
   raise ExtractError(f"unknown budget {name!r}; this run's budgets are {valid}.")
 
 
-def load_permuted_parent(workdir: str) -> tuple[ModelConfig, Params]:
-  """The importance-permuted parent the children are sliced from (``W/permuted/model``)."""
-  path = os.path.join(workdir, "permuted")
-  if not os.path.exists(os.path.join(path, "DONE")):
-    raise ExtractError(f"{path} is missing or incomplete: the permuted parent the children are sliced from. Re-run "
-                       f"the main job on {workdir!r} to restore it.")
-  metadata, params = load_model(os.path.join(path, "model"))
-  return ModelConfig.from_dict(metadata["config"]), params
+def load_student(workdir: str, step: int | None) -> tuple[ModelConfig, Params]:
+  """The elastically trained student the children are sliced from: ``W/elastic/student/model`` of a finished run,
+  or the student weights of elastic checkpoint ``step`` (the deployed choices' step)."""
+  path = os.path.join(workdir, "elastic", "student")
+  if step is None and os.path.exists(os.path.join(path, "DONE")):
+    metadata, params = load_model(os.path.join(path, "model"))
+    return ModelConfig.from_dict(metadata["config"]), params
+  checkpoints = os.path.join(workdir, "elastic", "checkpoints")
+  steps = checkpoint_steps(checkpoints)
+  step = steps[-1] if step is None and steps else step
+  if step not in steps:
+    raise ExtractError(f"no trained student in {path} and no elastic checkpoint to read one from in {checkpoints}. "
+                       f"Run the main job on {workdir!r} until elastic training has saved a checkpoint.")
+  metadata = _checkpoint_metadata(checkpoints, step)
+  manager = _reader(checkpoints)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  manager.close()
+  return ModelConfig.from_dict(metadata["config"]["model"]), state["params"]
 
 
-# ---------------------------------------------------------------------------------------------------- extracting
 def extract_budget(workdir: str, name: str, step: int | None = None) -> tuple[ModelConfig, Params, dict[str, Any]]:
   """Budget ``name``'s child of ``workdir``: ``(config, params, info)``, info being what ``extract.json`` records."""
   deployed = read_deployed_choices(workdir, step)
   record = find_budget(deployed.records, name)
-  parent_config, parent_params = load_permuted_parent(workdir)
+  parent_config, student_params = load_student(workdir, deployed.step)
   choice = Choice.from_dict(record["choice"])
-  config, params = extract(parent_config, parent_params, choice, deployed.depth_order)
+  config, params = extract(parent_config, student_params, choice, deployed.depth_order)
   parent_count, count = param_count(parent_config), param_count(config)
   info = {"workdir": os.path.abspath(workdir), "budget": record["budget"], "name": budget_name(record["budget"]),
           "choice": choice.to_dict(), "params": count, "parent_params": parent_count,
@@ -216,9 +225,9 @@ def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog=_PROG,
       description="Extract one budget's child from a main-job workdir (python -m elastic_jax.train) as a standalone "
-                  "model: the router's choice for that budget, sliced out of the importance-permuted parent.")
+                  "model: the router's choice for that budget, sliced out of the elastically trained weights.")
   parser.add_argument("--workdir", required=True, metavar="W",
-                      help="the main job's output folder (holds permuted/, importance/ and elastic/).")
+                      help="the main job's output folder (holds importance/ and elastic/).")
   parser.add_argument("--budget", required=True, metavar="NAME",
                       help="the budget: its name in the report (e.g. 75pct) or its fraction of the parent (e.g. "
                            "0.75), one of the run's config.elastic.budgets.")

@@ -1,6 +1,6 @@
 """The extract and evaluate CLIs on a micro main-job workdir, and the main job's refusals of bad input.
 
-References: the masked (permuted) parent's logits for extracted children (invariant 4), transformers' NemotronH for
+References: the masked trained student's logits for extracted children (invariant 4), transformers' NemotronH for
 the HF export, a torch log-softmax over hand-packed evaluation-split tokens for perplexity, controlled generations
 for per-family grading.
 """
@@ -14,6 +14,7 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from elastic_jax import evaluate as evaluate_cli
@@ -60,9 +61,21 @@ def permuted_parent(workdir: str) -> tuple[ModelConfig, dict]:
   return ModelConfig.from_dict(metadata["config"]), params
 
 
-def masked_parent_logits(workdir: str, choice: Choice, depth_order) -> np.ndarray:
-  """The reference: the permuted parent run with the choice's masks (no slicing involved)."""
-  config, params = permuted_parent(workdir)
+def trained_student(workdir: str, step: int | None = None) -> tuple[ModelConfig, dict]:
+  """The weights children are sliced from: the finished run's student, or the student of checkpoint ``step``
+  (read here with Orbax's own restore of the whole train state)."""
+  config = permuted_parent(workdir)[0]
+  if step is None:
+    return config, load_model(os.path.join(workdir, "elastic", "student", "model"))[1]
+  manager = ocp.CheckpointManager(os.path.join(workdir, "elastic", "checkpoints"))
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  manager.close()
+  return config, state["params"]
+
+
+def masked_parent_logits(workdir: str, choice: Choice, depth_order, step: int | None = None) -> np.ndarray:
+  """The reference: the trained student run with the choice's masks (no slicing involved)."""
+  config, params = trained_student(workdir, step)
   masks = choice_masks(config, [choice] * TOKENS.shape[0], depth_order)
   return np.asarray(jax.jit(HybridLM(config).apply)({"params": params}, TOKENS, masks=masks))
 
@@ -81,7 +94,7 @@ def depth_order(workdir: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------- extract
-def test_extract_orbax_child_is_the_deployed_choice_and_equals_the_masked_parent(workdir, extracted):
+def test_extract_orbax_child_is_the_deployed_choice_and_equals_the_masked_trained_student(workdir, extracted):
   record = deployed_record(workdir, 0.6)
   info = _read_json(os.path.join(extracted["orbax"], "extract.json"))
   assert info["choice"] == record["choice"] and info["name"] == "60pct" and info["step"] is None
@@ -108,7 +121,7 @@ def test_extract_hf_child_loads_in_transformers_with_our_logits(workdir, extract
     theirs = model(torch.from_numpy(TOKENS).long()).logits.float().numpy()
   reference = masked_parent_logits(workdir, Choice.from_dict(record["choice"]), depth_order(workdir))
   diff = float(np.max(np.abs(theirs - reference)))
-  print(f"transformers vs masked parent: max |logit diff| {diff:.2e}")
+  print(f"transformers vs masked student: max |logit diff| {diff:.2e}")
   assert diff < 1e-4
 
 
@@ -130,8 +143,12 @@ def test_extract_reads_checkpoints_when_training_has_not_finished(workdir, tmp_p
   assert info["step"] == steps[0] and info["depth_order"] == depth_order(workdir)
   metadata, params = load_model(tmp_path / "b" / "model")
   config = ModelConfig.from_dict(metadata["config"])
-  reference = masked_parent_logits(workdir, Choice.from_dict(info["choice"]), info["depth_order"])
+  reference = masked_parent_logits(workdir, Choice.from_dict(info["choice"]), info["depth_order"], steps[0])
   np.testing.assert_allclose(child_logits(config, params), reference, atol=1e-5)
+  # The last checkpoint's student is the finished run's student: both paths give the same child.
+  _, last = load_model(tmp_path / "a" / "model")
+  final_config, final = extract_cli.extract_budget(workdir, "100pct")[:2]
+  jax.tree.map(np.testing.assert_array_equal, last, final)
 
 
 def test_extract_refuses_bad_input_naming_the_value(workdir, tmp_path, capsys):
@@ -158,10 +175,9 @@ def test_extract_refuses_bad_input_naming_the_value(workdir, tmp_path, capsys):
 
 def test_extract_hf_refuses_a_heterogeneous_choice(workdir, tmp_path, capsys):
   run = tmp_path / "hetero"
-  for part in ("permuted", "importance"):
+  for part in ("permuted", "importance", os.path.join("elastic", "student")):
     shutil.copytree(os.path.join(workdir, part), run / part)
   choice = dict(deployed_record(workdir, 1.0)["choice"], mlp=[32, 64])  # the two MLP blocks differ
-  os.makedirs(run / "elastic")
   with open(run / "elastic" / "deployed_choices.json", "w", encoding="utf-8") as f:
     json.dump([{"budget": 0.8, "params": 0, "fraction": 0.8, "choice": choice}], f)
   assert extract_cli.main(["--workdir", str(run), "--budget", "80pct", "--out", str(tmp_path / "hf"),
