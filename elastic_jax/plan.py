@@ -580,10 +580,9 @@ def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None =
   lines.append(row("  verdict", ["FITS" if st.fits else "DOES NOT FIT" for st in stages]))
   lines.append(row("  margin", [format_bytes(st.margin) for st in stages]))
   if compiled:
-    lines.append(row("  XLA temp (compiled)", [format_bytes(compiled[st.name]["temp_size_in_bytes"]) if st.name in compiled
-                                               else "-" for st in stages]))
-    lines.append(row("  XLA total (args+out-alias+temp)", [format_bytes(compiled[st.name]["total"]) if st.name in compiled
-                                                           else "-" for st in stages]))
+    for key, label in (("temp_size_in_bytes", "XLA temp (compiled)"), ("total", "XLA total (args+out-alias+temp)")):
+      lines.append(row(f"  {label}", [format_bytes(compiled[st.name][key]) if st.name in compiled else "-"
+                                      for st in stages]))
   lines.append(row("model FLOPs per step", [f"{st.flops_per_step:.3e}" for st in stages]))
   lines.append(row(f"time per step at {hw.mfu:.0%} MFU", [f"{st.seconds_per_step:,.2f} s" for st in stages]))
   for st in stages:
