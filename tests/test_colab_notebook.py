@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
+
 ROOT = pathlib.Path(__file__).parent.parent
 NOTEBOOK = ROOT / "launch" / "colab.ipynb"
 BUDGETS = [1.0, 0.5]
@@ -46,6 +48,7 @@ def test_install_cell_is_tagged_and_the_rest_is_plain_python():
       compile(_source(cell), "<cell>", "exec")  # no shell escapes or magics outside the install cell
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom_and_writes_the_report(tmp_path):
   cells = [_source(cell) for cell in _code_cells() if "install" not in cell["metadata"].get("tags", [])]
   script = tmp_path / "notebook.py"

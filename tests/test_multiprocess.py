@@ -96,6 +96,7 @@ def _read(path: pathlib.Path) -> dict:
   return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   worker = tmp_path / "worker.py"
   worker.write_text(_WORKER.format(tests=str(TESTS), tiny=str(ROOT / "configs" / "tiny.py"), timeout=TIMEOUT_S))
