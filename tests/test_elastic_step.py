@@ -15,6 +15,7 @@ from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.train.optim import OptimizerConfig, make_optimizer
 from elastic_jax.train.step import (ElasticSetup, check_budget_probs, deployed_choices, init_elastic_state,
                                     make_elastic_step)
+from elastic_jax.train.step import _choice_from_indices, router_argmax_choices  # pylint: disable=protected-access
 
 CONFIG = small_config("M-*M-", hidden_size=32, intermediate_size=64, mamba_num_heads=4, n_groups=2)
 
@@ -111,3 +112,66 @@ def test_budget_probabilities_must_sum_to_one():
     check_budget_probs([0.5, 0.3, 0.3], 3, "stage2.budget_probs")
   with pytest.raises(ValueError, match="has 2 entries but there are 3 budgets"):
     check_budget_probs([0.5, 0.5], 3)
+
+
+def test_argmax_size_metric_is_the_argmax_childs_count_and_its_loss_reaches_the_router():
+  """Reference: ``choice_param_count`` of the router's noise-free argmax choice."""
+  setup = _setup(argmax_loss_weight=1.0)
+  tx, router_tx = _optimizers()
+  teacher = random_params(CONFIG, seed=0)
+  state = init_elastic_state(setup, jax.tree.map(jnp.copy, teacher), tx, router_tx, seed=0)
+  step = jax.jit(make_elastic_step(setup, tx, router_tx))
+  for i in range(3):
+    before = state.router_params
+    state, metrics = step(state, teacher, _tokens(i), jnp.asarray([1 / 3] * 3))
+  expected = [choice_param_count(CONFIG, c, setup.depth_order) / setup.parent_params
+              for c in router_argmax_choices(setup, before)]  # the metric is computed before the step's update
+  np.testing.assert_allclose(np.asarray(metrics["argmax_size_per_budget"]), expected, rtol=1e-5)
+
+  # The argmax term alone moves the router: with KD and the sampled term switched off its gradient is non-zero
+  # exactly when some deployed choice is outside the dead zone.
+  from elastic_jax.elastic import router as router_lib  # pylint: disable=import-outside-toplevel
+  logits = setup.router.apply({"params": state.router_params}, jnp.arange(3))
+
+  def argmax_loss(router_params):
+    weights = router_lib.argmax_weights(setup.router.apply({"params": router_params}, jnp.arange(3)), 2.0,
+                                          setup.space)
+    size = setup.expected_size(weights, np.asarray(setup.depth_order))
+    return jnp.sum(router_lib.budget_loss(size, jnp.asarray(setup.target_sizes(), jnp.float32), 0.02)), size
+
+  (loss, size), grads = jax.value_and_grad(argmax_loss, has_aux=True)(state.router_params)
+  argmax = {name: jnp.argmax(l, axis=-1) for name, l in logits.items()}
+  one_hot = router_lib._layout(  # pylint: disable=protected-access
+      {name: jax.nn.one_hot(i, logits[name].shape[-1]) for name, i in argmax.items()}, setup.space)
+  np.testing.assert_allclose(size, setup.expected_size(one_hot, np.asarray(setup.depth_order)), rtol=1e-6)
+  norm = float(optax.tree.norm(grads))
+  assert (float(loss) > 0) == (norm > 0)
+
+
+def test_deployed_choice_is_the_most_probable_within_the_dead_zone_when_the_argmax_misses():
+  """Reference: brute force over every joint choice of the space (sum of logits, exact parameter count)."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  setup = _setup()
+  router_params = setup.router.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))["params"]
+  keys = iter(jax.random.split(jax.random.key(1), 64))
+  router_params = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), router_params)  # spread logits
+  logits = {n: np.asarray(l) for n, l in setup.router.apply({"params": router_params}, jnp.arange(3)).items()}
+  names = sorted(logits)
+  deployed, argmax = deployed_choices(setup, router_params), router_argmax_choices(setup, router_params)
+  adjusted = 0
+  for b, target in enumerate(setup.target_sizes()):
+    best = None
+    for picks in itertools.product(*(range(logits[n].shape[-1]) for n in names)):
+      indices = {n: np.asarray([i]) for n, i in zip(names, picks)}
+      score = sum(logits[n][b, 0, i] for n, i in zip(names, picks))
+      choice = _choice_from_indices(setup, indices)
+      fraction = choice_param_count(CONFIG, choice, setup.depth_order) / target
+      if abs(fraction - 1) <= setup.dead_zone and (best is None or score > best[0]):
+        best = (score, choice)
+    argmax_fraction = choice_param_count(CONFIG, argmax[b], setup.depth_order) / target
+    if abs(argmax_fraction - 1) <= setup.dead_zone:
+      assert deployed[b] == argmax[b]
+    else:
+      adjusted += 1
+      assert deployed[b] == best[1]
+  assert adjusted  # the random router misses at least one target, so the search is exercised

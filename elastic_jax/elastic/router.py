@@ -209,6 +209,22 @@ def candidate_weights(samples: dict[str, AxisSample], space: ElasticSpace, *, ha
   return _layout(weights, space)
 
 
+def argmax_weights(logits: dict[str, Array], scale: Array | float, space: ElasticSpace) -> dict[str, Array]:
+  """The router's argmax (noise-free) as one-hot weights, with a straight-through gradient through the router's own
+  distribution ``softmax(scale · logits)``: ``one_hot + pi - stop_gradient(pi)``.
+
+  The expected size of these weights is exactly the size of the argmax child, the one extraction cuts, so a budget
+  loss on it holds that choice to its target, not only the average over sampled choices (which a mixture of a
+  too-small and a too-large choice can satisfy while its argmax misses the target).
+  """
+  weights = {}
+  for name, l in logits.items():
+    pi = jax.nn.softmax(scale * l.astype(jnp.float32), axis=-1)
+    one_hot = jax.nn.one_hot(jnp.argmax(pi, axis=-1), pi.shape[-1], dtype=pi.dtype)
+    weights[name] = one_hot + (pi - jax.lax.stop_gradient(pi))
+  return _layout(weights, space)
+
+
 def probabilities(samples: dict[str, AxisSample], space: ElasticSpace) -> dict[str, Array]:
   """The Gumbel-softmax probabilities pi in the layout of ``candidate_weights`` (for the expected count, D-6)."""
   return _layout({name: s.probs for name, s in samples.items()}, space)

@@ -5,9 +5,10 @@ Layout of the training part of a config (see ``configs/tiny.py``)::
   config.elastic = dict(
       budgets=(1.0, 0.75, 0.5),                 # fractions of the parent's parameter count
       space=dict(hidden=[...], mlp=[...], ..., mlp_mode="homogeneous"),   # ElasticSpace.from_dict
-      router=dict(width=256, hard=True, tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0,
+      router=dict(width=256, hard=True, estimator="chosen", tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0,
                   tau_decay="exponential"),
-      kd_temperature=1.0, ce_weight=0.0, router_loss_weight=1.0, dead_zone=0.02, stratified=False,
+      kd_temperature=1.0, ce_weight=0.0, router_loss_weight=1.0, argmax_loss_weight=0.0, dead_zone=0.02,
+      stratified=False,
       budget_metric="params",  # or "memory": weights + KV cache + SSM state at memory_context tokens
       memory_context=8192)
   config.stages = [dict(name="stage1", steps=..., batch_size=..., seq_len=..., budget_probs=[...]), ...]
@@ -36,8 +37,8 @@ from elastic_jax.train.step import TEACHER_DTYPES, ElasticSetup, check_grad_accu
 T = TypeVar("T")
 _MEMORY_KEYS = ("remat", "grad_accum_steps", "teacher_dtype")
 _ROUTER_KEYS = ("width", "hard", "estimator", "tau_start", "tau_end", "scale_start", "scale_end", "tau_decay")
-_ELASTIC_KEYS = ("budgets", "space", "router", "kd_temperature", "ce_weight", "router_loss_weight", "dead_zone",
-                 "stratified", "budget_metric", "memory_context")
+_ELASTIC_KEYS = ("budgets", "space", "router", "kd_temperature", "ce_weight", "router_loss_weight",
+                 "argmax_loss_weight", "dead_zone", "stratified", "budget_metric", "memory_context")
 
 
 def plain(values: Any) -> dict[str, Any]:

@@ -34,9 +34,10 @@ from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_shard
                                         replicated, shard_params, sharded_jit)
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
 from elastic_jax.elastic.extract import child_config
+from elastic_jax.elastic.space import Choice
 from elastic_jax.elastic.param_count import choice_param_count, memory_bytes
-from elastic_jax.train.step import (ElasticSetup, TrainState, check_budget_probs, check_grad_accum,
-                                    deployed_choices, init_elastic_state, make_elastic_step, make_lm_step)
+from elastic_jax.train.step import (ElasticSetup, TrainState, check_budget_probs, check_grad_accum, deployed_choices,
+                                    init_elastic_state, make_elastic_step, make_lm_step, router_argmax_choices)
 
 Params = Any
 
@@ -221,15 +222,24 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
 
 
 def deployed_choice_records(setup: ElasticSetup, router_params: Params) -> list[dict[str, Any]]:
-  """Router argmax per budget, as JSON records: the budget, its choice, and the choice's exact parameter count."""
-  records = []
-  for budget, choice in zip(setup.budgets, deployed_choices(setup, router_params)):
+  """Each budget's deployed choice as JSON records: the budget, the choice, its exact parameter count and its
+  fraction of the parent (in the budget's metric); and, when the deployed choice is not the router's argmax (which
+  missed the dead zone), the argmax and its fraction under ``router_argmax``."""
+  def describe(choice: Choice) -> dict[str, Any]:
     count = choice_param_count(setup.config, choice, setup.depth_order)
-    record = {"budget": budget, "params": count, "fraction": count / setup.parent_params}
+    record = {"params": count, "fraction": count / setup.parent_params}
     if setup.budget_metric == "memory":
       size = memory_bytes(child_config(setup.config, choice, setup.depth_order), context=setup.memory_context)
       record.update(memory_bytes=size, fraction=size / setup.parent_size)
-    records.append({**record, "choice": choice.to_dict()})
+    return {**record, "choice": choice.to_dict()}
+
+  records = []
+  for budget, choice, argmax in zip(setup.budgets, deployed_choices(setup, router_params),
+                                    router_argmax_choices(setup, router_params)):
+    record = {"budget": budget, **describe(choice)}
+    if choice != argmax:
+      record["router_argmax"] = describe(argmax)
+    records.append(record)
   return records
 
 

@@ -173,6 +173,9 @@ class ElasticSetup:
   kd_temperature: float = 1.0
   ce_weight: float = 0.0
   router_loss_weight: float = 1.0
+  # Weight of the budget loss on each budget's router argmax (the choice extraction cuts); 0 keeps the paper's
+  # loss on sampled choices alone (D-6).
+  argmax_loss_weight: float = 0.0
   dead_zone: float = 0.02
   stratified: bool = False
   # What a budget is a fraction of: "params" (the paper) or "memory" (weights + KV cache + SSM state when serving
@@ -286,7 +289,12 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
       if full_budget >= 0:
         anchor = router_lib.full_choice_anchor({n: s.probs for n, s in samples.items()}, full_index)
         router_loss = router_loss + jnp.where(budget_ids == full_budget, anchor, 0.0)
-      return setup.router_loss_weight * jnp.mean(router_loss), (router_loss, expected)
+      # Every budget's argmax choice, whether sampled in this batch or not.
+      argmax_size = setup.expected_size(router_lib.argmax_weights(
+          router.apply({"params": router_params}, jnp.arange(num_budgets)), scale, space), depth_order)
+      argmax_loss = jnp.mean(router_lib.budget_loss(argmax_size, targets, setup.dead_zone))
+      total = jnp.mean(router_loss) + setup.argmax_loss_weight * argmax_loss
+      return setup.router_loss_weight * total, (router_loss, expected, argmax_size)
 
     def kd_fn(params, router_params, micro):
       index, micro_inputs, micro_next = micro
@@ -301,7 +309,7 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
         kd = kd + setup.ce_weight * cross_entropy(logits, micro_next)
       return jnp.sum(kd) / batch, kd  # this micro-batch's share of the global-batch mean
 
-    (router_term, (router_loss, expected)), router_loss_grads = jax.value_and_grad(
+    (router_term, (router_loss, expected, argmax_size)), router_loss_grads = jax.value_and_grad(
         router_loss_fn, has_aux=True)(state.router_params)
     kd_grad_fn = jax.value_and_grad(kd_fn, argnums=(0, 1), has_aux=True)
     micro = (jnp.arange(k), micro_batches(inputs, k), micro_batches(next_tokens, k))
@@ -316,7 +324,8 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
     metrics = {
         "loss": kd_mean + router_term, "kd": jnp.mean(kd), "router_loss": jnp.mean(router_loss),
         "kd_per_budget": kd_per_budget, "samples_per_budget": count_per_budget,
-        "expected_size_per_budget": size_per_budget, "tau": tau, "logit_scale": scale,
+        "expected_size_per_budget": size_per_budget, "argmax_size_per_budget": argmax_size / setup.parent_size,
+        "tau": tau, "logit_scale": scale,
         "grad_norm": optax.tree.norm(grads),
     }
     new_state = state.replace(
@@ -338,22 +347,67 @@ def init_elastic_state(setup: ElasticSetup, params: Params, tx: optax.GradientTr
 
 
 # ------------------------------------------------------------------------------------------------ deployment
-def deployed_choices(setup: ElasticSetup, router_params: Params) -> list[Choice]:
-  """Router argmax per budget -> the ``Choice`` each budget deploys with (no noise), in budget order."""
+def _choice_from_indices(setup: ElasticSetup, indices: dict[str, np.ndarray]) -> Choice:
+  """Per routed axis, candidate indices [num_layers] (one entry for homogeneous axes) -> the ``Choice``."""
   config, space = setup.config, setup.space
+  fields = {}
+  for axis in ("hidden", "depth", *PER_LAYER_AXES):
+    if axis not in indices:  # a block kind absent from the pattern
+      fields[axis] = ()
+      continue
+    value = tuple(space.candidates(axis)[int(i)] for i in indices[axis])
+    if axis in ("hidden", "depth"):
+      fields[axis] = value[0]
+    else:
+      fields[axis] = value * kind_count(config, AXES[axis][0]) if len(value) == 1 else value
+  return Choice(**fields)
+
+
+def router_argmax_choices(setup: ElasticSetup, router_params: Params) -> list[Choice]:
+  """The router's argmax per axis and layer for each budget (no noise), in budget order (spec §7)."""
   logits = setup.router.apply({"params": router_params}, jnp.arange(len(setup.budgets)))
   picked = {name: np.asarray(index) for name, index in router_lib.deterministic_choice(logits).items()}
+  return [_choice_from_indices(setup, {name: idx[b] for name, idx in picked.items()})
+          for b in range(len(setup.budgets))]
+
+
+def deployed_choices(setup: ElasticSetup, router_params: Params, top_k: int = 4096) -> list[Choice]:
+  """The ``Choice`` each budget deploys with, in budget order.
+
+  The router's argmax (spec §7) when its size lands within ``dead_zone`` of the budget's target. Otherwise the most
+  probable choice under the router's distribution that does land there: the joint choices are ranked by their
+  summed logits (the order of their probability at any logit scale, the axes and layers being independent), the
+  ``top_k`` best are found exactly by a beam over axes and layers, and the first within the dead zone is taken. When
+  none of them is, the argmax stays (``deployed_choice_records`` shows how far it is from the target).
+  """
+  argmax = router_argmax_choices(setup, router_params)
+  logits = {name: np.asarray(l, np.float64)
+            for name, l in setup.router.apply({"params": router_params}, jnp.arange(len(setup.budgets))).items()}
+  factors = [(name, layer) for name in sorted(logits) for layer in range(logits[name].shape[1])]
+  depth_order = np.asarray(setup.depth_order)
+  targets = setup.target_sizes()
   choices = []
-  for b in range(len(setup.budgets)):
-    fields = {}
-    for axis in ("hidden", "depth", *PER_LAYER_AXES):
-      if axis not in picked:  # a block kind absent from the pattern
-        fields[axis] = ()
-        continue
-      value = tuple(space.candidates(axis)[i] for i in picked[axis][b])
-      if axis in ("hidden", "depth"):
-        fields[axis] = value[0]
-      else:
-        fields[axis] = value * kind_count(config, AXES[axis][0]) if len(value) == 1 else value
-    choices.append(Choice(**fields))
+  for b, choice in enumerate(argmax):
+    scores, picks = np.zeros(1), np.zeros((1, 0), np.int64)
+    for name, layer in factors:  # exact top-k of a sum of independent terms: prune to k after every term
+      row = logits[name][b, layer]
+      total = (scores[:, None] + row[None, :]).reshape(-1)
+      keep = np.argsort(-total, kind="stable")[:top_k]
+      picks = np.concatenate([picks[keep // row.size], (keep % row.size)[:, None]], axis=1)
+      scores = total[keep]
+    one_hot = {}
+    for column, (name, layer) in enumerate(factors):
+      one_hot.setdefault(name, []).append(np.eye(logits[name].shape[-1])[picks[:, column]])
+    probs = router_lib._layout({name: jnp.asarray(np.stack(rows, axis=1), jnp.float32)  # pylint: disable=protected-access
+                                for name, rows in one_hot.items()}, setup.space)
+    sizes = np.asarray(setup.expected_size(probs, depth_order), np.float64)
+    inside = np.flatnonzero(np.abs(sizes / targets[b] - 1.0) <= setup.dead_zone)
+    if not inside.size or inside[0] == 0:  # the best-scored joint choice is the argmax
+      choices.append(choice)
+      continue
+    best = picks[inside[0]]
+    indices = {}
+    for column, (name, layer) in enumerate(factors):
+      indices.setdefault(name, []).append(best[column])
+    choices.append(_choice_from_indices(setup, {name: np.asarray(v) for name, v in indices.items()}))
   return choices
