@@ -8,6 +8,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from elastic_jax.elastic.extract import extract
 from elastic_jax.elastic.space import Choice
@@ -70,3 +71,40 @@ def test_pipeline_runs_every_phase_and_resumes_without_redoing_them(tmp_path, ca
   for phase in ("parent", "importance", "permutation", "elastic training"):
     assert f"{phase}: reusing" in out
   assert stamps == {p: os.path.getmtime(os.path.join(workdir, p)) for p in stamps}
+
+
+def test_parent_pretraining_resumes_from_its_checkpoint_exactly(tmp_path):
+  """Reference: an uninterrupted pretraining run; the interrupted one restarts from its step-3 checkpoint."""
+  from elastic_jax.data.pipeline import SourceConfig, data_factory  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.pipeline import parent_phase  # pylint: disable=import-outside-toplevel
+  cfg = _micro_config()
+  cfg.checkpoint_every = 3
+  make_data = data_factory(SourceConfig(), seed=1, vocab_size=256)
+  _, reference = parent_phase(cfg, str(tmp_path / "straight"), make_data)
+
+  class Interrupted(Exception):
+    pass
+
+  def failing_data(stage, index):
+    iterator, served = make_data(stage, index), []
+
+    class Failing:
+      def __next__(self):
+        served.append(1)
+        if index == 0 and len(served) == 3:  # step 5's batch (long_every=2): after the step-3 checkpoint
+          raise Interrupted()
+        return next(iterator)
+
+      def get_state(self):
+        return iterator.get_state()
+
+      def set_state(self, state):
+        iterator.set_state(state)
+    return Failing()
+
+  workdir = str(tmp_path / "interrupted")
+  with pytest.raises(Interrupted):
+    parent_phase(cfg, workdir, failing_data)
+  assert not os.path.exists(os.path.join(workdir, "parent", "DONE"))
+  _, resumed = parent_phase(cfg, workdir, make_data)
+  jax.tree.map(np.testing.assert_array_equal, resumed, reference)

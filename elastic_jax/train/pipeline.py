@@ -33,10 +33,10 @@ from elastic_jax.elastic.permute import permute_params
 from elastic_jax.elastic.space import Choice
 from elastic_jax.model import ModelConfig, param_shapes
 from elastic_jax.prune import select_choice
-from elastic_jax.train.checkpoint import load_model, save_model
+from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, load_model, save_model
 from elastic_jax.train.config import (check_keys, elastic_setup_from_config, memory_from_config,
                                       optimizers_from_config, plain, stages_from_config)
-from elastic_jax.train.distributed import global_batch, is_primary
+from elastic_jax.train.distributed import agreed_stop, global_batch, is_primary
 from elastic_jax.train.loop import Stage, compiled_lm_step, train_elastic
 from elastic_jax.train.optim import OptimizerConfig
 from elastic_jax.train.sharding import DEFAULT_RULES, make_mesh
@@ -93,17 +93,46 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable) -> tuple[ModelConf
   # The same sharded pattern as the elastic step: params and optimizer state are created in their shardings.
   training = compiled_lm_step(config, optimizer, steps, mesh, rules, grad_accum_steps=memory.grad_accum_steps,
                               remat=memory.remat)
-  state = training.init(jax.random.key(int(cfg.seed)))
-  step_fn = training.step
-  # Its own document streams (another seed), alternating the stage-1 and stage-2 task settings so the parent
-  # knows both the short and the long-context variants before it is elastified.
+  # Its own document streams (another seed): the stage-1 task settings, and every long_every-th batch the stage-2
+  # (long-context) settings, so the parent knows both variants before it is elastified (0: short ones only).
   streams = [make_data(stage, 0), make_data(stage, 1)]
+  long_every = int(parent_cfg.get("long_every", 2))
+  # Checkpoints every checkpoint_every steps and on SIGTERM (train state and both streams' positions): a re-run
+  # resumes pretraining where it stopped, refusing a changed configuration.
+  checkpointer = Checkpointer(os.path.join(path, "checkpoints"))
+  run_config = json.loads(json.dumps({"model": config.to_dict(), "parent": parent_cfg, "seed": int(cfg.seed),
+                                      "memory": str(memory)}))
+  if checkpointer.latest_step() is not None:
+    state, metadata = checkpointer.restore(training.abstract_state, expected_config=run_config)
+    for stream, position in zip(streams, metadata["data_state"]):
+      stream.set_state(position)
+    _log(f"parent: resuming pretraining at step {int(state.step)}")
+  else:  # params and optimizer state are created directly in their shardings
+    state = training.init(jax.random.key(int(cfg.seed)))
+  every = int(cfg.get("checkpoint_every", 100))
+
+  def save(step: int) -> None:
+    checkpointer.save(step, state, {"config": run_config, "step": step,
+                                    "data_state": [stream.get_state() for stream in streams]})
+
   tokens_sharding = training.batch_sharding  # each process's rows of the global batch
-  bar = tqdm(range(steps), desc="parent pretraining", unit="step", disable=not is_primary())
-  for i in bar:
-    state, metrics = step_fn(state, global_batch(next(streams[i % 2]), tokens_sharding))
-    if i % 20 == 0 or i == steps - 1:
-      bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+  start = int(state.step)
+  bar = tqdm(range(start, steps), initial=start, total=steps, desc="parent pretraining", unit="step",
+             disable=not is_primary())
+  with PreemptionGuard() as guard:
+    for i in bar:
+      stream = streams[1] if long_every and i % long_every == long_every - 1 else streams[0]
+      state, metrics = training.step(state, global_batch(next(stream), tokens_sharding))
+      if i % 20 == 0 or i == steps - 1:
+        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+      if agreed_stop(guard.requested, sync_now=(i + 1) % 10 == 0):
+        save(i + 1)
+        checkpointer.close()
+        raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to "
+                         "resume.")
+      if (i + 1) % every == 0 and i + 1 < steps:
+        save(i + 1)
+  checkpointer.close()
   os.makedirs(path, exist_ok=True)
   save_model(os.path.join(path, "model"), config.to_dict(), state.params, {"pretrain_steps": steps})
   _mark_done(path)
