@@ -32,17 +32,24 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   # Data: the synthetic reasoning tasks (kind="files", paths=[...] for your own text/JSONL). tokenizer: an HF
   # tokenizer.json (or a folder holding one) whose ids fit model.vocab_size; "" reads UTF-8 bytes.
-  config.data = ml_collections.ConfigDict(dict(kind="tasks", paths="", tokenizer="", eos_token=""))
-  # Parent: hf_path="" -> pretrain on the data above.
-  config.parent = ml_collections.ConfigDict(dict(hf_path="", pretrain_steps=600, batch_size=16, seq_len=128,
-                                                 learning_rate=3e-3, warmup_steps=50))
+  # stage_tasks[i]: the task settings of stage i (the last one also serves later stages); the evaluation's "short"
+  # and "long" sets are the first and the last. Multi-digit arithmetic and variable tracking; the modular family
+  # ("modular") needs memorised products mod p and more training than a few CPU minutes give a model this small.
+  config.data = ml_collections.ConfigDict(dict(
+      kind="tasks", paths="", tokenizer="", eos_token="",
+      stage_tasks=[dict(families=["arithmetic", "variables"], difficulty=1, distractors=0),
+                   dict(families=["arithmetic", "variables"], difficulty=1, distractors=12)]))
+  # Parent: hf_path="" -> pretrain on the data above; every long_every-th batch has the long-context settings.
+  config.parent = ml_collections.ConfigDict(dict(hf_path="", pretrain_steps=1500, batch_size=16, seq_len=128,
+                                                 learning_rate=3e-3, warmup_steps=50, long_every=4))
   config.importance = ml_collections.ConfigDict(dict(batches=8, batch_size=8, seq_len=256, depth_batches=2))
   config.elastic = ml_collections.ConfigDict(dict(
       budgets=[1.0, 0.75, 0.5],
       space=dict(hidden=[64, 80, 96, 112, 128], mlp=[96, 192, 288, 384], attention_heads=[2, 4],
                  mamba_heads=[4, 6, 8], mamba_head_dim=[16, 24, 32], depth=[5, 6]),
-      router=dict(width=64, estimator="chosen", tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0),
+      router=dict(width=64, estimator="softmax", tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0),
       dead_zone=0.02,
+      argmax_loss_weight=1.0,
       stratified=True,
   ))
   # Stage 1: uniform over budgets, short context. Stage 2: longer context (long-distractor tasks), skewed to 100%.
@@ -66,5 +73,5 @@ def get_config() -> ml_collections.ConfigDict:
       teacher_dtype="float32",
   ))
   config.eval = ml_collections.ConfigDict(dict(ppl_batches=4, batch_size=8, seq_len=256, examples=32,
-                                               max_new_tokens=160, decode_batch=32))
+                                               max_new_tokens=96, decode_batch=32))
   return config

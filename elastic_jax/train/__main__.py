@@ -12,7 +12,7 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from elastic_jax.data import tasks
@@ -77,6 +77,8 @@ def main(argv) -> None:
   cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; --verbosity=0 brings it back
+    logging.set_verbosity(logging.WARNING)
   # Joins a multi-host run (TPU pod slice, SLURM, explicit ELASTIC_JAX_* variables) before anything touches a
   # device; a no-op for a single process.
   distributed.initialize()
