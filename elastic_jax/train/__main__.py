@@ -19,7 +19,7 @@ from elastic_jax.data import tasks
 from elastic_jax.data.pipeline import data_factory, source_tokenizer
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
-from elastic_jax.eval.measure import measure_model
+from elastic_jax.eval.measure import eval_split_batches, measure_model
 from elastic_jax.eval.report import choice_fractions, write_report
 from elastic_jax.train import distributed
 from elastic_jax.train.loop import Stage
@@ -36,11 +36,16 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
   eval_cfg = dict(cfg.get("eval", {}))
   source = result["source"]
   tokenizer = result.get("tokenizer") or source_tokenizer(source)  # the one the data was tokenized with
-  # Evaluation is repeated on every process of a multi-host run: all read the same full held-out batches.
-  held_out = data_factory(source, seed=int(cfg.seed) + 104729, tokenizer=tokenizer,
-                          vocab_size=result["config"].vocab_size, process_index=0, process_count=1)
+  # Evaluation is repeated on every process of a multi-host run: all read the same full batches.
   stage = Stage("eval", 1, int(eval_cfg.get("batch_size", 8)), int(eval_cfg.get("seq_len", 256)), (1.0,))
-  ppl_batches = [np.asarray(next(held_out(stage, 0))) for _ in range(int(eval_cfg.get("ppl_batches", 4)))]
+  num_batches = int(eval_cfg.get("ppl_batches", 4))
+  if source.kind == "tasks":  # the tasks' evaluation split: it never shares a prompt with the training split
+    ppl_batches = eval_split_batches(source.stage_tasks[0], int(cfg.seed), tokenizer, batches=num_batches,
+                                     batch_size=stage.batch_size, seq_len=stage.seq_len)
+  else:  # a file corpus has no split of its own: its documents in another order than training's (not held out)
+    other_order = data_factory(source, seed=int(cfg.seed) + 104729, tokenizer=tokenizer,
+                               vocab_size=result["config"].vocab_size, process_index=0, process_count=1)
+    ppl_batches = [np.asarray(next(other_order(stage, 0))) for _ in range(num_batches)]
   n = int(eval_cfg.get("examples", 64))
   short = tasks.generate_examples(source.stage_tasks[0], int(cfg.seed), "eval", n)
   long = tasks.generate_examples(source.stage_tasks[-1], int(cfg.seed) + 1, "eval", n)
