@@ -54,8 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   # Stage 1: uniform over budgets, short context. Stage 2: longer context (long-distractor tasks), skewed to 100%.
   config.stages = [
-      dict(name="stage1", steps=200, batch_size=12, seq_len=128, budget_probs=[1 / 3, 1 / 3, 1 / 3]),
-      dict(name="stage2", steps=80, batch_size=6, seq_len=256, budget_probs=[0.5, 0.3, 0.2]),
+      dict(name="stage1", steps=400, batch_size=12, seq_len=128, budget_probs=[1 / 3, 1 / 3, 1 / 3]),
+      dict(name="stage2", steps=120, batch_size=6, seq_len=256, budget_probs=[0.5, 0.3, 0.2]),
   ]
   config.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=20, schedule="cosine"))
   config.router_optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=20))
@@ -72,6 +72,6 @@ def get_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1,
       teacher_dtype="float32",
   ))
-  config.eval = ml_collections.ConfigDict(dict(ppl_batches=4, batch_size=8, seq_len=256, examples=32,
+  config.eval = ml_collections.ConfigDict(dict(ppl_batches=4, batch_size=8, seq_len=256, examples=64,
                                                max_new_tokens=96, decode_batch=32))
   return config

@@ -205,6 +205,9 @@ def test_verdict_judges_accuracy_and_perplexity_separately():
   row["ppl"] = 5.0
   assert "better than the pruned baseline in accuracy but not in perplexity" in report.verdict(row)
   assert "no pruned baseline" in report.verdict(dict(budget="c", ppl=2.0))
+  parent = dict(budget="parent", role="parent", accuracy_short=0.5, ppl=1.5)
+  assert report.verdict(parent) == ("The parent, the frozen teacher of every child: accuracy short 50.0%, "
+                                    "perplexity 1.500.")
 
 
 def test_report_without_curves_or_choices(tmp_path):

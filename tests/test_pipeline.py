@@ -47,6 +47,8 @@ def test_pipeline_runs_every_phase_and_resumes_without_redoing_them(tmp_path, ca
   report = json.loads(open(os.path.join(workdir, "report.json"), encoding="utf-8").read())
   rows = report["rows"] if isinstance(report, dict) and "rows" in report else report
   assert [r["budget"] for r in rows] == ["parent", "100pct", "60pct"]
+  assert rows[1]["full_size"] and "baseline_ppl" not in rows[1]  # nothing is pruned at 100%: no baseline to measure
+  assert rows[2]["baseline_params"] < rows[0]["params"] and "baseline_ppl" in rows[2]
   assert "report.md" in " ".join(str(v) for v in files.values())
 
   # Children are slices of the elastically trained student; pruned baselines slices of the untrained parent.

@@ -72,10 +72,17 @@ def verdict(row: Mapping[str, Any]) -> str:
   """One sentence per budget: is the elastic child better than the pruned baseline of its size, in mean accuracy
   (over the task sets both were measured on) and in perplexity, each judged on its own?
 
-  A row with ``full_size`` true is the family's full-size member: nothing is pruned at that size, so it has no
+  A row with ``role`` "parent" is the parent (described, not compared). A row with ``full_size`` true is the
+  family's full-size member: nothing is pruned at that size, so it has no
   pruned baseline and the parent row is its reference.
   """
   budget = row["budget"]
+  if row.get("role") == "parent":
+    measured = [f"{key.replace('_', ' ')} {format_accuracy(row[key])}" for key in _ACCURACY_KEYS
+                if _number(row.get(key)) is not None]
+    if _number(row.get("ppl")) is not None:
+      measured.append(f"perplexity {format_ppl(row['ppl'])}")
+    return f"The parent, the frozen teacher of every child: {', '.join(measured) or 'not measured'}."
   if row.get("full_size"):
     return (f"Budget {budget}: the full-size member; nothing is pruned at this size, so the parent row is its "
             "reference.")

@@ -58,7 +58,7 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
             **{f"accuracy_{label}": graded["accuracy"] for label, graded in measured["accuracy"].items()}}
 
   parent_metrics = measure(result["config"], result["parent"])
-  rows = [{"budget": "parent", "params": param_count(result["config"]), **parent_metrics}]
+  rows = [{"budget": "parent", "role": "parent", "params": param_count(result["config"]), **parent_metrics}]
   by_name = {}
   for model in result["models"]:
     by_name.setdefault(model["name"], {})[model["kind"]] = model
@@ -66,9 +66,12 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
   for record in result["records"]:
     name = f"{int(round(100 * record['budget']))}pct"
     child, baseline = by_name[name]["children"], by_name[name]["baselines"]
-    row = {"budget": name, "params": child["param_count"], **measure(child["config"], child["params"]),
-           "baseline_params": baseline["param_count"]}
-    row.update({f"baseline_{k}": v for k, v in measure(baseline["config"], baseline["params"]).items()})
+    row = {"budget": name, "params": child["param_count"], **measure(child["config"], child["params"])}
+    if baseline["param_count"] == rows[0]["params"]:  # nothing pruned: the parent row is the reference
+      row["full_size"] = True
+    else:
+      row["baseline_params"] = baseline["param_count"]
+      row.update({f"baseline_{k}": v for k, v in measure(baseline["config"], baseline["params"]).items()})
     rows.append(row)
     router_choices[name] = choice_fractions(result["config"], Choice.from_dict(record["choice"]))
   if not distributed.is_primary():  # the report is written once, by process 0

@@ -5,8 +5,8 @@ Layout of the training part of a config (see ``configs/tiny.py``)::
   config.elastic = dict(
       budgets=(1.0, 0.75, 0.5),                 # fractions of the parent's parameter count
       space=dict(hidden=[...], mlp=[...], ..., mlp_mode="homogeneous"),   # ElasticSpace.from_dict
-      router=dict(width=256, hard=True, estimator="chosen", tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0,
-                  tau_decay="exponential"),
+      router=dict(width=256, hard=True, estimator="chosen",  # or "softmax" (straight-through Gumbel-softmax)
+                  tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0, tau_decay="exponential"),
       kd_temperature=1.0, ce_weight=0.0, router_loss_weight=1.0, argmax_loss_weight=0.0, dead_zone=0.02,
       stratified=False,
       budget_metric="params",  # or "memory": weights + KV cache + SSM state at memory_context tokens

@@ -178,40 +178,42 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
                                       "deployed_choices": deployed_choice_records(setup, state.router_params)})
       last_saved = step
 
-  with PreemptionGuard() as guard:
-    step = start_step
-    while step < stop_at and not preempted:
-      stage_index, done_in_stage = _stage_at(stages, step)
-      stage = stages[stage_index]
-      iterator = make_data(stage, stage_index)
-      if data_state is not None and data_state.get("stage") == stage_index:
-        iterator.set_state(data_state["iterator"])
-      data_state = None
-      tracked = _TrackedIterator(iterator, stage_index)
-      probs = jnp.asarray(stage.budget_probs, jnp.float32)
-      stage_end = min(stop_at, step - done_in_stage + stage.steps)
-      tic = time.perf_counter()
-      while step < stage_end:
-        tokens = _check_batch(next(iterator), stage, tokens_sharding)
-        state, metrics = step_fn(state, teacher_params, tokens, probs)
-        step += 1
-        pending.append((step, metrics))
-        bar.update(1)
-        if step % log_every == 0:
-          flush()
-          elapsed = time.perf_counter() - tic
-          bar.set_description(f"{stage.name} {stage.batch_size * stage.seq_len * log_every / elapsed:,.0f} tok/s")
-          tic = time.perf_counter()
-        # SIGTERM: save where we are and stop cleanly (all processes at the same step: they agree at log steps).
-        if distributed.agreed_stop(guard.requested, sync_now=step % log_every == 0):
-          preempted = True
-          break
-        if step % checkpoint_every == 0:
-          save(step, tracked)
-      save(step, tracked)  # end of the stage (or of this call): always resumable from here
-  flush()
-  bar.close()
-  checkpointer.close()
+  step = start_step
+  try:
+    with PreemptionGuard() as guard:
+      while step < stop_at and not preempted:
+        stage_index, done_in_stage = _stage_at(stages, step)
+        stage = stages[stage_index]
+        iterator = make_data(stage, stage_index)
+        if data_state is not None and data_state.get("stage") == stage_index:
+          iterator.set_state(data_state["iterator"])
+        data_state = None
+        tracked = _TrackedIterator(iterator, stage_index)
+        probs = jnp.asarray(stage.budget_probs, jnp.float32)
+        stage_end = min(stop_at, step - done_in_stage + stage.steps)
+        tic = time.perf_counter()
+        while step < stage_end:
+          tokens = _check_batch(next(iterator), stage, tokens_sharding)
+          state, metrics = step_fn(state, teacher_params, tokens, probs)
+          step += 1
+          pending.append((step, metrics))
+          bar.update(1)
+          if step % log_every == 0:
+            flush()
+            elapsed = time.perf_counter() - tic
+            bar.set_description(f"{stage.name} {stage.batch_size * stage.seq_len * log_every / elapsed:,.0f} tok/s")
+            tic = time.perf_counter()
+          # SIGTERM: save where we are and stop cleanly (all processes at the same step: they agree at log steps).
+          if distributed.agreed_stop(guard.requested, sync_now=step % log_every == 0):
+            preempted = True
+            break
+          if step % checkpoint_every == 0:
+            save(step, tracked)
+        save(step, tracked)  # end of the stage (or of this call): always resumable from here
+  finally:  # whatever stops the loop, a save in flight completes before it propagates
+    flush()
+    bar.close()
+    checkpointer.close()
   if step == total_steps:
     records = deployed_choice_records(setup, state.router_params)
     if distributed.is_primary():

@@ -119,20 +119,21 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable) -> tuple[ModelConf
   start = int(state.step)
   bar = tqdm(range(start, steps), initial=start, total=steps, desc="parent pretraining", unit="step",
              disable=not is_primary())
-  with PreemptionGuard() as guard:
-    for i in bar:
-      stream = streams[1] if long_every and i % long_every == long_every - 1 else streams[0]
-      state, metrics = training.step(state, global_batch(next(stream), tokens_sharding))
-      if i % 20 == 0 or i == steps - 1:
-        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-      if agreed_stop(guard.requested, sync_now=(i + 1) % 10 == 0):
-        save(i + 1)
-        checkpointer.close()
-        raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to "
-                         "resume.")
-      if (i + 1) % every == 0 and i + 1 < steps:
-        save(i + 1)
-  checkpointer.close()
+  try:
+    with PreemptionGuard() as guard:
+      for i in bar:
+        stream = streams[1] if long_every and i % long_every == long_every - 1 else streams[0]
+        state, metrics = training.step(state, global_batch(next(stream), tokens_sharding))
+        if i % 20 == 0 or i == steps - 1:
+          bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+        if agreed_stop(guard.requested, sync_now=(i + 1) % 10 == 0):
+          save(i + 1)
+          raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to "
+                           "resume.")
+        if (i + 1) % every == 0 and i + 1 < steps:
+          save(i + 1)
+  finally:  # whatever stops the loop, a save in flight completes before it propagates
+    checkpointer.close()
   os.makedirs(path, exist_ok=True)
   save_model(os.path.join(path, "model"), config.to_dict(), state.params, {"pretrain_steps": steps})
   _mark_done(path)

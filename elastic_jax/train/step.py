@@ -398,8 +398,8 @@ def deployed_choices(setup: ElasticSetup, router_params: Params, top_k: int = 40
     one_hot = {}
     for column, (name, layer) in enumerate(factors):
       one_hot.setdefault(name, []).append(np.eye(logits[name].shape[-1])[picks[:, column]])
-    probs = router_lib._layout({name: jnp.asarray(np.stack(rows, axis=1), jnp.float32)  # pylint: disable=protected-access
-                                for name, rows in one_hot.items()}, setup.space)
+    stacked = {name: jnp.asarray(np.stack(rows, axis=1), jnp.float32) for name, rows in one_hot.items()}
+    probs = router_lib._layout(stacked, setup.space)  # pylint: disable=protected-access
     sizes = np.asarray(setup.expected_size(probs, depth_order), np.float64)
     inside = np.flatnonzero(np.abs(sizes / targets[b] - 1.0) <= setup.dead_zone)
     if not inside.size or inside[0] == 0:  # the best-scored joint choice is the argmax
