@@ -34,7 +34,6 @@ from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.model import ModelConfig, init_params
 from elastic_jax.train.config import stages_from_config
 from elastic_jax.train.flops import elastic_step_flops
-from elastic_jax.train.step import init_elastic_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a Python run config (get_config()).",
                                           lock_config=True)
@@ -93,13 +92,13 @@ def main(argv) -> None:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
 
-  params = jax.device_put(init_params(model_config, jax.random.key(0)), jitted.state_shardings.params)
+  training = jitted.training
+  params = jax.device_put(init_params(model_config, jax.random.key(0)), training.state_shardings.params)
   teacher = jax.tree.map(lambda p: p.astype(jnp.dtype(settings.teacher_dtype)), params)
-  state = jax.device_put(init_elastic_state(jitted.setup, jax.tree.map(jnp.copy, params), jitted.tx,
-                                            jitted.router_tx, seed=1), jitted.state_shardings)
+  state = training.init(jax.tree.map(jnp.copy, params))  # optimizer and router states beside the sharded params
   rng = np.random.default_rng(0)
   tokens = jax.device_put(rng.integers(0, model_config.vocab_size, (stage.batch_size, stage.seq_len + 1),
-                                       dtype=np.int32), jitted.tokens_sharding)
+                                       dtype=np.int32), training.batch_sharding)
   probs = jax.device_put(np.asarray(stage.budget_probs, np.float32), jitted.replicated)
 
   times = []

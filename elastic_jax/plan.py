@@ -62,16 +62,16 @@ import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from elastic_jax.elastic.param_count import param_count
-from elastic_jax.model import HybridLM, ModelConfig
+from elastic_jax.model import ModelConfig
 from elastic_jax.model.config import BLOCK_KINDS, BlockSpec
 from elastic_jax.ops.context_parallel import CONTEXT_AXIS
 from elastic_jax.train import sharding as sharding_lib
 from elastic_jax.train.config import (check_keys, elastic_setup_from_config, memory_from_config, optimizers_from_config,
                                      plain, stages_from_config)
 from elastic_jax.train.flops import elastic_step_flops, forward_flops_per_token
-from elastic_jax.train.loop import Stage
+from elastic_jax.train.loop import ShardedTraining, Stage, abstract_boxed_state, compiled_elastic_step
 from elastic_jax.train.optim import make_optimizer
-from elastic_jax.train.step import ElasticSetup, init_elastic_state, make_elastic_step
+from elastic_jax.train.step import ElasticSetup
 
 GB = 1e9
 _EMBED = ("batch", "length", "embed")
@@ -178,9 +178,7 @@ def hardware_from_config(config: Any, device: str | None = None, mfu: float | No
     raise ValueError(f"config.mesh.shape={shape} spans {int(np.prod(shape))} devices but config.plan.num_devices="
                      f"{claimed}; make the product of the mesh shape equal the device count.")
   shape = shape + (1,) * (len(axes) - len(shape))
-  rules = mesh_cfg.get("rules")
-  rules = sharding_lib.DEFAULT_RULES if not rules else tuple(
-      (name, tuple(mesh_axes) if isinstance(mesh_axes, (list, tuple)) else mesh_axes) for name, mesh_axes in rules)
+  rules = sharding_lib.rules_from_config(mesh_cfg.get("rules"))
   name = device or plan_cfg.get("device") or "cpu"
   mfu = float(mfu if mfu is not None else plan_cfg.get("mfu", 0.4))
   if not 0.0 < mfu <= 1.0:
@@ -200,14 +198,6 @@ def per_device_bytes(shape: Sequence[int], itemsize: int, spec: PartitionSpec, a
     names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
     local *= math.ceil(dim / int(np.prod([axis_sizes[n] for n in names], dtype=np.int64)))
   return int(local) * int(itemsize)
-
-
-def abstract_boxed_state(setup: ElasticSetup, tx, router_tx) -> Any:
-  """The elastic train state as shapes, with the model's logical-axis boxes kept (optimizer moments inherit them)."""
-  def build():
-    boxed = HybridLM(setup.config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    return init_elastic_state(setup, boxed, tx, router_tx, seed=0)
-  return jax.eval_shape(build)
 
 
 def state_bytes(setup: ElasticSetup, tx, router_tx, hardware: Hardware, teacher_dtype: str) -> dict[str, int]:
@@ -450,40 +440,28 @@ def _mesh_axes_of(logical: str, rules: Sequence) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------------ XLA's view
 @dataclasses.dataclass
 class JittedStep:
-  """The elastic train step of a run config, jitted over a real mesh as the training loop jits it."""
+  """The elastic train step of a run config, jitted over a real mesh by the training loop's own
+  ``compiled_elastic_step``, with the abstract teacher (in ``memory.teacher_dtype``) beside it."""
 
-  step: Any  # jax.jit(make_elastic_step(...)) with in/out shardings, the state donated
+  training: ShardedTraining  # step (state donated), init, state shardings, abstract state, batch sharding
   setup: ElasticSetup
-  tx: Any
-  router_tx: Any
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  state_shardings: Any
-  abstract_state: Any  # ShapeDtypeStructs with their shardings
   abstract_teacher: Any  # the params' shapes in memory.teacher_dtype, sharded like the params
-  tokens_sharding: Any
   replicated: Any
 
   def abstract_inputs(self, stage: Stage) -> tuple:
     """Every argument of the step for ``stage`` as shapes: (state, teacher, tokens [b, l+1], budget probs)."""
-    tokens = jax.ShapeDtypeStruct((stage.batch_size, stage.seq_len + 1), jnp.int32, sharding=self.tokens_sharding)
+    tokens = jax.ShapeDtypeStruct((stage.batch_size, stage.seq_len + 1), jnp.int32,
+                                  sharding=self.training.batch_sharding)
     probs = jax.ShapeDtypeStruct((len(self.setup.budgets),), jnp.float32, sharding=self.replicated)
-    return self.abstract_state, self.abstract_teacher, tokens, probs
+    return self.training.abstract_state, self.abstract_teacher, tokens, probs
 
   def lower(self, stage: Stage):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self.step.lower(*self.abstract_inputs(stage))
-
-  def __call__(self, *args):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return self.step(*args)
+    return self.training.step.lower(*self.abstract_inputs(stage))
 
 
 def jit_elastic_step(config: Any, devices: Sequence[jax.Device] | None = None) -> JittedStep:
-  """``make_elastic_step`` of a run config (identity depth order: shapes do not depend on it), jitted with the train
-  state, the teacher (sharded like the params), the token batch and the budget probabilities in their shardings on
-  the configured mesh over ``devices`` (default: the first ``num_devices`` devices), the state donated."""
-  model_config = ModelConfig.from_dict(config.model)
+  """The training loop's elastic step for a run config (identity depth order: shapes do not depend on it) on the
+  configured mesh over ``devices`` (default: the first ``num_devices`` devices)."""
   settings = memory_settings(config)
   hardware = hardware_from_config(config)
   devices = list(jax.devices()[:hardware.num_devices] if devices is None else devices)
@@ -492,23 +470,13 @@ def jit_elastic_step(config: Any, devices: Sequence[jax.Device] | None = None) -
                      f"exist; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={hardware.num_devices} "
                      "before starting Python, or change config.mesh.shape.")
   stages = stages_from_config(config)
-  setup, optimizer, router_optimizer, total_steps = _setup_and_optimizers(config, model_config, stages)
-  mesh = jax.sharding.Mesh(np.asarray(devices[:hardware.num_devices]).reshape(hardware.mesh_shape),
-                           tuple(sharding_lib.MESH_AXES))
-  tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
-  boxed = abstract_boxed_state(setup, tx, router_tx)
-  shardings = sharding_lib.logical_shardings(boxed, mesh, hardware.rules)
-  tokens_sharding, replicated = sharding_lib.batch_sharding(mesh, hardware.rules), sharding_lib.replicated(mesh)
-  step = jax.jit(make_elastic_step(setup, tx, router_tx),
-                 in_shardings=(shardings, shardings.params, tokens_sharding, replicated),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,))
-  struct = lambda x, s, dtype=None: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s)
-  shapes = nn.meta.unbox(boxed)
-  state = jax.tree.map(struct, shapes, shardings)
-  teacher = jax.tree.map(lambda x, s: struct(x, s, jnp.dtype(settings.teacher_dtype)), shapes.params,
-                         shardings.params)
-  return JittedStep(step, setup, tx, router_tx, mesh, hardware.rules, shardings, state, teacher, tokens_sharding,
-                    replicated)
+  setup, optimizer, router_optimizer, total_steps = _setup_and_optimizers(config, ModelConfig.from_dict(config.model),
+                                                                          stages)
+  mesh = sharding_lib.make_mesh(hardware.mesh_shape, devices=devices[:hardware.num_devices])
+  training = compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, 0, mesh, hardware.rules)
+  teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(settings.teacher_dtype),
+                                                        sharding=x.sharding), training.abstract_state.params)
+  return JittedStep(training, setup, teacher, sharding_lib.replicated(mesh))
 
 
 def compiled_memory(config: Any, stage_index: int = 0) -> dict[str, float]:

@@ -24,7 +24,7 @@ _SCRIPT = textwrap.dedent("""
     from conftest import random_params, small_config
     from elastic_jax.elastic.router import RouterSchedule
     from elastic_jax.elastic.space import ElasticSpace
-    from elastic_jax.train.loop import _compiled_elastic_step, compiled_lm_step
+    from elastic_jax.train.loop import compiled_elastic_step, compiled_lm_step
     from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
     from elastic_jax.train.sharding import DEFAULT_RULES, make_mesh, shard_params
     from elastic_jax.train.step import ElasticSetup, TrainState, init_elastic_state, make_elastic_step, make_lm_step
@@ -81,7 +81,7 @@ _SCRIPT = textwrap.dedent("""
     report = {{}}
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
       mesh = make_mesh(shape)
-      training = _compiled_elastic_step(setup, optimizer, router_optimizer, 10, 3, mesh, DEFAULT_RULES)
+      training = compiled_elastic_step(setup, optimizer, router_optimizer, 10, 3, mesh, DEFAULT_RULES)
       state = training.init(shard_params(student, training.state_shardings.params))
       mlp_kernel = state.params["layers_2"]["mixer"]["up_proj"]["kernel"]
       adam = state.opt_state[1][0]  # clip_by_global_norm, then adamw's ScaleByAdamState

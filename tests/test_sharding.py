@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from elastic_jax.elastic.router import RouterSchedule
 from elastic_jax.elastic.space import ElasticSpace
-from elastic_jax.train.loop import _compiled_elastic_step  # pylint: disable=protected-access
+from elastic_jax.train.loop import compiled_elastic_step
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config
 from elastic_jax.train.sharding import DEFAULT_RULES, MESH_AXES, batch_sharding, make_mesh
 from elastic_jax.train.step import ElasticSetup
@@ -21,7 +21,7 @@ def test_state_shardings_follow_the_rules_table():
   setup = ElasticSetup(config, ElasticSpace.from_fractions(config, (0.5, 1.0)), (1.0, 0.5), (0, 1, 2),
                        RouterSchedule(total_steps=10), router_width=8)
   mesh = make_mesh()
-  shardings = _compiled_elastic_step(setup, OptimizerConfig(), default_router_optimizer_config(), 10, 0, mesh,
+  shardings = compiled_elastic_step(setup, OptimizerConfig(), default_router_optimizer_config(), 10, 0, mesh,
                                      DEFAULT_RULES).state_shardings
   params = shardings.params
   assert params["layers_1"]["mixer"]["up_proj"]["kernel"].spec == P("fsdp", "tensor")

@@ -134,7 +134,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
 
   mesh = mesh or make_mesh()
-  training = _compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, seed, mesh, rules)
+  training = compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, seed, mesh, rules)
   step_fn = training.step
   teacher_params = place_teacher(setup, teacher_params, training.state_shardings.params)
   tokens_sharding = batch_sharding(mesh, rules)
@@ -279,7 +279,7 @@ def _with_shardings(abstract_boxed: Any, mesh: Mesh, rules: LogicalRules) -> tup
   return shardings, abstract
 
 
-def _abstract_boxed_state(setup: ElasticSetup, tx, router_tx, seed: int) -> TrainState:
+def abstract_boxed_state(setup: ElasticSetup, tx, router_tx, seed: int = 0) -> TrainState:
   """The train state's shapes with the model's logical-axis boxes kept (optimizer moments inherit them)."""
   def build():
     boxed = HybridLM(setup.config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
@@ -288,7 +288,7 @@ def _abstract_boxed_state(setup: ElasticSetup, tx, router_tx, seed: int) -> Trai
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_elastic_step(setup: ElasticSetup, optimizer: OptimizerConfig, router_optimizer: OptimizerConfig,
+def compiled_elastic_step(setup: ElasticSetup, optimizer: OptimizerConfig, router_optimizer: OptimizerConfig,
                            total_steps: int, seed: int, mesh: Mesh, rules: LogicalRules) -> ShardedTraining:
   """One jitted step per (setup, optimizers, length, mesh): a resumed or repeated run in one process reuses it.
 
@@ -297,7 +297,7 @@ def _compiled_elastic_step(setup: ElasticSetup, optimizer: OptimizerConfig, rout
   states and the router beside them.
   """
   tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
-  state_shardings, abstract_state = _with_shardings(_abstract_boxed_state(setup, tx, router_tx, seed), mesh, rules)
+  state_shardings, abstract_state = _with_shardings(abstract_boxed_state(setup, tx, router_tx, seed), mesh, rules)
   tokens = batch_sharding(mesh, rules)
   step = sharded_jit(make_elastic_step(setup, tx, router_tx), mesh, rules,
                      in_shardings=(state_shardings, state_shardings.params, tokens, replicated(mesh)),

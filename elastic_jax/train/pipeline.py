@@ -39,7 +39,7 @@ from elastic_jax.train.config import (check_keys, elastic_setup_from_config, mem
 from elastic_jax.train.distributed import agreed_stop, global_batch, is_primary
 from elastic_jax.train.loop import Stage, compiled_lm_step, train_elastic
 from elastic_jax.train.optim import OptimizerConfig
-from elastic_jax.train.sharding import DEFAULT_RULES, make_mesh
+from elastic_jax.train.sharding import make_mesh, rules_from_config
 from elastic_jax.train.step import check_grad_accum
 
 Params = Any
@@ -227,10 +227,7 @@ def mesh_from_config(cfg: Any) -> tuple[Any, tuple]:
   mesh_cfg = plain(cfg.get("mesh"))
   check_keys(mesh_cfg, ("shape", "rules"), "config.mesh")
   shape = mesh_cfg.get("shape")
-  rules = mesh_cfg.get("rules")
-  rules = DEFAULT_RULES if not rules else tuple(
-      (name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
-  return make_mesh(tuple(shape) if shape else None), rules
+  return make_mesh(tuple(shape) if shape else None), rules_from_config(mesh_cfg.get("rules"))
 
 
 def extraction_phase(workdir: str, config: ModelConfig, student: Params, permuted: Params, ranks: Rankings,

@@ -41,6 +41,14 @@ DEFAULT_RULES: LogicalRules = (
 )
 
 
+def rules_from_config(rules: Any) -> LogicalRules:
+  """``config.mesh.rules`` -> a rules table: (logical name, mesh axis, axes or None) pairs with lists made tuples;
+  empty gives ``DEFAULT_RULES``."""
+  if not rules:
+    return DEFAULT_RULES
+  return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
+
+
 def make_mesh(shape: Sequence[int] | None = None, axis_names: Sequence[str] = MESH_AXES,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh of ``shape`` over ``devices`` (default: all, on the data axis).
@@ -95,8 +103,8 @@ def sharded_jit(fn: Callable, mesh: Mesh, rules: LogicalRules, in_shardings: Any
   """``jax.jit(fn)`` with explicit shardings, run with ``mesh`` and the logical-axis ``rules`` active.
 
   The mesh and rules must be active while ``fn`` traces, so that the model's logical activation constraints resolve
-  to this mesh; the returned callable activates them around every call. ``run.jitted`` is the bare jitted
-  function (for ``lower``/``_cache_size``). Used for train steps and for the initialisers that create params and
+  to this mesh; the returned callable activates them around every call and ``run.lower`` (ahead-of-time
+  lowering); ``run.jitted`` is the bare jitted function. Used for train steps and for the initialisers that create params and
   optimizer state directly in their shardings (``out_shardings``), never materialised on one device first.
   """
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
@@ -105,5 +113,9 @@ def sharded_jit(fn: Callable, mesh: Mesh, rules: LogicalRules, in_shardings: Any
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jitted(*args)
 
-  run.jitted = jitted
+  def lower(*args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted.lower(*args)
+
+  run.jitted, run.lower = jitted, lower
   return run
