@@ -103,9 +103,10 @@ def sharded_jit(fn: Callable, mesh: Mesh, rules: LogicalRules, in_shardings: Any
   """``jax.jit(fn)`` with explicit shardings, run with ``mesh`` and the logical-axis ``rules`` active.
 
   The mesh and rules must be active while ``fn`` traces, so that the model's logical activation constraints resolve
-  to this mesh; the returned callable activates them around every call and ``run.lower`` (ahead-of-time
-  lowering); ``run.jitted`` is the bare jitted function. Used for train steps and for the initialisers that create params and
-  optimizer state directly in their shardings (``out_shardings``), never materialised on one device first.
+  to this mesh; the returned callable activates them around every call, and so does ``run.lower`` (ahead-of-time
+  lowering); ``run.jitted`` is the bare jitted function. Used for train steps and for the initialisers that create
+  params and optimizer state directly in their shardings (``out_shardings``), never materialised on one device
+  first.
   """
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums)
 
