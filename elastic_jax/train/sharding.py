@@ -77,6 +77,20 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def param_shardings(config: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
+  """``NamedSharding`` of every parameter of ``HybridLM(config)``, from the model's logical axis names (no
+  allocation): where the run's params live, whatever phase made them."""
+  from elastic_jax.model.hybrid import param_logical_axes  # pylint: disable=import-outside-toplevel
+  return nn.logical_to_mesh_sharding(param_logical_axes(config), mesh, rules)
+
+
+def host_to_global(value: Any, sharding: NamedSharding) -> jax.Array:
+  """A host array that every process holds whole (same values everywhere), placed as one global array in
+  ``sharding``: each process copies only the parts its own devices hold."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
