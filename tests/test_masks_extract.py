@@ -129,6 +129,18 @@ def test_prefix_masks_match_the_spec_rule():
     np.testing.assert_array_equal(masks_lib.depth_mask(count, order, 6), reference_depth(count, order, 6))
 
 
+
+def test_depth_ranks_invert_the_order_also_when_traced():
+  rng = np.random.default_rng(3)
+  ranks_jit = jax.jit(masks_lib.depth_ranks, static_argnums=1)
+  for num_layers in (1, 6, 13):
+    order = rng.permutation(num_layers)
+    expected = np.empty(num_layers, np.int32)
+    expected[order] = np.arange(num_layers)  # block order[i] has rank i
+    for ranks in (masks_lib.depth_ranks(order, num_layers), ranks_jit(order, num_layers)):
+      assert ranks.dtype == jnp.int32
+      np.testing.assert_array_equal(ranks, expected)
+
 def test_choice_masks_layout_and_values():
   choice = Choice(hidden=20, mlp=(7, 48), attention_heads=(2, 4), mamba_heads=(2, 4), mamba_head_dim=(3, 8),
                   depth=4)

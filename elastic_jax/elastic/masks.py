@@ -58,8 +58,9 @@ def weighted_prefix_mask(weights: Any, candidates: Sequence[int], size: int, gro
 
 def depth_ranks(depth_order: Any, num_layers: int) -> Array:
   """depth_order [L] (block indices, most important first) -> rank [L]: block j's position in that order."""
-  order = jnp.asarray(depth_order, jnp.int32)
-  return jnp.zeros((num_layers,), jnp.int32).at[order].set(jnp.arange(num_layers, dtype=jnp.int32))
+  # The inverse permutation as a sort, not a scatter: libtpu's scatter emitter aborts on ``.at[order].set(arange)``.
+  order = jnp.asarray(depth_order, jnp.int32).reshape(num_layers)
+  return jnp.argsort(order, stable=True).astype(jnp.int32)
 
 
 def depth_mask(count: Any, depth_order: Any, num_layers: int) -> Array:
