@@ -6,6 +6,11 @@ heads (``[d, H, P]``), so that elastic masks can index heads and channels direct
 described once, by an ``_Entry`` in a per-block table: which of our arrays it splits into, in which order, and with
 which ``_Layout``. Loading and saving both walk the same tables, so the two directions cannot drift apart.
 
+Sharded import (``load(path, mesh=...)``): the same tables say which rows and columns of which checkpoint tensor
+hold any box of one of our arrays, so each process reads, through safetensors slices, only the boxes its own devices
+hold and builds global ``jax.Array``s in the run's param shardings; no process holds the whole model, and the cast
+to the params' dtype runs on the devices. The host load (no mesh) reads through the same mapping, whole tensors.
+
 Only safetensors files are read (never pickles). Anything this model cannot represent (MoE layers, tied
 embeddings, biases, another activation) is refused with an ``UnsupportedCheckpointError`` naming the config key;
 a malformed checkpoint (missing, extra or misshapen tensors, a missing shard) raises a ``CheckpointError`` naming
@@ -20,7 +25,10 @@ transformers then computes what we compute.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import os
@@ -28,12 +36,15 @@ import pathlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+from jax.sharding import Mesh
 
 from elastic_jax.model.config import DTYPES, ConfigError, ModelConfig
+from elastic_jax.train.sharding import DEFAULT_RULES, LogicalRules, param_shardings
 
 Params = dict[str, Any]
 PathLike = str | os.PathLike
@@ -103,56 +114,99 @@ class UnsupportedCheckpointError(CheckpointError):
 # ---------------------------------------------------------------------------------------------------- layouts
 @dataclasses.dataclass(frozen=True)
 class _Layout:
-  """How a checkpoint tensor relates to our arrays.
+  """How a checkpoint tensor relates to our arrays, as the order of their axes.
 
-  A checkpoint tensor has one *feature* axis (``split_axis``) that may concatenate several of our arrays, each of
-  which unfolds that axis into its own feature shape (e.g. ``d_inner`` -> ``[H, P]``), plus at most one *other*
-  axis (the model width ``d`` of a linear, the kernel size ``K`` of the conv) shared by all pieces.
+  A checkpoint tensor has one *feature* axis ``f`` that may concatenate several of our arrays, each of which
+  unfolds that axis into its own feature shape ``F`` (e.g. ``d_inner`` -> ``[H, P]``), at most one *other* axis
+  ``o`` (the model width ``d`` of a linear, the kernel size ``K`` of the conv) shared by all pieces, and possibly
+  singleton axes ``1``. Every conversion (shapes, both directions, and which part of the checkpoint tensor holds
+  a given box of our array) follows from the two axis strings, so no layout has code of its own.
   """
 
   name: str
-  split_axis: int
-  hf_shape: Callable[[int, int], tuple[int, ...]]  # (total features, other) -> checkpoint shape
-  our_shape: Callable[[tuple[int, ...], int], tuple[int, ...]]  # (feature shape, other) -> our shape
-  to_ours: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]  # checkpoint piece, feature shape -> our array
-  to_hf: Callable[[np.ndarray], np.ndarray]  # our array -> checkpoint piece
+  hf_axes: str  # checkpoint axes in order: "f" features, "o" the other axis, "1" a singleton
+  our_axes: str  # our axes in order: "F" the piece's feature shape (one or more axes), "o" the other axis
+
+  @property
+  def split_axis(self) -> int:
+    """The checkpoint axis that concatenates the pieces."""
+    return self.hf_axes.index("f")
+
+  def hf_shape(self, features: int, other: int) -> tuple[int, ...]:
+    return tuple({"f": features, "o": other, "1": 1}[axis] for axis in self.hf_axes)
+
+  def our_shape(self, shape: Sequence[int], other: int) -> tuple[int, ...]:
+    return tuple(n for axis in self.our_axes for n in (tuple(shape) if axis == "F" else (other,)))
+
+  def to_ours(self, block: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """A checkpoint block (all or part of a piece: ``prod(shape)`` features, any extent of the other axis) -> ours.
+
+    Drops the singleton axes, orders the rest as ours and unfolds the feature axis into ``shape``.
+    """
+    kept = self.hf_axes.replace("1", "")
+    block = block.reshape([n for axis, n in zip(self.hf_axes, block.shape) if axis != "1"])
+    ours_flat = self.our_axes.lower()
+    block = block.transpose([kept.index(axis) for axis in ours_flat])
+    other = block.shape[ours_flat.index("o")] if "o" in ours_flat else 0
+    return block.reshape(self.our_shape(shape, other))
+
+  def to_hf(self, array: np.ndarray) -> np.ndarray:
+    """Our array -> its piece of the checkpoint tensor (the inverse of ``to_ours``)."""
+    num_features = array.ndim - self.our_axes.count("o")
+    flat_shape, axis_start = [], 0
+    for axis in self.our_axes:
+      width = num_features if axis == "F" else 1
+      flat_shape.append(math.prod(array.shape[axis_start:axis_start + width]))
+      axis_start += width
+    ours_flat = self.our_axes.lower()
+    flat = array.reshape(flat_shape).transpose([ours_flat.index(axis) for axis in self.hf_axes.replace("1", "")])
+    sizes = dict(zip(self.hf_axes.replace("1", ""), flat.shape))
+    return flat.reshape([sizes.get(axis, 1) for axis in self.hf_axes])
+
+  def split_box(self, box: Sequence[tuple[int, int]]) -> tuple[tuple[tuple[int, int], ...], tuple[int, int] | None]:
+    """A box of our array ([start, stop) per axis) -> (its box over the feature shape, its range of the other axis)."""
+    box = tuple(box)
+    if "o" not in self.our_axes:
+      return box, None
+    if self.our_axes.startswith("o"):
+      return box[1:], box[0]
+    return box[:-1], box[-1]
+
+  def hf_index(self, rows: tuple[int, int], other: tuple[int, int] | None) -> tuple[slice, ...]:
+    """The checkpoint index of feature rows [start, stop) and the other axis' range (None: all of it)."""
+    ranges = {"f": slice(*rows), "o": slice(None) if other is None else slice(*other), "1": slice(None)}
+    return tuple(ranges[axis] for axis in self.hf_axes)
 
 
 # torch Linear weight [out, in] whose *outputs* are our features; our kernel is [in, *features].
-_LINEAR_OUT = _Layout(
-    "linear (outputs split)", 0,
-    hf_shape=lambda f, other: (f, other),
-    our_shape=lambda shape, other: (other, *shape),
-    to_ours=lambda w, shape: w.T.reshape(w.shape[1], *shape),
-    to_hf=lambda k: k.reshape(k.shape[0], -1).T)
+_LINEAR_OUT = _Layout("linear (outputs split)", hf_axes="fo", our_axes="oF")
 # torch Linear weight [out, in] whose *inputs* are our features; our kernel is [*features, out].
-_LINEAR_IN = _Layout(
-    "linear (inputs split)", 1,
-    hf_shape=lambda f, other: (other, f),
-    our_shape=lambda shape, other: (*shape, other),
-    to_ours=lambda w, shape: w.T.reshape(*shape, w.shape[0]),
-    to_hf=lambda k: k.reshape(-1, k.shape[-1]).T)
+_LINEAR_IN = _Layout("linear (inputs split)", hf_axes="of", our_axes="Fo")
 # torch depthwise Conv1d weight [C, 1, K]; our kernel is [K, *features] with kernel[k] = weight[c, 0, k].
-_DEPTHWISE_CONV = _Layout(
-    "depthwise conv", 0,
-    hf_shape=lambda f, other: (f, 1, other),
-    our_shape=lambda shape, other: (other, *shape),
-    to_ours=lambda w, shape: w[:, 0, :].T.reshape(w.shape[2], *shape),
-    to_hf=lambda k: k.reshape(k.shape[0], -1).T[:, None, :])
+_DEPTHWISE_CONV = _Layout("depthwise conv", hf_axes="f1o", our_axes="oF")
 # A vector [C]; ours is [*features].
-_VECTOR = _Layout(
-    "vector", 0,
-    hf_shape=lambda f, other: (f,),
-    our_shape=lambda shape, other: tuple(shape),
-    to_ours=lambda w, shape: w.reshape(shape),
-    to_hf=lambda v: v.reshape(-1))
+_VECTOR = _Layout("vector", hf_axes="f", our_axes="F")
 # A lookup table [rows, other] stored the same way by both sides (the token embedding).
-_TABLE = _Layout(
-    "table", 0,
-    hf_shape=lambda f, other: (f, other),
-    our_shape=lambda shape, other: (*shape, other),
-    to_ours=lambda w, shape: w.reshape(*shape, w.shape[1]),
-    to_hf=lambda t: t.reshape(-1, t.shape[-1]))
+_TABLE = _Layout("table", hf_axes="fo", our_axes="Fo")
+
+
+def _flat_runs(box: Sequence[tuple[int, int]], shape: Sequence[int]) -> list[tuple[int, int]]:
+  """The runs [start, stop) of row-major flat indices that hold ``box`` of an array of ``shape``, in order.
+
+  The axes after the box's last partial axis are whole, so they are contiguous with it: a box that splits only the
+  leading axis (heads split across devices, each head whole) is one run. Each index of the axes before the last
+  partial one starts another run.
+  """
+  last = len(shape) - 1
+  while last > 0 and tuple(box[last]) == (0, shape[last]):
+    last -= 1
+  strides = [math.prod(shape[axis + 1:]) for axis in range(len(shape))]
+  start, stop = box[last]
+  runs = []
+  for outer in itertools.product(*(range(a, b) for a, b in box[:last])):
+    base = sum(i * stride for i, stride in zip(outer, strides))
+    runs.append((base + start * strides[last], base + stop * strides[last]))
+  return runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,14 +223,30 @@ class _Entry:
   def hf_shape(self) -> tuple[int, ...]:
     return self.layout.hf_shape(sum(math.prod(shape) for _, shape in self.pieces), self.other)
 
+  def our_shape(self, piece: int) -> tuple[int, ...]:
+    return self.layout.our_shape(self.pieces[piece][1], self.other)
+
+  def read(self, read_hf: Callable[[tuple[slice, ...]], np.ndarray], piece: int,
+           box: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+    """Our array ``pieces[piece]``, or only its ``box`` ([start, stop) per axis of ours), from the checkpoint tensor.
+
+    ``read_hf(index)`` returns the checkpoint tensor at a tuple of slices; it is asked only for the feature rows
+    and the range of the other axis that the box holds (one call per contiguous run of rows), so a reader of
+    safetensors slices touches nothing else.
+    """
+    shape = self.pieces[piece][1]
+    offset = sum(math.prod(s) for _, s in self.pieces[:piece])
+    box = tuple((0, n) for n in self.our_shape(piece)) if box is None else tuple(box)
+    features, other = self.layout.split_box(box)
+    parts = [read_hf(self.layout.hf_index((offset + start, offset + stop), other))
+             for start, stop in _flat_runs(features, shape)]
+    block = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.layout.split_axis)
+    return np.ascontiguousarray(self.layout.to_ours(block, [stop - start for start, stop in features]))
+
   def split(self, tensor: np.ndarray) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """Checkpoint tensor -> (our path, our array) for each piece."""
-    start = 0
-    for path, shape in self.pieces:
-      size = math.prod(shape)
-      piece = np.take(tensor, np.arange(start, start + size), axis=self.layout.split_axis)
-      start += size
-      yield path, np.ascontiguousarray(self.layout.to_ours(piece, shape))
+    for piece, (path, _) in enumerate(self.pieces):
+      yield path, self.read(tensor.__getitem__, piece)
 
   def join(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
     """Our arrays (one per piece, in order) -> the checkpoint tensor."""
@@ -259,27 +329,37 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> Pa
   Arrays keep their dtype. Raises ``CheckpointError`` on a missing, extra or misshapen tensor.
   """
   tensors = _normalize_keys(tensors)
+  params: Params = {}
+  for e in _checked_entries({key: np.shape(value) for key, value in tensors.items()}, config):
+    for path, array in e.split(np.asarray(tensors[e.hf_key])):
+      _set_path(params, path, array)
+  return params
+
+
+def _checked_entries(shapes: Mapping[str, tuple[int, ...]], config: ModelConfig) -> list[_Entry]:
+  """The checkpoint entries of ``config``, after checking the checkpoint's tensor names and shapes against them.
+
+  ``shapes`` maps every tensor of the checkpoint (normalized keys) to its shape, so that both loaders can check a
+  checkpoint before reading any weight. Raises ``CheckpointError`` on a missing, extra or misshapen tensor.
+  """
   entries = _checkpoint_entries(config)
   expected = {e.hf_key: e for e in entries}
-  missing = [k for k in expected if k not in tensors]
+  missing = [k for k in expected if k not in shapes]
   if missing:
     e = expected[missing[0]]
     more = f" (and {len(missing) - 1} more: {missing[1:4]}...)" if len(missing) > 1 else ""
     raise CheckpointError(f"missing tensor {e.hf_key}, expected shape {e.hf_shape} for {e.where}{more}.")
-  extra = sorted(k for k in tensors if k not in expected and not k.startswith(_IGNORED_KEY_PREFIXES))
+  extra = sorted(k for k in shapes if k not in expected and not k.startswith(_IGNORED_KEY_PREFIXES))
   if extra:
     more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
     raise CheckpointError(
         f"unexpected tensor {extra[0]}{more} for pattern={config.pattern!r}; a NemotronH checkpoint of this config "
         "holds only the embedding, per-layer norm and mixer weights, norm_f and lm_head (no biases, no experts).")
-  params: Params = {}
   for e in entries:
-    tensor = np.asarray(tensors[e.hf_key])
-    if tensor.shape != e.hf_shape:
-      raise CheckpointError(f"{e.hf_key} has shape {tensor.shape}, expected {e.hf_shape} for {e.where}.")
-    for path, array in e.split(tensor):
-      _set_path(params, path, array)
-  return params
+    shape = tuple(shapes[e.hf_key])
+    if shape != e.hf_shape:
+      raise CheckpointError(f"{e.hf_key} has shape {shape}, expected {e.hf_shape} for {e.where}.")
+  return entries
 
 
 def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
@@ -309,9 +389,9 @@ def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np
   return tensors
 
 
-def _normalize_keys(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _normalize_keys(tensors: Mapping[str, Any]) -> dict[str, Any]:
   """transformers names the backbone ``model.`` in memory and ``backbone.`` on disk and reads both; so do we."""
-  out: dict[str, np.ndarray] = {}
+  out: dict[str, Any] = {}
   for key, value in tensors.items():
     name = "backbone." + key[len("model."):] if key.startswith("model.") else key
     if name in out:
@@ -548,8 +628,12 @@ def _read_json(file: pathlib.Path) -> dict[str, Any]:
     return json.load(f)
 
 
-def _read_tensors(path: pathlib.Path, dtype: np.dtype) -> dict[str, np.ndarray]:
-  """Reads every tensor of a single-file or sharded safetensors checkpoint, cast to ``dtype``."""
+def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Which file holds each tensor of a single-file or sharded safetensors checkpoint (keys as on disk).
+
+  Reads only the files' headers; checks that the index names existing shards and that every shard holds what the
+  index places in it.
+  """
   index_file, single_file = path / INDEX_FILE, path / SINGLE_FILE
   if index_file.is_file():
     weight_map = _read_json(index_file).get("weight_map")
@@ -562,36 +646,99 @@ def _read_tensors(path: pathlib.Path, dtype: np.dtype) -> dict[str, np.ndarray]:
       if not (path / shard).is_file():
         raise CheckpointError(f"shard {shard} named in {INDEX_FILE} (for {keys[0]} and {len(keys) - 1} other "
                               f"tensors) is missing from {path}.")
-    tensors: dict[str, np.ndarray] = {}
+    files: dict[str, pathlib.Path] = {}
     for shard, keys in shard_keys.items():
-      shard_tensors = _read_safetensors_file(path / shard, dtype)
+      with safetensors.safe_open(str(path / shard), framework="numpy") as f:
+        shard_tensors = list(f.keys())
       for key in keys:
         if key not in shard_tensors:
           raise CheckpointError(f"{INDEX_FILE} places {key} in {shard}, but that shard does not contain it.")
-      for key, value in shard_tensors.items():
-        if key in tensors:
+      for key in shard_tensors:
+        if key in files:
           raise CheckpointError(f"tensor {key} appears in more than one shard (again in {shard}).")
-        tensors[key] = value
-    return tensors
+        files[key] = path / shard
+    return files
   if single_file.is_file():
-    return _read_safetensors_file(single_file, dtype)
+    with safetensors.safe_open(str(single_file), framework="numpy") as f:
+      return {key: single_file for key in f.keys()}
   found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
   raise CheckpointError(
       f"no {SINGLE_FILE} or {INDEX_FILE} in {path} (found {found}); only safetensors checkpoints are read, "
       "pickled ones (pytorch_model.bin) are refused.")
 
 
-def _read_safetensors_file(file: pathlib.Path, dtype: np.dtype) -> dict[str, np.ndarray]:
+def _read_tensors(path: pathlib.Path, dtype: np.dtype) -> dict[str, np.ndarray]:
+  """Reads every tensor of a single-file or sharded safetensors checkpoint, cast to ``dtype``."""
+  files = _tensor_files(path)
   tensors = {}
-  with safetensors.safe_open(str(file), framework="numpy") as f:
-    for key in f.keys():
-      tensors[key] = f.get_tensor(key).astype(dtype, copy=False)
+  for file in dict.fromkeys(files.values()):
+    with safetensors.safe_open(str(file), framework="numpy") as f:
+      for key in f.keys():
+        tensors[key] = f.get_tensor(key).astype(dtype, copy=False)
   return tensors
 
 
+def _load_into_shards(path: pathlib.Path, config: ModelConfig, mesh: Mesh, rules: LogicalRules,
+                      dtype: np.dtype) -> Params:
+  """Reads a checkpoint straight into global arrays in the run's param shardings.
+
+  Each process reads, through safetensors slices, only the boxes of each param that its own devices hold (once per
+  distinct box, however many local devices hold it), in the checkpoint's dtype; the cast to ``dtype`` runs on the
+  devices. No process ever holds more of the model on the host than one box at a time beyond what its devices keep
+  (on a CPU backend, device memory is host memory). Every process must call this with the same arguments: the cast
+  is a program over the whole mesh.
+  """
+  shardings = param_shardings(config, mesh, rules)
+  with contextlib.ExitStack() as stack:
+    files = _tensor_files(path)
+    opened = {file: stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
+              for file in dict.fromkeys(files.values())}
+    tensors = _normalize_keys({key: opened[file].get_slice(key) for key, file in files.items()})
+    entries = _checked_entries({key: tuple(t.get_shape()) for key, t in tensors.items()}, config)
+    params: Params = {}
+    for e in entries:
+      tensor = tensors[e.hf_key]
+      for piece, (our_path, _) in enumerate(e.pieces):
+        shape, sharding = e.our_shape(piece), _lookup(shardings, our_path)
+        devices_by_box: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+          devices_by_box.setdefault(_index_box(index, shape), []).append(device)
+        arrays = []
+        for box, devices in devices_by_box.items():
+          block = e.read(tensor.__getitem__, piece, box)
+          arrays.extend(jax.device_put(block, device) for device in devices)
+          del block  # the next box is read only once this one is on its devices
+        array = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+        del arrays
+        _set_path(params, our_path, array if array.dtype == dtype else _device_cast()(array, dtype))
+  return params
+
+
+@functools.cache
+def _device_cast() -> Callable[[jax.Array, np.dtype], jax.Array]:
+  """A global array cast on its own devices, keeping its sharding (one program per shape, sharding and dtype)."""
+  return jax.jit(lambda array, dtype: array.astype(dtype), static_argnums=1)
+
+
+def _index_box(index: tuple[slice, ...], shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+  """A device's index into a global array (slices, possibly open) -> its box, [start, stop) per axis."""
+  box = []
+  for axis_slice, size in zip(index, shape):
+    start, stop, step = axis_slice.indices(size)
+    assert step == 1, f"a shard index with step {step}"
+    box.append((start, stop))
+  return tuple(box)
+
+
+def _lookup(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
 # ---------------------------------------------------------------------------------------------------- public
-def load(path: PathLike, *, time_step_limit: tuple[float, float] | None = None,
-         dtype: Any = None) -> tuple[ModelConfig, Params]:
+def load(path: PathLike, *, time_step_limit: tuple[float, float] | None = None, dtype: Any = None,
+         mesh: Mesh | None = None, rules: LogicalRules | None = None) -> tuple[ModelConfig, Params]:
   """Reads a NemotronH checkpoint directory into our config and param tree.
 
   Args:
@@ -599,9 +746,14 @@ def load(path: PathLike, *, time_step_limit: tuple[float, float] | None = None,
     time_step_limit: the dt clamp; default the checkpoint's ``time_step_limit`` (NVIDIA's semantics, ``(0, inf)``
       in released checkpoints). Pass ``(time_step_min, inf)`` to reproduce transformers >= 5.15.
     dtype: the params' dtype (e.g. ``"bfloat16"``, ``jnp.bfloat16``); default float32.
+    mesh: when given, params are global ``jax.Array``s placed in ``param_shardings(config, mesh, rules)``: each
+      process reads only the parts its own devices hold, in the checkpoint's dtype, and casts on the devices, so a
+      model larger than one host's memory loads. All processes must call ``load`` together.
+    rules: the logical-axis rules of the sharded mode; default ``DEFAULT_RULES``.
 
   Returns:
-    ``(config, params)``: params is a nested dict of numpy arrays, as ``HybridLM(config).init`` lays them out.
+    ``(config, params)``: params is a nested dict of numpy arrays (without ``mesh``) or of global ``jax.Array``s
+    (with it), as ``HybridLM(config).init`` lays them out.
   """
   path = pathlib.Path(path)
   config = config_from_hf(_read_json(path / CONFIG_FILE))
@@ -613,6 +765,8 @@ def load(path: PathLike, *, time_step_limit: tuple[float, float] | None = None,
   param_dtype = _resolve_dtype("float32" if dtype is None else dtype)
   if param_dtype.name in DTYPES:
     config = config.replace(param_dtype=param_dtype.name)
+  if mesh is not None:
+    return config, _load_into_shards(path, config, mesh, DEFAULT_RULES if rules is None else rules, param_dtype)
   params = params_from_hf(_read_tensors(path, param_dtype), config)
   return config, params
 
