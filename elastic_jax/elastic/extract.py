@@ -22,11 +22,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from elastic_jax.elastic.masks import kept_blocks, kept_indices
 from elastic_jax.elastic.space import Choice
 from elastic_jax.model.config import ModelConfig
 from elastic_jax.model.hybrid import param_logical_axes
+from elastic_jax.train.sharding import DEFAULT_RULES, LogicalRules, param_shardings, shard_params, sharded_jit
 
 Params = dict[str, Any]
 # Per-layer widths: Choice field -> (ModelConfig scalar field, ModelConfig per-layer field, block kind).
@@ -160,3 +162,14 @@ def extract(config: ModelConfig, params: Mapping[str, Any], choice: Choice,
     shrinks (e.g. B/C projections at full width) are the parent's own arrays, shared rather than copied.
   """
   return child_config(config, choice, depth_order), extract_params(config, params, choice, depth_order)
+
+
+def extract_sharded(config: ModelConfig, params: Mapping[str, Any], choice: Choice, depth_order: Any, mesh: Mesh,
+                    rules: LogicalRules = DEFAULT_RULES) -> tuple[ModelConfig, Params]:
+  """``extract`` as one jitted program under ``mesh``: the parent's params are read in their shardings and the
+  child's are written straight into its own (``param_shardings`` of the child config), never gathered whole."""
+  child = child_config(config, choice, depth_order)
+  parent_shardings = param_shardings(config, mesh, rules)
+  slice_child = sharded_jit(lambda tree: extract_params(config, tree, choice, depth_order), mesh, rules,
+                            (parent_shardings,), param_shardings(child, mesh, rules))
+  return child, slice_child(shard_params(params, parent_shardings))

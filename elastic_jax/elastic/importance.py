@@ -32,16 +32,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, PartitionSpec
 from tqdm.auto import tqdm
 
 from elastic_jax.model.config import ModelConfig
 from elastic_jax.model.hybrid import HybridLM
+from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, host_to_global, make_mesh,
+                                        param_shardings, replicated, shard_params, sharded_jit)
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -122,10 +126,10 @@ def _zero_sums(config: ModelConfig) -> dict[str, dict[int, Array]]:
   return sums
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def _accumulate_statistics(config: ModelConfig, sums: dict[str, dict[int, Array]], params: Params,
                            tokens: Array) -> dict[str, dict[int, Array]]:
-  """sums + Σ over this batch's samples of the squared per-sample statistics (one compile per config and shape)."""
+  """sums + Σ over this batch's samples of the squared per-sample statistics. Under a mesh the batch is split over
+  the data-parallel devices and the sums over samples are reduced inside the program (replicated result)."""
   _, state = HybridLM(config).apply({"params": params}, tokens, mutable=["importance"])
   sown = state["importance"]
 
@@ -142,20 +146,54 @@ def _accumulate_statistics(config: ModelConfig, sums: dict[str, dict[int, Array]
 
 
 # ------------------------------------------------------------------------------------------------ depth
-@functools.partial(jax.jit, static_argnums=0)
 def _logits_with_blocks(config: ModelConfig, params: Params, tokens: Array, keep: Array) -> Array:
   """Logits [b, l, V] with block j skipped where keep[j] == 0; keep [num_layers] is an input, so one compile."""
   depth = jnp.broadcast_to(keep.astype(jnp.float32), (tokens.shape[0], config.num_layers))
   return HybridLM(config).apply({"params": params}, tokens, masks={"depth": depth})
 
 
-@jax.jit
-def _sum_squared_difference(reference: Array, other: Array) -> Array:
-  return jnp.sum(jnp.square(reference - other))
+def _removal_error(config: ModelConfig, params: Params, tokens: Array, reference: Array, keep: Array) -> Array:
+  """Σ (reference − logits with the blocks of ``keep`` only)², reduced inside the program to one fp32 scalar."""
+  return jnp.sum(jnp.square(reference - _logits_with_blocks(config, params, tokens, keep)))
 
 
-def _depth_importance(config: ModelConfig, params: Params, batches: list[np.ndarray], progress: bool
-                      ) -> tuple[np.ndarray, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class _Programs:
+  """The calibration programs compiled for one mesh: params stay in their shardings, token batches are split over
+  the data-parallel devices, and only sums and scalars (replicated) come back to the host, identical on every
+  process."""
+
+  place_params: Callable[[Params], Params]
+  place_tokens: Callable[[np.ndarray], Array]
+  accumulate: Callable
+  logits: Callable
+  removal_error: Callable
+  energy: Callable
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(config: ModelConfig, mesh: Mesh | None, rules: LogicalRules | None) -> _Programs:
+  if mesh is None:  # one device: the default device, as a one-device mesh
+    mesh = make_mesh((1,), devices=jax.devices()[:1])
+  rules = DEFAULT_RULES if rules is None else rules
+  params = param_shardings(config, mesh, rules)
+  tokens = batch_sharding(mesh, rules)
+  logits = nn.logical_to_mesh_sharding(PartitionSpec("batch", None, None), mesh, rules)
+  everywhere = replicated(mesh)
+  return _Programs(
+      place_params=lambda tree: shard_params(tree, params),
+      place_tokens=lambda batch: host_to_global(np.asarray(batch, np.int32), tokens),
+      accumulate=sharded_jit(functools.partial(_accumulate_statistics, config), mesh, rules,
+                             (everywhere, params, tokens), everywhere, donate_argnums=(0,)),
+      logits=sharded_jit(functools.partial(_logits_with_blocks, config), mesh, rules,
+                         (params, tokens, everywhere), logits),
+      removal_error=sharded_jit(functools.partial(_removal_error, config), mesh, rules,
+                                (params, tokens, logits, everywhere), everywhere),
+      energy=sharded_jit(lambda reference: jnp.sum(jnp.square(reference)), mesh, rules, (logits,), everywhere))
+
+
+def _depth_importance(config: ModelConfig, programs: _Programs, params: Params, batches: list[Array],
+                      progress: bool) -> tuple[np.ndarray, np.ndarray]:
   """Iterative block removal by normalized logit MSE against the full model (spec §4).
 
   Each step removes, on top of the blocks already removed, the block whose removal raises
@@ -172,14 +210,15 @@ def _depth_importance(config: ModelConfig, params: Params, batches: list[np.ndar
     errors = np.zeros((len(candidates),), np.float64)
     for tokens in batches:
       # Recomputed per step rather than held for all batches: at scale the full logits of a calibration set do not
-      # fit in memory, and one extra forward per step is small next to one per candidate.
-      reference = _logits_with_blocks(config, params, tokens, full)
+      # fit in memory, and one extra forward per step is small next to one per candidate. They stay on the devices
+      # in their shardings; only each candidate's summed error (a scalar) comes back.
+      reference = programs.logits(params, tokens, full)
       if step == 0:
-        reference_energy += float(_sum_squared_difference(reference, jnp.zeros_like(reference)))
+        reference_energy += float(programs.energy(reference))
       for c, block in enumerate(candidates):
         without = keep.copy()
         without[block] = 0.0
-        errors[c] += float(_sum_squared_difference(reference, _logits_with_blocks(config, params, tokens, without)))
+        errors[c] += float(programs.removal_error(params, tokens, reference, without))
     best = int(np.argmin(errors))  # first minimum: ties go to the lowest block index
     removed = int(candidates[best])
     keep[removed] = 0.0
@@ -190,13 +229,16 @@ def _depth_importance(config: ModelConfig, params: Params, batches: list[np.ndar
 
 # ------------------------------------------------------------------------------------------------ public API
 def estimate_importance(config: ModelConfig, params: Params, batches: Iterable[Array | np.ndarray], *,
-                        depth: bool = True, depth_batches: int | None = None, progress: bool = True
-                        ) -> Importance:
+                        depth: bool = True, depth_batches: int | None = None, progress: bool = True,
+                        mesh: Mesh | None = None, rules: LogicalRules | None = None) -> Importance:
   """Scores every elastic axis of ``params`` on calibration ``batches`` (int32 token arrays [b, l]).
 
   Every token of every sample counts (no padding mask). Batches may differ in shape (one compile per shape).
   depth: also run the iterative depth ranking, which costs about num_layers²/2 forwards per batch it uses;
   depth_batches limits it to the first that many batches (None: all). progress: show tqdm progress bars.
+  mesh, rules: run every calibration program under this mesh (default: one device). ``params`` are placed in (or
+  already live in) their shardings; each batch, the same on every process, is split over the data-parallel devices
+  (its size must divide over them); only the statistics and the depth errors come back, identical on every process.
   """
   batches = [np.asarray(tokens) for tokens in batches]  # kept: the depth ranking passes over them many times
   if not batches:
@@ -204,11 +246,16 @@ def estimate_importance(config: ModelConfig, params: Params, batches: Iterable[A
   for i, tokens in enumerate(batches):
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
       raise ValueError(f"calibration batch {i} must be integer tokens [b, l]; got {tokens.dtype} {tokens.shape}.")
+  if depth and depth_batches is not None and depth_batches < 1:
+    raise ValueError(f"depth_batches={depth_batches} must be >= 1 (or None for all batches), or pass depth=False.")
 
+  programs = _programs(config, mesh, rules)
+  params = programs.place_params(params)
+  placed = [programs.place_tokens(tokens) for tokens in batches]
   sums = _zero_sums(config)
   num_samples = 0
-  for tokens in tqdm(batches, desc="importance statistics", disable=not progress):
-    sums = _accumulate_statistics(config, sums, params, jnp.asarray(tokens, jnp.int32))
+  for tokens in tqdm(placed, desc="importance statistics", disable=not progress):
+    sums = programs.accumulate(sums, params, tokens)
     num_samples += tokens.shape[0]
   aggregated = jax.tree.map(lambda s: np.sqrt(np.asarray(s, np.float32)), sums)  # sqrt(Σ_samples stat²)
 
@@ -219,11 +266,8 @@ def estimate_importance(config: ModelConfig, params: Params, batches: Iterable[A
 
   depth_scores = depth_order = None
   if depth:
-    if depth_batches is not None and depth_batches < 1:
-      raise ValueError(f"depth_batches={depth_batches} must be >= 1 (or None for all batches), or pass depth=False.")
-    depth_set = batches if depth_batches is None else batches[:depth_batches]
-    depth_scores, depth_order = _depth_importance(
-        config, params, [jnp.asarray(t, jnp.int32) for t in depth_set], progress)
+    depth_set = placed if depth_batches is None else placed[:depth_batches]
+    depth_scores, depth_order = _depth_importance(config, programs, params, depth_set, progress)
   return Importance(hidden=hidden, mlp=dict(aggregated["mlp"]), attention_heads=attention_heads,
                     mamba_heads=mamba_heads, mamba_channels=mamba_channels,
                     mamba_activations=dict(aggregated["ssm"]), depth_scores=depth_scores, depth_order=depth_order,

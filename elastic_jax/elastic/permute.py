@@ -25,10 +25,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from elastic_jax.elastic.importance import Rankings
 from elastic_jax.model.config import ModelConfig
 from elastic_jax.model.hybrid import param_logical_axes
+from elastic_jax.train.sharding import DEFAULT_RULES, LogicalRules, param_shardings, shard_params, sharded_jit
 
 Params = dict[str, Any]
 
@@ -139,6 +141,16 @@ def permute_params(config: ModelConfig, params: Params, rankings: Rankings) -> P
         raise RankingError(f"rankings.{field}[{block}] reordered no parameter: no tensor of layers_{block} names "
                            f"the axis {field!r} ranks.")
   return permuted
+
+
+def permute_sharded(config: ModelConfig, params: Params, rankings: Rankings, mesh: Mesh,
+                    rules: LogicalRules = DEFAULT_RULES) -> Params:
+  """``permute_params`` as one jitted gather under ``mesh``: the params stay in their shardings
+  (``param_shardings``), in and out, so no device ever holds more than its shard of either tree."""
+  check_rankings(config, rankings)
+  shardings = param_shardings(config, mesh, rules)
+  permute = sharded_jit(lambda tree: permute_params(config, tree, rankings), mesh, rules, (shardings,), shardings)
+  return permute(shard_params(params, shardings))
 
 
 def _block_index(path: tuple[Any, ...]) -> int | None:

@@ -49,7 +49,7 @@ def eval_split_batches(config: tasks.TaskConfig, seed: int, tokenizer: Tokenizer
 
 def measure_model(config: ModelConfig, params: Any, ppl_batches: Sequence[np.ndarray],
                   example_sets: Mapping[str, Sequence[tasks.Example]], tokenizer: Tokenizer, *, max_new_tokens: int,
-                  decode_batch: int) -> dict[str, Any]:
+                  decode_batch: int, mesh: Any = None, rules: Any = None) -> dict[str, Any]:
   """Perplexity over ``ppl_batches`` and answer accuracy on each set of examples.
 
   Args:
@@ -60,13 +60,15 @@ def measure_model(config: ModelConfig, params: Any, ppl_batches: Sequence[np.nda
     tokenizer: encodes prompts, decodes generations (its end-of-document id stops a generation).
     max_new_tokens: tokens generated per prompt.
     decode_batch: prompts decoded together.
+    mesh, rules: measure data-parallel under this mesh (every process passes the same batches and examples and gets
+      the same result); None: one device.
 
   Returns:
     {"ppl": float or None, "accuracy": {label: {"accuracy", "n", "correct", "per_family": {family: {"accuracy",
     "n"}}}}}.
   """
-  ppl = perplexity(config, params, ppl_batches) if len(ppl_batches) else None
+  ppl = perplexity(config, params, ppl_batches, mesh=mesh, rules=rules) if len(ppl_batches) else None
   accuracy = {label: answer_accuracy(config, params, examples, tokenizer, max_new_tokens=max_new_tokens,
-                                     batch_size=decode_batch, ragged=True)
+                                     batch_size=decode_batch, ragged=True, mesh=mesh, rules=rules)
               for label, examples in example_sets.items()}
   return {"ppl": ppl, "accuracy": accuracy}

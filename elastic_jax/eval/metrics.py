@@ -7,6 +7,7 @@ the same code.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 from typing import Any, Iterable, Sequence
@@ -14,11 +15,14 @@ from typing import Any, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from elastic_jax.data.tasks import Example, extract_answer
 from elastic_jax.data.tokenizer import Tokenizer
 from elastic_jax.eval.generate import generate, generate_ragged
 from elastic_jax.model import HybridLM, ModelConfig
+from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, host_to_global, param_shardings,
+                                        replicated, shard_params, sharded_jit)
 
 Array = jax.Array
 
@@ -33,8 +37,34 @@ def _summed_nll(config: ModelConfig, params, tokens: Array, masks: dict[str, Any
   return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _MeshPrograms:
+  """The evaluation programs compiled for one model and mesh: params in their shardings, each batch split over the
+  data-parallel devices, and results (sums, generated tokens) gathered to every process."""
+
+  params: Any  # the params' shardings
+  rows: NamedSharding  # [b, ...] batches
+  summed_nll: Any
+  ragged: Any
+
+
+@functools.lru_cache(maxsize=16)
+def _mesh_programs(config: ModelConfig, mesh: Mesh, rules: LogicalRules | None, max_new_tokens: int
+                   ) -> _MeshPrograms:
+  rules = DEFAULT_RULES if rules is None else rules
+  params, rows, everywhere = param_shardings(config, mesh, rules), batch_sharding(mesh, rules), replicated(mesh)
+  lengths = rows.update(spec=rows.spec[:1])
+  summed_nll = sharded_jit(lambda p, tokens: _summed_nll(config, p, tokens, None), mesh, rules, (params, rows),
+                           everywhere)
+  ragged = sharded_jit(lambda p, prompts, n, eos: generate_ragged(config, p, prompts, n, max_new_tokens=max_new_tokens,
+                                                                  eos_id=eos),
+                       mesh, rules, (params, rows, lengths, everywhere), everywhere)
+  return _MeshPrograms(params, rows, summed_nll, ragged)
+
+
 def perplexity(config: ModelConfig, params, batches: Iterable[Array | np.ndarray],
-               masks: dict[str, Any] | None = None) -> float:
+               masks: dict[str, Any] | None = None, *, mesh: Mesh | None = None,
+               rules: LogicalRules | None = None) -> float:
   """exp(mean next-token NLL) over every target token of every batch.
 
   Args:
@@ -44,17 +74,27 @@ def perplexity(config: ModelConfig, params, batches: Iterable[Array | np.ndarray
       Every target counts, document separators included, as in training.
     masks: optional sub-network masks passed to the model (``elastic_jax.elastic.masks``), to evaluate a nested
       child inside its parent; their batch axis must match the batches'.
+    mesh, rules: evaluate data-parallel under this mesh (every process passes the same batches; each batch size
+      must divide over the data-parallel devices). Not combined with ``masks``.
 
   Returns:
-    The perplexity (a Python float).
+    The perplexity (a Python float), the same on every process.
   """
+  if mesh is not None and masks is not None:
+    raise ValueError("perplexity under a mesh takes a model, not masks: extract the child first.")
+  programs = None if mesh is None else _mesh_programs(config, mesh, rules, 1)
+  if programs is not None:
+    params = shard_params(params, programs.params)
   # Sums accumulate on the host in float64: a long evaluation must not lose precision in a float32 running sum.
   total_nll, total_count = 0.0, 0.0
   for tokens in batches:
-    tokens = jnp.asarray(tokens, jnp.int32)
+    tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2 or tokens.shape[1] < 2:
       raise ValueError(f"perplexity batches must be [b, l+1] with l >= 1, got shape {tuple(tokens.shape)}.")
-    nll, count = _summed_nll(config, params, tokens, masks)
+    if programs is None:
+      nll, count = _summed_nll(config, params, jnp.asarray(tokens), masks)
+    else:
+      nll, count = programs.summed_nll(params, host_to_global(tokens, programs.rows))
     total_nll += float(nll)
     total_count += float(count)
   if total_count == 0:
@@ -84,7 +124,8 @@ def grade(examples: Sequence[Example], generations: Sequence[str]) -> dict[str, 
 
 def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], tokenizer: Tokenizer, *,
                     max_new_tokens: int, batch_size: int, ragged: bool = False,
-                    return_generations: bool = False) -> dict[str, Any]:
+                    return_generations: bool = False, mesh: Mesh | None = None,
+                    rules: LogicalRules | None = None) -> dict[str, Any]:
   """Greedy cached decoding of each example's prompt, graded by exact match of the answer after ``####``.
 
   Prompts are never padded: a pad token would enter the Mamba state and change the continuation. By default they
@@ -102,6 +143,8 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
     batch_size: prompts decoded together.
     ragged: decode batches of mixed lengths with ``generate_ragged`` (one compile) instead of length buckets.
     return_generations: also return the generated texts, in the order of ``examples``.
+    mesh, rules: decode data-parallel under this mesh, each batch's rows split over the data-parallel devices
+      (``batch_size`` must divide over them) and the tokens gathered to every process; ragged decoding only.
 
   Returns:
     {"accuracy": float, "n": int, "correct": int, "per_family": {family: {"accuracy", "n"}}} and, when asked,
@@ -109,19 +152,31 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
   """
   if batch_size < 1 or max_new_tokens < 1:
     raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1.")
+  if mesh is not None and not ragged:
+    raise ValueError("answer_accuracy under a mesh decodes with ragged=True (one compile for every length mix).")
   encoded = [tokenizer.encode(example.prompt) for example in examples]
   generations: list[str | None] = [None] * len(examples)
+  programs = None if mesh is None else _mesh_programs(config, mesh, rules, max_new_tokens)
+  if programs is not None:
+    params = shard_params(params, programs.params)
   if ragged and encoded:
     width = max(len(ids) for ids in encoded)
     for start in range(0, len(examples), batch_size):
       chunk = list(range(start, min(start + batch_size, len(examples))))
-      filled = chunk + [chunk[0]] * (min(batch_size, len(examples)) - len(chunk))
+      # Under a mesh every batch has batch_size rows, which divide over its data-parallel devices.
+      rows = batch_size if programs is not None else min(batch_size, len(examples))
+      filled = chunk + [chunk[0]] * (rows - len(chunk))
       prompts = np.zeros((len(filled), width), np.int32)  # the tail past each length is never read
       for row, index in enumerate(filled):
         prompts[row, :len(encoded[index])] = encoded[index]
-      lengths = jnp.asarray([len(encoded[i]) for i in filled], jnp.int32)
-      new_tokens = generate_ragged(config, params, jnp.asarray(prompts), lengths, max_new_tokens=max_new_tokens,
-                                   eos_id=tokenizer.eos_id)
+      lengths = np.asarray([len(encoded[i]) for i in filled], np.int32)
+      if programs is None:
+        new_tokens = generate_ragged(config, params, jnp.asarray(prompts), jnp.asarray(lengths),
+                                     max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
+      else:
+        new_tokens = programs.ragged(params, host_to_global(prompts, programs.rows),
+                                     host_to_global(lengths, programs.rows.update(spec=programs.rows.spec[:1])),
+                                     np.int32(tokenizer.eos_id))
       for index, text in zip(chunk, generated_texts(0, np.asarray(new_tokens), tokenizer)):
         generations[index] = text
     return _result(examples, generations, return_generations)

@@ -36,7 +36,8 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
   eval_cfg = dict(cfg.get("eval", {}))
   source = result["source"]
   tokenizer = result.get("tokenizer") or source_tokenizer(source)  # the one the data was tokenized with
-  # Evaluation is repeated on every process of a multi-host run: all read the same full batches.
+  # Every process reads the same full batches and examples; each batch is split over the mesh's data-parallel
+  # devices and the results gathered, so every process computes the same report (process 0 writes it).
   stage = Stage("eval", 1, int(eval_cfg.get("batch_size", 8)), int(eval_cfg.get("seq_len", 256)), (1.0,))
   num_batches = int(eval_cfg.get("ppl_batches", 4))
   if source.kind == "tasks":  # the tasks' evaluation split: it never shares a prompt with the training split
@@ -53,7 +54,8 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
 
   def measure(config, params) -> dict:
     measured = measure_model(config, params, ppl_batches, {"short": short, "long": long}, tokenizer,
-                             max_new_tokens=max_new, decode_batch=int(eval_cfg.get("decode_batch", 16)))
+                             max_new_tokens=max_new, decode_batch=int(eval_cfg.get("decode_batch", 16)),
+                             mesh=result["mesh"], rules=result["rules"])
     return {"ppl": measured["ppl"],
             **{f"accuracy_{label}": graded["accuracy"] for label, graded in measured["accuracy"].items()}}
 

@@ -126,3 +126,65 @@ def elastic_setup_from_config(config: Any, model_config: ModelConfig, depth_orde
                       router_width=width, hard=hard, estimator=estimator,
                       grad_accum_steps=memory.grad_accum_steps, remat=memory.remat,
                       teacher_dtype=memory.teacher_dtype, **elastic)
+
+
+def check_run_shapes(config: Any, mesh: Any, rules: Any) -> None:
+  """Every batch size and sequence length of a run against its mesh, before any phase runs.
+
+  Batches (parent pretraining, calibration, each stage, evaluation) are split over the data-parallel devices (the
+  mesh axes of the ``batch`` rule) and over the processes; with gradient accumulation each micro-batch is. Sequence
+  lengths are split over the context axis. Raises ``ValueError`` naming the first field that does not divide, e.g.
+  ``config.stages[1].batch_size=6 is not divisible by the 4 data-parallel devices of mesh (4,)``.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
+  axes = batch_sharding(mesh, rules).spec[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  data = 1
+  for name in axes:
+    data *= mesh.shape[name]
+  context = mesh.shape.get("context", 1)
+  processes = jax.process_count()
+  shape = tuple(n for n in mesh.devices.shape)
+  while len(shape) > 1 and shape[-1] == 1:
+    shape = shape[:-1]
+  mesh_text = f"mesh {shape if len(shape) > 1 else f'({shape[0]},)'}"
+  grad_accum = plain(config.get("memory")).get("grad_accum_steps", 1)
+  grad_accum = grad_accum if isinstance(grad_accum, int) and grad_accum >= 1 else 1
+
+  def batch(key: str, value: Any, micro: int = 1) -> None:
+    value = int(value)
+    if value % processes:
+      raise ValueError(f"{key}={value} is the global batch, split evenly over {processes} processes: make it a "
+                       f"multiple of {processes}.")
+    if micro > 1 and value % micro == 0 and (value // micro) % data:
+      raise ValueError(f"{key}={value} in {micro} micro-batches (config.memory.grad_accum_steps) gives "
+                       f"{value // micro} rows per micro-batch, not divisible by the {data} data-parallel devices "
+                       f"of {mesh_text}: make {key} a multiple of {micro * data}.")
+    if value % data:
+      raise ValueError(f"{key}={value} is not divisible by the {data} data-parallel devices of {mesh_text}: make "
+                       f"it a multiple of {data}.")
+
+  def length(key: str, value: Any) -> None:
+    value = int(value)
+    if value % context:
+      raise ValueError(f"{key}={value} is not divisible by the {context} context-parallel devices of "
+                       f"{mesh_text}: make it a multiple of {context}.")
+
+  parent = plain(config.get("parent"))
+  if not parent.get("hf_path"):
+    batch("config.parent.batch_size", parent.get("batch_size", 16), grad_accum)
+    length("config.parent.seq_len", parent.get("seq_len", 128))
+  importance = plain(config.get("importance"))
+  batch("config.importance.batch_size", importance.get("batch_size", 8))
+  length("config.importance.seq_len", importance.get("seq_len", 256))
+  for i, stage in enumerate(config.get("stages") or ()):
+    stage = plain(stage)
+    if "batch_size" in stage:
+      batch(f"config.stages[{i}].batch_size", stage["batch_size"], grad_accum)
+    if "seq_len" in stage:
+      length(f"config.stages[{i}].seq_len", stage["seq_len"])
+  evaluation = plain(config.get("eval"))
+  batch("config.eval.batch_size", evaluation.get("batch_size", 8))
+  batch("config.eval.decode_batch", evaluation.get("decode_batch", 16))
+  length("config.eval.seq_len", evaluation.get("seq_len", 256))

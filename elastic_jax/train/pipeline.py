@@ -20,26 +20,26 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from elastic_jax.data.pipeline import SourceConfig, data_factory, source_tokenizer
 from elastic_jax.data.tokenizer import check_vocab_fits
-from elastic_jax.elastic.extract import extract
+from elastic_jax.elastic.extract import extract_sharded
 from elastic_jax.elastic.importance import Rankings, estimate_importance, rankings
 from elastic_jax.elastic.param_count import param_count
-from elastic_jax.elastic.permute import permute_params
+from elastic_jax.elastic.permute import permute_sharded
 from elastic_jax.elastic.space import Choice
 from elastic_jax.model import ModelConfig, param_shapes
 from elastic_jax.prune import select_choice
 from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, load_model, save_model
-from elastic_jax.train.config import (check_keys, elastic_setup_from_config, memory_from_config,
+from elastic_jax.train.config import (check_keys, check_run_shapes, elastic_setup_from_config, memory_from_config,
                                       optimizers_from_config, plain, stages_from_config)
-from elastic_jax.train.distributed import agreed_stop, global_batch, is_primary
+from elastic_jax.train.distributed import agreed_stop, barrier, global_batch, is_primary
 from elastic_jax.train.loop import Stage, compiled_lm_step, train_elastic
 from elastic_jax.train.optim import OptimizerConfig
-from elastic_jax.train.sharding import make_mesh, rules_from_config
+from elastic_jax.train.sharding import LogicalRules, make_mesh, param_shardings, rules_from_config
 from elastic_jax.train.step import check_grad_accum
 
 Params = Any
@@ -60,28 +60,38 @@ def _read_json(path: str) -> Any:
 
 
 def _mark_done(path: str) -> None:
-  with open(os.path.join(path, "DONE"), "w", encoding="utf-8") as f:
-    f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+  """Marks a phase's folder complete, once every process has written its part (process 0 writes the marker)."""
+  barrier(f"elastic_jax_done:{path}")
+  if is_primary():
+    with open(os.path.join(path, "DONE"), "w", encoding="utf-8") as f:
+      f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
 
-def _load(path: str, config: ModelConfig) -> Params:
-  _, params = load_model(os.path.join(path, "model"), param_shapes(config))
+def _load(path: str, config: ModelConfig, mesh: Mesh, rules: LogicalRules) -> Params:
+  """A saved model restored straight into its shardings on ``mesh``: each process reads only its devices' shards."""
+  abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                          param_shapes(config), param_shardings(config, mesh, rules))
+  _, params = load_model(os.path.join(path, "model"), abstract)
   return params
 
 
 # ------------------------------------------------------------------------------------------------ phases
-def parent_phase(cfg: Any, workdir: str, make_data: Callable) -> tuple[ModelConfig, Params]:
-  """The parent: an HF Nemotron-H checkpoint when ``cfg.parent.hf_path`` is set, else a short pretraining run."""
+def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None = None,
+                 rules: LogicalRules | None = None) -> tuple[ModelConfig, Params]:
+  """The parent, in its shardings on ``mesh`` (default: ``config.mesh``): an HF Nemotron-H checkpoint when
+  ``cfg.parent.hf_path`` is set (each process reads only its devices' slices, in the checkpoint's dtype), else a
+  short pretraining run."""
+  if mesh is None:
+    mesh, rules = mesh_from_config(cfg)
   path, done = _phase(workdir, "parent", "DONE")
   parent_cfg = plain(cfg.get("parent"))
   if parent_cfg.get("hf_path"):
     from elastic_jax.interop import hf  # pylint: disable=import-outside-toplevel
-    config, params = hf.load(parent_cfg["hf_path"])
-    return config, jax.tree.map(jnp.asarray, params)
+    return hf.load(parent_cfg["hf_path"], mesh=mesh, rules=rules)
   config = ModelConfig.from_dict(cfg.model)
   if done:
     _log(f"parent: reusing {path}")
-    return config, _load(path, config)
+    return config, _load(path, config, mesh, rules)
   steps = int(parent_cfg.get("pretrain_steps", 500))
   stage = Stage("pretrain", steps, int(parent_cfg.get("batch_size", 16)), int(parent_cfg.get("seq_len", 128)),
                 (1.0,))
@@ -89,7 +99,6 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable) -> tuple[ModelConf
                               warmup_steps=int(parent_cfg.get("warmup_steps", 50)), weight_decay=0.01)
   memory = memory_from_config(cfg)
   check_grad_accum(stage.batch_size, memory.grad_accum_steps, "parent pretraining (config.parent.batch_size)")
-  mesh, rules = mesh_from_config(cfg)
   # The same sharded pattern as the elastic step: params and optimizer state are created in their shardings.
   training = compiled_lm_step(config, optimizer, steps, mesh, rules, grad_accum_steps=memory.grad_accum_steps,
                               remat=memory.remat)
@@ -140,8 +149,8 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable) -> tuple[ModelConf
   return config, state.params
 
 
-def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params, make_data: Callable
-                     ) -> Rankings:
+def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params, make_data: Callable,
+                     mesh: Mesh, rules: LogicalRules) -> Rankings:
   path, done = _phase(workdir, "importance", "rankings.json")
   if done:
     _log(f"importance: reusing {path}")
@@ -150,12 +159,16 @@ def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params
   stage = Stage("calibration", 1, int(imp_cfg.get("batch_size", 8)), int(imp_cfg.get("seq_len", 256)), (1.0,))
   data = make_data(stage, 0)
   batches = [next(data)[:, :-1] for _ in range(int(imp_cfg.get("batches", 8)))]
+  # Sharded programs under the run's mesh: every process passes the same full batches and gets the same scores.
   importance = estimate_importance(config, params, batches, depth=True,
-                                   depth_batches=int(imp_cfg.get("depth_batches", 2)))
+                                   depth_batches=int(imp_cfg.get("depth_batches", 2)), progress=is_primary(),
+                                   mesh=mesh, rules=rules)
   ranks = rankings(importance, config)
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, "rankings.json"), "w", encoding="utf-8") as f:
-    json.dump(_rankings_to_json(ranks), f)
+  if is_primary():
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "rankings.json"), "w", encoding="utf-8") as f:
+      json.dump(_rankings_to_json(ranks), f)
+  barrier("importance_written")
   return ranks
 
 
@@ -175,20 +188,20 @@ def _rankings_from_json(values: dict[str, Any]) -> Rankings:
                   depth=None if values["depth"] is None else np.asarray(values["depth"]))
 
 
-def permutation_phase(workdir: str, config: ModelConfig, params: Params, ranks: Rankings) -> Params:
+def permutation_phase(workdir: str, config: ModelConfig, params: Params, ranks: Rankings, mesh: Mesh,
+                      rules: LogicalRules) -> Params:
   path, done = _phase(workdir, "permuted", "DONE")
   if done:
     _log(f"permutation: reusing {path}")
-    return _load(path, config)
-  permuted = permute_params(config, params, ranks)
-  os.makedirs(path, exist_ok=True)
-  save_model(os.path.join(path, "model"), config.to_dict(), permuted)
+    return _load(path, config, mesh, rules)
+  permuted = permute_sharded(config, params, ranks, mesh, rules)  # a jitted gather: the shardings are kept
+  save_model(os.path.join(path, "model"), config.to_dict(), permuted)  # every process writes its own shards
   _mark_done(path)
   return permuted
 
 
 def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, ranks: Rankings,
-                  make_data: Callable) -> tuple[list[dict[str, Any]], Params]:
+                  make_data: Callable, mesh: Mesh, rules: LogicalRules) -> tuple[list[dict[str, Any]], Params]:
   """Elastic training; returns each budget's deployed choice and the trained student, the weights every child is
   sliced from. The student is saved to ``W/elastic/student`` once training is complete."""
   path = os.path.join(workdir, "elastic")
@@ -196,12 +209,11 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
   student_path, done = _phase(path, "student", "DONE")
   if done:
     _log(f"elastic training: reusing {path}")
-    return _read_json(choices_file), _load(student_path, config)
+    return _read_json(choices_file), _load(student_path, config, mesh, rules)
   stages = stages_from_config(cfg)
   total = sum(stage.steps for stage in stages)
   setup = elastic_setup_from_config(cfg, config, [int(i) for i in ranks.depth], total)
   optimizer, router_optimizer = optimizers_from_config(cfg)
-  mesh, rules = mesh_from_config(cfg)
   # The teacher is also the student's starting point: the loop copies it into the student's sharded train state.
   result = train_elastic(setup, stages, teacher, teacher, make_data, path, optimizer=optimizer,
                 router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=10,
@@ -209,7 +221,6 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
                 metadata={"rankings": _rankings_to_json(ranks)}, mesh=mesh, rules=rules)
   if result.preempted:
     raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to resume.")
-  os.makedirs(student_path, exist_ok=True)
   save_model(os.path.join(student_path, "model"), config.to_dict(), result.state.params,
              {"step": int(result.state.step), "depth_order": [int(i) for i in ranks.depth]})
   _mark_done(student_path)
@@ -231,10 +242,12 @@ def mesh_from_config(cfg: Any) -> tuple[Any, tuple]:
 
 
 def extraction_phase(workdir: str, config: ModelConfig, student: Params, permuted: Params, ranks: Rankings,
-                     records: list[dict[str, Any]], space_cfg: Any) -> list[dict[str, Any]]:
+                     records: list[dict[str, Any]], space_cfg: Any, mesh: Mesh, rules: LogicalRules
+                     ) -> list[dict[str, Any]]:
   """Each budget's child: the router's argmax choice sliced from the elastically trained ``student``; and the
   zero-shot pruned baseline of the same size: a choice of that size sliced from the untrained ``permuted`` parent
-  (same importance ranking, no training)."""
+  (same importance ranking, no training). Each is sliced by one jitted program straight into its own shardings on
+  ``mesh`` and saved by every process (its own shards)."""
   from elastic_jax.elastic.space import ElasticSpace  # pylint: disable=import-outside-toplevel
   space = ElasticSpace.from_dict(plain(space_cfg), config)
   depth_order = [int(i) for i in ranks.depth]
@@ -245,9 +258,8 @@ def extraction_phase(workdir: str, config: ModelConfig, student: Params, permute
     baseline = select_choice(config, space, record["params"], tolerance=0.02, depth_order=depth_order)
     for kind, pick, source in (("children", choice, student), ("baselines", baseline, permuted)):
       path = os.path.join(workdir, kind, name)
-      child_config, child_params = extract(config, source, pick, depth_order)
+      child_config, child_params = extract_sharded(config, source, pick, depth_order, mesh, rules)
       if not os.path.exists(os.path.join(path, "DONE")):
-        os.makedirs(path, exist_ok=True)
         save_model(os.path.join(path, "model"), child_config.to_dict(), child_params,
                    {"choice": pick.to_dict(), "budget": record["budget"]})
         _mark_done(path)
@@ -257,9 +269,12 @@ def extraction_phase(workdir: str, config: ModelConfig, student: Params, permute
 
 
 def run_pipeline(cfg: Any, workdir: str) -> dict[str, Any]:
-  """Runs every phase not already done in ``workdir``; returns what the evaluation needs."""
+  """Runs every phase not already done in ``workdir``, each under the run's mesh; returns what the evaluation needs
+  (the models in their shardings, and the mesh)."""
   os.makedirs(workdir, exist_ok=True)
   started = time.perf_counter()
+  mesh, rules = mesh_from_config(cfg)
+  check_run_shapes(cfg, mesh, rules)  # every batch and length against the mesh, before any phase runs
   source = SourceConfig.from_dict(plain(cfg.get("data")) or {})
   tokenizer = source_tokenizer(source)  # config.data.tokenizer; UTF-8 bytes when empty
   # The tokenizer must fit the model before any training: config.model's vocabulary for a parent pretrained here,
@@ -270,17 +285,18 @@ def run_pipeline(cfg: Any, workdir: str) -> dict[str, Any]:
   make_data = data_factory(source, seed=int(cfg.seed), tokenizer=tokenizer)
   # Pretraining and calibration read streams of their own seed, apart from the elastic stages' streams.
   side_data = data_factory(source, seed=int(cfg.seed) + 7919, tokenizer=tokenizer)
-  config, params = parent_phase(cfg, workdir, side_data)
+  config, params = parent_phase(cfg, workdir, side_data, mesh, rules)
   if imported_parent:
     check_vocab_fits(tokenizer, config.vocab_size)
   _log(f"parent: {param_count(config):,} parameters, pattern {config.pattern!r}")
   # Calibration is repeated on every process and must give each the same rankings: all read the same full batches.
   calibration_data = data_factory(source, seed=int(cfg.seed) + 7919, tokenizer=tokenizer, process_index=0,
                                   process_count=1)
-  ranks = importance_phase(cfg, workdir, config, params, calibration_data)
-  permuted = permutation_phase(workdir, config, params, ranks)
-  records, student = elastic_phase(cfg, workdir, config, permuted, ranks, make_data)
-  models = extraction_phase(workdir, config, student, permuted, ranks, records, cfg.elastic.space)
+  ranks = importance_phase(cfg, workdir, config, params, calibration_data, mesh, rules)
+  permuted = permutation_phase(workdir, config, params, ranks, mesh, rules)
+  del params  # the unpermuted parent is no longer needed
+  records, student = elastic_phase(cfg, workdir, config, permuted, ranks, make_data, mesh, rules)
+  models = extraction_phase(workdir, config, student, permuted, ranks, records, cfg.elastic.space, mesh, rules)
   _log(f"phases done in {time.perf_counter() - started:.0f} s")
   return {"config": config, "parent": permuted, "models": models, "records": records, "source": source,
-          "tokenizer": tokenizer}
+          "tokenizer": tokenizer, "mesh": mesh, "rules": rules}

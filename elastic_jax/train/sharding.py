@@ -79,9 +79,26 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT
 
 def param_shardings(config: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
   """``NamedSharding`` of every parameter of ``HybridLM(config)``, from the model's logical axis names (no
-  allocation): where the run's params live, whatever phase made them."""
-  from elastic_jax.model.hybrid import param_logical_axes  # pylint: disable=import-outside-toplevel
-  return nn.logical_to_mesh_sharding(param_logical_axes(config), mesh, rules)
+  allocation): where the run's params live, whatever phase made them.
+
+  A dimension its mesh axes do not divide (a child's 80 hidden channels over 3 devices, say) stays whole on each of
+  them: jitted programs take and return only evenly divided arrays.
+  """
+  from elastic_jax.model.hybrid import param_logical_axes, param_shapes  # pylint: disable=import-outside-toplevel
+  shardings = nn.logical_to_mesh_sharding(param_logical_axes(config), mesh, rules)
+  return jax.tree.map(divisible_sharding, param_shapes(config), shardings)
+
+
+def divisible_sharding(shape: Any, sharding: NamedSharding) -> NamedSharding:
+  """``sharding`` for an array of ``shape`` (a shape or anything with ``.shape``), with the mesh axes of every
+  dimension they do not divide dropped."""
+  shape = tuple(getattr(shape, "shape", shape))
+  spec = []
+  for size, axes in zip(shape, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    devices = int(np.prod([sharding.mesh.shape[name] for name in names])) if names else 1
+    spec.append(axes if size % devices == 0 else None)
+  return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def host_to_global(value: Any, sharding: NamedSharding) -> jax.Array:
