@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import random_params, small_config
 
-from elastic_jax.eval.generate import generate
+from elastic_jax.eval.generate import generate, generate_ragged
 from elastic_jax.model import ConfigError, HybridLM, ModelConfig, init_cache, param_logical_axes
 
 
@@ -189,18 +189,87 @@ def test_time_step_limit_clamps_dt():
   assert float(jnp.abs(clamped - unclamped).max()) > 1e-5
 
 
-def test_ragged_generation_equals_each_prompt_alone():
-  from elastic_jax.eval.generate import generate_ragged  # pylint: disable=import-outside-toplevel
-  config = small_config("M-*M")
+# ------------------------------------------------------------------------------------------------ ragged prompts
+RAGGED_WIDTH = 10  # > chunk_size 4: the one-pass prefill crosses several SSD chunks
+RAGGED_LENGTHS = np.array([3, RAGGED_WIDTH, 1, 7, 2])  # 1 and 2 are shorter than conv_kernel - 1 = 3
+
+
+def _ragged_prompts(config, seed):
+  """[b, T] right-padded prompts (the padding is random tokens: it must not matter) and their lengths."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, config.vocab_size, (len(RAGGED_LENGTHS), RAGGED_WIDTH)).astype(np.int32), RAGGED_LENGTHS
+
+
+@pytest.mark.parametrize("pattern", ["M-*M*-", "*M", "M", "*"])
+def test_ragged_generation_equals_each_prompt_alone(pattern):
+  config = small_config(pattern)
   params = random_params(config, seed=5)
-  rng = np.random.default_rng(0)
-  lengths = np.array([3, 7, 5, 1])
-  prompts = rng.integers(0, config.vocab_size, (4, 7)).astype(np.int32)
+  prompts, lengths = _ragged_prompts(config, seed=0)
   out = np.asarray(generate_ragged(config, params, prompts, lengths, max_new_tokens=6))
   for i, length in enumerate(lengths):
     alone = np.asarray(generate(config, params, prompts[i:i + 1, :length], max_new_tokens=6))[0, length:]
-    np.testing.assert_array_equal(out[i], alone)
+    np.testing.assert_array_equal(out[i], alone, err_msg=f"row {i} (prompt length {length})")
   eos = int(out[1, 2])
   stopped = np.asarray(generate_ragged(config, params, prompts, lengths, max_new_tokens=6, eos_id=eos))
   first = int(np.argmax(out[1] == eos))
   assert (stopped[1, first:] == eos).all() and (stopped[1, :first] == out[1, :first]).all()
+
+
+@pytest.mark.parametrize("pattern", ["M-*M*-", "*M", "M", "*"])
+def test_left_padded_prefill_equals_each_prompt_alone(pattern):
+  """One cached pass over left-padded prompts gives, from each row's start on, the logits of its prompt alone
+  (unpadded, uncached forward), whatever the pad tokens; so does the next decode step from that cache."""
+  config = small_config(pattern)
+  params = random_params(config, seed=7)
+  apply = jax.jit(HybridLM(config).apply)
+  rows, lengths = _ragged_prompts(config, seed=1)
+  width = RAGGED_WIDTH
+  start = width - lengths
+  # Left-align by hand; the pad prefix keeps random tokens, so a leak of pad activations would show.
+  pad = np.random.default_rng(2).integers(0, config.vocab_size, rows.shape).astype(np.int32)
+  left = np.stack([np.concatenate([pad[i, :start[i]], rows[i, :length]]) for i, length in enumerate(lengths)])
+  nxt = np.random.default_rng(3).integers(0, config.vocab_size, (len(lengths), 1)).astype(np.int32)
+  cache = init_cache(config, len(lengths), width + 1, start=start)
+  logits, cache = apply({"params": params}, jnp.asarray(left), cache=cache)
+  step_logits, _ = apply({"params": params}, jnp.asarray(nxt), cache=cache)
+  for i, length in enumerate(lengths):
+    alone = apply({"params": params}, jnp.asarray(np.concatenate([rows[i, :length], nxt[i]]))[None])[0]
+    assert float(jnp.std(alone)) > 0.3  # the comparison carries signal
+    np.testing.assert_allclose(logits[i, start[i]:], alone[:length], atol=1e-5, rtol=0, err_msg=f"row {i}")
+    np.testing.assert_allclose(step_logits[i, 0], alone[length], atol=1e-5, rtol=0, err_msg=f"row {i}")
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+  """Lengths of the ``lax.scan``s in ``jaxpr`` (descending into calls, but not into a scan's own body)."""
+  lengths = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      lengths.append(eqn.params["length"])
+      continue
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr wraps its Jaxpr
+        if hasattr(sub, "eqns"):
+          lengths += _scan_lengths(sub)
+  return lengths
+
+
+def test_ragged_generation_prefills_in_one_pass_with_one_compile():
+  """The only scans are the SSD's passes over chunks (prefill, one per Mamba block) and the decode loop of
+  max_new_tokens - 1 one-token steps: no token of any prompt goes through a decode step. Any length mix reuses one
+  compile."""
+  config = small_config("M-*M*-", ssd_impl="chunked", ssd_inter_chunk="scan")
+  params = random_params(config, seed=5)
+  prompts, lengths = _ragged_prompts(config, seed=0)
+  new_tokens = 6
+  jaxpr = jax.make_jaxpr(lambda p, t, n: generate_ragged(config, p, t, n, max_new_tokens=new_tokens))(
+      params, prompts, lengths)
+  chunks = -(-RAGGED_WIDTH // config.chunk_size)
+  mamba_blocks = config.pattern.count("M")
+  assert sorted(_scan_lengths(jaxpr.jaxpr)) == sorted([chunks] * mamba_blocks + [new_tokens - 1])
+
+  generate_ragged(config, params, prompts, lengths, max_new_tokens=new_tokens)
+  compiled = generate_ragged._cache_size()  # pylint: disable=protected-access
+  for mix in ([1, 1, 1, 1, 1], [RAGGED_WIDTH] * 5, [4, 9, 2, 6, 3]):
+    generate_ragged(config, params, prompts, np.asarray(mix), max_new_tokens=new_tokens)
+  assert generate_ragged._cache_size() == compiled  # pylint: disable=protected-access

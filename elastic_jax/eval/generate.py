@@ -1,12 +1,15 @@
-"""Cached autoregressive generation: one prefill pass over the prompt, then one-token decode steps in ``lax.scan``.
+"""Cached autoregressive generation: one prefill pass over the prompts, then one-token decode steps in ``lax.scan``.
 
 Decode steps bypass every scan inside the model (Mamba blocks take a single recurrence step, attention reads its KV
-cache), so each new token costs O(1) in sequence length for Mamba and O(length) for attention.
+cache), so each new token costs O(1) in sequence length for Mamba and O(length) for attention. Prompts of different
+lengths are left-padded to one length and prefilled together: the cache's per-row ``start`` makes every block ignore
+the pad prefix exactly (``init_cache``).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,32 @@ import jax.numpy as jnp
 from elastic_jax.model import HybridLM, ModelConfig, init_cache
 
 Array = jax.Array
+
+
+def _prefill_and_decode(config: ModelConfig, params, prompts: Array, cache, keys: Array,
+                        pick: Callable[[Array, Array], Array], eos_id: int | Array) -> Array:
+  """Prefills ``prompts`` [b, t] into ``cache`` in one pass, then decodes one token per step in ``lax.scan``.
+
+  ``pick(logits [b, V], key) -> [b] int32`` chooses each token; ``keys`` [n] gives one key per new token. Once a row
+  emits ``eos_id`` its later tokens are ``eos_id`` too. Returns [b, n] int32: the new tokens.
+  """
+  model = HybridLM(config)
+  logits, cache = model.apply({"params": params}, prompts, cache=cache)
+  first = pick(logits[:, -1], keys[0])
+
+  def step(carry, key):
+    token, done, cache = carry
+    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+    nxt = jnp.where(done, token, pick(logits[:, -1], key))
+    return (nxt, done | (nxt == eos_id), cache), nxt
+
+  _, rest = jax.lax.scan(step, (first, first == eos_id, cache), keys[1:])
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def _greedy(logits: Array, key: Array) -> Array:
+  del key
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
@@ -34,31 +63,18 @@ def generate(config: ModelConfig, params, prompts: Array, *, max_new_tokens: int
   Returns:
     [b, t + max_new_tokens] int32: the prompts followed by the generated tokens.
   """
-  model = HybridLM(config)
   batch, prompt_len = prompts.shape
   if rng is None:
     rng = jax.random.key(0)
   temperature = jnp.asarray(temperature, jnp.float32)
-  cache = init_cache(config, batch, prompt_len + max_new_tokens)
 
   def pick(logits: Array, key: Array) -> Array:
-    greedy = jnp.argmax(logits, axis=-1)
     sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, _greedy(logits, key)).astype(jnp.int32)
 
-  logits, cache = model.apply({"params": params}, prompts, cache=cache)
-  keys = jax.random.split(rng, max_new_tokens)
-  first = pick(logits[:, -1], keys[0])
-  done = first == eos_id
-
-  def step(carry, key):
-    token, done, cache = carry
-    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
-    nxt = jnp.where(done, token, pick(logits[:, -1], key))
-    return (nxt, done | (nxt == eos_id), cache), nxt
-
-  _, rest = jax.lax.scan(step, (first, done, cache), keys[1:])
-  return jnp.concatenate([prompts.astype(jnp.int32), first[:, None], rest.T], axis=1)
+  cache = init_cache(config, batch, prompt_len + max_new_tokens)
+  new = _prefill_and_decode(config, params, prompts, cache, jax.random.split(rng, max_new_tokens), pick, eos_id)
+  return jnp.concatenate([prompts.astype(jnp.int32), new], axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
@@ -66,9 +82,10 @@ def generate_ragged(config: ModelConfig, params, prompts: Array, lengths: Array,
                     eos_id: int | Array = -1) -> Array:
   """Greedy continuation of prompts of different lengths in one batch, with one compile for every length mix.
 
-  Padding a prompt would feed pad tokens into the Mamba state, so instead every step is a one-token decode step:
-  row i reads its own prompt token while ``t < lengths[i]`` and its previous output afterwards. Each row thus sees
-  exactly its prompt, then its own greedy tokens — what ``generate`` would give it alone.
+  The prompts are left-aligned into a left-padded batch (row i's prompt in its last ``lengths[i]`` columns) and
+  prefilled in one pass; the cache's ``start = T - lengths`` makes every block ignore each row's pad prefix exactly
+  (masked keys in attention; zero conv inputs and dt = 0 in Mamba), so each row gets what ``generate`` would give
+  its prompt alone. Decoding then continues one token per step for the whole batch.
 
   Args:
     prompts: [b, T] int32, row i's prompt in its first ``lengths[i]`` positions (the rest is ignored).
@@ -79,25 +96,11 @@ def generate_ragged(config: ModelConfig, params, prompts: Array, lengths: Array,
   Returns:
     [b, max_new_tokens] int32: each row's generated tokens (its prompt excluded).
   """
-  model = HybridLM(config)
   batch, width = prompts.shape
-  total = width + max_new_tokens
-  cache = init_cache(config, batch, total)
-  lengths = jnp.asarray(lengths, jnp.int32)
-  padded = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, max_new_tokens)))
-
-  def step(carry, t):
-    token, done, cache = carry  # token: what row i feeds at step t
-    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
-    predicted = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    generating = t + 1 >= lengths  # the output at step t is a new token once the whole prompt has been read
-    out = jnp.where(done, token, predicted)
-    new_done = done | (generating & (out == eos_id))
-    next_token = jnp.where(generating, out, padded[:, jnp.minimum(t + 1, total - 1)])
-    return (next_token, jnp.where(generating, new_done, done), cache), jnp.where(generating, out, -1)
-
-  first = padded[:, 0]
-  _, outs = jax.lax.scan(step, (first, jnp.zeros((batch,), bool), cache), jnp.arange(total - 1))
-  outs = outs.T  # [b, total - 1]; row i's generated tokens start at column lengths[i] - 1
-  columns = (lengths - 1)[:, None] + jnp.arange(max_new_tokens)[None, :]
-  return jnp.take_along_axis(outs, jnp.minimum(columns, total - 2), axis=1)
+  start = width - jnp.asarray(lengths, jnp.int32)
+  source = jnp.arange(width)[None, :] - start[:, None]  # column j of row i holds prompt token j - start[i]
+  # Pad columns get token 0: any real token keeps the pad activations finite (they are masked, never read).
+  left_padded = jnp.where(source >= 0, jnp.take_along_axis(prompts.astype(jnp.int32), jnp.maximum(source, 0), 1), 0)
+  cache = init_cache(config, batch, width + max_new_tokens, start=start)
+  keys = jax.random.split(jax.random.key(0), max_new_tokens)  # unused by greedy picks; one per step for the scan
+  return _prefill_and_decode(config, params, left_padded, cache, keys, _greedy, eos_id)

@@ -26,6 +26,9 @@ def init_attention_cache(config: ModelConfig, spec: BlockSpec, batch: int, max_l
 class Attention(nn.Module):
   """u [b, l, d] -> [b, l, d]. With a cache, ``position`` is the index of u's first token in the sequence.
 
+  With a cache, ``start`` [b] (optional) is each row's first real position: cache slots before it hold a left-padded
+  prompt's pad prefix and are never attended, in this call or any later one.
+
   Without a cache, under a mesh whose "context" axis has more than one device, the sequence is split along its length
   and attention runs as ring attention over its shards (``elastic_jax.ops.context_parallel``).
   """
@@ -35,7 +38,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, u: Array, cache: AttentionCache | None = None, position: Array | int = 0,
-               masks: dict[str, Array] | None = None) -> tuple[Array, AttentionCache | None]:
+               masks: dict[str, Array] | None = None, start: Array | None = None
+               ) -> tuple[Array, AttentionCache | None]:
     """masks: optional {"heads": [b, Hq]} query-head mask."""
     cfg = self.config
     hq, hkv, hd = self.spec.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -57,7 +61,9 @@ class Attention(nn.Module):
     else:
       new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], t.astype(cache[name].dtype), position, 1)
                    for name, t in (("k", k), ("v", v))}
-      out = causal_gqa(q, new_cache["k"], new_cache["v"], q_positions, jnp.arange(new_cache["k"].shape[1]))
+      kv_positions = jnp.arange(new_cache["k"].shape[1])
+      kv_valid = None if start is None else kv_positions[None, :] >= start[:, None]
+      out = causal_gqa(q, new_cache["k"], new_cache["v"], q_positions, kv_positions, kv_valid)
     record_importance(self, "heads", out)  # per-head output [b, Hq, hd]; heads ranked by its L2 over hd
     if masks and masks.get("heads") is not None:
       # Mask the head's *output*: a zeroed query would still attend uniformly and emit the mean of V.

@@ -9,6 +9,7 @@ Usage::
   logits = model.apply({"params": params}, tokens)                      # [b, l, V] fp32
   cache = init_cache(config, batch, max_len)
   logits, cache = model.apply({"params": params}, tokens, cache=cache)  # continue a sequence (prefill / decode)
+  cache = init_cache(config, batch, max_len, start=start)              # prompts left-padded, row i real from start[i]
   model = HybridLM(config, remat=remat_policies({"mamba": "full", "mlp": "dots"}))  # training memory lever
 """
 
@@ -28,7 +29,8 @@ from elastic_jax.model.mamba import Mamba2Mixer, init_mamba_cache
 from elastic_jax.model.mlp import MLP
 
 Array = jax.Array
-Cache = dict[str, Any]  # {"position": int32 [], "layers_{i}": per-block cache (Mamba and attention blocks only)}
+# {"position": int32 [], optional "start": int32 [b], "layers_{i}": per-block cache (Mamba and attention blocks)}
+Cache = dict[str, Any]
 RematPolicies = tuple[tuple[str, str], ...]  # ((block kind, policy), ...), sorted: hashable, a static attribute
 
 # What the backward pass keeps of a block's forward. "none": everything (no recomputation); "full": only the
@@ -55,9 +57,16 @@ def remat_policies(remat: Mapping[str, str] | RematPolicies | None) -> RematPoli
   return tuple(out)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int) -> Cache:
-  """An empty decode cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + generated)."""
+def init_cache(config: ModelConfig, batch: int, max_len: int, start: Array | None = None) -> Cache:
+  """An empty decode cache for ``batch`` sequences of up to ``max_len`` tokens (prompt + generated).
+
+  start: optional [b] int, each row's first real position when the prompts are left-padded to one length (row i's
+  prompt in columns ``start[i]:``). Every block then ignores the pad prefix exactly, in the prefill and in every
+  later decode step, so all prompts prefill in one pass. Without it every row starts at position 0.
+  """
   cache: Cache = {"position": jnp.zeros((), jnp.int32)}
+  if start is not None:
+    cache["start"] = jnp.asarray(start, jnp.int32)
   for spec in config.block_specs():
     if spec.kind == "mamba":
       cache[f"layers_{spec.index}"] = init_mamba_cache(config, spec, batch)
@@ -111,16 +120,16 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, h: Array, cache: dict | None = None, position: Array | int = 0,
-               hidden_mask: Array | None = None, gate: Array | None = None, masks: dict | None = None
-               ) -> tuple[Array, dict | None]:
+               hidden_mask: Array | None = None, gate: Array | None = None, masks: dict | None = None,
+               start: Array | None = None) -> tuple[Array, dict | None]:
     cfg = self.config
     normed = RMSNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(
         h, hidden_mask)
     record_importance(self, "hidden", normed)
     if self.spec.kind == "mamba":
-      out, cache = Mamba2Mixer(cfg, self.spec, name="mixer")(normed, cache, masks)
+      out, cache = Mamba2Mixer(cfg, self.spec, name="mixer")(normed, cache, masks, position, start)
     elif self.spec.kind == "attention":
-      out, cache = Attention(cfg, self.spec, name="mixer")(normed, cache, position, masks)
+      out, cache = Attention(cfg, self.spec, name="mixer")(normed, cache, position, masks, start)
     else:
       out = MLP(cfg, self.spec, name="mixer")(normed, masks)
     out = out.astype(h.dtype)
@@ -171,13 +180,16 @@ class HybridLM(nn.Module):
       h = h * hidden_mask
     h = constrain(h, ("batch", "length", "embed"))
     position = 0 if cache is None else cache["position"]
+    start = None if cache is None else cache.get("start")  # left-padded rows' first real positions (init_cache)
     new_cache: Cache = {} if cache is None else {"position": position + tokens.shape[1]}
+    if start is not None:
+      new_cache["start"] = start
     for spec in cfg.block_specs():
       name = f"layers_{spec.index}"
       block = self._block_class(spec.kind, decoding=cache is not None)
       h, layer_cache = block(cfg, spec, name=name)(
           h, None if cache is None else cache.get(name), position, hidden_mask,
-          None if depth is None else depth[:, spec.index], masks.get(name))
+          None if depth is None else depth[:, spec.index], masks.get(name), start)
       if layer_cache is not None:
         new_cache[name] = layer_cache
       h = constrain(h, ("batch", "length", "embed"))

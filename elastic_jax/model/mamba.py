@@ -58,14 +58,20 @@ class Mamba2Mixer(nn.Module):
 
   Without a cache, under a mesh whose "context" axis has more than one device, the sequence is split along its length
   and the conv and scan exchange what crosses shard boundaries (``elastic_jax.ops.context_parallel``).
+
+  With a cache, ``start`` [b] (optional) is each row's first real position, ``position`` the index of u's first
+  token: the tokens before ``start`` are a left-padded prompt's pad prefix. They enter the conv as zero inputs and
+  the scan with dt = 0 (no decay, no input), which is exactly how a sequence begins (zero conv history, zero state),
+  so the row's conv and SSM states, and its outputs from ``start`` on, are those of its prompt alone. Their own
+  outputs (the D skip, the conv bias) are never read.
   """
 
   config: ModelConfig
   spec: BlockSpec
 
   @nn.compact
-  def __call__(self, u: Array, cache: MambaCache | None = None, masks: dict[str, Array] | None = None
-               ) -> tuple[Array, MambaCache | None]:
+  def __call__(self, u: Array, cache: MambaCache | None = None, masks: dict[str, Array] | None = None,
+               position: Array | int = 0, start: Array | None = None) -> tuple[Array, MambaCache | None]:
     """masks: optional {"ssm_heads": [b, H], "ssm_head_dim": [b, P]} nested masks (either may be absent)."""
     cfg, spec = self.config, self.spec
     h, p, g, n = spec.mamba_num_heads, spec.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
@@ -79,6 +85,10 @@ class Mamba2Mixer(nn.Module):
     b_in = Projection((g, n), ("embed",), groups, std, name="B_proj", **kw)(u)
     c_in = Projection((g, n), ("embed",), groups, std, name="C_proj", **kw)(u)
     dt_raw = Projection((h,), ("embed",), ("ssm_heads",), std, name="dt_proj", **kw)(u)
+    real = None  # [b, l], False at a left-padded prompt's pad positions
+    if start is not None:  # zero conv inputs there (``where``, not a multiply: no pad value can leak)
+      real = (position + jnp.arange(u.shape[1]))[None, :] >= start[:, None]
+      x, b_in, c_in = (jnp.where(real[:, :, None, None], t, 0) for t in (x, b_in, c_in))
 
     record_importance(self, "ssm", x)  # the x slice of in_proj, [b, H, P]: channel and head scores derive from it
     get = (lambda key: None) if cache is None else cache.get
@@ -100,6 +110,8 @@ class Mamba2Mixer(nn.Module):
     dt_bias = param(self, "dt_bias", _dt_bias_init(), (h,), ("ssm_heads",), pdt)
     dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + dt_bias.astype(jnp.float32))
     dt = jnp.clip(dt, *cfg.time_step_limit)
+    if real is not None:  # after the clip: a pad step must neither decay nor feed the state, whatever the limits
+      dt = jnp.where(real[:, :, None], dt, 0.0)
     a = -jnp.exp(a_log.astype(jnp.float32))
     d_skip = d_skip.astype(jnp.float32)
 
