@@ -1,11 +1,16 @@
-"""Will it fit? Memory and time of an elastic run per device, planned ahead of time on abstract shapes.
+"""Will it fit? Memory and time of every phase of the main job per device and per host, planned ahead of time.
 
     python -m elastic_jax.plan --config configs/nano_v2_12b.py [--config.key=value ...] [--device v5p]
-                               [--json] [--compile] [--mfu 0.4]
+                               [--json] [--compile] [--mfu 0.4] [--storage_gb_per_s 1] [--devices_per_host 4]
+                               [--prompt_len 512]
 
 Nothing is loaded or allocated: the train state's shapes come from ``jax.eval_shape`` and its shardings from the
 run's logical-axis rules over a ``jax.sharding.AbstractMesh`` of the configured shape, so a 12B plan for 128 chips
-runs on a laptop in seconds. For every stage it prints, per device:
+runs on a laptop in seconds. Every phase runs as it will on the pod: params live in their shardings
+(``sharding.param_shardings``), every program is sharded under the configured mesh, and each of the hosts drives
+``devices_per_host`` devices.
+
+Training (one column per stage), per device:
 
 - student params, optimizer state (AdamW's two moments and its counters), the frozen teacher (in
   ``memory.teacher_dtype``) and the router (its params and optimizer state, with the step counter and PRNG key):
@@ -18,6 +23,30 @@ then their total against the device's HBM (times ``--usable_fraction``, for what
 FITS / DOES NOT FIT verdict and the margin, the step's model FLOPs (``elastic_jax.train.flops``) and the time per
 step at an assumed MFU.
 
+Every phase (one column each; the verdict is the largest per-device peak over the phases against the usable HBM):
+
+    import       the HF checkpoint read into shards: each process reads only its devices' slices, in the checkpoint's
+                 dtype (``plan.checkpoint_dtype``, bf16), and casts on device. Per device: the fp32 shards plus one
+                 tensor's slice in flight; per host: its devices' share in the checkpoint dtype; time: that share at
+                 the assumed storage bandwidth per host (``plan.storage_gb_per_s``).
+    importance   ``importance.batches`` calibration forwards of [batch_size, seq_len] (activation statistics), then
+                 the depth ranking: L + L(L+1)/2 forwards per depth batch (``depth_ranking_forwards``), each holding
+                 the reference logits while a candidate's are computed.
+    permutation  a jitted gather whose outputs keep the input shardings (params in + params out), then saved.
+    training     the elastic stages above: the largest stage's peak, every step's FLOPs.
+    extraction   each budget's child and baseline sliced by a jitted function (the parent + the child, counted at
+                 the largest budget times the parent's bytes), each saved.
+    evaluation   per model (parent, children, baselines; children counted at budget x the parent's FLOPs):
+                 ``eval.ppl_batches`` perplexity forwards of [batch_size, seq_len] (logits and log-softmax), and for
+                 each of the two example sets ``examples`` prompts of ``plan.prompt_len`` tokens (an assumption: the
+                 synthetic tasks' prompts are a few hundred tokens), ``decode_batch`` at a time: one prefill pass
+                 into KV/SSM caches of prompt + ``max_new_tokens`` positions, then one decode step per new token.
+
+Times: compute at the assumed MFU; a floor from the bytes each device must read from HBM where the work is
+memory-bound (decode steps read every param shard and the caches once per token; gathers read and write the params);
+checkpoint reads and writes at the storage bandwidth, hosts in parallel. Per host: what one process holds in host
+memory at the phase's peak (checkpoint slices, the device-to-host copies of a save, its token batches).
+
 Activation model (bytes per device of one micro-batch; every tensor is counted at its per-device shard size under
 the rules table, e.g. ``[batch, length, embed]`` splits batch over the data-parallel axes and length over context):
 
@@ -25,24 +54,30 @@ the rules table, e.g. ``[batch, length, embed]`` splits batch over the data-para
     S_b = I + {none: N_b, dots: D_b, full: 0}[remat policy of block b's kind]
     W_b = (N_b - S_b + I) + N_b + I
     H   = 5 [B, L, V] fp32 + [B, L, d] (fp32 + compute dtype)
-    teacher phase: T = max_b N_b + [B, L, V] fp32;     activations = max(A, T)
+    forward only (teacher, calibration, depth ranking, perplexity, prefill, decode):
+    F   = I + max(max_b N_b, [B, L, d] compute dtype + k [B, L, V] fp32) + h [B, L, V] fp32
+    training: activations = max(A, F with k = 1, h = 0)
 
 where I is a block's input (the fp32 residual stream [B, L, d], kept for every block under every policy); N_b is
 the sum of block b's forward intermediates (``_block_tensors``: projection outputs, masked and activated copies,
-attention scores [B, Hq, L, L] in fp32 and probabilities in the compute dtype, the chunked SSD's per-chunk decay,
-score and state tensors in fp32, the gated norm's fp32 temporaries); D_b is the part of N_b that the "dots" policy
-saves (the outputs of the projections: matmuls without batch dimensions). S_b is what the backward pass keeps of
-block b; W_b is the working set while block b is differentiated: what it recomputes, about as much again for the
-gradients of those intermediates, and the residual stream's gradient. H is the loss at its peak: student and
-teacher logits, the two log-softmaxes and the logits' gradient, plus the final norm's output. The teacher's forward
-keeps nothing but its logits. Token ids, masks and router activations are small and not counted.
+attention scores [B, Hq, L, K] in fp32 and probabilities in the compute dtype (K keys: L, or the cache length when
+decoding), the chunked SSD's per-chunk decay, score and state tensors in fp32, the gated norm's fp32 temporaries);
+D_b is the part of N_b that the "dots" policy saves (the outputs of the projections: matmuls without batch
+dimensions). S_b is what the backward pass keeps of block b; W_b is the working set while block b is differentiated:
+what it recomputes, about as much again for the gradients of those intermediates, and the residual stream's
+gradient. H is the loss at its peak: student and teacher logits, the two log-softmaxes and the logits' gradient, plus
+the final norm's output. A forward that keeps nothing for a backward holds one block's intermediates next to the
+residual stream, or the head: the final norm's output and k logits-sized arrays (1: the logits; 2: the logits and
+their log-softmax), plus h logits it holds from before (the depth ranking's reference). Token ids, masks, router
+activations and importance statistics are small and not counted.
 
 With a context axis of C > 1 devices that splits the sequence evenly, the model counts what the context-parallel
 ops (``elastic_jax.ops.context_parallel``) keep: ring attention's one [L/C, L/C] block of scores per head at a time
 and the per-hop accumulators and K/V blocks, the sharded SSD's all-gathered end states; otherwise attention's full
-[L, L] score matrix per head. Mamba is counted with the chunked SSD (a fused kernel keeps less). ``--compile``
-(when enough devices exist, e.g. virtual CPU devices) lowers and compiles the real train step and prints XLA's
-memory analysis next to the estimate.
+[L, K] score matrix per head (cached prefill and decode never run the ring). Mamba is counted with the chunked SSD
+(a fused kernel keeps less). ``--compile`` (when enough devices exist, e.g. virtual CPU devices) lowers and compiles
+the real train step, a depth-ranking forward and a perplexity forward and prints XLA's memory analysis next to the
+estimates.
 """
 
 from __future__ import annotations
@@ -52,6 +87,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,7 +98,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from elastic_jax.elastic.param_count import param_count
-from elastic_jax.model import ModelConfig
+from elastic_jax.model import HybridLM, ModelConfig, init_cache, param_shapes
 from elastic_jax.model.config import BLOCK_KINDS, BlockSpec
 from elastic_jax.ops.context_parallel import CONTEXT_AXIS
 from elastic_jax.train import sharding as sharding_lib
@@ -80,27 +116,40 @@ _EMBED = ("batch", "length", "embed")
 # ------------------------------------------------------------------------------------------------ devices
 @dataclasses.dataclass(frozen=True)
 class Device:
-  """One accelerator: its memory and its dense bf16 matmul peak (FLOP/s)."""
+  """One accelerator: its memory, its dense bf16 matmul peak (FLOP/s), its memory bandwidth (bytes/s: decode steps
+  are bound by it, not by FLOPs) and how many of it one host drives (None: all on one host)."""
 
   description: str
   hbm_bytes: float
   peak_flops: float
+  hbm_bandwidth: float
+  devices_per_host: int | None
 
 
 def _host_memory_bytes() -> float:
   return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-# Published per-chip / per-GPU figures (memory in GB = 1e9 bytes, as vendors quote it; bf16 dense peaks).
+# Published per-chip / per-GPU figures (memory in GB = 1e9 bytes, as vendors quote it; bf16 dense peaks; HBM
+# bandwidth), and the chips or GPUs of one host of a pod slice or cluster node (TPU VMs of v4/v5p/v5e slices: 4;
+# HGX/DGX nodes: 8).
 DEVICES: dict[str, Device] = {
-    "v5p": Device("TPU v5p chip", 95 * GB, 459e12),
-    "v5e": Device("TPU v5e chip", 16 * GB, 197e12),
-    "v4": Device("TPU v4 chip", 32 * GB, 275e12),
-    "h100": Device("NVIDIA H100 SXM 80GB", 80 * GB, 989e12),
-    "h200": Device("NVIDIA H200 141GB", 141 * GB, 989e12),
-    "a100": Device("NVIDIA A100 80GB", 80 * GB, 312e12),
-    "cpu": Device("host CPU (this machine's RAM; nominal 1e11 FLOP/s)", _host_memory_bytes(), 1e11),
+    "v5p": Device("TPU v5p chip", 95 * GB, 459e12, 2765 * GB, 4),
+    "v5e": Device("TPU v5e chip", 16 * GB, 197e12, 819 * GB, 4),
+    "v4": Device("TPU v4 chip", 32 * GB, 275e12, 1200 * GB, 4),
+    "h100": Device("NVIDIA H100 SXM 80GB", 80 * GB, 989e12, 3350 * GB, 8),
+    "h200": Device("NVIDIA H200 141GB", 141 * GB, 989e12, 4800 * GB, 8),
+    "a100": Device("NVIDIA A100 80GB", 80 * GB, 312e12, 2039 * GB, 8),
+    "cpu": Device("host CPU (this machine's RAM; nominal 1e11 FLOP/s, 5e10 B/s)", _host_memory_bytes(), 1e11,
+                  50 * GB, None),
 }
+
+# Checkpoint storage to one host (GB/s), when neither config.plan.storage_gb_per_s nor --storage_gb_per_s says:
+# a conservative figure for network storage (a GCS bucket, NFS); local NVMe or a parallel file system reads faster.
+DEFAULT_STORAGE_GB_PER_S = 1.0
+# Prompt tokens per generated example, when config.plan.prompt_len does not say: the synthetic tasks' prompts
+# (with distractors) are a few hundred tokens; longer prompts grow the caches and the prefill.
+DEFAULT_PROMPT_LEN = 512
 
 
 def device_spec(name: str) -> Device:
@@ -132,7 +181,8 @@ def memory_settings(config: Any) -> MemorySettings:
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
-  """Where the run is planned: the device kind, the mesh over ``num_devices`` of them, the rules and the MFU."""
+  """Where the run is planned: the device kind, the mesh over ``num_devices`` of them, the rules and the MFU, the
+  devices each host (process) drives and the checkpoint storage bandwidth each host gets."""
 
   device_name: str
   device: Device
@@ -140,10 +190,25 @@ class Hardware:
   rules: tuple
   mfu: float
   usable_fraction: float
+  devices_per_host: int = 1
+  storage_bytes_per_s: float = DEFAULT_STORAGE_GB_PER_S * GB  # per host, reading and writing checkpoints
 
   @property
   def num_devices(self) -> int:
     return int(np.prod(self.mesh_shape))
+
+  @property
+  def num_hosts(self) -> int:
+    return math.ceil(self.num_devices / self.devices_per_host)
+
+  @property
+  def capacity(self) -> float:
+    """Usable HBM bytes per device."""
+    return self.device.hbm_bytes * self.usable_fraction
+
+  def compute_seconds(self, flops: float) -> float:
+    """Time of ``flops`` model FLOPs spread over every device at the assumed MFU."""
+    return flops / (self.num_devices * self.device.peak_flops * self.mfu)
 
   @property
   def axis_sizes(self) -> dict[str, int]:
@@ -153,15 +218,21 @@ class Hardware:
     return AbstractMesh(self.mesh_shape, tuple(sharding_lib.MESH_AXES))
 
 
+PLAN_KEYS = ("device", "num_devices", "mfu", "devices_per_host", "storage_gb_per_s", "checkpoint_dtype", "prompt_len")
+
+
 def hardware_from_config(config: Any, device: str | None = None, mfu: float | None = None,
-                         usable_fraction: float = 0.9) -> Hardware:
-  """The mesh (``config.mesh``), the device kind and count (``config.plan``: ``device``, ``num_devices``, ``mfu``).
+                         usable_fraction: float = 0.9, storage_gb_per_s: float | None = None,
+                         devices_per_host: int | None = None) -> Hardware:
+  """The mesh (``config.mesh``), the device kind and count (``config.plan``: ``device``, ``num_devices``, ``mfu``,
+  ``devices_per_host``, ``storage_gb_per_s``); arguments that are not None override the config.
 
   ``config.mesh.shape`` may name fewer axes than the mesh has (trailing axes get size 1) or be empty (every device
-  on the data axis). Its product must equal ``config.plan.num_devices`` when that is given.
+  on the data axis). Its product must equal ``config.plan.num_devices`` when that is given. Devices per host default
+  to the device kind's (all devices on one host for ``cpu``), the storage bandwidth to ``DEFAULT_STORAGE_GB_PER_S``.
   """
   plan_cfg = plain(config.get("plan"))
-  check_keys(plan_cfg, ("device", "num_devices", "mfu"), "config.plan")
+  check_keys(plan_cfg, PLAN_KEYS, "config.plan")
   mesh_cfg = plain(config.get("mesh"))
   check_keys(mesh_cfg, ("shape", "rules"), "config.mesh")
   axes = tuple(sharding_lib.MESH_AXES)
@@ -185,7 +256,17 @@ def hardware_from_config(config: Any, device: str | None = None, mfu: float | No
     raise ValueError(f"mfu={mfu} must be in (0, 1] (a fraction of the device's peak FLOP/s).")
   if not 0.0 < usable_fraction <= 1.0:
     raise ValueError(f"usable_fraction={usable_fraction} must be in (0, 1].")
-  return Hardware(name, device_spec(name), shape, rules, mfu, usable_fraction)
+  spec = device_spec(name)
+  num_devices = int(np.prod(shape))
+  per_host = int(devices_per_host or plan_cfg.get("devices_per_host") or spec.devices_per_host or num_devices)
+  if per_host < 1:
+    raise ValueError(f"devices_per_host={per_host} must be >= 1.")
+  per_host = min(per_host, num_devices)
+  storage = float(storage_gb_per_s if storage_gb_per_s is not None
+                  else plan_cfg.get("storage_gb_per_s", DEFAULT_STORAGE_GB_PER_S))
+  if storage <= 0:
+    raise ValueError(f"storage_gb_per_s={storage} must be > 0 (GB/s of checkpoint storage per host).")
+  return Hardware(name, spec, shape, rules, mfu, usable_fraction, per_host, storage * GB)
 
 
 # ------------------------------------------------------------------------------------------------ state bytes
@@ -232,10 +313,12 @@ class _Tensor:
   saved_by_dots: bool = False  # a projection output: what the "dots" remat policy keeps
 
 
-def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context: int = 1) -> list[_Tensor]:
+def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context: int = 1,
+                   keys: int | None = None) -> list[_Tensor]:
   """The forward intermediates of one block on a micro-batch of b sequences of l tokens (N_b's terms).
 
-  ``context`` > 1 (a context axis that splits l evenly) counts the context-parallel paths of
+  ``keys``: the positions each query attends over when it differs from l (a cached prefill or decode step reads the
+  whole cache, masked). ``context`` > 1 (a context axis that splits l evenly) counts the context-parallel paths of
   ``elastic_jax.ops.context_parallel``: ring attention holds one [l/C, l/C] score block per head at a time plus the
   per-hop softmax accumulators and K/V blocks the ring's scan keeps for its backward, and the sharded SSD the
   all-gathered [C, h, p, n] end states.
@@ -263,9 +346,9 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context
               _Tensor((b, l, hkv, hd), ("batch", None, "kv_heads", "head_dim"), c),  # the K and V blocks of
               _Tensor((b, l, hkv, hd), ("batch", None, "kv_heads", "head_dim"), c)]  # every hop
     else:  # the full core: every query against every key
-      scores = ("batch", "heads", "length", None)
-      out += [_Tensor((b, hq, l, l), scores, f32),  # masked scores
-              _Tensor((b, hq, l, l), scores, c)]  # probabilities in the compute dtype (the PV matmul's operand)
+      scores, k = ("batch", "heads", "length", None), l if keys is None else keys
+      out += [_Tensor((b, hq, l, k), scores, f32),  # masked scores
+              _Tensor((b, hq, l, k), scores, c)]  # probabilities in the compute dtype (the PV matmul's operand)
     out += [_Tensor((b, l, hq, hd), q_axes, c), _Tensor((b, l, hq, hd), q_axes, c),  # core output, head-masked
             _Tensor((b, l, d), _EMBED, c, True)]  # o_proj output
   else:
@@ -294,35 +377,96 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context
   return out
 
 
+def _tensor_bytes(t: _Tensor, hardware: Hardware) -> int:
+  """Per-device bytes of an activation, its logical axes mapped to mesh axes by the run's rules."""
+  return per_device_bytes(t.shape, t.itemsize, nn.logical_to_mesh_axes(t.axes, hardware.rules), hardware.axis_sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockBytes:
+  """Per-device bytes of one block's forward intermediates: all of them (N_b) and the projection outputs (D_b)."""
+
+  kind: str
+  forward: int
+  dots: int
+
+
+def block_bytes(config: ModelConfig, b: int, l: int, hardware: Hardware, keys: int | None = None
+                ) -> list[BlockBytes]:
+  """N_b and D_b of every block on b sequences of l tokens, per device. Without ``keys`` (a whole sequence, no cache)
+  a context axis that divides l runs the context-parallel ops; with ``keys`` (a cached prefill or decode step over a
+  cache of that many positions) the single-device core runs."""
+  context = hardware.axis_sizes.get(CONTEXT_AXIS, 1)
+  context = context if keys is None and context > 1 and l % context == 0 else 1  # else the single-device path
+  out = []
+  for spec in config.block_specs():
+    tensors = _block_tensors(config, spec, b, l, context, keys)
+    out.append(BlockBytes(spec.kind, sum(_tensor_bytes(t, hardware) for t in tensors),
+                          sum(_tensor_bytes(t, hardware) for t in tensors if t.saved_by_dots)))
+  return out
+
+
+def _stream_bytes(config: ModelConfig, b: int, l: int, hardware: Hardware) -> dict[str, int]:
+  """Per-device bytes of the tensors around the blocks: the fp32 residual stream [b, l, d], the final norm's output
+  in the compute dtype and the fp32 logits [b, l, V]."""
+  d, c = config.hidden_size, jnp.dtype(config.dtype).itemsize
+  return {"residual": _tensor_bytes(_Tensor((b, l, d), _EMBED, 4), hardware),
+          "normed": _tensor_bytes(_Tensor((b, l, d), _EMBED, c), hardware),
+          "logits": _tensor_bytes(_Tensor((b, l, config.vocab_size), ("batch", "length", "vocab"), 4), hardware)}
+
+
+def forward_bytes(config: ModelConfig, b: int, l: int, hardware: Hardware, logits_made: int = 1,
+                  logits_held: int = 0, keys: int | None = None) -> dict[str, float]:
+  """Peak per-device activation bytes of a forward pass that keeps nothing for a backward (the module docstring's F):
+  the teacher's, the calibration and depth-ranking forwards, perplexity, a cached prefill or decode step.
+
+  logits_made: logits-sized fp32 arrays the head makes (1: the logits; 2: the logits and their log-softmax).
+  logits_held: logits-sized fp32 arrays held from before (the depth ranking's reference logits).
+  keys: attention keys per query when they are not the l tokens themselves (a cache of that many positions).
+  """
+  stream = _stream_bytes(config, b, l, hardware)
+  blocks = max(block.forward for block in block_bytes(config, b, l, hardware, keys))
+  head = stream["normed"] + logits_made * stream["logits"]
+  total = stream["residual"] + max(blocks, head) + logits_held * stream["logits"]
+  return {"total": float(total), "one_block": float(blocks), "head": float(head),
+          "held_logits": float(logits_held * stream["logits"])}
+
+
 def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, settings: MemorySettings,
                      hardware: Hardware) -> dict[str, float]:
-  """Per-device activation bytes of one micro-batch (the module docstring's formula), with its terms."""
-  sizes, rules = hardware.axis_sizes, hardware.rules
-
-  def nbytes(t: _Tensor) -> int:
-    return per_device_bytes(t.shape, t.itemsize, nn.logical_to_mesh_axes(t.axes, rules), sizes)
-
-  b, l, d, v = micro_batch, seq_len, config.hidden_size, config.vocab_size
-  context = sizes.get(CONTEXT_AXIS, 1)
-  context = context if context > 1 and l % context == 0 else 1  # else the model's single-device path runs
-  block_input = nbytes(_Tensor((b, l, d), _EMBED, 4))
-  saved_total, working_max, forward_max = 0, 0, 0
-  for spec in config.block_specs():
-    tensors = _block_tensors(config, spec, b, l, context)
-    everything = sum(nbytes(t) for t in tensors)
-    dots = sum(nbytes(t) for t in tensors if t.saved_by_dots)
-    kept = {"none": everything, "dots": dots, "full": 0}[settings.policy(spec.kind)]
-    saved_total += block_input + kept
-    working_max = max(working_max, (everything - kept) + everything + block_input)
-    forward_max = max(forward_max, everything)
-  logits = nbytes(_Tensor((b, l, v), ("batch", "length", "vocab"), 4))
-  head = 5 * logits + nbytes(_Tensor((b, l, d), _EMBED, 4)) + nbytes(
-      _Tensor((b, l, d), _EMBED, jnp.dtype(config.dtype).itemsize))
+  """Per-device activation bytes of one training micro-batch (the module docstring's formula), with its terms."""
+  b, l = micro_batch, seq_len
+  stream = _stream_bytes(config, b, l, hardware)
+  saved_total, working_max = 0, 0
+  for block in block_bytes(config, b, l, hardware):
+    kept = {"none": block.forward, "dots": block.dots, "full": 0}[settings.policy(block.kind)]
+    saved_total += stream["residual"] + kept
+    working_max = max(working_max, (block.forward - kept) + block.forward + stream["residual"])
+  head = 5 * stream["logits"] + stream["residual"] + stream["normed"]
   student = saved_total + max(head, working_max)
-  teacher = forward_max + logits
+  teacher = forward_bytes(config, b, l, hardware)["total"]
   return {"total": float(max(student, teacher)), "saved_by_blocks": float(saved_total),
           "block_backward_working_set": float(working_max), "logits_and_loss": float(head),
           "teacher_forward": float(teacher)}
+
+
+def cache_bytes(config: ModelConfig, batch: int, max_len: int, hardware: Hardware) -> float:
+  """Per-device bytes of the decode caches of ``batch`` sequences of up to ``max_len`` positions: the model's own
+  ``init_cache`` shapes (KV caches [b, T, Hkv, hd], Mamba conv windows and SSM states [b, H, P, N] in fp32), batch
+  split over the data-parallel axes and heads over the tensor axis, the cache's positions whole."""
+  shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len))
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    axes = _CACHE_AXES.get(getattr(path[-1], "key", None), (None,) * leaf.ndim)
+    total += _tensor_bytes(_Tensor(tuple(leaf.shape), axes, leaf.dtype.itemsize), hardware)
+  return float(total)
+
+
+_CACHE_AXES = {"k": ("batch", None, "kv_heads", "head_dim"), "v": ("batch", None, "kv_heads", "head_dim"),
+               "conv_x": ("batch", None, "ssm_heads", "ssm_head_dim"),
+               "conv_B": ("batch", None, "ssm_groups", "ssm_state"),
+               "conv_C": ("batch", None, "ssm_groups", "ssm_state"),
+               "ssm": ("batch", "ssm_heads", "ssm_head_dim", "ssm_state"), "start": ("batch",), "position": ()}
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -351,6 +495,236 @@ class StagePlan:
     return self.capacity - self.memory["total"]
 
 
+# ------------------------------------------------------------------------------------------------ the phases
+PHASES = ("import", "importance", "permutation", "training", "extraction", "evaluation")
+
+# Per-device memory terms of a phase, in the order the table prints them.
+PHASE_TERMS = {"params": "model params (fp32)", "output": "output params (gather / child)",
+               "teacher": "teacher", "optimizer": "optimizer, gradients, router",
+               "in_flight": "checkpoint slice in flight", "caches": "KV / SSM caches", "activations": "activations"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseSettings:
+  """What the phases around training run (``config.importance``, ``config.eval``, ``config.elastic.budgets``, read
+  with the main job's defaults) and the planner's assumptions about them (``config.plan``)."""
+
+  calibration_batches: int
+  calibration_batch_size: int
+  calibration_seq_len: int
+  depth_batches: int
+  budgets: tuple[float, ...]
+  ppl_batches: int
+  eval_batch_size: int
+  eval_seq_len: int
+  examples: int  # per example set
+  example_sets: int  # the report's short and long task sets
+  prompt_len: int  # assumed
+  max_new_tokens: int
+  decode_batch: int
+  checkpoint_dtype: str  # assumed: the dtype the HF checkpoint stores
+
+
+def phase_settings(config: Any, budgets: Sequence[float], prompt_len: int | None = None) -> PhaseSettings:
+  """``config.importance`` and ``config.eval`` as the main job reads them (same defaults), ``config.plan``'s
+  ``prompt_len`` and ``checkpoint_dtype`` (or ``prompt_len`` given here)."""
+  importance, evaluation, plan_cfg = (plain(config.get(key)) for key in ("importance", "eval", "plan"))
+  batches = int(importance.get("batches", 8))
+  settings = PhaseSettings(
+      calibration_batches=batches, calibration_batch_size=int(importance.get("batch_size", 8)),
+      calibration_seq_len=int(importance.get("seq_len", 256)),
+      depth_batches=min(batches, int(importance.get("depth_batches", 2))), budgets=tuple(float(b) for b in budgets),
+      ppl_batches=int(evaluation.get("ppl_batches", 4)), eval_batch_size=int(evaluation.get("batch_size", 8)),
+      eval_seq_len=int(evaluation.get("seq_len", 256)), examples=int(evaluation.get("examples", 64)),
+      example_sets=2, prompt_len=int(prompt_len or plan_cfg.get("prompt_len") or DEFAULT_PROMPT_LEN),
+      max_new_tokens=int(evaluation.get("max_new_tokens", 96)),
+      decode_batch=int(evaluation.get("decode_batch", 16)),
+      checkpoint_dtype=str(plan_cfg.get("checkpoint_dtype", "bfloat16")))
+  fields = {"calibration_batches": "config.importance.batches",
+            "calibration_batch_size": "config.importance.batch_size",
+            "calibration_seq_len": "config.importance.seq_len", "depth_batches": "config.importance.depth_batches",
+            "eval_batch_size": "config.eval.batch_size", "eval_seq_len": "config.eval.seq_len",
+            "prompt_len": "config.plan.prompt_len", "max_new_tokens": "config.eval.max_new_tokens",
+            "decode_batch": "config.eval.decode_batch"}
+  for name, key in fields.items():
+    if getattr(settings, name) < 1:
+      raise ValueError(f"{key}={getattr(settings, name)} must be >= 1.")
+  return settings
+
+
+def depth_ranking_forwards(num_layers: int) -> int:
+  """Forwards per depth batch of the iterative depth ranking (``importance._depth_importance``): each of its L steps
+  runs the full model once (the reference) and once per block still kept (L - step candidates), so
+  L + (L + (L - 1) + ... + 1) = L + L(L+1)/2."""
+  return num_layers + num_layers * (num_layers + 1) // 2
+
+
+ParamLayout = list[tuple[tuple[int, ...], Any, PartitionSpec]]  # (shape, dtype, spec) of every parameter
+
+
+def param_layout(config: ModelConfig, hardware: Hardware) -> ParamLayout:
+  """Every parameter's shape, dtype and ``PartitionSpec`` under ``sharding.param_shardings`` over the abstract mesh:
+  where the params live in every phase, whichever made them."""
+  shardings = sharding_lib.param_shardings(config, hardware.abstract_mesh(), hardware.rules)
+  pairs = jax.tree.map(lambda x, s: (tuple(x.shape), x.dtype, s.spec), param_shapes(config), shardings)
+  return jax.tree.leaves(pairs, is_leaf=lambda leaf: isinstance(leaf, tuple))
+
+
+def param_bytes(layout: ParamLayout, hardware: Hardware, dtype: str | None = None) -> tuple[int, int]:
+  """(all params, the largest param) per device, in ``dtype`` (default: the params' own)."""
+  leaves = [per_device_bytes(shape, jnp.dtype(dtype or own).itemsize, spec, hardware.axis_sizes)
+            for shape, own, spec in layout]
+  return int(sum(leaves)), int(max(leaves))
+
+
+@dataclasses.dataclass
+class PhasePlan:
+  """One phase of the main job: per-device peak bytes (by what holds them), per-host peak bytes, model FLOPs and
+  time (compute at the assumed MFU, or the HBM-bandwidth floor where larger, plus checkpoint storage I/O)."""
+
+  name: str
+  memory: dict[str, float]  # per device: some of PHASE_TERMS, and "total"
+  host_bytes: float
+  host_holds: str  # what a host holds at that peak
+  flops: float
+  compute_seconds: float
+  hbm_seconds: float
+  storage_seconds: float
+  capacity: float
+  work: str  # what the phase runs
+  programs: dict[str, float] = dataclasses.field(default_factory=dict)  # per-device peak of each of its programs
+  counts: dict[str, int] = dataclasses.field(default_factory=dict)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def seconds(self) -> float:
+    return max(self.compute_seconds, self.hbm_seconds) + self.storage_seconds
+
+  @property
+  def fits(self) -> bool:
+    return self.memory["total"] <= self.capacity
+
+  @property
+  def margin(self) -> float:
+    return self.capacity - self.memory["total"]
+
+
+def _phase(name: str, memory: dict[str, float], hardware: Hardware, **fields) -> PhasePlan:
+  memory = {key: float(value) for key, value in memory.items()}
+  memory["total"] = float(sum(memory.values()))
+  fields.setdefault("compute_seconds", hardware.compute_seconds(fields.get("flops", 0.0)))
+  for key in ("flops", "hbm_seconds", "storage_seconds"):
+    fields.setdefault(key, 0.0)
+  return PhasePlan(name, memory, capacity=hardware.capacity, **fields)
+
+
+def _saving(total_bytes: float, hardware: Hardware) -> float:
+  """Seconds to write ``total_bytes`` of sharded arrays: every shard once (Orbax writes one replica), the hosts in
+  parallel at the storage bandwidth."""
+  return total_bytes / hardware.num_hosts / hardware.storage_bytes_per_s
+
+
+def _token_bytes(batches: int, batch_size: int, seq_len: int) -> float:
+  """Host bytes of int32 token batches [batch_size, seq_len + 1], as the data pipeline packs them."""
+  return 4.0 * batches * batch_size * (seq_len + 1)
+
+
+def plan_phases(config: ModelConfig, hardware: Hardware, phases: PhaseSettings, stages: Sequence[StagePlan],
+                stage_steps: Sequence[int], hf_path: str = "") -> list[PhasePlan]:
+  """Every phase of the main job (``PHASES``) on ``hardware``; ``stages`` are the training stages' plans."""
+  per_host, bandwidth = hardware.devices_per_host, hardware.device.hbm_bandwidth
+  layout = param_layout(config, hardware)
+  params, _ = param_bytes(layout, hardware)
+  model_bytes = 4.0 * param_count(config)  # the whole model in fp32, as saved
+  flops_at = lambda length: sum(forward_flops_per_token(config, length).values())
+  out = []
+
+  # import: fp32 shards, plus one tensor's slice read in the checkpoint dtype and cast on device.
+  share, largest = param_bytes(layout, hardware, phases.checkpoint_dtype)
+  notes = [] if hf_path else ["config.parent.hf_path is empty (set it to import a checkpoint, else the parent is "
+                              "pretrained): planned as the import of a checkpoint of this architecture"]
+  out.append(_phase("import", {"params": params, "in_flight": largest}, hardware,
+                    host_bytes=per_host * share, host_holds=f"its devices' {phases.checkpoint_dtype} slices",
+                    storage_seconds=per_host * share / hardware.storage_bytes_per_s,
+                    work=f"read {format_bytes(share)} {phases.checkpoint_dtype} per device", notes=notes,
+                    counts={"checkpoint_bytes_per_device": share, "devices_per_host": per_host}))
+
+  # importance: calibration forwards, then the depth ranking (reference logits held while a candidate runs).
+  b, l = phases.calibration_batch_size, phases.calibration_seq_len
+  depth_forwards = phases.depth_batches * depth_ranking_forwards(config.num_layers)
+  forwards = phases.calibration_batches + depth_forwards
+  calibration = forward_bytes(config, b, l, hardware)["total"]
+  depth = forward_bytes(config, b, l, hardware, logits_held=1)["total"]
+  out.append(_phase("importance", {"params": params, "activations": max(calibration, depth)}, hardware,
+                    host_bytes=_token_bytes(phases.calibration_batches, b, l), host_holds="calibration tokens",
+                    flops=forwards * b * l * flops_at(l),
+                    work=f"{forwards:,} forwards of {b} x {l}",
+                    programs={"calibration": params + calibration, "depth ranking": params + depth},
+                    counts={"calibration_forwards": phases.calibration_batches, "depth_forwards": depth_forwards,
+                            "depth_forwards_per_batch": depth_ranking_forwards(config.num_layers)},
+                    notes=[f"{phases.calibration_batches} calibration forwards + {phases.depth_batches} depth batches "
+                           f"x (L + L(L+1)/2 = {depth_ranking_forwards(config.num_layers):,}) forwards (L = "
+                           f"{config.num_layers}); peak in the depth ranking (reference and candidate logits)"]))
+
+  # permutation: a jitted gather, outputs in the input shardings; then saved.
+  out.append(_phase("permutation", {"params": params, "output": params}, hardware,
+                    host_bytes=per_host * params, host_holds="its devices' shards, saving",
+                    hbm_seconds=2 * params / bandwidth, storage_seconds=_saving(model_bytes, hardware),
+                    work="gather + save"))
+
+  # training: the largest stage; every step of every stage.
+  peak = max(stages, key=lambda stage: stage.memory["total"])
+  state = peak.memory["params"] + peak.memory["opt_state"] + peak.memory["router"]
+  out.append(_phase("training", {"params": peak.memory["params"], "teacher": peak.memory["teacher"],
+                                 "optimizer": peak.memory["opt_state"] + peak.memory["gradients"]
+                                 + peak.memory["router"], "activations": peak.memory["activations"]},
+                    hardware, host_bytes=per_host * state, host_holds="its devices' train state, checkpointing",
+                    flops=sum(n * stage.flops_per_step for n, stage in zip(stage_steps, stages)),
+                    work=f"{sum(stage_steps):,} steps", notes=[f"peak in {peak.name}"]))
+
+  # extraction: each budget's child and baseline sliced from a parent by a jitted function, then saved.
+  largest_budget = max(phases.budgets)
+  child = largest_budget * params
+  saved = 2 * sum(phases.budgets) * model_bytes  # a child and a baseline per budget
+  out.append(_phase("extraction", {"params": params, "output": child}, hardware,
+                    host_bytes=per_host * child, host_holds="its devices' child shards, saving",
+                    hbm_seconds=2 * (len(phases.budgets) + sum(phases.budgets)) * params / bandwidth,
+                    storage_seconds=_saving(saved, hardware), work=f"{2 * len(phases.budgets)} models sliced",
+                    notes=["children counted at budget x the parent's bytes (the router picks their shapes)"]))
+
+  # evaluation: perplexity forwards and cached generation, per model.
+  # Parent, children, baselines (the full-size budget's baseline is the parent: not measured again).
+  sizes = [1.0] + list(phases.budgets) + [budget for budget in phases.budgets if budget < 1.0]
+  eb, el = phases.eval_batch_size, phases.eval_seq_len
+  rows = min(phases.decode_batch, phases.examples)  # a last partial batch is filled up to the batch size
+  decode_batches = phases.example_sets * math.ceil(phases.examples / phases.decode_batch)
+  cache_len = phases.prompt_len + phases.max_new_tokens
+  caches = cache_bytes(config, rows, cache_len, hardware)
+  ppl = forward_bytes(config, eb, el, hardware, logits_made=2)["total"]
+  prefill = forward_bytes(config, rows, phases.prompt_len, hardware, keys=cache_len)["total"]
+  decode = forward_bytes(config, rows, 1, hardware, keys=cache_len)["total"]
+  per_model = (phases.ppl_batches * eb * el * flops_at(el)
+               + decode_batches * rows * cache_len * flops_at(cache_len))
+  decode_steps = decode_batches * phases.max_new_tokens
+  generation = caches + max(prefill, decode)
+  memory = ({"params": params, "activations": ppl} if ppl > generation
+            else {"params": params, "caches": caches, "activations": max(prefill, decode)})
+  out.append(_phase("evaluation", memory, hardware,
+                    host_bytes=_token_bytes(phases.ppl_batches, eb, el)
+                    + 4.0 * phases.example_sets * phases.examples * phases.prompt_len, host_holds="evaluation tokens",
+                    flops=sum(sizes) * per_model, hbm_seconds=sum(sizes) * decode_steps * (params + caches) / bandwidth,
+                    work=f"{len(sizes)} models", counts={"models": len(sizes), "decode_steps_per_model": decode_steps},
+                    programs={"perplexity": params + ppl, "prefill": params + caches + prefill,
+                              "decode": params + caches + decode},
+                    notes=[f"per model: {phases.ppl_batches} perplexity forwards of {eb} x {el} (peak "
+                           f"{format_bytes(params + ppl)}); {decode_batches} batches of {rows} prompts ("
+                           f"{phases.example_sets} sets of {phases.examples}): prefill {phases.prompt_len} tokens "
+                           f"(assumed), decode {phases.max_new_tokens}, caches of {cache_len:,} positions (peak "
+                           f"{format_bytes(params + generation)}); {len(sizes)} models (parent, children, baselines),"
+                           " children at budget x the parent's FLOPs"]))
+  return out
+
+
 @dataclasses.dataclass
 class Plan:
   name: str
@@ -358,26 +732,43 @@ class Plan:
   hardware: Hardware
   settings: MemorySettings
   stages: list[StagePlan]
+  phases: list[PhasePlan] = dataclasses.field(default_factory=list)
+  phase_settings: PhaseSettings | None = None
+
+  @property
+  def peak(self) -> PhasePlan:
+    """The phase with the largest per-device peak."""
+    return max(self.phases, key=lambda phase: phase.memory["total"])
 
   @property
   def fits(self) -> bool:
-    return all(stage.fits for stage in self.stages)
+    return all(stage.fits for stage in self.stages) and all(phase.fits for phase in self.phases)
 
   def to_json(self) -> dict[str, Any]:
     hw = self.hardware
     return {
         "config": self.name, "params": param_count(self.config),
         "device": {"name": hw.device_name, "description": hw.device.description, "hbm_bytes": hw.device.hbm_bytes,
-                   "peak_flops": hw.device.peak_flops, "usable_fraction": hw.usable_fraction},
+                   "peak_flops": hw.device.peak_flops, "hbm_bandwidth": hw.device.hbm_bandwidth,
+                   "usable_fraction": hw.usable_fraction},
         "num_devices": hw.num_devices, "mesh": hw.axis_sizes, "mfu": hw.mfu,
+        "devices_per_host": hw.devices_per_host, "num_hosts": hw.num_hosts,
+        "storage_bytes_per_s": hw.storage_bytes_per_s,
         "memory_settings": {"remat": dict(self.settings.remat), "grad_accum_steps": self.settings.grad_accum_steps,
                             "teacher_dtype": self.settings.teacher_dtype},
+        "phase_settings": None if self.phase_settings is None else dataclasses.asdict(self.phase_settings),
         "fits": self.fits,
+        "peak_phase": self.peak.name if self.phases else None,
         "stages": [{"name": s.name, "batch_size": s.batch_size, "seq_len": s.seq_len, "micro_batch": s.micro_batch,
                     "tokens_per_device": s.tokens_per_device, "memory_bytes": s.memory,
                     "activation_terms_bytes": s.activation_terms, "capacity_bytes": s.capacity, "fits": s.fits,
                     "margin_bytes": s.margin, "flops_per_step": s.flops_per_step,
                     "seconds_per_step": s.seconds_per_step, "notes": s.notes} for s in self.stages],
+        "phases": [{"name": p.name, "work": p.work, "memory_bytes": p.memory, "host_bytes": p.host_bytes,
+                    "host_holds": p.host_holds, "capacity_bytes": p.capacity, "fits": p.fits,
+                    "margin_bytes": p.margin, "flops": p.flops, "compute_seconds": p.compute_seconds,
+                    "hbm_seconds": p.hbm_seconds, "storage_seconds": p.storage_seconds, "seconds": p.seconds,
+                    "counts": p.counts, "notes": p.notes} for p in self.phases],
     }
 
 
@@ -389,10 +780,12 @@ def _setup_and_optimizers(config: Any, model_config: ModelConfig, stages: Sequen
 
 
 def make_plan(config: Any, name: str = "config", device: str | None = None, mfu: float | None = None,
-              usable_fraction: float = 0.9) -> Plan:
-  """Plans every stage of a run config (``ml_collections.ConfigDict`` or mapping) without touching a device."""
+              usable_fraction: float = 0.9, storage_gb_per_s: float | None = None,
+              devices_per_host: int | None = None, prompt_len: int | None = None) -> Plan:
+  """Plans every stage and every phase of a run config (``ml_collections.ConfigDict`` or mapping) without touching a
+  device; arguments that are not None override ``config.plan``."""
   model_config = ModelConfig.from_dict(config.model)
-  hardware = hardware_from_config(config, device, mfu, usable_fraction)
+  hardware = hardware_from_config(config, device, mfu, usable_fraction, storage_gb_per_s, devices_per_host)
   settings = memory_settings(config)
   stages = stages_from_config(config)
   setup, optimizer, router_optimizer, total_steps = _setup_and_optimizers(config, model_config, stages)
@@ -422,11 +815,14 @@ def make_plan(config: Any, name: str = "config", device: str | None = None, mfu:
     memory["total"] = float(sum(memory.values()))
     terms = {k: v for k, v in activations.items() if k != "total"}
     flops = elastic_step_flops(model_config, stage.batch_size, stage.seq_len)
-    seconds = flops / (hardware.num_devices * hardware.device.peak_flops * hardware.mfu)
+    seconds = hardware.compute_seconds(flops)
     tokens = math.ceil(micro / batch_ways) * math.ceil(stage.seq_len / length_ways)
     plans.append(StagePlan(stage.name, stage.batch_size, stage.seq_len, micro, tokens, memory, terms,
-                           hardware.device.hbm_bytes * hardware.usable_fraction, flops, seconds, notes))
-  return Plan(name, model_config, hardware, settings, plans)
+                           hardware.capacity, flops, seconds, notes))
+  phases = phase_settings(config, setup.budgets, prompt_len)
+  hf_path = str(plain(config.get("parent")).get("hf_path") or "")
+  return Plan(name, model_config, hardware, settings, plans,
+              plan_phases(model_config, hardware, phases, plans, [stage.steps for stage in stages], hf_path), phases)
 
 
 def _mesh_axes_of(logical: str, rules: Sequence) -> tuple[str, ...]:
@@ -464,26 +860,89 @@ def jit_elastic_step(config: Any, devices: Sequence[jax.Device] | None = None) -
   configured mesh over ``devices`` (default: the first ``num_devices`` devices)."""
   settings = memory_settings(config)
   hardware = hardware_from_config(config)
-  devices = list(jax.devices()[:hardware.num_devices] if devices is None else devices)
-  if len(devices) < hardware.num_devices:
-    raise ValueError(f"the mesh {hardware.axis_sizes} needs {hardware.num_devices} devices but {len(devices)} "
-                     f"exist; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={hardware.num_devices} "
-                     "before starting Python, or change config.mesh.shape.")
+  mesh = _real_mesh(hardware, devices)
   stages = stages_from_config(config)
   setup, optimizer, router_optimizer, total_steps = _setup_and_optimizers(config, ModelConfig.from_dict(config.model),
                                                                           stages)
-  mesh = sharding_lib.make_mesh(hardware.mesh_shape, devices=devices[:hardware.num_devices])
   training = compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, 0, mesh, hardware.rules)
   teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(settings.teacher_dtype),
                                                         sharding=x.sharding), training.abstract_state.params)
   return JittedStep(training, setup, teacher, sharding_lib.replicated(mesh))
 
 
+def _real_mesh(hardware: Hardware, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """The configured mesh over ``devices`` (default: the first ``num_devices`` devices), or an error saying how to get
+  that many devices."""
+  devices = list(jax.devices()[:hardware.num_devices] if devices is None else devices)
+  if len(devices) < hardware.num_devices:
+    raise ValueError(f"the mesh {hardware.axis_sizes} needs {hardware.num_devices} devices but {len(devices)} "
+                     f"exist; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={hardware.num_devices} "
+                     "before starting Python, or change config.mesh.shape.")
+  return sharding_lib.make_mesh(hardware.mesh_shape, devices=devices[:hardware.num_devices])
+
+
 def compiled_memory(config: Any, stage_index: int = 0) -> dict[str, float]:
   """Lowers and compiles the real elastic train step of stage ``stage_index`` on the configured mesh (needs that
   many devices; virtual CPU devices work) and returns XLA's memory analysis in bytes per device."""
   jitted = jit_elastic_step(config)
-  analysis = jitted.lower(stages_from_config(config)[stage_index]).compile().memory_analysis()
+  return _memory_analysis(jitted.lower(stages_from_config(config)[stage_index]).compile())
+
+
+# The forward programs of the phases around training whose activations ``forward_bytes`` estimates, as XLA sees them:
+# the depth ranking's candidate (the reference logits held as an input, the candidate's logits made and compared)
+# and the evaluation's perplexity (logits, log-softmax, summed NLL). Params in their shardings, tokens split over the
+# data-parallel axes, logits in the model's own layout [batch, length, vocab]. The two bodies below restate the
+# arithmetic of ``elastic.importance`` (removal error) and ``eval.metrics`` (summed NLL) in a few lines, so that the
+# check follows the phases' shapes rather than those modules' private, jitted helpers.
+FORWARD_PHASES = {"importance": "depth ranking", "evaluation": "perplexity"}  # phase -> its program in ``programs``
+
+
+def _removal_error(config: ModelConfig, params: Any, tokens: jax.Array, reference: jax.Array, keep: jax.Array
+                   ) -> jax.Array:
+  """Σ (reference − logits with the blocks of ``keep`` only)²: one candidate of the depth ranking."""
+  depth = jnp.broadcast_to(keep.astype(jnp.float32), (tokens.shape[0], config.num_layers))
+  logits = HybridLM(config).apply({"params": params}, tokens, masks={"depth": depth})
+  return jnp.sum(jnp.square(reference - logits))
+
+
+def _summed_nll(config: ModelConfig, params: Any, tokens: jax.Array) -> jax.Array:
+  """tokens [b, l+1] -> the summed next-token NLL: one perplexity batch."""
+  logits = HybridLM(config).apply({"params": params}, tokens[:, :-1])
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.sum(jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1))
+
+
+def compiled_phase_memory(config: Any, phase: str, devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
+  """Lowers and compiles the forward program of ``phase`` (one of ``FORWARD_PHASES``) on the configured mesh at the
+  config's calibration or evaluation shapes and returns XLA's memory analysis in bytes per device."""
+  if phase not in FORWARD_PHASES:
+    raise ValueError(f"no forward program for phase {phase!r}; choose one of {sorted(FORWARD_PHASES)}.")
+  model_config = ModelConfig.from_dict(config.model)
+  hardware = hardware_from_config(config)
+  mesh, rules = _real_mesh(hardware, devices), hardware.rules
+  phases = phase_settings(config, (1.0,))
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), param_shapes(model_config),
+                        sharding_lib.param_shardings(model_config, mesh, rules))
+  rows, everywhere = sharding_lib.batch_sharding(mesh, rules), sharding_lib.replicated(mesh)
+  if phase == "importance":
+    b, l, v = phases.calibration_batch_size, phases.calibration_seq_len, model_config.vocab_size
+    logits = nn.logical_to_mesh_sharding(PartitionSpec("batch", "length", "vocab"), mesh, rules)
+    args = (params, jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=rows),
+            jax.ShapeDtypeStruct((b, l, v), jnp.float32, sharding=logits),
+            jax.ShapeDtypeStruct((model_config.num_layers,), jnp.float32, sharding=everywhere))
+    fn = lambda p, tokens, reference, keep: _removal_error(model_config, p, tokens, reference, keep)
+  else:
+    b, l = phases.eval_batch_size, phases.eval_seq_len
+    args = (params, jax.ShapeDtypeStruct((b, l + 1), jnp.int32, sharding=rows))
+    fn = lambda p, tokens: _summed_nll(model_config, p, tokens)
+  in_shardings = tuple(jax.tree.map(lambda arg: arg.sharding, tree) for tree in args)
+  program = sharding_lib.sharded_jit(fn, mesh, rules, in_shardings, everywhere)
+  return _memory_analysis(program.lower(*args).compile())
+
+
+def _memory_analysis(compiled: Any) -> dict[str, float]:
+  """XLA's memory analysis of a compiled program (bytes per device), with the total it holds at once."""
+  analysis = compiled.memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
             "generated_code_size_in_bytes")
   out = {name: float(getattr(analysis, name)) for name in fields}
@@ -555,10 +1014,60 @@ def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None =
   lines.append(row(f"time per step at {hw.mfu:.0%} MFU", [f"{st.seconds_per_step:,.2f} s" for st in stages]))
   for st in stages:
     lines.extend(f"note ({st.name}): {note}" for note in st.notes)
+  if plan.phases:
+    lines += [""] + _format_phases(plan, compiled)
   lines.append("")
-  lines.append("FITS" if plan.fits else "DOES NOT FIT: see the stages marked above (raise grad_accum_steps, remat "
-               "more block kinds, shard more: tensor/context axes, or use a device with more HBM).")
+  if plan.fits:
+    lines.append(f"FITS: the largest per-device peak is {format_bytes(plan.peak.memory['total'])} ({plan.peak.name})"
+                 if plan.phases else "FITS")
+  else:
+    lines.append("DOES NOT FIT: see the stages and phases marked above (raise grad_accum_steps, remat more block "
+                 "kinds, shard more: tensor/context axes, lower the evaluation's batches, or use a device with more "
+                 "HBM).")
   return "\n".join(lines)
+
+
+def _format_seconds(seconds: float) -> str:
+  if seconds >= 3600:
+    return f"{seconds / 3600:,.1f} h"
+  return f"{seconds / 60:,.1f} min" if seconds >= 60 else f"{seconds:,.2f} s"
+
+
+def _format_phases(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None) -> list[str]:
+  """One column per phase of the main job: per-device memory by what holds it, the verdict, per-host bytes, FLOPs
+  and time; then what each phase runs."""
+  hw, phases = plan.hardware, plan.phases
+  width = max(14, *(len(phase.name) + 2 for phase in phases))
+  row = lambda label, values: f"{label:<34}" + "".join(f"{v:>{width}}" for v in values)
+  lines = [f"every phase: {hw.num_hosts} host(s) x {hw.devices_per_host} device(s), checkpoint storage "
+           f"{hw.storage_bytes_per_s / GB:g} GB/s per host (assumed), HBM {hw.device.hbm_bandwidth / GB:,.0f} GB/s "
+           "per device", row("per device", [phase.name for phase in phases])]
+  for key, label in PHASE_TERMS.items():
+    if any(key in phase.memory for phase in phases):
+      lines.append(row(f"  {label}", [format_bytes(phase.memory[key]) if key in phase.memory else "-"
+                                      for phase in phases]))
+  lines.append(row("  peak", [format_bytes(phase.memory["total"]) for phase in phases]))
+  lines.append(row("  verdict", ["FITS" if phase.fits else "DOES NOT FIT" for phase in phases]))
+  lines.append(row("  margin", [format_bytes(phase.margin) for phase in phases]))
+  devices = f"{hw.devices_per_host} device{'s' if hw.devices_per_host > 1 else ''}"
+  lines.append(row(f"per host ({devices})", [format_bytes(phase.host_bytes) for phase in phases]))
+  lines.append(row("model FLOPs", [f"{phase.flops:.3e}" if phase.flops else "-" for phase in phases]))
+  lines.append(row(f"compute at {hw.mfu:.0%} MFU", [_format_seconds(phase.compute_seconds) if phase.flops else "-"
+                                                    for phase in phases]))
+  lines.append(row("HBM-bandwidth floor", [_format_seconds(phase.hbm_seconds) if phase.hbm_seconds else "-"
+                                           for phase in phases]))
+  lines.append(row("checkpoint storage", [_format_seconds(phase.storage_seconds) if phase.storage_seconds else "-"
+                                          for phase in phases]))
+  lines.append(row("phase time", [_format_seconds(phase.seconds) for phase in phases]))
+  lines.append(f"total: {_format_seconds(sum(phase.seconds for phase in phases))}")
+  for phase in phases:
+    text = f"{phase.name}: {phase.work}; host holds {phase.host_holds}" + "".join(f"; {n}" for n in phase.notes)
+    lines += textwrap.wrap(text, 118, subsequent_indent="    ")
+    program, xla = FORWARD_PHASES.get(phase.name), (compiled or {}).get(f"phase:{phase.name}")
+    if program and xla:
+      lines.append(f"    XLA: the compiled {program} forward holds {format_bytes(xla['total'])} per device "
+                   f"(args+out-alias+temp; estimate {format_bytes(phase.programs[program])})")
+  return lines
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -576,8 +1085,15 @@ def _cli() -> None:
   usable = flags.DEFINE_float("usable_fraction", 0.9, "Fraction of the device's HBM the run may use (the rest is "
                               "the runtime's; on GPUs set XLA_PYTHON_CLIENT_MEM_FRACTION to match).")
   as_json = flags.DEFINE_bool("json", False, "Print the plan as JSON.")
-  compile_ = flags.DEFINE_bool("compile", False, "Also lower and compile the real step of every stage (needs the "
-                               "mesh's device count) and print XLA's memory analysis beside the estimate.")
+  compile_ = flags.DEFINE_bool("compile", False, "Also lower and compile the real step of every stage and the "
+                               "importance and perplexity forwards (needs the mesh's device count) and print XLA's "
+                               "memory analysis beside the estimates.")
+  storage = flags.DEFINE_float("storage_gb_per_s", None, "Assumed checkpoint storage bandwidth per host in GB/s "
+                               f"(default: config.plan.storage_gb_per_s, else {DEFAULT_STORAGE_GB_PER_S:g}).")
+  per_host = flags.DEFINE_integer("devices_per_host", None, "Devices each host drives (default: "
+                                  "config.plan.devices_per_host, else the device kind's).")
+  prompt_len = flags.DEFINE_integer("prompt_len", None, "Assumed prompt tokens per generated example (default: "
+                                    f"config.plan.prompt_len, else {DEFAULT_PROMPT_LEN}).")
 
   def main(argv: Sequence[str]) -> None:
     del argv
@@ -585,7 +1101,8 @@ def _cli() -> None:
     if cfg is None:
       raise app.UsageError("--config is required, e.g. --config configs/nano_v2_12b.py")
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
-    plan = make_plan(cfg, name, device.value, mfu.value, usable.value)
+    plan = make_plan(cfg, name, device.value, mfu.value, usable.value, storage.value, per_host.value,
+                     prompt_len.value)
     compiled = None
     if compile_.value and jax.device_count() < plan.hardware.num_devices:
       print(f"--compile skipped: the mesh needs {plan.hardware.num_devices} devices and {jax.device_count()} exist "
@@ -593,6 +1110,7 @@ def _cli() -> None:
             file=sys.stderr)
     elif compile_.value:
       compiled = {stage.name: compiled_memory(cfg, index) for index, stage in enumerate(plan.stages)}
+      compiled.update({f"phase:{phase}": compiled_phase_memory(cfg, phase) for phase in FORWARD_PHASES})
     if as_json.value:
       out = plan.to_json()
       if compiled is not None:

@@ -1,5 +1,6 @@
 """The planner: per-device state bytes against a real sharded train state, the activation model against XLA's
-memory analysis, the Nano V2 12B plan, and its errors."""
+memory analysis, every phase of the main job (import, importance, permutation, training, extraction, evaluation),
+the Nano V2 12B plan, and its errors."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def small_run_config(batch: int = 4, seq_len: int = 64, mesh_shape=(), num_devic
 _SHARDED_STATE_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
+    import jax.numpy as jnp
     sys.path.insert(0, {tests!r})
     from test_plan import small_run_config
     from elastic_jax import plan as plan_lib
@@ -59,7 +61,10 @@ _SHARDED_STATE_SCRIPT = textwrap.dedent("""
     from elastic_jax.train.step import init_elastic_state
 
     config = small_run_config(mesh_shape=(2, 2, 2), num_devices=8)
-    estimate = plan_lib.make_plan(config).stages[0].memory
+    config.plan.devices_per_host = 2  # four hosts of 2 devices
+    plan = plan_lib.make_plan(config)
+    estimate = plan.stages[0].memory
+    imported = next(phase for phase in plan.phases if phase.name == "import")
     model_config = ModelConfig.from_dict(config.model)
     setup = elastic_setup_from_config(config, model_config, range(model_config.num_layers), 3)
     optimizer, router_optimizer = optimizers_from_config(config)
@@ -69,14 +74,18 @@ _SHARDED_STATE_SCRIPT = textwrap.dedent("""
     tx, router_tx = make_optimizer(optimizer, 3), make_optimizer(router_optimizer, 3)
     state = jax.device_put(init_elastic_state(setup, init_params(model_config, jax.random.key(0)), tx, router_tx,
                                               seed=0), shardings)
+    # The checkpoint's dtype in the params' shardings: what each device receives of an import.
+    checkpoint = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p),
+                         out_shardings=shardings.params)(state.params)
     real = {{}}
     for device in jax.devices():
-      for part in ("params", "opt_state"):
-        held = sum(shard.data.nbytes for leaf in jax.tree.leaves(getattr(state, part))
+      for part, tree in (("params", state.params), ("opt_state", state.opt_state), ("checkpoint", checkpoint)):
+        held = sum(shard.data.nbytes for leaf in jax.tree.leaves(tree)
                    for shard in leaf.addressable_shards if shard.device == device)
         real.setdefault(part, []).append(held)
     unsharded = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
-    print(json.dumps({{"estimate": estimate, "real": real, "unsharded_params": unsharded}}))
+    print(json.dumps({{"estimate": estimate, "real": real, "unsharded_params": unsharded,
+                      "import": {{"memory": imported.memory, "host_bytes": imported.host_bytes}}}}))
 """)
 
 
@@ -99,6 +108,11 @@ def test_state_bytes_equal_real_sharded_state_on_8_devices():
     assert estimate[part] == real[part][0], (part, estimate[part], real[part][0])
   # The mesh really shards: each device holds well under the whole (every kernel splits 2 or 4 ways).
   assert real["params"][0] < out["unsharded_params"] / 2
+  # Import: each device ends with its fp32 shards; each host reads its 2 devices' bf16 slices, not the whole model.
+  assert len(set(real["checkpoint"])) == 1
+  assert out["import"]["memory"]["params"] == real["params"][0]
+  assert out["import"]["host_bytes"] == 2 * real["checkpoint"][0]
+  assert out["import"]["host_bytes"] < out["unsharded_params"] / 2  # the whole model in bf16 is unsharded / 2
 
 
 def test_activation_estimate_within_factor_2_of_xla_temp_bytes():
@@ -186,6 +200,7 @@ def test_cli_prints_json_with_overrides():
   out = json.loads(result.stdout)
   assert out["device"]["name"] == "h200" and out["num_devices"] == 1 and out["fits"]
   assert out["memory_settings"]["grad_accum_steps"] == 8
+  assert [phase["name"] for phase in out["phases"]] == list(plan_lib.PHASES) and out["peak_phase"] == "training"
   proxy = load_config("proxy_1b")
   assert [s["micro_batch"] for s in out["stages"]] == [stage["batch_size"] // 8 for stage in proxy.stages]
 
@@ -197,3 +212,121 @@ def test_per_device_bytes_round_uneven_shards_up():
   assert plan_lib.per_device_bytes((7, 6), 4, P("fsdp", "tensor"), sizes) == 32
   # A dimension over two mesh axes, a trailing unsharded one, bf16: ceil(10 / 4) * 3 * 2 bytes.
   assert plan_lib.per_device_bytes((10, 3), 2, P(("data", "fsdp")), sizes) == 18
+
+
+# ------------------------------------------------------------------------------------------------ every phase
+def small_phase_config(mesh_shape=(), num_devices=None) -> ml_collections.ConfigDict:
+  """``small_run_config`` with calibration and evaluation shapes that divide over every mesh used below."""
+  config = small_run_config(batch=4, seq_len=128, mesh_shape=mesh_shape, num_devices=num_devices)
+  config.importance = dict(batches=2, batch_size=8, seq_len=128, depth_batches=1)
+  config.eval = dict(ppl_batches=2, batch_size=8, seq_len=128, examples=4, max_new_tokens=8, decode_batch=4)
+  return config
+
+
+@pytest.mark.parametrize("name, peak", [("tiny", "evaluation"), ("nano_v2_12b", "training")])
+def test_every_phase_of_the_main_job_is_planned(name, peak):
+  plan = plan_lib.make_plan(load_config(name), name)
+  assert [phase.name for phase in plan.phases] == list(plan_lib.PHASES) == [
+      "import", "importance", "permutation", "training", "extraction", "evaluation"]
+  phases = {phase.name: phase for phase in plan.phases}
+  params = plan.stages[0].memory["params"]
+  for phase in plan.phases:
+    assert phase.memory["params"] == params, phase.name  # every phase holds the parent in its shardings
+    assert phase.memory["total"] >= params and phase.host_bytes > 0 and phase.seconds > 0, phase.name
+  assert phases["permutation"].memory["total"] == 2 * params  # params in + params out
+  assert phases["extraction"].memory["total"] == 2 * params  # parent + the largest budget's child (100%)
+  # Each phase peaks in its largest program: the depth ranking holds one more logits array than calibration, the
+  # cached prefill of a whole prompt batch more than a one-token decode step.
+  for phase in ("importance", "evaluation"):
+    assert phases[phase].memory["total"] == pytest.approx(max(phases[phase].programs.values()))
+  assert phases["importance"].programs["depth ranking"] > phases["importance"].programs["calibration"]
+  assert phases["evaluation"].programs["prefill"] > phases["evaluation"].programs["decode"]
+  for name_ in ("importance", "training", "evaluation"):
+    assert phases[name_].flops > 0 and phases[name_].memory["activations"] > 0
+  # The training phase peaks in its largest stage. The verdict is the largest peak over the phases: tiny's
+  # generation (32 prompts of 512 assumed tokens, prefilled at once) holds more than its training step.
+  assert phases["training"].memory["total"] == max(stage.memory["total"] for stage in plan.stages)
+  assert plan.fits and plan.peak.name == peak
+  text = plan_lib.format_plan(plan)
+  assert all(phase in text for phase in plan_lib.PHASES) and "FITS: the largest per-device peak" in text
+
+
+def test_depth_ranking_runs_l_plus_l_l_plus_1_over_2_forwards_per_batch():
+  """L steps, each one reference forward plus one per block still kept: L + (L + ... + 1), counted by hand."""
+  assert plan_lib.depth_ranking_forwards(6) == 6 + (6 + 5 + 4 + 3 + 2 + 1) == 27
+  assert plan_lib.depth_ranking_forwards(62) == 62 + 62 * 63 // 2 == 2015
+  for name, layers, depth_batches, calibration, forwards_per_batch in (("tiny", 6, 2, 8, 27),
+                                                                      ("nano_v2_12b", 62, 4, 128, 2015)):
+    config = load_config(name)
+    importance = next(p for p in plan_lib.make_plan(config).phases if p.name == "importance")
+    assert ModelConfig.from_dict(config.model).num_layers == layers
+    assert importance.counts == {"calibration_forwards": calibration, "depth_forwards": depth_batches *
+                                 forwards_per_batch, "depth_forwards_per_batch": forwards_per_batch}
+  # Nano: (128 + 4 x 2015) forwards of 8 x 8192 tokens at more than 2 x 12e9 FLOPs per token (matmuls alone).
+  assert importance.flops > (128 + 4 * 2015) * 8 * 8192 * 2 * 12e9
+
+
+def test_nano_import_reads_each_hosts_share_not_the_whole_model():
+  plan = plan_lib.make_plan(load_config("nano_v2_12b"))
+  imported = plan.phases[0]
+  hardware = plan.hardware
+  assert hardware.devices_per_host == 4 and hardware.num_hosts == 32  # v5p: 4 chips per host
+  share = imported.counts["checkpoint_bytes_per_device"]
+  # bf16 over fsdp x tensor = 16 ways; the small unsplit leaves add under 10%.
+  assert 2 * 12_310_001_152 / 16 <= share <= 1.1 * 2 * 12_310_001_152 / 16
+  assert imported.host_bytes == share * 4 < 2 * 12_310_001_152 / 3  # a host reads about 1/4 of the bf16 model
+  assert imported.memory["params"] == 2 * share  # fp32 shards on device, the same layout
+  # One tensor's slice in flight: the largest, the [V, d] embedding (or LM head) in bf16 over 16 devices.
+  assert imported.memory["in_flight"] == 2 * 131072 * 5120 // 16
+  # Reading at the assumed 1 GB/s per host, every host at once.
+  assert imported.storage_seconds == pytest.approx(imported.host_bytes / 1e9)
+  faster = plan_lib.make_plan(load_config("nano_v2_12b"), storage_gb_per_s=4.0, devices_per_host=8).phases[0]
+  assert faster.host_bytes == 8 * share and faster.storage_seconds == pytest.approx(8 * share / 4e9)
+
+
+# XLA's memory analysis of the forward programs that ``forward_bytes`` estimates (the depth ranking's candidate
+# forward with the reference logits held, the perplexity forward), compiled on 8 virtual CPU devices.
+_FORWARD_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    from test_plan import small_phase_config
+    from elastic_jax import plan as plan_lib
+
+    out = []
+    for mesh in ((2, 2, 2), (1, 2, 1, 4)):
+      config = small_phase_config(mesh_shape=mesh, num_devices=8)
+      phases = {{phase.name: phase for phase in plan_lib.make_plan(config).phases}}
+      for phase, program in plan_lib.FORWARD_PHASES.items():
+        out.append({{"mesh": mesh, "phase": phase, "estimate": phases[phase].programs[program],
+                    "params": phases[phase].memory["params"],
+                    "xla": plan_lib.compiled_phase_memory(config, phase)}})
+    print(json.dumps(out))
+""")
+
+
+def test_forward_phase_estimates_within_factor_2_of_xla():
+  """Per device on meshes (2, 2, 2) and (1, 2, 1, 4) (ring attention over context): params + forward activations
+  (+ the held reference logits) against XLA's arguments + outputs - aliases + temp buffers of the compiled forward."""
+  result = subprocess.run([sys.executable, "-c", _FORWARD_SCRIPT.format(tests=str(ROOT / "tests"))],
+                          env=_subprocess_env(8), capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads(result.stdout.strip().splitlines()[-1])
+  assert len(rows) == 4
+  for row in rows:
+    ratio = row["estimate"] / row["xla"]["total"]
+    assert 0.5 <= ratio <= 2.0, row
+    # Activations, not the params, dominate these shapes, so the check is about the activation model.
+    assert row["estimate"] > 5 * row["params"], row
+
+
+def test_a_phase_that_does_not_fit_decides_the_verdict():
+  """Training fits easily; a perplexity batch whose [b, Hq, L, L] attention scores exceed a 16 GB v5e does not."""
+  config = small_phase_config()
+  config.eval = dict(ppl_batches=1, batch_size=64, seq_len=8192, examples=4, max_new_tokens=8, decode_batch=4)
+  plan = plan_lib.make_plan(config, device="v5e")
+  assert all(stage.fits for stage in plan.stages)
+  evaluation = plan.phases[-1]
+  # Scores alone: 64 x 4 heads x 8192^2 fp32 = 68.7 GB.
+  assert evaluation.memory["activations"] > 64 * 4 * 8192 * 8192 * 4 and not evaluation.fits
+  assert not plan.fits and plan.peak is evaluation
+  assert "DOES NOT FIT" in plan_lib.format_plan(plan)
