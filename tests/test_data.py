@@ -123,7 +123,7 @@ def test_hf_tokenizer_loads_and_packs_with_its_eos(tmp_path):
   documents = ["w1 w2", "w3", "w4 w5 w6"]
   stream = pipeline.FileDocuments(documents, seed=0)
   iterator = pipeline.PackedBatches(stream, tokenizer, batch_size=1, seq_len=6)
-  order = [stream.text(0, i) for i in range(3)]
+  order = [stream.text(i) for i in range(3)]  # one row: every position in turn
   expected = [t for doc in order for t in tokenizer.encode(doc) + [0]]
   assert packed_stream(iterator, 1) == expected[:7]
 
@@ -175,30 +175,42 @@ def test_source_config_tokenizer_errors_name_the_value(tmp_path):
 # packing, resume, sharding
 
 
+def _row_tokens(stream, row: int, rows: int, documents: int) -> list[int]:
+  """Row ``row`` of ``rows``: its documents (positions row, row + rows, ...) as bytes, each followed by id 0."""
+  return [t for k in range(documents) for t in list(stream.text(row + k * rows).encode("utf-8")) + [0]]
+
+
 def test_packing_keeps_every_token_exactly_once_per_epoch():
   documents = random_documents(37)
   tokenizer = ByteTokenizer()
   stream = pipeline.FileDocuments(documents, seed=3)
-  epoch_orders = [[stream.text(epoch, i) for i in range(stream.epoch_length(epoch))] for epoch in range(3)]
+  n = len(documents)
+  epoch_orders = [[stream.text(epoch * n + i) for i in range(n)] for epoch in range(3)]
   for order in epoch_orders:
     assert sorted(order) == sorted(documents)  # each epoch is a permutation of the corpus
   assert epoch_orders[0] != epoch_orders[1]  # reshuffled every epoch
-  expected = [t for order in epoch_orders for doc in order for t in list(doc.encode("utf-8")) + [0]]
-  per_batch = STAGE.batch_size * (STAGE.seq_len + 1)
-  batches = (5 * len(expected) // 6) // per_batch  # runs well into the third epoch
-  iterator = pipeline.PackedBatches(stream, tokenizer, STAGE.batch_size, STAGE.seq_len)
-  got = packed_stream(iterator, batches)
-  assert got == expected[:len(got)]
-  assert iterator.get_state()["epoch"] >= 2
+  # Row r packs positions r, r + B, ...: the rows together read every position once, so every token of an epoch
+  # exactly once; each row's tokens run on, unpadded, across documents and epochs.
+  rows = STAGE.batch_size
+  batches = 3 * sum(len(d.encode("utf-8")) + 1 for d in documents) // (rows * (STAGE.seq_len + 1))  # > 2 epochs
+  iterator = pipeline.PackedBatches(stream, tokenizer, rows, STAGE.seq_len)
+  got = np.stack([next(iterator) for _ in range(batches)], axis=1).reshape(rows, -1)  # [rows, batches * (l + 1)]
+  for row in range(rows):
+    expected = _row_tokens(stream, row, rows, 3 * n // rows + 2)
+    assert got[row].tolist() == expected[:got.shape[1]]
+  assert min(document for document, _ in iterator.get_state()["rows"]) * rows >= 2 * n  # into the third epoch
 
 
 def test_task_stream_packs_the_generated_texts_in_order():
   config = tasks.TaskConfig(distractors=2)
-  iterator = pipeline.PackedBatches(pipeline.TaskDocuments(config, seed=11), ByteTokenizer(), 2, 63)
-  got = packed_stream(iterator, 6)
+  stream = pipeline.TaskDocuments(config, seed=11)
+  iterator = pipeline.PackedBatches(stream, ByteTokenizer(), 2, 63)
+  got = np.stack([next(iterator) for _ in range(6)], axis=1).reshape(2, -1)
   texts = [e.text for e in tasks.generate_examples(config, seed=11, split="train", count=200)]
-  expected = [t for text in texts for t in list(text.encode("utf-8")) + [0]]
-  assert got == expected[:len(got)]
+  assert [stream.text(i) for i in range(200)] == texts
+  for row in range(2):  # row r: examples r, r + 2, r + 4, ...
+    expected = [t for text in texts[row::2] for t in list(text.encode("utf-8")) + [0]]
+    assert got[row].tolist() == expected[:got.shape[1]]
 
 
 @pytest.mark.parametrize("kind", ["tasks", "files"])
@@ -225,22 +237,35 @@ def test_iterator_resumes_at_the_same_position(kind, tmp_path):
   assert not np.array_equal(next(make_data(STAGE, 0)), next(make_data(STAGE, 1)))
 
 
-def test_processes_see_disjoint_documents():
-  documents = random_documents(50, seed=1)
-  count = 3
-  shards = [pipeline.FileDocuments(documents, seed=9, process_index=p, process_count=count) for p in range(count)]
-  for epoch in (0, 1):
-    seen = [[shard.text(epoch, i) for i in range(shard.epoch_length(epoch))] for shard in shards]
-    assert sum(len(s) for s in seen) == len(documents)
-    assert sorted(doc for s in seen for doc in s) == sorted(documents)  # disjoint and covering
-  task_shards = [pipeline.TaskDocuments(tasks.TaskConfig(), seed=0, process_index=p, process_count=count)
-                 for p in range(count)]
-  prompts = [{shard.text(0, i) for i in range(300)} for shard in task_shards]
-  assert all(not prompts[a] & prompts[b] for a in range(count) for b in range(a + 1, count))
-  # The packed batches differ across processes too.
-  batches = [next(pipeline.make_stage_data(pipeline.SourceConfig(), STAGE, 0, seed=0, process_index=p,
-                                           process_count=count)) for p in range(count)]
-  assert not np.array_equal(batches[0], batches[1])
+@pytest.mark.parametrize("kind", ["tasks", "files"])
+def test_the_global_batch_is_the_same_for_any_process_count(kind, tmp_path):
+  if kind == "files":
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"text": doc}) for doc in random_documents(5)) + "\n")  # fewer than rows
+    source = pipeline.SourceConfig(kind="files", paths=(str(path),))
+  else:
+    source = pipeline.SourceConfig()
+  stage = types.SimpleNamespace(batch_size=12, seq_len=15)
+  single = pipeline.make_stage_data(source, stage, 0, seed=4, process_index=0, process_count=1)
+  reference = [next(single) for _ in range(5)]
+  for count in (2, 3, 4):
+    shares = [pipeline.make_stage_data(source, stage, 0, seed=4, process_index=p, process_count=count)
+              for p in range(count)]
+    for step in range(5):
+      # Process p packs rows [p B/P, (p + 1) B/P) of the very batch one process packs alone.
+      np.testing.assert_array_equal(np.concatenate([next(share) for share in shares]), reference[step])
+    # Each process resumes its own rows from its own state.
+    states = [json.loads(json.dumps(share.get_state())) for share in shares]
+    resumed = pipeline.make_stage_data(source, stage, 0, seed=4, process_index=count - 1, process_count=count)
+    resumed.set_state(states[-1])
+    np.testing.assert_array_equal(next(resumed), next(shares[-1]))
+  # A process reads only its own rows' documents: positions r, r + B, ... of its rows r.
+  task_share = pipeline.make_stage_data(pipeline.SourceConfig(), stage, 0, seed=4, process_index=1, process_count=3)
+  read = []
+  original = task_share.documents.text
+  task_share.documents.text = lambda position: read.append(position) or original(position)
+  next(task_share)
+  assert read and all(position % 12 in (4, 5, 6, 7) for position in read)
 
 
 def test_bad_sources_fail_clearly(tmp_path):
@@ -258,9 +283,11 @@ def test_bad_sources_fail_clearly(tmp_path):
     pipeline.SourceConfig(kind="files")
   with pytest.raises(ValueError, match="kind 'web' must be one of"):
     pipeline.SourceConfig(kind="web")
-  with pytest.raises(ValueError, match="cannot give each of 4 processes"):
-    pipeline.FileDocuments(["a", "b"], seed=0, process_index=0, process_count=4)
-  with pytest.raises(ValueError, match="lacks"):
+  with pytest.raises(ValueError, match="needs at least one document"):
+    pipeline.FileDocuments([], seed=0)
+  with pytest.raises(ValueError, match=r"rows \(0, 3\) must be a non-empty subset of the batch's rows \[0, 3\)"):
+    pipeline.PackedBatches(pipeline.TaskDocuments(tasks.TaskConfig(), 0), ByteTokenizer(), 3, 4, rows=[0, 3])
+  with pytest.raises(ValueError, match=r"state \{'epoch': 0\} must be \{'rows': \[\[document, offset\], \.\.\.\]\}"):
     pipeline.make_stage_data(pipeline.SourceConfig(), STAGE, 0, seed=0).set_state({"epoch": 0})
 
 

@@ -21,8 +21,8 @@ TESTS = pathlib.Path(__file__).parent
 ROOT = TESTS.parent
 TIMEOUT_S = 240  # per subprocess: a hang (e.g. one process waiting on a collective) fails instead of blocking CI
 
-# Runs the tiny config's model through train_elastic: "single" in one process on one device with a data source that
-# stacks both processes' rows (the reference), "multi" as process <id> of 2. The multi-process run stops
+# Runs the tiny config's model through train_elastic: "single" in one process on one device (the reference), "multi"
+# as process <id> of 2, with the same data factory. The multi-process run stops
 # after 3 steps and resumes from its (multi-host Orbax) checkpoint; the reference runs the 5 steps in one go.
 _WORKER = textwrap.dedent("""
     import importlib.util, json, os, sys
@@ -36,7 +36,7 @@ _WORKER = textwrap.dedent("""
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     sys.path.insert(0, {tests!r})
     from conftest import random_params
-    from elastic_jax.data.pipeline import SourceConfig, TaskDocuments, data_factory
+    from elastic_jax.data.pipeline import SourceConfig, data_factory
     from elastic_jax.model import ModelConfig
     from elastic_jax.train.config import elastic_setup_from_config
     from elastic_jax.train.loop import Stage, train_elastic
@@ -51,19 +51,8 @@ _WORKER = textwrap.dedent("""
     teacher = random_params(config, seed=0)
     source = SourceConfig()
 
-    class StackedProcesses:
-      # The global batch of a 2-process run: process 0's rows above process 1's, each read as that process would.
-      def __init__(self, stage, index):
-        self.parts = [data_factory(source, seed=0, process_index=p, process_count=2)(stage, index) for p in (0, 1)]
-      def __next__(self):
-        return np.concatenate([next(part) for part in self.parts])
-      def get_state(self):
-        return [part.get_state() for part in self.parts]
-      def set_state(self, state):
-        for part, s in zip(self.parts, state):
-          part.set_state(s)
-
-    make_data = StackedProcesses if mode == "single" else data_factory(source, seed=0)
+    # The global batch does not depend on the process count: one process packs all rows, each of two packs its half.
+    make_data = data_factory(source, seed=0)
     run = lambda **kw: train_elastic(setup, stages, teacher, jax.tree.map(jnp.copy, teacher), make_data, workdir,
                                      optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2), log_every=1,
                                      progress=False, **kw)

@@ -69,7 +69,7 @@ def test_resume_continues_exactly(tmp_path):
   assert len(lines) == 7
   _, meta = Checkpointer(tmp_path / "split" / "checkpoints").restore(abstract_like(first.state))
   assert meta["step"] == 7 and meta["rankings"] == {"hidden": [3, 1, 2, 0]}
-  assert meta["data_state"] == {"stage": 1, "iterator": {"position": 3}}  # 3 batches into stage 2
+  assert meta["data_state"] == [{"stage": 1, "iterator": {"position": 3}}]  # 3 batches into stage 2 (one process)
   # The choice each budget deploys with is saved for extraction, with its exact size.
   records = json.loads((tmp_path / "split" / "deployed_choices.json").read_text())
   assert [r["budget"] for r in records] == [1.0, 0.75, 0.5]
@@ -145,7 +145,7 @@ def test_sigterm_leaves_a_complete_checkpoint(tmp_path):
   from elastic_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
   _, meta = Checkpointer(tmp_path / "w" / "checkpoints").restore(
       _abstract_state_like_run(), expected_config=None)
-  assert meta["step"] == stopped_at and meta["data_state"]["iterator"]["position"] == stopped_at
+  assert meta["step"] == stopped_at and meta["data_state"][0]["iterator"]["position"] == stopped_at
 
 
 def _abstract_state_like_run():

@@ -1,21 +1,22 @@
 """Packed token batches for the training loop, from the synthetic tasks or from text files, with exact resume.
 
-Documents are tokenized, each followed by the tokenizer's end-of-document id, concatenated, and split into rows of
-``seq_len + 1`` tokens (inputs and shifted targets). There is no attention reset at document boundaries: a row may
-hold the end of one document and the start of the next, and the model sees the end-of-document id between them.
-No token is dropped or repeated: within an epoch every token appears exactly once, and the stream runs on into the
-next epoch instead of padding the last row.
+A corpus is one endless sequence of documents (``DocumentStream``): the synthetic tasks draw example ``g`` at
+position ``g``; a file corpus lays its epochs end to end, each reshuffled with a ``grain.MapDataset`` (lazy, random
+access, seeded by seed, stage and epoch), so every document appears exactly once per epoch.
 
-The iterator's state is three integers, ``{"epoch", "document", "offset"}``: the position, in this process's
-document order, of the next token. A resumed iterator yields exactly the batches an uninterrupted one would.
+Row ``r`` of a global batch of ``B`` rows packs its own documents: positions ``r, r + B, r + 2B, ...``, each
+tokenized and followed by the tokenizer's end-of-document id, concatenated and cut into ``seq_len + 1`` tokens per
+batch (inputs and shifted targets). There is no attention reset at document boundaries: a row may hold the end of one
+document and the start of the next, with the end-of-document id between them. No token is dropped or repeated.
 
-Document order: the synthetic tasks are an endless stream (example ``i`` is already a fresh random draw); a file
-corpus is reshuffled every epoch with a ``grain.MapDataset`` (lazy, random access, seeded by seed, stage and epoch).
-With ``process_count`` processes, process ``p`` takes positions ``p, p + process_count, ...`` of the shared order,
-so processes see disjoint documents, and a stage's ``batch_size`` is the global batch: each process packs
-``batch_size / process_count`` rows (by default the process index and count are JAX's, so a multi-host run needs no
-extra arguments; index 0 of count 1 gives every process the same full batches, for computations replicated on each).
-Packing itself is a plain iterator: its state stays small and JSON-able.
+A stage's ``batch_size`` is the global batch, and process ``p`` of ``P`` packs only its own block of rows,
+``[p B/P, (p + 1) B/P)``. So the global batch is the same whatever the number of processes that read it (a
+multi-host run trains on exactly the batches of a single-process run), and each process reads only the documents
+of its own rows. By default the process index and count are JAX's; index 0 of count 1 gives every process the same
+full batches, for computations replicated on each.
+
+The iterator's state is two integers per row, ``{"rows": [[document, offset], ...]}``: the next token of each of
+this process's rows. A resumed iterator yields exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -88,99 +89,98 @@ class SourceConfig:
 
 
 class DocumentStream(Protocol):
-  """One process's documents, by epoch and position."""
+  """A corpus as one endless sequence of documents."""
 
-  def epoch_length(self, epoch: int) -> int | None:
-    """Documents in ``epoch``; None for an endless stream."""
-
-  def text(self, epoch: int, position: int) -> str: ...
+  def text(self, position: int) -> str:
+    """The document at ``position`` (0, 1, 2, ...)."""
 
 
 class TaskDocuments:
-  """The synthetic training split as an endless stream; this process takes every ``process_count``-th example."""
+  """The synthetic training split: position ``g`` is training example ``g``."""
 
-  def __init__(self, config: tasks.TaskConfig, seed: int, process_index: int = 0, process_count: int = 1):
-    _check_process(process_index, process_count)
+  def __init__(self, config: tasks.TaskConfig, seed: int):
     self.config, self.seed = config, seed
-    self.process_index, self.process_count = process_index, process_count
 
-  def epoch_length(self, epoch: int) -> None:
-    return None
-
-  def text(self, epoch: int, position: int) -> str:
-    index = position * self.process_count + self.process_index
-    return tasks.generate_example(self.config, self.seed, "train", index).text
+  def text(self, position: int) -> str:
+    return tasks.generate_example(self.config, self.seed, "train", position).text
 
 
 class FileDocuments:
-  """A fixed list of documents, reshuffled each epoch; this process takes every ``process_count``-th of the order."""
+  """A fixed list of documents, epoch after epoch, reshuffled each epoch: position ``g`` is document ``g mod N`` of
+  epoch ``g div N``'s order."""
 
-  def __init__(self, documents: Sequence[str], seed: int, process_index: int = 0, process_count: int = 1):
-    _check_process(process_index, process_count)
-    if len(documents) < process_count:
-      raise ValueError(f"{len(documents)} documents cannot give each of {process_count} processes at least one.")
+  def __init__(self, documents: Sequence[str], seed: int):
+    if not documents:
+      raise ValueError("a file corpus needs at least one document.")
     self.documents, self.seed = documents, seed
-    self.process_index, self.process_count = process_index, process_count
     self._order_epoch, self._order = None, None
 
-  def _epoch_order(self, epoch: int) -> grain.MapDataset:
+  def epoch_order(self, epoch: int) -> grain.MapDataset:
+    """Document indices in ``epoch``'s order."""
     if self._order_epoch != epoch:
       epoch_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-      self._order = (grain.MapDataset.range(len(self.documents)).shuffle(seed=epoch_seed)
-                     .slice(slice(self.process_index, None, self.process_count)))
+      self._order = grain.MapDataset.range(len(self.documents)).shuffle(seed=epoch_seed)
       self._order_epoch = epoch
     return self._order
 
-  def epoch_length(self, epoch: int) -> int:
-    return len(self._epoch_order(epoch))
-
-  def text(self, epoch: int, position: int) -> str:
-    return self.documents[self._epoch_order(epoch)[position]]
+  def text(self, position: int) -> str:
+    epoch, index = divmod(position, len(self.documents))
+    return self.documents[self.epoch_order(epoch)[index]]
 
 
 class PackedBatches:
-  """Iterator of int32 [batch_size, seq_len + 1] batches packed from a document stream; checkpointable."""
+  """Iterator of int32 [len(rows), seq_len + 1] batches: ``rows`` of a global batch of ``batch_size`` rows, each
+  packed from its own documents (see the module docstring); checkpointable.
 
-  def __init__(self, documents: DocumentStream, tokenizer: Tokenizer, batch_size: int, seq_len: int):
+  rows: the global row indices this iterator packs (default: all of them).
+  """
+
+  def __init__(self, documents: DocumentStream, tokenizer: Tokenizer, batch_size: int, seq_len: int,
+               rows: Sequence[int] | None = None):
     self.documents, self.tokenizer = documents, tokenizer
     self.batch_size, self.seq_len = batch_size, seq_len
-    self.epoch = self.document = self.offset = 0
-    self._cached_key, self._cached_tokens = None, None
+    self.rows = tuple(range(batch_size)) if rows is None else tuple(int(r) for r in rows)
+    if not self.rows or not all(0 <= r < batch_size for r in self.rows):
+      raise ValueError(f"rows {self.rows} must be a non-empty subset of the batch's rows [0, {batch_size}).")
+    self.positions = [[0, 0] for _ in self.rows]  # per row: its next document (k-th of the row) and token offset
+    self._cache: dict[int, tuple[int, list[int]]] = {}
 
   def __iter__(self) -> "PackedBatches":
     return self
 
-  def _document_tokens(self, epoch: int, document: int) -> list[int]:
-    if self._cached_key != (epoch, document):
-      text = self.documents.text(epoch, document)
-      self._cached_tokens = self.tokenizer.encode(text) + [self.tokenizer.eos_id]
-      self._cached_key = (epoch, document)
-    return self._cached_tokens
+  def _document_tokens(self, row: int, document: int) -> list[int]:
+    cached = self._cache.get(row)
+    if cached is None or cached[0] != document:
+      text = self.documents.text(row + document * self.batch_size)
+      cached = (document, self.tokenizer.encode(text) + [self.tokenizer.eos_id])
+      self._cache[row] = cached
+    return cached[1]
+
+  def _next_row(self, i: int) -> list[int]:
+    row, position = self.rows[i], self.positions[i]
+    needed, out = self.seq_len + 1, []
+    while len(out) < needed:
+      tokens = self._document_tokens(row, position[0])
+      piece = tokens[position[1]:position[1] + needed - len(out)]
+      out.extend(piece)
+      position[1] += len(piece)
+      if position[1] == len(tokens):  # document finished: the row's next one
+        position[0], position[1] = position[0] + 1, 0
+    return out
 
   def __next__(self) -> np.ndarray:
-    needed = self.batch_size * (self.seq_len + 1)
-    pieces, have = [], 0
-    while have < needed:
-      tokens = self._document_tokens(self.epoch, self.document)
-      piece = tokens[self.offset:self.offset + needed - have]
-      pieces.append(piece)
-      have += len(piece)
-      self.offset += len(piece)
-      if self.offset == len(tokens):  # document finished: the next one, or the next epoch
-        self.document, self.offset = self.document + 1, 0
-        if self.document == self.documents.epoch_length(self.epoch):
-          self.epoch, self.document = self.epoch + 1, 0
-    flat = np.fromiter((t for piece in pieces for t in piece), dtype=np.int32, count=needed)
-    return flat.reshape(self.batch_size, self.seq_len + 1)
+    return np.asarray([self._next_row(i) for i in range(len(self.rows))], np.int32)
 
   def get_state(self) -> dict[str, Any]:
-    return {"epoch": self.epoch, "document": self.document, "offset": self.offset}
+    return {"rows": [list(position) for position in self.positions]}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
-    missing = sorted({"epoch", "document", "offset"} - set(state))
-    if missing:
-      raise ValueError(f"data iterator state {dict(state)} lacks {missing}.")
-    self.epoch, self.document, self.offset = int(state["epoch"]), int(state["document"]), int(state["offset"])
+    rows = state.get("rows") if isinstance(state, Mapping) else None
+    if not isinstance(rows, list) or len(rows) != len(self.rows) or not all(len(r) == 2 for r in rows):
+      raise ValueError(f"data iterator state {dict(state) if isinstance(state, Mapping) else state!r} must be "
+                       f"{{'rows': [[document, offset], ...]}} with one entry for each of this iterator's "
+                       f"{len(self.rows)} rows; was it saved by a run with another batch size or process count?")
+    self.positions = [[int(d), int(o)] for d, o in rows]
 
 
 def load_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
@@ -244,8 +244,8 @@ def make_stage_data(source_config: SourceConfig | Mapping[str, Any], stage: _Sta
     seed: the run's data seed.
     tokenizer: defaults to ``source_config.tokenizer`` (the byte tokenizer when that is empty).
     vocab_size: the model's vocabulary size; when given, a tokenizer that does not fit is refused.
-    process_index, process_count: this process among ``process_count``; each sees a disjoint share of the documents
-      and packs its share of the rows. None: ``jax.process_index()`` / ``jax.process_count()``.
+    process_index, process_count: this process among ``process_count``; each packs its own block of the global
+      batch's rows (and reads only their documents). None: ``jax.process_index()`` / ``jax.process_count()``.
     documents: already loaded file documents (saves re-reading the files at each stage); "files" kind only.
   """
   if not isinstance(source_config, SourceConfig):
@@ -262,12 +262,14 @@ def make_stage_data(source_config: SourceConfig | Mapping[str, Any], stage: _Sta
   stage_seed = int(np.random.SeedSequence([seed, stage_index]).generate_state(1)[0])
   if source_config.kind == "tasks":
     task_config = source_config.stage_tasks[min(stage_index, len(source_config.stage_tasks) - 1)]
-    stream = TaskDocuments(task_config, stage_seed, process_index, process_count)
+    stream = TaskDocuments(task_config, stage_seed)
   else:
     if documents is None:
       documents = load_documents(source_config.paths)
-    stream = FileDocuments(documents, stage_seed, process_index, process_count)
-  return PackedBatches(stream, tokenizer, stage.batch_size // process_count, stage.seq_len)
+    stream = FileDocuments(documents, stage_seed)
+  local = stage.batch_size // process_count
+  return PackedBatches(stream, tokenizer, stage.batch_size, stage.seq_len,
+                       rows=range(process_index * local, (process_index + 1) * local))
 
 
 def data_factory(source_config: SourceConfig | Mapping[str, Any], *, seed: int, tokenizer: Tokenizer | None = None,

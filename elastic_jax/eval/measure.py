@@ -30,12 +30,7 @@ class EvalSplitDocuments:
   def __init__(self, config: tasks.TaskConfig, seed: int):
     self.config, self.seed = config, seed
 
-  def epoch_length(self, epoch: int) -> None:
-    del epoch
-    return None
-
-  def text(self, epoch: int, position: int) -> str:
-    del epoch  # endless: every position is a fresh example
+  def text(self, position: int) -> str:  # endless: every position is a fresh example
     return tasks.generate_example(self.config, self.seed, "eval", position).text
 
 

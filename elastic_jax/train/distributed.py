@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import importlib.util
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -185,6 +186,29 @@ def agreed_stop(requested: bool, sync_now: bool) -> bool:
   if not sync_now:
     return False
   return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(requested)))))
+
+
+def process_states(state: Any) -> list[Any]:
+  """Every process's JSON-able ``state`` (e.g. its data iterator's position), in process order: what a checkpoint
+  stores, so that each process resumes from its own. All processes must call it together (two small all-gathers).
+  """
+  if jax.process_count() == 1:
+    return [state]
+  encoded = np.frombuffer(json.dumps(state).encode("utf-8"), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray(len(encoded), np.int64))).reshape(-1)
+  padded = np.zeros((int(sizes.max()),), np.uint8)
+  padded[:len(encoded)] = encoded
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:size]).decode("utf-8")) for row, size in zip(rows, sizes)]
+
+
+def own_state(states: list[Any], where: str = "checkpoint") -> Any:
+  """This process's entry of a ``process_states`` list restored from a checkpoint."""
+  if not isinstance(states, list) or len(states) != jax.process_count():
+    count = len(states) if isinstance(states, list) else 1
+    raise ValueError(f"the {where} holds the data positions of {count} process(es) but this run has "
+                     f"{jax.process_count()}: resume with the same number of processes, or start a fresh workdir.")
+  return states[jax.process_index()]
 
 
 def local_batch_size(global_batch_size: int, where: str = "batch_size") -> int:

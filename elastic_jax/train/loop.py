@@ -141,7 +141,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   data_state = None
   if checkpointer.latest_step() is not None:  # restored straight into its shardings; the student is not needed
     state, metadata = checkpointer.restore(training.abstract_state, expected_config=run_config)
-    data_state = metadata["data_state"]
+    data_state = distributed.own_state(metadata["data_state"], checkpointer.directory)
   else:  # the optimizer states are created beside the sharded params, never on one device first
     state = training.init(shard_params(student_params, training.state_shardings.params))
   start_step = int(state.step)
@@ -173,7 +173,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
     nonlocal last_saved
     if step != last_saved:
       checkpointer.save(step, state, {**(metadata or {}), "config": run_config, "step": step,
-                                      "data_state": iterator.get_state(),
+                                      "data_state": distributed.process_states(iterator.get_state()),
                                       "depth_order": list(setup.depth_order),
                                       "deployed_choices": deployed_choice_records(setup, state.router_params)})
       last_saved = step

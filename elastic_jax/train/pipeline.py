@@ -36,7 +36,8 @@ from elastic_jax.prune import select_choice
 from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, load_model, save_model
 from elastic_jax.train.config import (check_keys, check_run_shapes, elastic_setup_from_config, memory_from_config,
                                       optimizers_from_config, plain, stages_from_config)
-from elastic_jax.train.distributed import agreed_stop, barrier, global_batch, is_primary
+from elastic_jax.train.distributed import (agreed_stop, barrier, global_batch, is_primary, own_state,
+                                           process_states)
 from elastic_jax.train.loop import Stage, compiled_lm_step, train_elastic
 from elastic_jax.train.optim import OptimizerConfig
 from elastic_jax.train.sharding import LogicalRules, make_mesh, param_shardings, rules_from_config
@@ -113,7 +114,7 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None 
                                       "memory": str(memory)}))
   if checkpointer.latest_step() is not None:
     state, metadata = checkpointer.restore(training.abstract_state, expected_config=run_config)
-    for stream, position in zip(streams, metadata["data_state"]):
+    for stream, position in zip(streams, own_state(metadata["data_state"], checkpointer.directory)):
       stream.set_state(position)
     _log(f"parent: resuming pretraining at step {int(state.step)}")
   else:  # params and optimizer state are created directly in their shardings
@@ -122,7 +123,7 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None 
 
   def save(step: int) -> None:
     checkpointer.save(step, state, {"config": run_config, "step": step,
-                                    "data_state": [stream.get_state() for stream in streams]})
+                                    "data_state": process_states([stream.get_state() for stream in streams])})
 
   tokens_sharding = training.batch_sharding  # each process's rows of the global batch
   start = int(state.step)
