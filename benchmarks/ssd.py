@@ -170,11 +170,13 @@ def check_gpu_kernel_available() -> None:
   if backend != "gpu":
     sys.exit(f"--gpu times the fused Pallas SSD kernel, which runs on NVIDIA GPUs only; this machine's JAX backend is "
              f"{backend!r} ({jax.devices()[0].device_kind}). Run it on a GPU machine with a CUDA build of jaxlib.")
+  from elastic_jax.ops.ssd import target_of  # pylint: disable=import-outside-toplevel
   from kernels.ssd import api  # pylint: disable=import-outside-toplevel
 
-  if not api.supports((1, 1, 1, 64), jnp.bfloat16, backend):
-    sys.exit(f"--gpu: the fused kernel does not support {jax.devices()[0].device_kind} (it needs an NVIDIA GPU with "
-             "compute capability >= 8.0).")
+  reason = api.unsupported_reason((1, 1, 1, 64), jnp.bfloat16, target_of(jax.devices()[0]), state_size=64,
+                                  chunk_size=64)
+  if reason:
+    sys.exit(f"--gpu: the fused kernel does not run on {jax.devices()[0].device_kind}: {reason}.")
 
 
 def main() -> None:

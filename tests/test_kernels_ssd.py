@@ -115,8 +115,10 @@ def test_block_sizes_must_be_powers_of_two():
 # ----------------------------------------------------------------------------------------------------------------------
 # Compiled for the GPU (skipped elsewhere).
 
-on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu" or not api.supports((1, 1, 1, 64), jnp.float32, "gpu"),
-                            reason="needs an NVIDIA GPU with compute capability >= 8.0")
+on_gpu = pytest.mark.skipif(
+    jax.default_backend() != "gpu"
+    or not api.supports((1, 1, 1, 64), jnp.float32, ssd_ops.target_of(jax.devices()[0]), state_size=64, chunk_size=16),
+    reason="needs an NVIDIA GPU with compute capability >= 8.0")
 
 
 @on_gpu
@@ -176,10 +178,9 @@ def traced_program(inputs, *, impl: str) -> str:
   return str(jax.make_jaxpr(functools.partial(ssd, chunk_size=CHUNK, impl=impl))(**inputs))
 
 
-@pytest.fixture
-def cuda_gpu(monkeypatch):
-  """Makes ``supports`` see an NVIDIA GPU with compute capability >= 8.0."""
-  monkeypatch.setattr(api, "_is_cuda_sm80_or_newer", lambda: True)
+H100 = ssd_ops.Target("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
+A100 = ssd_ops.Target("gpu", "NVIDIA A100-SXM4-80GB", (8, 0))
+RTX_4090 = ssd_ops.Target("gpu", "NVIDIA GeForce RTX 4090", (8, 9))
 
 
 @pytest.fixture
@@ -191,26 +192,85 @@ def forced_interpret(monkeypatch):
   ssd_ops.unregister_kernel(api.KERNEL_NAME)
 
 
-@pytest.mark.parametrize("shape,dtype,backend,expected", [
-    ((2, 64, 8, 64), jnp.bfloat16, "gpu", True),
-    ((2, 64, 8, 128), jnp.float32, "gpu", True),
-    ((2, 64, 8, 80), jnp.bfloat16, "gpu", True),
-    ((2, 64, 8, 129), jnp.bfloat16, "gpu", False),  # head dim above MAX_HEAD_DIM
-    ((2, 64, 8, 64), jnp.float16, "gpu", False),
-    ((2, 64, 8), jnp.bfloat16, "gpu", False),
-    ((2, 64, 8, 64), jnp.bfloat16, "tpu", False),
-    ((2, 64, 8, 64), jnp.bfloat16, "cpu", False),  # CPU only with interpret mode forced
-], ids=["bf16", "fp32_p128", "p80", "p129", "fp16", "3d", "tpu", "cpu"])
-def test_supports(cuda_gpu, shape, dtype, backend, expected):
-  assert api.supports(shape, dtype, backend) is expected
+@pytest.mark.parametrize("shape,dtype,target,expected", [
+    ((2, 64, 8, 64), jnp.bfloat16, H100, True),
+    ((2, 64, 8, 128), jnp.float32, H100, True),
+    ((2, 64, 8, 80), jnp.bfloat16, A100, True),
+    ((2, 64, 8, 129), jnp.bfloat16, H100, False),  # head dim above MAX_HEAD_DIM
+    ((2, 64, 8, 64), jnp.float16, H100, False),
+    ((2, 64, 8), jnp.bfloat16, H100, False),
+    ((2, 64, 8, 64), jnp.bfloat16, ssd_ops.Target("gpu", "Tesla V100-SXM2-16GB", (7, 0)), False),  # before Ampere
+    ((2, 64, 8, 64), jnp.bfloat16, ssd_ops.Target("gpu", "AMD Instinct MI300X"), False),
+    ((2, 64, 8, 64), jnp.bfloat16, ssd_ops.Target("tpu", "TPU v5"), False),
+    ((2, 64, 8, 64), jnp.bfloat16, ssd_ops.Target("cpu", "cpu"), False),  # CPU only with interpret mode forced
+], ids=["bf16", "fp32_p128", "p80_a100", "p129", "fp16", "3d", "v100", "rocm", "tpu", "cpu"])
+def test_supports(shape, dtype, target, expected):
+  assert api.supports(shape, dtype, target, state_size=128, chunk_size=128) is expected
 
 
-def test_supports_needs_an_ampere_or_newer_cuda_gpu(monkeypatch):
-  monkeypatch.setattr(api, "_is_cuda_sm80_or_newer", lambda: False)
-  assert not api.supports((2, 64, 8, 64), jnp.bfloat16, "gpu")
-  # On this CPU-only machine the real check finds no GPU.
-  monkeypatch.undo()
-  assert not api.supports((2, 64, 8, 64), jnp.bfloat16, "gpu")
+@pytest.mark.parametrize("dtype,head_dim,state_size,chunk_size,accepted", [
+    # (dtype, p, n, chunk) -> accepted on (sm80 A100, sm89, sm90 H100). The needs (bytes per block) at the limits
+    # are Triton's own figures for these shapes (read from compiles for A100 and H100; tests/test_aot_compile.py).
+    ("float32", 80, 128, 256, (False, False, False)),  # ssd_chunk_output: 245,760 > 232,448 on H100
+    ("float32", 64, 128, 256, (False, False, True)),  # ssd_state_passing: 198,656 > 166,912 on A100
+    ("float32", 64, 64, 256, (True, False, True)),  # ssd_chunk_output: 163,840 <= 166,912 on A100
+    ("float32", 80, 128, 128, (True, False, True)),  # ssd_chunk_output: 147,456 > 101,376 on sm89
+    ("bfloat16", 80, 128, 256, (True, False, True)),  # ssd_chunk_output: 106,496 (Triton), 131,072 (ours) > 101,376
+    ("bfloat16", 80, 128, 128, (True, True, True)),  # the Nemotron Nano V2 layer
+    ("bfloat16", 64, 128, 512, (True, True, True)),  # a chunk above the largest tile runs as chunks of 256
+], ids=["fp32_p80_c256", "fp32_p64_n128_c256", "fp32_p64_n64_c256", "fp32_p80_c128", "bf16_p80_c256", "nano_v2",
+        "bf16_c512"])
+def test_supports_refuses_what_exceeds_shared_memory(dtype, head_dim, state_size, chunk_size, accepted):
+  shape = (1, 1024, 8, head_dim)
+  got = tuple(api.supports(shape, dtype, target, state_size=state_size, chunk_size=chunk_size)
+              for target in (A100, RTX_4090, H100))
+  assert got == accepted
+
+
+@pytest.mark.parametrize("dtype,head_dim,state_size,chunk_size,kernel,needed", [
+    ("float32", 80, 128, 256, "ssd_chunk_output", 245_760),
+    ("float32", 64, 128, 256, "ssd_state_passing", 198_656),
+    ("float32", 64, 64, 256, "ssd_chunk_output", 163_840),
+    ("float32", 80, 128, 256, "ssd_state_passing", 165_888),
+])
+def test_shared_memory_model_equals_tritons_figures_where_limits_bind(dtype, head_dim, state_size, chunk_size, kernel,
+                                                                        needed):
+  # Triton's allocation for these shapes on sm80 and sm90 (identical on both), read from its compile errors against
+  # a 1 KiB limit: the compile tests re-read them (tests/test_aot_compile.py::test_shared_memory_model_bounds_triton).
+  assert api.shared_memory_bytes(head_dim, state_size, chunk_size, dtype)[kernel] == needed
+
+
+def test_unsupported_reason_names_the_kernel_and_the_limit():
+  reason = api.unsupported_reason((1, 512, 8, 80), jnp.float32, H100, state_size=128, chunk_size=256)
+  assert reason == "ssd_chunk_output needs 245,760 bytes of shared memory per block, sm90 has 232,448"
+  assert api.unsupported_reason((1, 512, 8, 80), jnp.bfloat16, H100, state_size=128, chunk_size=256) is None
+
+
+def test_supports_never_raises():
+  assert not api.supports((1, 1, 1, 64), "not a dtype", H100, state_size=64, chunk_size=64)
+  assert not api.supports((1, 1, 1, 64), jnp.float32, None, state_size=64, chunk_size=64)
+
+
+def test_supports_needs_the_triton_backend(monkeypatch):
+  monkeypatch.setattr(api, "_has_triton_backend", lambda: False)
+  assert not api.supports((2, 64, 8, 64), jnp.bfloat16, H100, state_size=128, chunk_size=128)
+  assert api.unsupported_reason((2, 64, 8, 64), jnp.bfloat16, H100, state_size=128,
+                                chunk_size=128) == "this JAX has no Pallas Triton backend"
+
+
+def test_the_default_target_is_this_machine():
+  # No mesh is active: dispatch targets this process's default device (a CPU here), so nothing is registered.
+  assert ssd_ops.compile_target() == ssd_ops.target_of(jax.devices()[0])
+  assert ssd_ops.compile_target().platform == jax.default_backend()
+
+
+def test_the_target_is_the_active_meshs_device():
+  cpu = jax.devices("cpu")[0]
+  with jax.set_mesh(jax.sharding.Mesh(np.asarray([cpu]), ("data",))):
+    assert ssd_ops.compile_target() == ssd_ops.Target("cpu", cpu.device_kind, None)
+    seen = []
+    jax.jit(lambda x: seen.append(ssd_ops.compile_target()) or x).lower(jnp.zeros(2))
+    assert seen == [ssd_ops.Target("cpu", cpu.device_kind, None)]
 
 
 def test_cpu_dispatch_keeps_xla_and_registers_nothing():
@@ -218,7 +278,8 @@ def test_cpu_dispatch_keeps_xla_and_registers_nothing():
   assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
   assert api.KERNEL_NAME not in ssd_ops.registered_kernels()
   with pytest.raises(ValueError, match=r"impl='pallas' but no registered kernel supports x.shape=\(2, 19, 4, 3\), "
-                                       r"dtype=float32, backend='cpu' \(registered: none\)\. Use impl='auto'"):
+                                       r"dtype=float32, state size 5, chunk_size=16, backend='cpu' "
+                                       r"\(registered: none\)\. Use impl='auto'"):
     ssd(**inputs, chunk_size=CHUNK, impl="pallas")
 
 
@@ -244,7 +305,8 @@ def test_forced_dispatch_falls_back_where_unsupported(forced_interpret, override
   inputs = make_inputs(2, l=CHUNK + 3, **override)
   assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
   with pytest.raises(ValueError, match=rf"impl='pallas' but no registered kernel supports x.shape={shape_text}, "
-                                       rf"dtype={dtype_text}, backend='cpu' \(registered: \['pallas_triton'\]\)"):
+                                       rf"dtype={dtype_text}, state size 5, chunk_size=16, backend='cpu' "
+                                       rf"\(registered: \['pallas_triton'\]\)"):
     ssd(**inputs, chunk_size=CHUNK, impl="pallas")
 
 

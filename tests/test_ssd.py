@@ -257,35 +257,37 @@ def fake_kernel(x, dt, A, B, C, D, *, chunk_size, initial_state):
 def test_auto_and_pallas_pick_a_supporting_kernel(kernel_registry):
   seen = []
 
-  def supports(shape, dtype, backend):
-    seen.append((shape, jnp.dtype(dtype), backend))
+  def supports(shape, dtype, target, *, state_size, chunk_size):
+    seen.append((shape, jnp.dtype(dtype), target, state_size, chunk_size))
     return True
 
-  kernel_registry("never", lambda shape, dtype, backend: False, None)
+  kernel_registry("never", lambda shape, dtype, target, **_: False, None)
   kernel_registry("fake", supports, fake_kernel)
   inputs = make_inputs(2, l=CHUNK + 3)
   for impl in ("auto", "pallas"):
     # Dispatch happens at trace time: a fresh partial gets a fresh trace that sees the registry as it is now.
     y, state = jax.jit(functools.partial(ssd, chunk_size=CHUNK, impl=impl))(**inputs)
     assert np.all(np.asarray(y) == 42) and np.all(np.asarray(state) == 42), impl
-  assert seen[0] == (inputs["x"].shape, jnp.dtype(jnp.float32), jax.default_backend())
+  assert seen[0] == (inputs["x"].shape, jnp.dtype(jnp.float32), ssd_lib.target_of(jax.devices()[0]),
+                     inputs["B"].shape[-1], CHUNK)
   # An explicit XLA choice ignores the registry.
   assert "42" not in traced_program(inputs, impl="chunked")
 
 
 def test_auto_falls_back_when_no_kernel_supports(kernel_registry):
-  kernel_registry("bf16_only", lambda shape, dtype, backend: jnp.dtype(dtype) == jnp.bfloat16, fake_kernel)
+  kernel_registry("bf16_only", lambda shape, dtype, target, **_: jnp.dtype(dtype) == jnp.bfloat16, fake_kernel)
   inputs = make_inputs(2, l=CHUNK + 3)
   assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
   with pytest.raises(ValueError, match=r"no registered kernel supports x.shape=\(2, 11, 4, 3\), dtype=float32, "
-                                       r"backend='cpu' \(registered: \['bf16_only'\]\)"):
+                                       r"state size 5, chunk_size=\d+, backend='cpu' \(registered: \['bf16_only'\]\)"):
     ssd(**inputs, chunk_size=CHUNK, impl="pallas")
 
 
 def test_pallas_without_kernels_raises():
   inputs = make_inputs(2, l=5)
   with pytest.raises(ValueError, match=r"impl='pallas' but no registered kernel supports x.shape=\(2, 5, 4, 3\), "
-                                       r"dtype=float32, backend='cpu' \(registered: none\)"):
+                                       r"dtype=float32, state size 5, chunk_size=\d+, backend='cpu' "
+                                       r"\(registered: none\)"):
     ssd(**inputs, chunk_size=CHUNK, impl="pallas")
 
 

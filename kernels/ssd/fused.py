@@ -24,13 +24,6 @@ from kernels.ssd import pallas_triton
 from kernels.ssd import xla_backward
 
 
-def kernel_chunking(chunk_size: int) -> tuple[int, int]:
-  """(tile, tokens per tile): the kernel's chunk tile and how many of the caller's tokens fill each tile."""
-  if chunk_size > api.MAX_CHUNK_TILE:
-    return api.MAX_CHUNK_TILE, api.MAX_CHUNK_TILE
-  return api.padded_size(chunk_size), chunk_size
-
-
 def _to_tiles(t: jax.Array, *, tokens_per_tile: int, tile: int) -> jax.Array:
   """[b, l, ...] -> [b, c * tile, ...]: every run of ``tokens_per_tile`` tokens starts a new tile; zeros pad."""
   b, l, *trailing = t.shape
@@ -131,7 +124,7 @@ def ssd_pallas(
   b, l, h, p = x.shape
   n = B.shape[-1]
   f32 = jnp.float32
-  tile, tokens_per_tile = kernel_chunking(chunk_size)
+  tile, tokens_per_tile = api.chunk_tiling(chunk_size)
   config = _TileConfig(chunk=tile, blocks=block_sizes or api.block_sizes(p, n), interpret=interpret)
   D = jnp.zeros((h,), f32) if D is None else D.astype(f32)
   initial_state = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)

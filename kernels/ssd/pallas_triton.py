@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.ssd.api import BlockSizes, padded_size
+from kernels.ssd.api import BlockSizes, kernel_tiles
 
 
 def _dot(a: jax.Array, b: jax.Array, *, contract: tuple[int, int]) -> jax.Array:
@@ -126,6 +126,72 @@ def _chunk_output_kernel(x_ref, B_ref, C_ref, dt_ref, a_cum_ref, a_cum_rows_ref,
   plgpu.store(y_ref, y.astype(y_ref.dtype), mask=p_valid[None, :])
 
 
+def state_passing(x: jax.Array, dt: jax.Array, a_cum: jax.Array, B: jax.Array, initial_state: jax.Array, *,
+                  chunk: int, blocks: BlockSizes, interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """The first kernel: (start_states [b, c, h, p, n], final_state [b, h, p, n]) fp32; arguments as :func:`forward`."""
+  b, lp, h, p = x.shape
+  g, n = B.shape[2:]
+  r = h // g
+  num_chunks = lp // chunk
+  f32 = jnp.float32
+  tiles = kernel_tiles(p, n, chunk, blocks)
+  block_p, block_n = tiles.state_p, tiles.state_n
+  return pl.pallas_call(
+      functools.partial(_state_passing_kernel, chunk=chunk, num_chunks=num_chunks, head_dim=p, state_size=n),
+      grid=(b, h, pl.cdiv(p, block_p), pl.cdiv(n, block_n)),
+      in_specs=[
+          pl.BlockSpec((None, lp, None, block_p), lambda i, j, k, m: (i, 0, j, k)),  # x
+          pl.BlockSpec((None, lp, None, block_n), lambda i, j, k, m: (i, 0, j // r, m)),  # B
+          pl.BlockSpec((None, None, lp), lambda i, j, k, m: (i, j, 0)),  # dt
+          pl.BlockSpec((None, None, lp), lambda i, j, k, m: (i, j, 0)),  # a_cum
+          pl.BlockSpec((None, None, block_p, block_n), lambda i, j, k, m: (i, j, k, m)),  # initial_state
+      ],
+      out_specs=[
+          pl.BlockSpec((None, num_chunks, None, block_p, block_n), lambda i, j, k, m: (i, 0, j, k, m)),
+          pl.BlockSpec((None, None, block_p, block_n), lambda i, j, k, m: (i, j, k, m)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct((b, num_chunks, h, p, n), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.state_num_warps, num_stages=blocks.num_stages),
+      interpret=interpret,
+      name="ssd_state_passing",
+  )(x, B, dt, a_cum, initial_state)
+
+
+def chunk_output(x: jax.Array, dt: jax.Array, a_cum: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
+                 start_states: jax.Array, *, chunk: int, blocks: BlockSizes, interpret: bool) -> jax.Array:
+  """The second kernel: y [b, lp, h, p] in x.dtype from the chunk-start states; arguments as :func:`forward`."""
+  _, lp, h, p = x.shape
+  g, n = B.shape[2:]
+  r = h // g
+  num_chunks = lp // chunk
+  tiles = kernel_tiles(p, n, chunk, blocks)
+  output_block_p, output_block_q, output_block_n = tiles.output_p, tiles.output_q, tiles.output_n
+  row_blocks = chunk // output_block_q  # row blocks per chunk
+  covered_n = pl.cdiv(n, output_block_n) * output_block_n
+  # Grid (batch row i, chunk j, head k, row block m, head-dim block o).
+  return pl.pallas_call(
+      functools.partial(_chunk_output_kernel, head_dim=p, state_size=n, block_n=output_block_n),
+      grid=(x.shape[0], num_chunks, h, row_blocks, pl.cdiv(p, output_block_p)),
+      in_specs=[
+          pl.BlockSpec((None, chunk, None, output_block_p), lambda i, j, k, m, o: (i, j, k, o)),  # x
+          pl.BlockSpec((None, chunk, None, covered_n), lambda i, j, k, m, o: (i, j, k // r, 0)),  # B
+          pl.BlockSpec((None, output_block_q, None, covered_n),
+                       lambda i, j, k, m, o: (i, j * row_blocks + m, k // r, 0)),  # C, the output rows
+          pl.BlockSpec((None, None, chunk), lambda i, j, k, m, o: (i, k, j)),  # dt
+          pl.BlockSpec((None, None, chunk), lambda i, j, k, m, o: (i, k, j)),  # a_cum
+          pl.BlockSpec((None, None, output_block_q), lambda i, j, k, m, o: (i, k, j * row_blocks + m)),  # a_cum rows
+          pl.BlockSpec((None, None, None, output_block_p, covered_n), lambda i, j, k, m, o: (i, j, k, o, 0)),
+          pl.BlockSpec((h,), lambda i, j, k, m, o: (0,)),  # D
+      ],
+      out_specs=pl.BlockSpec((None, output_block_q, None, output_block_p),
+                             lambda i, j, k, m, o: (i, j * row_blocks + m, k, o)),
+      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.output_num_warps, num_stages=blocks.num_stages),
+      interpret=interpret,
+      name="ssd_chunk_output",
+  )(x, B, C, dt, a_cum, a_cum, start_states, D)
+
+
 @functools.partial(jax.jit, static_argnames=("chunk", "blocks", "interpret"))
 def forward(x: jax.Array, dt: jax.Array, a_cum: jax.Array, B: jax.Array, C: jax.Array, D: jax.Array,
             initial_state: jax.Array, *, chunk: int, blocks: BlockSizes,
@@ -147,59 +213,7 @@ def forward(x: jax.Array, dt: jax.Array, a_cum: jax.Array, B: jax.Array, C: jax.
     (y [b, lp, h, p] in x.dtype, start_states [b, c, h, p, n] fp32: the state entering each chunk,
     final_state [b, h, p, n] fp32).
   """
-  b, lp, h, p = x.shape
-  g, n = B.shape[2:]
-  r = h // g
-  num_chunks = lp // chunk
-  f32 = jnp.float32
-
-  block_p = min(blocks.state_block_p, padded_size(p))
-  block_n = min(blocks.state_block_n, padded_size(n))
-  start_states, final_state = pl.pallas_call(
-      functools.partial(_state_passing_kernel, chunk=chunk, num_chunks=num_chunks, head_dim=p, state_size=n),
-      grid=(b, h, pl.cdiv(p, block_p), pl.cdiv(n, block_n)),
-      in_specs=[
-          pl.BlockSpec((None, lp, None, block_p), lambda i, j, k, m: (i, 0, j, k)),  # x
-          pl.BlockSpec((None, lp, None, block_n), lambda i, j, k, m: (i, 0, j // r, m)),  # B
-          pl.BlockSpec((None, None, lp), lambda i, j, k, m: (i, j, 0)),  # dt
-          pl.BlockSpec((None, None, lp), lambda i, j, k, m: (i, j, 0)),  # a_cum
-          pl.BlockSpec((None, None, block_p, block_n), lambda i, j, k, m: (i, j, k, m)),  # initial_state
-      ],
-      out_specs=[
-          pl.BlockSpec((None, num_chunks, None, block_p, block_n), lambda i, j, k, m: (i, 0, j, k, m)),
-          pl.BlockSpec((None, None, block_p, block_n), lambda i, j, k, m: (i, j, k, m)),
-      ],
-      out_shape=[jax.ShapeDtypeStruct((b, num_chunks, h, p, n), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
-      compiler_params=plgpu.CompilerParams(num_warps=blocks.state_num_warps, num_stages=blocks.num_stages),
-      interpret=interpret,
-      name="ssd_state_passing",
-  )(x, B, dt, a_cum, initial_state)
-
-  output_block_p = min(blocks.output_block_p, padded_size(p))
-  output_block_q = min(blocks.output_block_q, chunk)
-  row_blocks = chunk // output_block_q  # row blocks per chunk
-  output_block_n = min(blocks.output_block_n, padded_size(n))
-  covered_n = pl.cdiv(n, output_block_n) * output_block_n
-  # Grid (batch row i, chunk j, head k, row block m, head-dim block o).
-  y = pl.pallas_call(
-      functools.partial(_chunk_output_kernel, head_dim=p, state_size=n, block_n=output_block_n),
-      grid=(b, num_chunks, h, row_blocks, pl.cdiv(p, output_block_p)),
-      in_specs=[
-          pl.BlockSpec((None, chunk, None, output_block_p), lambda i, j, k, m, o: (i, j, k, o)),  # x
-          pl.BlockSpec((None, chunk, None, covered_n), lambda i, j, k, m, o: (i, j, k // r, 0)),  # B
-          pl.BlockSpec((None, output_block_q, None, covered_n),
-                       lambda i, j, k, m, o: (i, j * row_blocks + m, k // r, 0)),  # C, the output rows
-          pl.BlockSpec((None, None, chunk), lambda i, j, k, m, o: (i, k, j)),  # dt
-          pl.BlockSpec((None, None, chunk), lambda i, j, k, m, o: (i, k, j)),  # a_cum
-          pl.BlockSpec((None, None, output_block_q), lambda i, j, k, m, o: (i, k, j * row_blocks + m)),  # a_cum rows
-          pl.BlockSpec((None, None, None, output_block_p, covered_n), lambda i, j, k, m, o: (i, j, k, o, 0)),
-          pl.BlockSpec((h,), lambda i, j, k, m, o: (0,)),  # D
-      ],
-      out_specs=pl.BlockSpec((None, output_block_q, None, output_block_p),
-                             lambda i, j, k, m, o: (i, j * row_blocks + m, k, o)),
-      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=blocks.output_num_warps, num_stages=blocks.num_stages),
-      interpret=interpret,
-      name="ssd_chunk_output",
-  )(x, B, C, dt, a_cum, a_cum, start_states, D)
+  start_states, final_state = state_passing(x, dt, a_cum, B, initial_state, chunk=chunk, blocks=blocks,
+                                            interpret=interpret)
+  y = chunk_output(x, dt, a_cum, B, C, D, start_states, chunk=chunk, blocks=blocks, interpret=interpret)
   return y, start_states, final_state
