@@ -155,7 +155,8 @@ def compile_in_subprocess(program: str, target: str, *, timeout: float = 900.0, 
       with open(result_path, encoding="utf-8") as f:
         result = json.load(f)
     if result is None or "error" in result:
-      message = result["error"] if result else f"the worker exited with status {proc.returncode} and no result"
+      message = result["error"] if result else (f"the worker exited with status {proc.returncode} and no result:\n"
+                                                + "\n".join(proc.stderr.strip().splitlines()[-15:]))
       raise CompileFailed(f"{program} for {parsed.name}: {message}", "error", log)
   return CompileResult(**{**result, "pallas_kernels": tuple(result["pallas_kernels"])})
 

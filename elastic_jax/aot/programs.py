@@ -104,13 +104,9 @@ def generate(devices: Sequence[jax.Device], *, config: str, overrides: Mapping[s
                              max_new_tokens=int(max_new_tokens or run_config.eval.max_new_tokens))
 
 
-def ssd(devices: Sequence[jax.Device], *, head_dim: int, state_size: int, chunk_size: int, dtype: str = "bfloat16",
-        batch: int = 1, length: int | None = None, heads: int = 2, groups: int = 1, impl: str = "auto",
-        backward: bool = True) -> jax.stages.Lowered:
-  """``ops.ssd.ssd`` (forward, and backward unless ``backward=False``) on one target device, dispatched under that
-  device's mesh: ``impl="auto"`` picks the fused kernel where ``supports`` accepts the shape for this device."""
-  from elastic_jax.ops.ssd import ssd as ssd_fn  # pylint: disable=import-outside-toplevel
-
+def _ssd_inputs(devices: Sequence[jax.Device], *, head_dim: int, state_size: int, chunk_size: int, dtype: str,
+                batch: int, length: int | None, heads: int, groups: int):
+  """(mesh over the first device, abstract SSD inputs on it): x, B, C in ``dtype``; dt, A, D fp32."""
   length = length or 2 * chunk_size
   mesh = jax.sharding.Mesh(np.asarray(devices[:1]), ("data",))
   on_device = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -118,15 +114,39 @@ def ssd(devices: Sequence[jax.Device], *, head_dim: int, state_size: int, chunk_
   shapes = {"x": ((batch, length, heads, head_dim), act), "dt": ((batch, length, heads), f32), "A": ((heads,), f32),
             "B": ((batch, length, groups, state_size), act), "C": ((batch, length, groups, state_size), act),
             "D": ((heads,), f32)}
-  inputs = {name: jax.ShapeDtypeStruct(shape, dt, sharding=on_device) for name, (shape, dt) in shapes.items()}
+  return mesh, {name: jax.ShapeDtypeStruct(shape, dt, sharding=on_device) for name, (shape, dt) in shapes.items()}
+
+
+def ssd(devices: Sequence[jax.Device], *, head_dim: int, state_size: int, chunk_size: int, dtype: str = "bfloat16",
+        batch: int = 1, length: int | None = None, heads: int = 2, groups: int = 1, impl: str = "auto",
+        backward: bool = True) -> jax.stages.Lowered:
+  """``ops.ssd.ssd`` (forward, and backward unless ``backward=False``) on one target device, dispatched under that
+  device's mesh: ``impl="auto"`` picks the fused kernel where ``supports`` accepts the shape for this device."""
+  from elastic_jax.ops.ssd import ssd as ssd_fn  # pylint: disable=import-outside-toplevel
+
+  mesh, inputs = _ssd_inputs(devices, head_dim=head_dim, state_size=state_size, chunk_size=chunk_size, dtype=dtype,
+                             batch=batch, length=length, heads=heads, groups=groups)
 
   def run(inputs):
     y, final_state = ssd_fn(**inputs, chunk_size=chunk_size, impl=impl)
-    return jnp.sum(y.astype(f32)) + jnp.sum(final_state)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final_state)
 
-  fn = jax.grad(run) if backward else run
   with jax.set_mesh(mesh):
-    return jax.jit(fn).lower(inputs)
+    return jax.jit(jax.grad(run) if backward else run).lower(inputs)
 
 
-PROGRAMS = {"elastic_step": elastic_step, "lm_step": lm_step, "generate": generate, "ssd": ssd}
+def ssd_pallas(devices: Sequence[jax.Device], *, head_dim: int, state_size: int, chunk_size: int,
+               dtype: str = "bfloat16", batch: int = 1, length: int | None = None, heads: int = 2, groups: int = 1
+               ) -> jax.stages.Lowered:
+  """The fused kernel's forward (``kernels.ssd.ssd_pallas``) on one target device, bypassing dispatch: compiles a
+  shape even where ``supports`` refuses it (to see whether and how the compiler refuses it too)."""
+  from kernels.ssd import ssd_pallas as ssd_pallas_fn  # pylint: disable=import-outside-toplevel
+
+  mesh, inputs = _ssd_inputs(devices, head_dim=head_dim, state_size=state_size, chunk_size=chunk_size, dtype=dtype,
+                             batch=batch, length=length, heads=heads, groups=groups)
+  with jax.set_mesh(mesh):
+    return jax.jit(lambda inputs: ssd_pallas_fn(**inputs, chunk_size=chunk_size)).lower(inputs)
+
+
+PROGRAMS = {"elastic_step": elastic_step, "lm_step": lm_step, "generate": generate, "ssd": ssd,
+            "ssd_pallas": ssd_pallas}
