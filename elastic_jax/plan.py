@@ -97,8 +97,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from elastic_jax.elastic import importance as importance_lib
 from elastic_jax.elastic.param_count import param_count
-from elastic_jax.model import HybridLM, ModelConfig, init_cache, param_shapes
+from elastic_jax.eval import metrics as metrics_lib
+from elastic_jax.model import ModelConfig, init_cache, param_shapes
 from elastic_jax.model.config import BLOCK_KINDS, BlockSpec
 from elastic_jax.ops.context_parallel import CONTEXT_AXIS
 from elastic_jax.train import sharding as sharding_lib
@@ -891,25 +893,9 @@ def compiled_memory(config: Any, stage_index: int = 0) -> dict[str, float]:
 # The forward programs of the phases around training whose activations ``forward_bytes`` estimates, as XLA sees them:
 # the depth ranking's candidate (the reference logits held as an input, the candidate's logits made and compared)
 # and the evaluation's perplexity (logits, log-softmax, summed NLL). Params in their shardings, tokens split over the
-# data-parallel axes, logits in the model's own layout [batch, length, vocab]. The two bodies below restate the
-# arithmetic of ``elastic.importance`` (removal error) and ``eval.metrics`` (summed NLL) in a few lines, so that the
-# check follows the phases' shapes rather than those modules' private, jitted helpers.
+# data-parallel axes, logits in the model's own layout [batch, length, vocab]: the very programs the phases compile
+# (``elastic.importance.calibration_programs``, ``eval.metrics.evaluation_programs``) at the config's shapes.
 FORWARD_PHASES = {"importance": "depth ranking", "evaluation": "perplexity"}  # phase -> its program in ``programs``
-
-
-def _removal_error(config: ModelConfig, params: Any, tokens: jax.Array, reference: jax.Array, keep: jax.Array
-                   ) -> jax.Array:
-  """Σ (reference − logits with the blocks of ``keep`` only)²: one candidate of the depth ranking."""
-  depth = jnp.broadcast_to(keep.astype(jnp.float32), (tokens.shape[0], config.num_layers))
-  logits = HybridLM(config).apply({"params": params}, tokens, masks={"depth": depth})
-  return jnp.sum(jnp.square(reference - logits))
-
-
-def _summed_nll(config: ModelConfig, params: Any, tokens: jax.Array) -> jax.Array:
-  """tokens [b, l+1] -> the summed next-token NLL: one perplexity batch."""
-  logits = HybridLM(config).apply({"params": params}, tokens[:, :-1])
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.sum(jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1))
 
 
 def compiled_phase_memory(config: Any, phase: str, devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
@@ -924,19 +910,17 @@ def compiled_phase_memory(config: Any, phase: str, devices: Sequence[jax.Device]
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), param_shapes(model_config),
                         sharding_lib.param_shardings(model_config, mesh, rules))
   rows, everywhere = sharding_lib.batch_sharding(mesh, rules), sharding_lib.replicated(mesh)
-  if phase == "importance":
+  if phase == "importance":  # one candidate of the depth ranking, as the importance phase compiles it
     b, l, v = phases.calibration_batch_size, phases.calibration_seq_len, model_config.vocab_size
     logits = nn.logical_to_mesh_sharding(PartitionSpec("batch", "length", "vocab"), mesh, rules)
     args = (params, jax.ShapeDtypeStruct((b, l), jnp.int32, sharding=rows),
             jax.ShapeDtypeStruct((b, l, v), jnp.float32, sharding=logits),
             jax.ShapeDtypeStruct((model_config.num_layers,), jnp.float32, sharding=everywhere))
-    fn = lambda p, tokens, reference, keep: _removal_error(model_config, p, tokens, reference, keep)
-  else:
+    program = importance_lib.calibration_programs(model_config, mesh, rules).removal_error
+  else:  # one perplexity batch, as the evaluation compiles it
     b, l = phases.eval_batch_size, phases.eval_seq_len
     args = (params, jax.ShapeDtypeStruct((b, l + 1), jnp.int32, sharding=rows))
-    fn = lambda p, tokens: _summed_nll(model_config, p, tokens)
-  in_shardings = tuple(jax.tree.map(lambda arg: arg.sharding, tree) for tree in args)
-  program = sharding_lib.sharded_jit(fn, mesh, rules, in_shardings, everywhere)
+    program = metrics_lib.evaluation_programs(model_config, mesh, rules, 1).summed_nll
   return _memory_analysis(program.lower(*args).compile())
 
 

@@ -224,7 +224,7 @@ def test_depth_removes_a_dead_block_first_and_matches_brute_force_greedy_removal
   params["layers_2"]["mixer"]["out_proj"]["kernel"][:] = 0.0  # block 2 is the identity
   batches = [np.random.default_rng(i).integers(0, 48, (2, 12)).astype(np.int32) for i in range(2)]
   importance = estimate_importance(config, params, batches, progress=False)
-  programs = importance_lib._programs(config, None, None)  # the one-device programs this call ran
+  programs = importance_lib.calibration_programs(config, None, None)  # the one-device programs this call ran
   assert programs.removal_error.jitted._cache_size() == 1  # depth masks are inputs: one compile for all removals
   assert importance.depth_order[-1] == 2 and importance.depth_scores[2] == 0.0
   assert sorted(importance.depth_order.tolist()) == list(range(config.num_layers))

@@ -158,7 +158,7 @@ def _removal_error(config: ModelConfig, params: Params, tokens: Array, reference
 
 
 @dataclasses.dataclass(frozen=True)
-class _Programs:
+class CalibrationPrograms:
   """The calibration programs compiled for one mesh: params stay in their shardings, token batches are split over
   the data-parallel devices, and only sums and scalars (replicated) come back to the host, identical on every
   process."""
@@ -172,15 +172,15 @@ class _Programs:
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(config: ModelConfig, mesh: Mesh | None, rules: LogicalRules | None) -> _Programs:
+def calibration_programs(config: ModelConfig, mesh: Mesh | None, rules: LogicalRules | None) -> CalibrationPrograms:
   if mesh is None:  # one device: the default device, as a one-device mesh
     mesh = make_mesh((1,), devices=jax.devices()[:1])
   rules = DEFAULT_RULES if rules is None else rules
   params = param_shardings(config, mesh, rules)
   tokens = batch_sharding(mesh, rules)
-  logits = nn.logical_to_mesh_sharding(PartitionSpec("batch", None, None), mesh, rules)
+  logits = nn.logical_to_mesh_sharding(PartitionSpec("batch", "length", "vocab"), mesh, rules)  # as the model's
   everywhere = replicated(mesh)
-  return _Programs(
+  return CalibrationPrograms(
       place_params=lambda tree: shard_params(tree, params),
       place_tokens=lambda batch: host_to_global(np.asarray(batch, np.int32), tokens),
       accumulate=sharded_jit(functools.partial(_accumulate_statistics, config), mesh, rules,
@@ -192,7 +192,7 @@ def _programs(config: ModelConfig, mesh: Mesh | None, rules: LogicalRules | None
       energy=sharded_jit(lambda reference: jnp.sum(jnp.square(reference)), mesh, rules, (logits,), everywhere))
 
 
-def _depth_importance(config: ModelConfig, programs: _Programs, params: Params, batches: list[Array],
+def _depth_importance(config: ModelConfig, programs: CalibrationPrograms, params: Params, batches: list[Array],
                       progress: bool) -> tuple[np.ndarray, np.ndarray]:
   """Iterative block removal by normalized logit MSE against the full model (spec §4).
 
@@ -249,7 +249,7 @@ def estimate_importance(config: ModelConfig, params: Params, batches: Iterable[A
   if depth and depth_batches is not None and depth_batches < 1:
     raise ValueError(f"depth_batches={depth_batches} must be >= 1 (or None for all batches), or pass depth=False.")
 
-  programs = _programs(config, mesh, rules)
+  programs = calibration_programs(config, mesh, rules)
   params = programs.place_params(params)
   placed = [programs.place_tokens(tokens) for tokens in batches]
   sums = _zero_sums(config)

@@ -21,6 +21,7 @@ from elastic_jax.data.tasks import Example, extract_answer
 from elastic_jax.data.tokenizer import Tokenizer
 from elastic_jax.eval.generate import generate, generate_ragged
 from elastic_jax.model import HybridLM, ModelConfig
+from elastic_jax.train.losses import token_nll
 from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, host_to_global, param_shardings,
                                         replicated, shard_params, sharded_jit)
 
@@ -32,13 +33,12 @@ def _summed_nll(config: ModelConfig, params, tokens: Array, masks: dict[str, Any
   """tokens [b, l+1] -> (sum of next-token NLL over the b*l targets, number of targets); fp32 log-softmax."""
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   logits = HybridLM(config).apply({"params": params}, inputs, masks=masks)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  nll = token_nll(logits, targets)
   return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
-class _MeshPrograms:
+class EvaluationPrograms:
   """The evaluation programs compiled for one model and mesh: params in their shardings, each batch split over the
   data-parallel devices, and results (sums, generated tokens) gathered to every process."""
 
@@ -49,8 +49,8 @@ class _MeshPrograms:
 
 
 @functools.lru_cache(maxsize=16)
-def _mesh_programs(config: ModelConfig, mesh: Mesh, rules: LogicalRules | None, max_new_tokens: int
-                   ) -> _MeshPrograms:
+def evaluation_programs(config: ModelConfig, mesh: Mesh, rules: LogicalRules | None, max_new_tokens: int
+                   ) -> EvaluationPrograms:
   rules = DEFAULT_RULES if rules is None else rules
   params, rows, everywhere = param_shardings(config, mesh, rules), batch_sharding(mesh, rules), replicated(mesh)
   lengths = rows.update(spec=rows.spec[:1])
@@ -59,7 +59,7 @@ def _mesh_programs(config: ModelConfig, mesh: Mesh, rules: LogicalRules | None, 
   ragged = sharded_jit(lambda p, prompts, n, eos: generate_ragged(config, p, prompts, n, max_new_tokens=max_new_tokens,
                                                                   eos_id=eos),
                        mesh, rules, (params, rows, lengths, everywhere), everywhere)
-  return _MeshPrograms(params, rows, summed_nll, ragged)
+  return EvaluationPrograms(params, rows, summed_nll, ragged)
 
 
 def perplexity(config: ModelConfig, params, batches: Iterable[Array | np.ndarray],
@@ -82,7 +82,7 @@ def perplexity(config: ModelConfig, params, batches: Iterable[Array | np.ndarray
   """
   if mesh is not None and masks is not None:
     raise ValueError("perplexity under a mesh takes a model, not masks: extract the child first.")
-  programs = None if mesh is None else _mesh_programs(config, mesh, rules, 1)
+  programs = None if mesh is None else evaluation_programs(config, mesh, rules, 1)
   if programs is not None:
     params = shard_params(params, programs.params)
   # Sums accumulate on the host in float64: a long evaluation must not lose precision in a float32 running sum.
@@ -156,7 +156,7 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
     raise ValueError("answer_accuracy under a mesh decodes with ragged=True (one compile for every length mix).")
   encoded = [tokenizer.encode(example.prompt) for example in examples]
   generations: list[str | None] = [None] * len(examples)
-  programs = None if mesh is None else _mesh_programs(config, mesh, rules, max_new_tokens)
+  programs = None if mesh is None else evaluation_programs(config, mesh, rules, max_new_tokens)
   if programs is not None:
     params = shard_params(params, programs.params)
   if ragged and encoded:

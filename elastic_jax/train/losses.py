@@ -29,11 +29,20 @@ def forward_kl(student_logits: Array, teacher_logits: Array, *, temperature: flo
   return _token_mean(kl, token_mask) * temperature ** 2
 
 
+def token_nll(logits: Array, targets: Array) -> Array:
+  """Next-token negative log-likelihood per token, in fp32: logits [b, l, V], targets [b, l] int -> [b, l].
+
+  The target's logit is a one-hot contraction, not a gather: with the vocabulary split over devices it is a local
+  product and a sum, where a gather would first reassemble every row's logits on one device.
+  """
+  logits = logits.astype(jnp.float32)
+  target_logits = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32), axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - target_logits
+
+
 def cross_entropy(logits: Array, targets: Array, *, token_mask: Array | None = None) -> Array:
   """Next-token cross-entropy per sample: logits [b, l, V], targets [b, l] int -> [b]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return _token_mean(nll, token_mask)
+  return _token_mean(token_nll(logits, targets), token_mask)
 
 
 def mean_by_group(values: Array, groups: Array, num_groups: int) -> tuple[Array, Array]:
