@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +192,20 @@ def forced_interpret(monkeypatch):
   yield
   ssd_ops.unregister_kernel(api.KERNEL_NAME)
 
+
+def test_an_abstract_mesh_of_another_device_names_a_target_without_compute_capability(monkeypatch):
+  # Only an abstract mesh is known (no jax.set_mesh): its device kind, without the compute capability that NVIDIA
+  # kernels need, so dispatch stays on XLA; the same kind as this process's device means this process's device.
+  def abstract_mesh_of(platform, kind):
+    device = types.SimpleNamespace(platform=platform, device_kind=kind, num_cores=None)
+    return lambda: types.SimpleNamespace(abstract_device=device)
+
+  monkeypatch.setattr(jax.sharding, "get_abstract_mesh", abstract_mesh_of("gpu", "NVIDIA H100 80GB HBM3"))
+  assert ssd_ops.compile_target() == ssd_ops.Target("gpu", "NVIDIA H100 80GB HBM3", None)
+  assert not api.supports((2, 64, 8, 64), jnp.bfloat16, ssd_ops.compile_target(), state_size=64, chunk_size=64)
+  here = jax.devices()[0]
+  monkeypatch.setattr(jax.sharding, "get_abstract_mesh", abstract_mesh_of(here.platform, here.device_kind))
+  assert ssd_ops.compile_target() == ssd_ops.target_of(here)
 
 @pytest.mark.parametrize("shape,dtype,target,expected", [
     ((2, 64, 8, 64), jnp.bfloat16, H100, True),

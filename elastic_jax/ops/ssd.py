@@ -97,16 +97,19 @@ def _active_mesh_device():
 def compile_target() -> Target:
   """The target of the program being traced: the active mesh's devices, else this process's default device.
 
-  An abstract mesh alone (``jax.sharding.use_abstract_mesh``) gives the platform and device kind without a compute
-  capability, so no NVIDIA-only kernel is chosen for it.
+  An abstract mesh alone (``jax.sharding.use_abstract_mesh``, ``shard_map`` without ``jax.set_mesh``) names the
+  platform and device kind: this process's device when they match it, else a target without a compute capability,
+  for which no NVIDIA-only kernel is chosen.
   """
   device = _active_mesh_device()
   if device is not None:
     return target_of(device)
+  default = target_of(jax.devices()[0])
   abstract_device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-  if abstract_device is not None:
+  if abstract_device is not None and (abstract_device.platform, abstract_device.device_kind) != (
+      default.platform, default.device_kind):
     return Target(abstract_device.platform, abstract_device.device_kind)
-  return target_of(jax.devices()[0])
+  return default
 
 
 @dataclasses.dataclass(frozen=True)
