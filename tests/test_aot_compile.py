@@ -108,7 +108,9 @@ def test_a_compiler_abort_is_a_clear_error():
 @needs_tpu
 @pytest.mark.slow
 def test_tiny_elastic_step_compiles_for_v5p():
-  result = compile_for("elastic_step", "v5p:2x2x1", config=TINY)
+  # The config travels as a dict, as a caller holding a ConfigDict (e.g. with command-line overrides) passes it.
+  config = programs.load_config(TINY).to_dict()
+  result = compile_for("elastic_step", "v5p:2x2x1", config=json.loads(json.dumps(config)))
   assert result.device_kind.startswith("TPU v5") and result.num_devices == 4
   assert_positive_memory(result)
 

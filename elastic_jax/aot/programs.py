@@ -19,17 +19,22 @@ import ml_collections
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+ConfigSource = str | Mapping[str, Any]  # a config file's path, or a config as a plain dict
 
 
-def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
-  """A config file's ``get_config()`` (path relative to the repository root or absolute) with dotted-key overrides,
-  e.g. ``{"mesh.shape": [4], "stages.0.batch_size": 8}``."""
-  file = pathlib.Path(path)
-  file = file if file.is_absolute() else ROOT / file
-  spec = importlib.util.spec_from_file_location(f"aot_config_{file.stem}", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+def load_config(config: ConfigSource, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """A run config: a config file's ``get_config()`` (path relative to the repository root, or absolute) or a plain
+  dict of one (``ConfigDict.to_dict()``, as it travels to a worker as JSON), then dotted-key overrides, e.g.
+  ``{"mesh.shape": [4], "stages.0.batch_size": 8}``."""
+  if isinstance(config, Mapping):
+    config = ml_collections.ConfigDict(dict(config))
+  else:
+    file = pathlib.Path(config)
+    file = file if file.is_absolute() else ROOT / file
+    spec = importlib.util.spec_from_file_location(f"aot_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
   for key, value in (overrides or {}).items():
     *parents, last = key.split(".")
     node = config
@@ -49,9 +54,10 @@ def _with_whole_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.De
   return config
 
 
-def elastic_step(devices: Sequence[jax.Device], *, config: str, overrides: Mapping[str, Any] | None = None,
+def elastic_step(devices: Sequence[jax.Device], *, config: ConfigSource, overrides: Mapping[str, Any] | None = None,
                  stage: int = 0) -> jax.stages.Lowered:
-  """The elastic train step of stage ``stage`` of a run config, as ``elastic_jax.plan`` jits it."""
+  """The elastic train step of stage ``stage`` of a run config (a file or a dict, see :func:`load_config`), as
+  ``elastic_jax.plan`` jits it; a config without ``mesh.shape`` puts every target device on the data axis."""
   from elastic_jax import plan  # pylint: disable=import-outside-toplevel
   from elastic_jax.train.config import stages_from_config  # pylint: disable=import-outside-toplevel
 
@@ -59,7 +65,7 @@ def elastic_step(devices: Sequence[jax.Device], *, config: str, overrides: Mappi
   return plan.jit_elastic_step(run_config, devices).lower(stages_from_config(run_config)[stage])
 
 
-def lm_step(devices: Sequence[jax.Device], *, config: str, overrides: Mapping[str, Any] | None = None
+def lm_step(devices: Sequence[jax.Device], *, config: ConfigSource, overrides: Mapping[str, Any] | None = None
             ) -> jax.stages.Lowered:
   """The parent's next-token train step (``config.parent``'s batch and length), as the pipeline jits it."""
   from elastic_jax import plan  # pylint: disable=import-outside-toplevel
@@ -83,7 +89,7 @@ def lm_step(devices: Sequence[jax.Device], *, config: str, overrides: Mapping[st
   return training.step.lower(training.abstract_state, tokens)
 
 
-def generate(devices: Sequence[jax.Device], *, config: str, overrides: Mapping[str, Any] | None = None,
+def generate(devices: Sequence[jax.Device], *, config: ConfigSource, overrides: Mapping[str, Any] | None = None,
              batch_size: int | None = None, prompt_len: int = 64, max_new_tokens: int | None = None
              ) -> jax.stages.Lowered:
   """The evaluation's cached generation (``elastic_jax.eval.generate.generate``) of the config's parent on one
