@@ -142,6 +142,10 @@ class Embedding(nn.Module):
   def __call__(self, tokens: Array) -> Array:
     table = param(self, "embedding", nn.initializers.normal(self.stddev), (self.vocab_size, self.features),
                   ("vocab", "embed"), dtype_of(self.param_dtype))
+    # Gathered whole along ``embed`` for the lookup, as FSDP gathers any weight it computes with: the rows come out
+    # split over the batch axes like the tokens, where a table split over the same devices as the batch would leave
+    # the compiler no better plan than rematerialising the whole activation.
+    table = constrain(table, ("vocab", None))
     return jnp.take(table, tokens, axis=0).astype(dtype_of(self.dtype))
 
 
