@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pathlib
+
+import jax
 import ml_collections
 import pytest
 from conftest import small_config
@@ -91,3 +94,75 @@ def test_tiny_config_memory_defaults():
   spec.loader.exec_module(module)
   assert memory_from_config(module.get_config()) == MemoryConfig(remat=(), grad_accum_steps=1,
                                                                  teacher_dtype="float32")
+
+
+# ------------------------------------------------------------------------------------------------ shapes vs mesh
+def _tiny():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("tiny", pathlib.Path(__file__).parents[1] / "configs" / "tiny.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _divisible_tiny():
+  """The tiny config with every batch (24) and length (240) divisible by every mesh the cases use."""
+  cfg = _tiny()
+  for section in (cfg.parent, cfg.importance, cfg.eval, *cfg.stages):
+    section["batch_size"], section["seq_len"] = 24, 240
+  cfg.eval.decode_batch = 24
+  return cfg
+
+
+def _mesh(*sizes):
+  sizes = tuple(sizes) + (1,) * (4 - len(sizes))
+  return jax.sharding.AbstractMesh(sizes, ("data", "fsdp", "tensor", "context"))
+
+
+@pytest.mark.parametrize("mesh, key, value, message", [
+    ((4,), "stages[1].batch_size", 6,
+     r"config.stages\[1\].batch_size=6 is not divisible by the 4 data-parallel devices of mesh \(4,\): make it a "
+     r"multiple of 4"),
+    ((2, 2), "stages[0].batch_size", 10, r"config.stages\[0\].batch_size=10 is not divisible by the 4 "
+                                         r"data-parallel devices of mesh \(2, 2\)"),
+    ((1, 1, 1, 2), "stages[1].seq_len", 255, r"config.stages\[1\].seq_len=255 is not divisible by the 2 "
+                                             r"context-parallel devices of mesh \(1, 1, 1, 2\)"),
+    ((3,), "parent.batch_size", 16, r"config.parent.batch_size=16 is not divisible by the 3 data-parallel"),
+    ((3,), "parent.hf_path", "/some/checkpoint", None),  # an imported parent is not pretrained: its batch is free
+    ((1, 1, 1, 3), "parent.seq_len", 128, r"config.parent.seq_len=128 is not divisible by the 3 context-parallel"),
+    ((3,), "importance.batch_size", 8, r"config.importance.batch_size=8 is not divisible by the 3"),
+    ((1, 1, 1, 2), "importance.seq_len", 255, r"config.importance.seq_len=255 is not divisible by the 2 context"),
+    ((8,), "eval.batch_size", 4, r"config.eval.batch_size=4 is not divisible by the 8 data-parallel"),
+    ((8,), "eval.decode_batch", 12, r"config.eval.decode_batch=12 is not divisible by the 8 data-parallel"),
+    ((1, 1, 1, 2), "eval.seq_len", 99, r"config.eval.seq_len=99 is not divisible by the 2 context-parallel"),
+    ((8,), "memory.grad_accum_steps", 2, r"config.parent.batch_size=24 in 2 micro-batches \(config.memory."
+                                         r"grad_accum_steps\) gives 12 rows per micro-batch, not divisible by the 8 "
+                                         r"data-parallel devices of mesh \(8,\): make config.parent.batch_size a "
+                                         r"multiple of 16"),
+])
+def test_run_shapes_that_the_mesh_cannot_split_are_refused_naming_the_field(mesh, key, value, message):
+  from elastic_jax.model.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.config import check_run_shapes  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.sharding import DEFAULT_RULES  # pylint: disable=import-outside-toplevel
+  cfg = _divisible_tiny()
+  section, _, field = key.partition(".")
+  if section.startswith("stages["):
+    cfg.stages[int(section[7:-1])][field] = value
+  else:
+    cfg[section][field] = value
+  if message is None:
+    cfg.parent.batch_size = 16  # would not divide over 3 devices were the parent pretrained here
+    check_run_shapes(cfg, _mesh(*mesh), DEFAULT_RULES)
+    return
+  with pytest.raises(ConfigError, match=message):
+    check_run_shapes(cfg, _mesh(*mesh), DEFAULT_RULES)
+
+
+def test_run_shapes_that_divide_pass_on_every_mesh():
+  from elastic_jax.train.config import check_run_shapes  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.sharding import DEFAULT_RULES  # pylint: disable=import-outside-toplevel
+  cfg = _divisible_tiny()
+  for mesh in ((1,), (2,), (3,), (4,), (8,), (2, 2), (1, 4), (2, 2, 2), (1, 2, 1, 2), (2, 1, 1, 4)):
+    check_run_shapes(cfg, _mesh(*mesh), DEFAULT_RULES)
+  # Rows go where the batch rule puts them: with the batch on data only, fsdp (5 devices) does not split it.
+  check_run_shapes(cfg, _mesh(2, 5), (("batch", "data"),) + DEFAULT_RULES[1:])

@@ -9,6 +9,7 @@ after an interruption resumes.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -21,6 +22,7 @@ from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
 from elastic_jax.eval.measure import eval_split_batches, measure_model
 from elastic_jax.eval.report import choice_fractions, write_report
+from elastic_jax.model.config import ConfigError
 from elastic_jax.train import distributed
 from elastic_jax.train.loop import Stage
 from elastic_jax.train.pipeline import run_pipeline
@@ -96,7 +98,11 @@ def main(argv) -> None:
   config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("workdir", config_name)
   started = time.perf_counter()
-  result = run_pipeline(cfg, workdir)
+  try:
+    result = run_pipeline(cfg, workdir)  # checks the config against the mesh before any phase runs
+  except ConfigError as error:  # a value to fix, not a bug: one line, no traceback
+    print(f"config error: {error}", file=sys.stderr)
+    sys.exit(2)
   files = evaluate_and_report(cfg, workdir, result)
   print(f"[elastic_jax] done in {time.perf_counter() - started:.0f} s; report: {files}")
 

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from elastic_jax.elastic.router import RouterSchedule
 from elastic_jax.elastic.space import ElasticSpace
-from elastic_jax.model.config import ModelConfig
+from elastic_jax.model.config import ConfigError, ModelConfig
 from elastic_jax.model.hybrid import RematPolicies, remat_policies
 from elastic_jax.train.loop import Stage
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config
@@ -129,23 +129,24 @@ def elastic_setup_from_config(config: Any, model_config: ModelConfig, depth_orde
 
 
 def check_run_shapes(config: Any, mesh: Any, rules: Any) -> None:
-  """Every batch size and sequence length of a run against its mesh, before any phase runs.
+  """Every batch size and sequence length of a run against its mesh (a ``Mesh`` or ``AbstractMesh``: only its axis
+  sizes are read) and logical-axis ``rules``, before any phase runs.
 
   Batches (parent pretraining, calibration, each stage, evaluation) are split over the data-parallel devices (the
   mesh axes of the ``batch`` rule) and over the processes; with gradient accumulation each micro-batch is. Sequence
-  lengths are split over the context axis. Raises ``ValueError`` naming the first field that does not divide, e.g.
+  lengths are split over the context axis. Raises ``ConfigError`` naming the first field that does not divide, e.g.
   ``config.stages[1].batch_size=6 is not divisible by the 4 data-parallel devices of mesh (4,)``.
   """
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
-  from elastic_jax.train.sharding import batch_sharding  # pylint: disable=import-outside-toplevel
-  axes = batch_sharding(mesh, rules).spec[0]
+  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]  # the mesh axes the batch rule splits rows over
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   data = 1
   for name in axes:
     data *= mesh.shape[name]
   context = mesh.shape.get("context", 1)
   processes = jax.process_count()
-  shape = tuple(n for n in mesh.devices.shape)
+  shape = tuple(mesh.shape.values())
   while len(shape) > 1 and shape[-1] == 1:
     shape = shape[:-1]
   mesh_text = f"mesh {shape if len(shape) > 1 else f'({shape[0]},)'}"
@@ -155,20 +156,20 @@ def check_run_shapes(config: Any, mesh: Any, rules: Any) -> None:
   def batch(key: str, value: Any, micro: int = 1) -> None:
     value = int(value)
     if value % processes:
-      raise ValueError(f"{key}={value} is the global batch, split evenly over {processes} processes: make it a "
+      raise ConfigError(f"{key}={value} is the global batch, split evenly over {processes} processes: make it a "
                        f"multiple of {processes}.")
     if micro > 1 and value % micro == 0 and (value // micro) % data:
-      raise ValueError(f"{key}={value} in {micro} micro-batches (config.memory.grad_accum_steps) gives "
+      raise ConfigError(f"{key}={value} in {micro} micro-batches (config.memory.grad_accum_steps) gives "
                        f"{value // micro} rows per micro-batch, not divisible by the {data} data-parallel devices "
                        f"of {mesh_text}: make {key} a multiple of {micro * data}.")
     if value % data:
-      raise ValueError(f"{key}={value} is not divisible by the {data} data-parallel devices of {mesh_text}: make "
+      raise ConfigError(f"{key}={value} is not divisible by the {data} data-parallel devices of {mesh_text}: make "
                        f"it a multiple of {data}.")
 
   def length(key: str, value: Any) -> None:
     value = int(value)
     if value % context:
-      raise ValueError(f"{key}={value} is not divisible by the {context} context-parallel devices of "
+      raise ConfigError(f"{key}={value} is not divisible by the {context} context-parallel devices of "
                        f"{mesh_text}: make it a multiple of {context}.")
 
   parent = plain(config.get("parent"))
