@@ -128,11 +128,11 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
                     rules: LogicalRules | None = None) -> dict[str, Any]:
   """Greedy cached decoding of each example's prompt, graded by exact match of the answer after ``####``.
 
-  Prompts are never padded: a pad token would enter the Mamba state and change the continuation. By default they
-  are grouped by exact token length: one compile of ``generate`` per length, and a parallel prefill. With ``ragged=True`` every batch goes through ``generate_ragged`` instead, which reads each prompt one
-  token at a time: a single compile for the whole set, slower per batch (no parallel prefill); the better choice
-  when there are many distinct lengths and compiles dominate. A last, partial batch is filled up by repeating one
-  of its prompts (rows decode independently) and the copies are dropped, so no extra batch size compiles.
+  By default prompts are grouped by exact token length: one compile of ``generate`` per length. With ``ragged=True``
+  every batch goes through ``generate_ragged`` instead, which prefills prompts of mixed lengths in one pass (left
+  padded, the pad positions masked out of attention and of the Mamba state, so each row continues exactly as it would
+  alone): a single compile for the whole set. A last, partial batch is filled up by repeating one of its prompts
+  (rows decode independently) and the copies are dropped, so no extra batch size compiles.
 
   Args:
     config: the model's config.
