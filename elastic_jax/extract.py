@@ -14,9 +14,15 @@ Output in ``--out DIR``:
   Homogeneous choices only (a NemotronH config has one width per block kind).
 - Either way ``DIR/extract.json`` records the budget, its choice, the parameter count and where the choice came from.
 
+Several processes (a multi-host launch, see ``elastic_jax.train.distributed``; or ``--mesh`` on one host): the
+student is restored straight into its param shardings on a device mesh (each process reads only its devices'
+shards), the child is sliced by one program into its own shardings, and both formats are written from the shards
+(the HF file streamed one tensor at a time by process 0), so no host holds the whole model. One process without
+``--mesh`` works on the host, as always.
+
 CLI::
 
-  python -m elastic_jax.extract --workdir W --budget 75pct --out DIR [--format orbax|hf] [--step N]
+  python -m elastic_jax.extract --workdir W --budget 75pct --out DIR [--format orbax|hf] [--step N] [--mesh 1,8]
 """
 
 from __future__ import annotations
@@ -29,13 +35,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 
-from elastic_jax.elastic.extract import extract
+from elastic_jax.elastic.extract import extract, extract_sharded
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
-from elastic_jax.model import ModelConfig
+from elastic_jax.model import ModelConfig, param_shapes
+from elastic_jax.train import distributed
 from elastic_jax.train.checkpoint import load_model, save_model
+from elastic_jax.train.sharding import DEFAULT_RULES, LogicalRules, make_mesh, param_shardings
 
 Params = Any
 FORMATS = ("orbax", "hf")
@@ -149,33 +159,62 @@ def find_budget(records: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
   raise ExtractError(f"unknown budget {name!r}; this run's budgets are {valid}.")
 
 
-def load_student(workdir: str, step: int | None) -> tuple[ModelConfig, Params]:
+def _sharded_target(config: ModelConfig, mesh: Mesh, rules: LogicalRules) -> Params:
+  """The params of ``config`` as restore targets in their shardings on ``mesh``."""
+  return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                      param_shapes(config), param_shardings(config, mesh, rules))
+
+
+def load_student(workdir: str, step: int | None, mesh: Mesh | None = None,
+                 rules: LogicalRules = DEFAULT_RULES) -> tuple[ModelConfig, Params]:
   """The elastically trained student the children are sliced from: ``W/elastic/student/model`` of a finished run,
-  or the student weights of elastic checkpoint ``step`` (the deployed choices' step)."""
+  or the student weights of elastic checkpoint ``step`` (the deployed choices' step).
+
+  With ``mesh``, the params are restored straight into ``param_shardings`` (each process reads only its devices'
+  shards; of a checkpoint, only the params, not the optimizer state); all processes must call it together.
+  """
   path = os.path.join(workdir, "elastic", "student")
   if step is None and os.path.exists(os.path.join(path, "DONE")):
-    metadata, params = load_model(os.path.join(path, "model"))
-    return ModelConfig.from_dict(metadata["config"]), params
+    model = os.path.join(path, "model")
+    if mesh is None:
+      metadata, params = load_model(model)
+      return ModelConfig.from_dict(metadata["config"]), params
+    # The config first (the metadata alone), then the arrays into the shardings it implies.
+    config = ModelConfig.from_dict(_checkpoint_metadata(model, checkpoint_steps(model)[-1])["config"])
+    return config, load_model(model, _sharded_target(config, mesh, rules))[1]
   checkpoints = os.path.join(workdir, "elastic", "checkpoints")
   steps = checkpoint_steps(checkpoints)
   step = steps[-1] if step is None and steps else step
   if step not in steps:
     raise ExtractError(f"no trained student in {path} and no elastic checkpoint to read one from in {checkpoints}. "
                        f"Run the main job on {workdir!r} until elastic training has saved a checkpoint.")
-  metadata = _checkpoint_metadata(checkpoints, step)
+  config = ModelConfig.from_dict(_checkpoint_metadata(checkpoints, step)["config"]["model"])
   manager = _reader(checkpoints)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  if mesh is None:
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  else:  # a partial restore: the params alone, in their shardings
+    target = {"params": _sharded_target(config, mesh, rules)}
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))["state"]
   manager.close()
-  return ModelConfig.from_dict(metadata["config"]["model"]), state["params"]
+  return config, state["params"]
 
 
-def extract_budget(workdir: str, name: str, step: int | None = None) -> tuple[ModelConfig, Params, dict[str, Any]]:
-  """Budget ``name``'s child of ``workdir``: ``(config, params, info)``, info being what ``extract.json`` records."""
+def extract_budget(workdir: str, name: str, step: int | None = None, mesh: Mesh | None = None,
+                   rules: LogicalRules = DEFAULT_RULES) -> tuple[ModelConfig, Params, dict[str, Any]]:
+  """Budget ``name``'s child of ``workdir``: ``(config, params, info)``, info being what ``extract.json`` records.
+
+  With ``mesh`` the child's params are global arrays in its ``param_shardings``, sliced on the devices from the
+  student's shards (all processes call this together); without, host arrays as the student was saved.
+  """
   deployed = read_deployed_choices(workdir, step)
   record = find_budget(deployed.records, name)
-  parent_config, student_params = load_student(workdir, deployed.step)
+  parent_config, student_params = load_student(workdir, deployed.step, mesh, rules)
   choice = Choice.from_dict(record["choice"])
-  config, params = extract(parent_config, student_params, choice, deployed.depth_order)
+  if mesh is None:
+    config, params = extract(parent_config, student_params, choice, deployed.depth_order)
+  else:
+    config, params = extract_sharded(parent_config, student_params, choice, deployed.depth_order, mesh, rules)
   parent_count, count = param_count(parent_config), param_count(config)
   info = {"workdir": os.path.abspath(workdir), "budget": record["budget"], "name": budget_name(record["budget"]),
           "choice": choice.to_dict(), "params": count, "parent_params": parent_count,
@@ -195,7 +234,12 @@ def heterogeneous_widths(config: ModelConfig) -> dict[str, list[int]]:
 
 
 def write_child(out: str, config: ModelConfig, params: Params, info: dict[str, Any], fmt: str) -> list[str]:
-  """Writes the child in format ``fmt`` plus ``extract.json`` into ``out``; returns the paths written."""
+  """Writes the child in format ``fmt`` plus ``extract.json`` into ``out``; returns the paths written.
+
+  Params may be global arrays sharded over several processes; then every process calls this, each saves its own
+  shards (Orbax) or takes part in gathering one tensor at a time (HF, written by process 0), process 0 alone writes
+  ``extract.json``, and all return once everything is written.
+  """
   if fmt not in FORMATS:
     raise ExtractError(f"--format {fmt!r} is not one of {list(FORMATS)}.")
   if fmt == "hf" and not config.is_homogeneous:
@@ -205,6 +249,7 @@ def write_child(out: str, config: ModelConfig, params: Params, info: dict[str, A
   model_path = os.path.join(out, "model") if fmt == "orbax" else os.path.join(out, "config.json")
   if os.path.exists(model_path):
     raise ExtractError(f"--out {out!r} already holds a model ({model_path}); choose another folder or remove it.")
+  distributed.barrier(f"elastic_jax_extract_checked:{out}")  # every process checked before any writes
   os.makedirs(out, exist_ok=True)
   if fmt == "orbax":
     save_model(model_path, config.to_dict(), params, {"choice": info["choice"], "budget": info["budget"]})
@@ -214,9 +259,11 @@ def write_child(out: str, config: ModelConfig, params: Params, info: dict[str, A
     hf.save(out, config, params)
     written = [model_path, os.path.join(out, hf.SINGLE_FILE)]
   info_path = os.path.join(out, "extract.json")
-  with open(info_path, "w", encoding="utf-8") as f:
-    json.dump({**info, "format": fmt}, f, indent=1)
-    f.write("\n")
+  if distributed.is_primary():
+    with open(info_path, "w", encoding="utf-8") as f:
+      json.dump({**info, "format": fmt}, f, indent=1)
+      f.write("\n")
+  distributed.barrier(f"elastic_jax_extract_written:{out}")
   return written + [info_path]
 
 
@@ -241,17 +288,38 @@ def _parser() -> argparse.ArgumentParser:
                       help="take the router's choice as it was at elastic checkpoint N instead of the finished run's "
                            "W/elastic/deployed_choices.json (without --step, a run that has not finished uses its "
                            "latest checkpoint).")
+  parser.add_argument("--mesh", default=None, metavar="SIZES",
+                      help="slice and write on a device mesh of these sizes (data,fsdp[,tensor[,context]], e.g. "
+                           "1,8), the student restored straight into its shards. Default: with several processes "
+                           "(a multi-host launch), fsdp over every device; with one, none (on the host).")
   return parser
+
+
+def _mesh(sizes: str | None) -> Mesh | None:
+  """The ``--mesh`` argument as a mesh; by default a mesh only when the run spans several processes."""
+  if sizes is None:
+    return make_mesh((1, jax.device_count())) if jax.process_count() > 1 else None
+  try:
+    shape = tuple(int(n) for n in sizes.split(","))
+  except ValueError:
+    raise ExtractError(f"--mesh {sizes!r} must be comma-separated integers, e.g. 1,8.") from None
+  try:
+    return make_mesh(shape)
+  except ValueError as error:
+    raise ExtractError(f"--mesh {sizes!r}: {error}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  distributed.initialize()  # a no-op unless launched as one of several processes
   try:
-    config, params, info = extract_budget(args.workdir, args.budget, args.step)
+    config, params, info = extract_budget(args.workdir, args.budget, args.step, _mesh(args.mesh))
     written = write_child(args.out, config, params, info, args.format)
   except ExtractError as error:
     print(f"{_PROG}: error: {error}", file=sys.stderr)
     return 2
+  if not distributed.is_primary():
+    return 0
   print(f"extracted {info['name']} (budget {float(info['budget']):g}; choice from {info['choice_source']}): "
         f"{info['params']:,} parameters ({100 * info['fraction']:.1f}% of the parent), pattern {info['pattern']!r}, "
         f"format {args.format}")

@@ -11,6 +11,10 @@ hold any box of one of our arrays, so each process reads, through safetensors sl
 hold and builds global ``jax.Array``s in the run's param shardings; no process holds the whole model, and the cast
 to the params' dtype runs on the devices. The host load (no mesh) reads through the same mapping, whole tensors.
 
+Streamed export (``save``): the safetensors header needs only shapes and dtypes, so it is written first; then each
+checkpoint tensor in turn is gathered from its shards (params may be global arrays over several processes), joined
+by the same tables, appended by process 0 and released. Host memory stays at about one tensor, whatever the model.
+
 Only safetensors files are read (never pickles). Anything this model cannot represent (MoE layers, tied
 embeddings, biases, another activation) is refused with an ``UnsupportedCheckpointError`` naming the config key;
 a malformed checkpoint (missing, extra or misshapen tensors, a missing shard) raises a ``CheckpointError`` naming
@@ -33,6 +37,8 @@ import json
 import math
 import os
 import pathlib
+import struct
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -40,10 +46,11 @@ import jax
 import ml_dtypes
 import numpy as np
 import safetensors
-import safetensors.numpy
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from elastic_jax.model.config import DTYPES, ConfigError, ModelConfig
+from elastic_jax.train.distributed import barrier
 from elastic_jax.train.sharding import DEFAULT_RULES, LogicalRules, param_shardings
 
 Params = dict[str, Any]
@@ -249,9 +256,16 @@ class _Entry:
       yield path, self.read(tensor.__getitem__, piece)
 
   def join(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """Our arrays (one per piece, in order) -> the checkpoint tensor."""
+    """Our arrays (one per piece, in order) -> the checkpoint tensor, a new C-order array.
+
+    Written straight into a C-order buffer: concatenating transposed views (every linear weight) would otherwise
+    follow their Fortran order and need a second full copy, twice the tensor on the host while exporting.
+    """
     parts = [self.layout.to_hf(np.asarray(a)) for a in arrays]
-    return np.ascontiguousarray(np.concatenate(parts, axis=self.layout.split_axis))
+    axis = self.layout.split_axis
+    shape = list(parts[0].shape)
+    shape[axis] = sum(part.shape[axis] for part in parts)
+    return np.concatenate(parts, axis=axis, out=np.empty(shape, np.result_type(*parts)))
 
 
 def _entry(hf_key: str, layout: _Layout, other: int, where: str, our_prefix: tuple[str, ...],
@@ -365,12 +379,21 @@ def _checked_entries(shapes: Mapping[str, tuple[int, ...]], config: ModelConfig)
 def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np.ndarray]:
   """Our param tree -> checkpoint tensors (keys with the on-disk ``backbone.`` prefix), keeping each dtype.
 
-  Raises ``CheckpointError`` when the tree misses, adds or misshapes an array relative to ``config``.
+  Holds the whole model on the host; ``save`` goes over the same conversion one tensor at a time. Raises
+  ``CheckpointError`` when the tree misses, adds or misshapes an array relative to ``config``.
   """
-  entries = _checkpoint_entries(config)
-  expected_paths = set()
-  tensors = {}
-  for e in entries:
+  return {e.hf_key: e.join([_to_host(a) for a in arrays]) for e, arrays in _export_plan(params, config)}
+
+
+def _export_plan(params: Mapping[str, Any], config: ModelConfig) -> list[tuple[_Entry, list[Any]]]:
+  """Every checkpoint entry with our arrays for its pieces, as given (numpy, or ``jax.Array``s that may span other
+  processes' devices), after checking the whole tree against ``config``.
+
+  Nothing is converted or copied: the checks and the safetensors header need only shapes and dtypes, so an exporter
+  can refuse a bad tree before writing anything and then convert one tensor at a time.
+  """
+  plan, expected_paths = [], set()
+  for e in _checkpoint_entries(config):
     arrays = []
     for path, shape in e.pieces:
       expected_paths.add(path)
@@ -380,13 +403,24 @@ def params_to_hf(params: Mapping[str, Any], config: ModelConfig) -> dict[str, np
         raise CheckpointError(
             f"param {'/'.join(path)} has shape {tuple(array.shape)}, expected {want} for {e.where}.")
       arrays.append(array)
-    tensors[e.hf_key] = e.join(arrays)
+    plan.append((e, arrays))
   extra = sorted("/".join(p) for p in _leaf_paths(params) if p not in expected_paths)
   if extra:
     raise CheckpointError(
         f"param {extra[0]} has no place in a NemotronH checkpoint of pattern={config.pattern!r}"
         + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + ".")
-  return tensors
+  return plan
+
+
+def _to_host(array: Any) -> np.ndarray:
+  """One of our arrays, whole, as numpy on this process.
+
+  An array spanning devices of other processes is gathered (a collective: every process must ask for the same
+  arrays in the same order); anything else (numpy, an array on this process's devices) is read in place.
+  """
+  if isinstance(array, jax.Array) and not array.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+  return np.asarray(array)
 
 
 def _normalize_keys(tensors: Mapping[str, Any]) -> dict[str, Any]:
@@ -406,13 +440,15 @@ def _set_path(tree: Params, path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def _get_path(tree: Mapping[str, Any], path: tuple[str, ...], entry: _Entry) -> np.ndarray:
+def _get_path(tree: Mapping[str, Any], path: tuple[str, ...], entry: _Entry) -> Any:
+  """The leaf at ``path``, left where it is (a sharded ``jax.Array`` is not gathered); array-likes without a shape
+  and dtype become numpy."""
   node: Any = tree
   for name in path:
     if not isinstance(node, Mapping) or name not in node:
       raise CheckpointError(f"param {'/'.join(path)} is missing; {entry.where} needs it for {entry.hf_key}.")
     node = node[name]
-  return np.asarray(node)
+  return node if hasattr(node, "shape") and hasattr(node, "dtype") else np.asarray(node)
 
 
 def _leaf_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -774,15 +810,86 @@ def load(path: PathLike, *, time_step_limit: tuple[float, float] | None = None, 
 def save(path: PathLike, config: ModelConfig, params: Mapping[str, Any]) -> None:
   """Writes our model as a NemotronH checkpoint directory (``config.json`` + ``model.safetensors``).
 
-  Tensors keep the params' dtype. Refuses heterogeneous configs (a stock NemotronH config has one width per kind).
+  Tensors keep the params' dtype. Refuses heterogeneous configs (a stock NemotronH config has one width per kind)
+  and trees that do not match ``config``, before writing anything.
+
+  Params may be numpy arrays or ``jax.Array``s, including global arrays sharded over several processes: then every
+  process must call ``save`` with the same arguments. The file is streamed one checkpoint tensor at a time (each is
+  gathered, converted to the checkpoint layout, written by process 0 and released), so no process holds more than
+  about one tensor on the host, never the model. Process 0 writes everything; every process returns once the
+  checkpoint is complete. ``config.json`` is written last, so a directory that has one holds the whole checkpoint.
   """
   _check_exportable(config)
-  tensors = params_to_hf(params, config)
-  dtype = tensors["backbone.embeddings.weight"].dtype.name
+  plan = _export_plan(params, config)
+  specs = {e.hf_key: (np.result_type(*(a.dtype for a in arrays)), e.hf_shape) for e, arrays in plan}
+  header, order = _safetensors_header(specs, metadata={"format": "pt"})  # transformers checks "format"
+  entries = {e.hf_key: (e, arrays) for e, arrays in plan}
   path = pathlib.Path(path)
-  path.mkdir(parents=True, exist_ok=True)
-  with open(path / CONFIG_FILE, "w") as f:
-    json.dump(config_to_hf(config, dtype), f, indent=2, sort_keys=True)
-    f.write("\n")
-  # transformers checks the "format" metadata before trusting a safetensors file.
-  safetensors.numpy.save_file(tensors, str(path / SINGLE_FILE), metadata={"format": "pt"})
+  primary = jax.process_index() == 0
+  partial = path / (SINGLE_FILE + ".partial")
+  if primary:
+    path.mkdir(parents=True, exist_ok=True)
+  with (open(partial, "wb") if primary else contextlib.nullcontext()) as f:
+    if f is not None:
+      f.write(header)
+    for key in order:  # the file's order, the same on every process: the gathers are collectives
+      e, arrays = entries[key]
+      pieces = [_to_host(a) for a in arrays]
+      if f is not None:  # only the writer converts
+        tensor = e.join(pieces)
+        assert (tensor.dtype, tensor.shape) == specs[key], (key, tensor.dtype, tensor.shape, specs[key])
+        f.write(_little_endian_bytes(tensor))
+        del tensor
+      del pieces
+  if primary:
+    os.replace(partial, path / SINGLE_FILE)
+    with open(path / CONFIG_FILE, "w") as f:
+      json.dump(config_to_hf(config, specs["backbone.embeddings.weight"][0].name), f, indent=2, sort_keys=True)
+      f.write("\n")
+  barrier(f"elastic_jax_hf_save:{path}")
+
+
+# ---------------------------------------------------------------------------------------------------- safetensors
+# safetensors' dtype names, in the order of its Rust ``Dtype`` enum: a file stores tensors by descending position here
+# (wider alignment first), then by name, which keeps every tensor's data aligned to its element size.
+_SAFETENSORS_DTYPES = {name: tag for name, tag in (
+    ("bool", "BOOL"), ("uint8", "U8"), ("int8", "I8"), ("float8_e5m2", "F8_E5M2"), ("float8_e4m3fn", "F8_E4M3"),
+    ("int16", "I16"), ("uint16", "U16"), ("float16", "F16"), ("bfloat16", "BF16"), ("int32", "I32"),
+    ("uint32", "U32"), ("float32", "F32"), ("float64", "F64"), ("int64", "I64"), ("uint64", "U64"))}
+_SAFETENSORS_RANK = {name: rank for rank, name in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def _safetensors_header(specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+                        metadata: Mapping[str, str]) -> tuple[bytes, list[str]]:
+  """The start of a safetensors file holding tensors of these ``(dtype, shape)``s, and the order their data follows.
+
+  Needs no data, so a writer can emit it first and then append each tensor's bytes in ``order``. Laid out exactly as
+  the safetensors library writes (so the file is byte-identical to ``safetensors.numpy.save_file``): an 8-byte
+  little-endian length, then compact JSON (``__metadata__`` first, then each tensor's dtype, shape and
+  ``data_offsets`` [begin, end) relative to the end of the header, in data order), padded with spaces to a multiple
+  of 8 bytes.
+  """
+  for key, (dtype, _) in specs.items():
+    if dtype.name not in _SAFETENSORS_DTYPES:
+      raise CheckpointError(f"{key} has dtype {dtype.name}, which safetensors cannot store; expected one of "
+                            f"{sorted(_SAFETENSORS_DTYPES)}.")
+  order = sorted(specs, key=lambda key: (-_SAFETENSORS_RANK[specs[key][0].name], key))
+  header: dict[str, Any] = {"__metadata__": dict(metadata)}
+  offset = 0
+  for key in order:
+    dtype, shape = specs[key]
+    size = math.prod(shape) * dtype.itemsize
+    header[key] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
+                   "data_offsets": [offset, offset + size]}
+    offset += size
+  text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+  text += b" " * (-len(text) % 8)
+  return struct.pack("<Q", len(text)) + text, order
+
+
+def _little_endian_bytes(tensor: np.ndarray) -> np.ndarray:
+  """A tensor's raw bytes in C order and little-endian (what safetensors stores), as a byte view when possible."""
+  tensor = np.ascontiguousarray(tensor)
+  if tensor.dtype.byteorder == ">" or (tensor.dtype.byteorder == "=" and sys.byteorder == "big"):
+    tensor = tensor.byteswap()
+  return tensor.reshape(-1).view(np.uint8)
