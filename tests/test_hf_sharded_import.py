@@ -25,7 +25,7 @@ pytest.importorskip("transformers")
 
 from conftest import random_params, small_config  # noqa: E402
 from test_hf_interop import copy_checkpoint, edit_config, edit_tensors, make_hf_model, tree_leaves  # noqa: E402
-from test_multiprocess import _env, _free_port  # noqa: E402
+from multihost import cpu_env, run_processes  # noqa: E402
 
 from elastic_jax.interop import hf  # noqa: E402
 from elastic_jax.train.sharding import make_mesh  # noqa: E402
@@ -229,10 +229,8 @@ def test_sharded_load_on_eight_devices_equals_host_load(eight_device_checkpoints
   script = tmp_path / "eight.py"
   cache = os.path.join(os.environ.get("TMPDIR", "/tmp"), "elastic_jax_test_xla_cache")
   script.write_text(_EIGHT_DEVICES.format(cache=cache))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run([sys.executable, str(script), json.dumps(eight_device_checkpoints)], capture_output=True,
-                        text=True, env=env, timeout=TIMEOUT_S)
+                        text=True, env=cpu_env(8), timeout=TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-6000:]
   report = json.loads(proc.stdout.split("REPORT ", 1)[1])
   assert len(report) == 2 * 2 * 4
@@ -262,7 +260,7 @@ _WORKER = textwrap.dedent("""
     from jax.experimental import multihost_utils
     from elastic_jax.interop import hf
     from elastic_jax.train.sharding import make_mesh, param_shardings
-    path, out = sys.argv[1], sys.argv[2]
+    path, out = sys.argv[1], sys.argv[2].replace("{{process}}", str(jax.process_index()))
     assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (2, 2, 4)
     mesh = make_mesh((1, 4))
 
@@ -316,26 +314,9 @@ def test_two_processes_import_only_their_share(tmp_path):
 
   worker = tmp_path / "worker.py"
   worker.write_text(_WORKER.format(timeout=TIMEOUT_S))
-  port = _free_port()
-  procs, logs = [], []
   start = time.perf_counter()
-  for process_id in (0, 1):
-    env = _env(2, ELASTIC_JAX_COORDINATOR=f"localhost:{port}", ELASTIC_JAX_NUM_PROCESSES="2",
-               ELASTIC_JAX_PROCESS_ID=str(process_id))
-    # Output to files, not pipes: a process blocked on a full pipe would stall the other in a collective.
-    logs.append(open(tmp_path / f"worker{process_id}.log", "w", encoding="utf-8"))
-    procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / "ckpt"),
-                                   str(tmp_path / f"worker{process_id}.json")], env=env, stdout=logs[-1],
-                                  stderr=subprocess.STDOUT))
-  try:
-    for proc in procs:
-      proc.wait(timeout=TIMEOUT_S)
-  finally:
-    for proc, log in zip(procs, logs):
-      proc.kill()
-      log.close()
-  for process_id, proc in enumerate(procs):
-    assert proc.returncode == 0, (tmp_path / f"worker{process_id}.log").read_text()[-3000:]
+  run_processes([sys.executable, str(worker), str(tmp_path / "ckpt"), str(tmp_path / "worker{process}.json")],
+                tmp_path / "worker", devices=2, timeout=TIMEOUT_S)
   print(f"two processes: {time.perf_counter() - start:.1f} s")
 
   for process_id in (0, 1):

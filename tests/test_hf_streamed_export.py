@@ -13,7 +13,6 @@ import json
 import math
 import pathlib
 import struct
-import subprocess
 import sys
 import textwrap
 import time
@@ -30,7 +29,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from conftest import random_params, small_config  # noqa: E402
 from test_hf_interop import assert_logits_close, hf_logits, our_logits, random_tokens  # noqa: E402
-from test_multiprocess import _env, _free_port  # noqa: E402
+from multihost import run_processes  # noqa: E402
 
 from elastic_jax.interop import hf  # noqa: E402
 
@@ -116,6 +115,7 @@ _WORKER = textwrap.dedent("""
     from elastic_jax.interop import hf
     from elastic_jax.train.sharding import make_mesh
     reference, out, report_file = sys.argv[1:4]
+    report_file = report_file.replace("{{process}}", str(jax.process_index()))
     assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (2, 2, 4)
     mesh = make_mesh((1, 4))
 
@@ -183,26 +183,9 @@ def test_two_processes_stream_the_single_process_file(tmp_path):
   out = tmp_path / "out"
   worker = tmp_path / "worker.py"
   worker.write_text(_WORKER.format(timeout=TIMEOUT_S))
-  port = _free_port()
-  procs, logs = [], []
   start = time.perf_counter()
-  for process_id in (0, 1):
-    env = _env(2, ELASTIC_JAX_COORDINATOR=f"localhost:{port}", ELASTIC_JAX_NUM_PROCESSES="2",
-               ELASTIC_JAX_PROCESS_ID=str(process_id))
-    # Output to files, not pipes: a process blocked on a full pipe would stall the other in a collective.
-    logs.append(open(tmp_path / f"worker{process_id}.log", "w", encoding="utf-8"))
-    procs.append(subprocess.Popen([sys.executable, str(worker), str(reference), str(out),
-                                   str(tmp_path / f"worker{process_id}.json")], env=env, stdout=logs[-1],
-                                  stderr=subprocess.STDOUT))
-  try:
-    for proc in procs:
-      proc.wait(timeout=TIMEOUT_S)
-  finally:
-    for proc, log in zip(procs, logs):
-      proc.kill()
-      log.close()
-  for process_id, proc in enumerate(procs):
-    assert proc.returncode == 0, (tmp_path / f"worker{process_id}.log").read_text()[-3000:]
+  run_processes([sys.executable, str(worker), str(reference), str(out), str(tmp_path / "worker{process}.json")],
+                tmp_path / "worker", devices=2, timeout=TIMEOUT_S)
   print(f"two processes: {time.perf_counter() - start:.1f} s")
 
   reports = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in (0, 1)]
@@ -267,24 +250,8 @@ def test_extract_cli_on_two_processes_writes_the_single_process_checkpoint(workd
   from elastic_jax import extract as extract_cli  # pylint: disable=import-outside-toplevel
   args = ["--workdir", workdir, "--budget", "60pct", "--format", "hf"]
   assert extract_cli.main(args + ["--out", str(tmp_path / "single")]) == 0
-  port = _free_port()
-  procs, logs = [], []
-  for process_id in (0, 1):
-    env = _env(2, ELASTIC_JAX_COORDINATOR=f"localhost:{port}", ELASTIC_JAX_NUM_PROCESSES="2",
-               ELASTIC_JAX_PROCESS_ID=str(process_id))
-    logs.append(open(tmp_path / f"extract{process_id}.log", "w", encoding="utf-8"))
-    procs.append(subprocess.Popen([sys.executable, "-m", "elastic_jax.extract", *args, "--out",
-                                   str(tmp_path / "multi")], env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
-  try:
-    for proc in procs:
-      proc.wait(timeout=TIMEOUT_S)
-  finally:
-    for proc, log in zip(procs, logs):
-      proc.kill()
-      log.close()
-  for process_id, proc in enumerate(procs):
-    assert proc.returncode == 0, (tmp_path / f"extract{process_id}.log").read_text()[-3000:]
+  logs = run_processes([sys.executable, "-m", "elastic_jax.extract", *args, "--out", str(tmp_path / "multi")],
+                       tmp_path / "extract", devices=2, timeout=TIMEOUT_S)
   assert _child_files(tmp_path / "multi") == _child_files(tmp_path / "single")
   # Only process 0 reports what it wrote.
-  assert "extracted 60pct" in (tmp_path / "extract0.log").read_text()
-  assert "extracted 60pct" not in (tmp_path / "extract1.log").read_text()
+  assert "extracted 60pct" in logs[0] and "extracted 60pct" not in logs[1]

@@ -10,18 +10,17 @@ losses, the same report. A shortened tiny job keeps each run to about a minute o
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from multihost import cpu_env, run_processes
+
 ROOT = pathlib.Path(__file__).parents[1]
 TIMEOUT_S = 600  # per run: a hang (one process waiting on a collective) fails the test instead of blocking CI
-CACHE = os.path.join("/tmp", "elastic_jax_test_xla_cache_main_job")
 
 # The tiny config, shortened: a few steps of every phase, batches that divide over 4 devices, checkpoints mid-stage.
 SHORT = ["--config.parent.pretrain_steps=12", "--config.parent.seq_len=64", "--config.parent.long_every=3",
@@ -32,23 +31,6 @@ SHORT = ["--config.parent.pretrain_steps=12", "--config.parent.seq_len=64", "--c
          "--config.eval.seq_len=64", "--config.eval.decode_batch=8", "--config.checkpoint_every=5"]
 
 
-def _env(devices: int, **extra: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_JAX_")}
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-  if not any("xla_backend_optimization_level" in f for f in flags):
-    flags.append("--xla_backend_optimization_level=0")
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
-             PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]), **extra)
-  return env
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _command(workdir: pathlib.Path, *flags: str) -> list[str]:
   return [sys.executable, "-m", "elastic_jax.train", "--config", str(ROOT / "configs" / "tiny.py"),
           "--workdir", str(workdir), *SHORT, *flags]
@@ -56,7 +38,7 @@ def _command(workdir: pathlib.Path, *flags: str) -> list[str]:
 
 def run_single(workdir: pathlib.Path, *flags: str) -> str:
   """One process, one device; returns its log."""
-  result = subprocess.run(_command(workdir, *flags), env=_env(1), capture_output=True, text=True, timeout=TIMEOUT_S)
+  result = subprocess.run(_command(workdir, *flags), env=cpu_env(1), capture_output=True, text=True, timeout=TIMEOUT_S)
   log = result.stdout + result.stderr
   assert result.returncode == 0, log[-4000:]
   return log
@@ -64,25 +46,8 @@ def run_single(workdir: pathlib.Path, *flags: str) -> str:
 
 def run_two_processes(workdir: pathlib.Path, mesh: str, *flags: str) -> list[str]:
   """Two processes of 2 CPU devices each on ``mesh``; returns their logs."""
-  port, procs, logs = _free_port(), [], []
-  for process_id in (0, 1):
-    env = _env(2, ELASTIC_JAX_COORDINATOR=f"localhost:{port}", ELASTIC_JAX_NUM_PROCESSES="2",
-               ELASTIC_JAX_PROCESS_ID=str(process_id))
-    # Output to files, not pipes: a process blocked on a full pipe would stall the other in a collective.
-    logs.append(open(f"{workdir}.p{process_id}.log", "w", encoding="utf-8"))
-    procs.append(subprocess.Popen(_command(workdir, f"--config.mesh.shape={mesh}", *flags), env=env,
-                                  stdout=logs[-1], stderr=subprocess.STDOUT))
-  try:
-    for proc in procs:
-      proc.wait(timeout=TIMEOUT_S)
-  finally:
-    for proc, log in zip(procs, logs):
-      proc.kill()
-      log.close()
-  texts = [pathlib.Path(f"{workdir}.p{i}.log").read_text() for i in (0, 1)]
-  for proc, text in zip(procs, texts):
-    assert proc.returncode == 0, text[-4000:]
-  return texts
+  return run_processes(_command(workdir, f"--config.mesh.shape={mesh}", *flags), f"{workdir}.p", devices=2,
+                       timeout=TIMEOUT_S)
 
 
 def _read(path: pathlib.Path):
@@ -185,7 +150,7 @@ def test_two_process_main_job_from_a_transformers_checkpoint(tmp_path):
 def test_a_batch_the_mesh_cannot_split_is_refused_before_any_phase(tmp_path):
   workdir = tmp_path / "refused"
   result = subprocess.run(_command(workdir, "--config.mesh.shape=(4,)", "--config.stages[1].batch_size=6"),
-                          env=_env(4), capture_output=True, text=True, timeout=TIMEOUT_S)
+                          env=cpu_env(4), capture_output=True, text=True, timeout=TIMEOUT_S)
   assert result.returncode == 2
   assert "config error: config.stages[1].batch_size=6 is not divisible by the 4 data-parallel devices of mesh " \
          "(4,): make it a multiple of 4." in result.stderr

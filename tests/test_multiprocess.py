@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 from elastic_jax.train import distributed
+from multihost import cpu_env, run_processes
 
 TESTS = pathlib.Path(__file__).parent
 ROOT = TESTS.parent
@@ -26,7 +26,7 @@ TIMEOUT_S = 240  # per subprocess: a hang (e.g. one process waiting on a collect
 # after 3 steps and resumes from its (multi-host Orbax) checkpoint; the reference runs the 5 steps in one go.
 _WORKER = textwrap.dedent("""
     import importlib.util, json, os, sys
-    mode, workdir, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    mode, workdir, out = sys.argv[1], sys.argv[2], sys.argv[3]  # out may hold "{{process}}"
     import faulthandler
     faulthandler.dump_traceback_later({timeout} - 20, exit=True)  # a hang prints where it hangs, then exits
     from elastic_jax.train import distributed
@@ -57,28 +57,11 @@ _WORKER = textwrap.dedent("""
                                      optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2), log_every=1,
                                      progress=False, **kw)
     history = run(max_steps=3).history + run().history if mode == "multi" else run().history
-    with open(out, "w") as f:
+    with open(out.replace("{{process}}", str(jax.process_index())), "w") as f:
       json.dump({{"source": settings.source, "process": jax.process_index(), "processes": jax.process_count(),
                   "devices": jax.device_count(), "steps": [h["step"] for h in history],
                   "losses": [h["loss"] for h in history], "kd": [h["kd_per_budget"] for h in history]}}, f)
 """)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int, **extra: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIC_JAX_")}
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-  if not any("xla_backend_optimization_level" in f for f in flags):
-    flags.append("--xla_backend_optimization_level=0")
-  env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-  env.update(JAX_PLATFORMS="cpu", TEST_XLA_CACHE=os.path.join("/tmp", "elastic_jax_test_xla_cache_mp"),
-             PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]), **extra)
-  return env
 
 
 def _read(path: pathlib.Path) -> dict:
@@ -90,28 +73,11 @@ def test_two_processes_match_one_process(tmp_path):
   worker = tmp_path / "worker.py"
   worker.write_text(_WORKER.format(tests=str(TESTS), tiny=str(ROOT / "configs" / "tiny.py"), timeout=TIMEOUT_S))
 
-  port = _free_port()
-  procs, logs = [], []
-  for process_id in (0, 1):
-    env = _env(1, ELASTIC_JAX_COORDINATOR=f"localhost:{port}", ELASTIC_JAX_NUM_PROCESSES="2",
-               ELASTIC_JAX_PROCESS_ID=str(process_id))
-    # Output to files, not pipes: a process blocked on a full pipe would stall the other in a collective.
-    logs.append(open(tmp_path / f"multi{process_id}.log", "w", encoding="utf-8"))
-    procs.append(subprocess.Popen([sys.executable, str(worker), "multi", str(tmp_path / "multi"),
-                                   str(tmp_path / f"multi{process_id}.json")], env=env, stdout=logs[-1],
-                                  stderr=subprocess.STDOUT))
-  try:
-    for proc in procs:
-      proc.wait(timeout=TIMEOUT_S)
-  finally:
-    for proc, log in zip(procs, logs):
-      proc.kill()
-      log.close()
-  for process_id, proc in enumerate(procs):
-    assert proc.returncode == 0, (tmp_path / f"multi{process_id}.log").read_text()[-3000:]
+  command = [sys.executable, str(worker), "multi", str(tmp_path / "multi"), str(tmp_path / "multi{process}.json")]
+  run_processes(command, tmp_path / "multi", devices=1, timeout=TIMEOUT_S)
 
   single = subprocess.run([sys.executable, str(worker), "single", str(tmp_path / "single"),
-                           str(tmp_path / "single.json")], env=_env(1), capture_output=True, text=True,
+                           str(tmp_path / "single.json")], env=cpu_env(1), capture_output=True, text=True,
                           timeout=TIMEOUT_S)
   assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-3000:]
 

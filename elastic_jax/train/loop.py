@@ -126,7 +126,6 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
     check_grad_accum(stage.batch_size, setup.grad_accum_steps, f"stage {stage.name!r}")
   total_steps = sum(stage.steps for stage in stages)
   router_optimizer = router_optimizer or default_router_optimizer_config()
-  tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
   run_config = dict(run_config) if run_config is not None else describe_run(setup, stages, optimizer,
                                                                             router_optimizer, seed)
   workdir = os.fspath(workdir)
