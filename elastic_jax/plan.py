@@ -1,8 +1,8 @@
 """Will it fit? Memory and time of every phase of the main job per device and per host, planned ahead of time.
 
     python -m elastic_jax.plan --config configs/nano_v2_12b.py [--config.key=value ...] [--device v5p]
-                               [--json] [--compile] [--mfu 0.4] [--storage_gb_per_s 1] [--devices_per_host 4]
-                               [--prompt_len 512]
+                               [--json] [--compile | --compile-for v5p:2x2x1] [--mfu 0.4] [--storage_gb_per_s 1]
+                               [--devices_per_host 4] [--prompt_len 512]
 
 Nothing is loaded or allocated: the train state's shapes come from ``jax.eval_shape`` and its shardings from the
 run's logical-axis rules over a ``jax.sharding.AbstractMesh`` of the configured shape, so a 12B plan for 128 chips
@@ -77,7 +77,11 @@ and the per-hop accumulators and K/V blocks, the sharded SSD's all-gathered end 
 [L, K] score matrix per head (cached prefill and decode never run the ring). Mamba is counted with the chunked SSD
 (a fused kernel keeps less). ``--compile`` (when enough devices exist, e.g. virtual CPU devices) lowers and compiles
 the real train step, a depth-ranking forward and a perplexity forward and prints XLA's memory analysis next to the
-estimates.
+estimates. ``--compile-for TARGET`` (``elastic_jax.aot``: "v5p:2x2x1", "h100:1x1x8", ...) compiles every stage's
+real train step for that target's compile-only devices, without the hardware, in a worker process (a compiler abort
+becomes a one-line error); the target names the device kind and its device count must equal the mesh's. Where a
+stage is compiled, its verdict and margin (and the training phase's) use XLA's per-device total instead of the
+estimate.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from elastic_jax import aot
 from elastic_jax.elastic import importance as importance_lib
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.eval import metrics as metrics_lib
@@ -139,6 +144,7 @@ DEVICES: dict[str, Device] = {
     "v5p": Device("TPU v5p chip", 95 * GB, 459e12, 2765 * GB, 4),
     "v5e": Device("TPU v5e chip", 16 * GB, 197e12, 819 * GB, 4),
     "v4": Device("TPU v4 chip", 32 * GB, 275e12, 1200 * GB, 4),
+    "v6e": Device("TPU v6e chip", 32 * GB, 918e12, 1640 * GB, 4),
     "h100": Device("NVIDIA H100 SXM 80GB", 80 * GB, 989e12, 3350 * GB, 8),
     "h200": Device("NVIDIA H200 141GB", 141 * GB, 989e12, 4800 * GB, 8),
     "a100": Device("NVIDIA A100 80GB", 80 * GB, 312e12, 2039 * GB, 8),
@@ -487,14 +493,20 @@ class StagePlan:
   flops_per_step: float
   seconds_per_step: float
   notes: list[str] = dataclasses.field(default_factory=list)
+  xla_total: float | None = None  # XLA's per-device total of the compiled step, once compiled (``with_compiled``)
+
+  @property
+  def peak(self) -> float:
+    """The per-device bytes the verdict reads: XLA's total where the step was compiled, else the estimate."""
+    return self.memory["total"] if self.xla_total is None else self.xla_total
 
   @property
   def fits(self) -> bool:
-    return self.memory["total"] <= self.capacity
+    return self.peak <= self.capacity
 
   @property
   def margin(self) -> float:
-    return self.capacity - self.memory["total"]
+    return self.capacity - self.peak
 
 
 # ------------------------------------------------------------------------------------------------ the phases
@@ -597,18 +609,24 @@ class PhasePlan:
   programs: dict[str, float] = dataclasses.field(default_factory=dict)  # per-device peak of each of its programs
   counts: dict[str, int] = dataclasses.field(default_factory=dict)
   notes: list[str] = dataclasses.field(default_factory=list)
+  xla_total: float | None = None  # training: the largest compiled stage's XLA total, once every stage is compiled
 
   @property
   def seconds(self) -> float:
     return max(self.compute_seconds, self.hbm_seconds) + self.storage_seconds
 
   @property
+  def peak(self) -> float:
+    """The per-device bytes the verdict reads: XLA's total where compiled, else the estimate."""
+    return self.memory["total"] if self.xla_total is None else self.xla_total
+
+  @property
   def fits(self) -> bool:
-    return self.memory["total"] <= self.capacity
+    return self.peak <= self.capacity
 
   @property
   def margin(self) -> float:
-    return self.capacity - self.memory["total"]
+    return self.capacity - self.peak
 
 
 def _phase(name: str, memory: dict[str, float], hardware: Hardware, **fields) -> PhasePlan:
@@ -740,7 +758,7 @@ class Plan:
   @property
   def peak(self) -> PhasePlan:
     """The phase with the largest per-device peak."""
-    return max(self.phases, key=lambda phase: phase.memory["total"])
+    return max(self.phases, key=lambda phase: phase.peak)
 
   @property
   def fits(self) -> bool:
@@ -763,12 +781,13 @@ class Plan:
         "peak_phase": self.peak.name if self.phases else None,
         "stages": [{"name": s.name, "batch_size": s.batch_size, "seq_len": s.seq_len, "micro_batch": s.micro_batch,
                     "tokens_per_device": s.tokens_per_device, "memory_bytes": s.memory,
-                    "activation_terms_bytes": s.activation_terms, "capacity_bytes": s.capacity, "fits": s.fits,
-                    "margin_bytes": s.margin, "flops_per_step": s.flops_per_step,
-                    "seconds_per_step": s.seconds_per_step, "notes": s.notes} for s in self.stages],
+                    "activation_terms_bytes": s.activation_terms, "xla_total_bytes": s.xla_total,
+                    "capacity_bytes": s.capacity, "fits": s.fits, "margin_bytes": s.margin,
+                    "flops_per_step": s.flops_per_step, "seconds_per_step": s.seconds_per_step, "notes": s.notes}
+                   for s in self.stages],
         "phases": [{"name": p.name, "work": p.work, "memory_bytes": p.memory, "host_bytes": p.host_bytes,
-                    "host_holds": p.host_holds, "capacity_bytes": p.capacity, "fits": p.fits,
-                    "margin_bytes": p.margin, "flops": p.flops, "compute_seconds": p.compute_seconds,
+                    "host_holds": p.host_holds, "xla_total_bytes": p.xla_total, "capacity_bytes": p.capacity,
+                    "fits": p.fits, "margin_bytes": p.margin, "flops": p.flops, "compute_seconds": p.compute_seconds,
                     "hbm_seconds": p.hbm_seconds, "storage_seconds": p.storage_seconds, "seconds": p.seconds,
                     "counts": p.counts, "notes": p.notes} for p in self.phases],
     }
@@ -926,13 +945,56 @@ def compiled_phase_memory(config: Any, phase: str, devices: Sequence[jax.Device]
 
 def _memory_analysis(compiled: Any) -> dict[str, float]:
   """XLA's memory analysis of a compiled program (bytes per device), with the total it holds at once."""
-  analysis = compiled.memory_analysis()
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-            "generated_code_size_in_bytes")
-  out = {name: float(getattr(analysis, name)) for name in fields}
-  out["total"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
-                  + out["temp_size_in_bytes"])
+  return aot.memory_figures(compiled.memory_analysis())
+
+
+def target_device_count(target: str) -> int:
+  """Devices of a compile target: the product of its topology ("v5p:2x2x1": 4 chips, one device each; "h100:1x1x8":
+  8 GPUs)."""
+  return math.prod(int(n) for n in aot.parse(target).topology.split("x"))
+
+
+def compiled_for_target(config: Any, target: str, timeout: float = 1800.0) -> dict[str, dict[str, float]]:
+  """Compiles every stage's real elastic step (``aot.programs.elastic_step``, the step ``jit_elastic_step`` builds)
+  under the config's mesh for ``target``'s compile-only devices, one worker process per stage, and returns per
+  stage XLA's memory analysis in bytes per device, with the worker's ``lower_seconds`` and ``compile_seconds``.
+
+  Raises:
+    aot.TargetError: an unknown target name.
+    ValueError: the mesh does not span the target's devices.
+    aot.CompileFailed: the compiler is not installed, aborted, raised or timed out (``reason`` says which).
+  """
+  name = aot.parse(target).name
+  hardware = hardware_from_config(config)
+  shape = tuple(int(n) for n in (plain(config.get("mesh")).get("shape") or ())) or (hardware.num_devices,)
+  count = target_device_count(name)
+  if count != hardware.num_devices:
+    raise ValueError(f"--compile-for {name}: the target has {count} devices but the mesh {shape} spans "
+                     f"{hardware.num_devices}; pick a topology of {hardware.num_devices} device(s), or set "
+                     f"--config.mesh.shape and --config.plan.num_devices to span {count}.")
+  out = {}
+  for index, stage in enumerate(stages_from_config(config)):
+    try:
+      result = aot.compile_in_subprocess("elastic_step", name, timeout=timeout, config=config.to_dict(), stage=index)
+    except aot.CompileFailed as error:
+      raise aot.CompileFailed(f"{stage.name}: {error}", error.reason, error.log) from None
+    out[stage.name] = {**result.memory, "lower_seconds": result.lower_seconds,
+                       "compile_seconds": result.compile_seconds}
   return out
+
+
+def with_compiled(plan: Plan, compiled: Mapping[str, Mapping[str, float]]) -> Plan:
+  """Records XLA's per-device totals of the compiled stages in ``plan`` (``compiled_memory`` or
+  ``compiled_for_target`` results by stage name), so that their verdicts and margins, and once every stage is
+  compiled the training phase's, read XLA's figure instead of the estimate."""
+  for stage in plan.stages:
+    if stage.name in compiled:
+      stage.xla_total = float(compiled[stage.name]["total"])
+  if plan.stages and all(stage.xla_total is not None for stage in plan.stages):
+    for phase in plan.phases:
+      if phase.name == "training":
+        phase.xla_total = max(stage.xla_total for stage in plan.stages)
+  return plan
 
 
 def detect_device(device: jax.Device | None = None) -> str:
@@ -941,8 +1003,8 @@ def detect_device(device: jax.Device | None = None) -> str:
   kind = device.device_kind.lower()
   if device.platform == "cpu":
     return "cpu"
-  for pattern, name in (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("v5p", "v5p"), ("v5 lite", "v5e"),
-                        ("v5e", "v5e"), ("v5", "v5p"), ("v4", "v4")):
+  for pattern, name in (("h200", "h200"), ("h100", "h100"), ("a100", "a100"), ("v6", "v6e"), ("v5p", "v5p"),
+                        ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5", "v5p"), ("v4", "v4")):
     if pattern in kind:
       return name
   raise ValueError(f"no peak FLOP/s known for device kind {device.device_kind!r}; pass the device name (one of "
@@ -955,8 +1017,10 @@ def format_bytes(x: float) -> str:
   return f"{x / GB:,.2f} GB" if abs(x) >= 0.1 * GB else f"{x / 1e6:,.2f} MB"
 
 
-def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None = None) -> str:
-  """The plan as a readable table (one column per stage)."""
+def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None = None, target: str | None = None
+                ) -> str:
+  """The plan as a readable table (one column per stage); ``compiled``: XLA's memory analysis by stage name (and
+  ``phase:<name>`` for the forward phases), printed beside the estimates; ``target``: what it was compiled for."""
   hw, s = plan.hardware, plan.settings
   flops_model = forward_flops_per_token(plan.config, plan.stages[0].seq_len)
   lines = [
@@ -987,22 +1051,34 @@ def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None =
   for key, label in terms.items():
     lines.append(row(f"    {label}", [format_bytes(st.activation_terms[key]) for st in stages]))
   lines.append(row("  total", [format_bytes(st.memory["total"]) for st in stages]))
+  xla = {st.name: compiled[st.name] for st in stages if st.name in (compiled or {})}
+  if xla:
+    for key, label in (("argument_size_in_bytes", "XLA arguments"), ("temp_size_in_bytes", "XLA temp"),
+                       ("total", "XLA total (args+out-alias+temp)")):
+      lines.append(row(f"  {label}", [format_bytes(xla[st.name][key]) if st.name in xla else "-" for st in stages]))
+    lines.append(row("  planned total / XLA total", [f"{st.memory['total'] / st.xla_total:.2f}x"
+                                                     if st.xla_total else "-" for st in stages]))
+    if any("compile_seconds" in figures for figures in xla.values()):
+      seconds = {name: figures["lower_seconds"] + figures["compile_seconds"] for name, figures in xla.items()}
+      lines.append(row("  XLA lower + compile", [f"{seconds[st.name]:,.0f} s" if st.name in seconds else "-"
+                                                 for st in stages]))
   lines.append(row("  usable HBM", [format_bytes(st.capacity) for st in stages]))
-  lines.append(row("  verdict", ["FITS" if st.fits else "DOES NOT FIT" for st in stages]))
-  lines.append(row("  margin", [format_bytes(st.margin) for st in stages]))
-  if compiled:
-    for key, label in (("temp_size_in_bytes", "XLA temp (compiled)"), ("total", "XLA total (args+out-alias+temp)")):
-      lines.append(row(f"  {label}", [format_bytes(compiled[st.name][key]) if st.name in compiled else "-"
-                                      for st in stages]))
+  verdict_on = " (XLA total)" if xla else ""
+  lines.append(row(f"  verdict{verdict_on}", ["FITS" if st.fits else "DOES NOT FIT" for st in stages]))
+  lines.append(row(f"  margin{verdict_on}", [format_bytes(st.margin) for st in stages]))
   lines.append(row("model FLOPs per step", [f"{st.flops_per_step:.3e}" for st in stages]))
   lines.append(row(f"time per step at {hw.mfu:.0%} MFU", [f"{st.seconds_per_step:,.2f} s" for st in stages]))
   for st in stages:
     lines.extend(f"note ({st.name}): {note}" for note in st.notes)
+  if xla:
+    where = f"for {target} without the hardware (compile-only devices)" if target else "on this machine's devices"
+    lines += textwrap.wrap(f"XLA: the real elastic step of {len(xla)} stage(s) compiled {where}; a stage's verdict "
+                           "and margin read XLA's total", 118, subsequent_indent="    ")
   if plan.phases:
     lines += [""] + _format_phases(plan, compiled)
   lines.append("")
   if plan.fits:
-    lines.append(f"FITS: the largest per-device peak is {format_bytes(plan.peak.memory['total'])} ({plan.peak.name})"
+    lines.append(f"FITS: the largest per-device peak is {format_bytes(plan.peak.peak)} ({plan.peak.name})"
                  if plan.phases else "FITS")
   else:
     lines.append("DOES NOT FIT: see the stages and phases marked above (raise grad_accum_steps, remat more block "
@@ -1031,6 +1107,10 @@ def _format_phases(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | Non
       lines.append(row(f"  {label}", [format_bytes(phase.memory[key]) if key in phase.memory else "-"
                                       for phase in phases]))
   lines.append(row("  peak", [format_bytes(phase.memory["total"]) for phase in phases]))
+  compiled_phases = any(phase.xla_total is not None for phase in phases)
+  if compiled_phases:
+    lines.append(row("  peak (XLA, compiled)", [format_bytes(phase.xla_total) if phase.xla_total is not None else "-"
+                                                for phase in phases]))
   lines.append(row("  verdict", ["FITS" if phase.fits else "DOES NOT FIT" for phase in phases]))
   lines.append(row("  margin", [format_bytes(phase.margin) for phase in phases]))
   devices = f"{hw.devices_per_host} device{'s' if hw.devices_per_host > 1 else ''}"
@@ -1072,6 +1152,13 @@ def _cli() -> None:
   compile_ = flags.DEFINE_bool("compile", False, "Also lower and compile the real step of every stage and the "
                                "importance and perplexity forwards (needs the mesh's device count) and print XLA's "
                                "memory analysis beside the estimates.")
+  compile_for = flags.DEFINE_string("compile_for", None, "Compile every stage's real step for a target without the "
+                                    "hardware (elastic_jax.aot: v5p:2x2x1, v5e:4x4, v6e:2x2, h100:1x1x8, ...; its "
+                                    "device count must equal the mesh's), print XLA's memory analysis beside the "
+                                    "estimates and judge the stages by it. The target names the device kind.")
+  flags.DEFINE_alias("compile-for", "compile_for")
+  compile_timeout = flags.DEFINE_float("compile_timeout_s", 1800.0, "Seconds one stage's --compile-for compile may "
+                                       "take before its worker is stopped.")
   storage = flags.DEFINE_float("storage_gb_per_s", None, "Assumed checkpoint storage bandwidth per host in GB/s "
                                f"(default: config.plan.storage_gb_per_s, else {DEFAULT_STORAGE_GB_PER_S:g}).")
   per_host = flags.DEFINE_integer("devices_per_host", None, "Devices each host drives (default: "
@@ -1085,23 +1172,43 @@ def _cli() -> None:
     if cfg is None:
       raise app.UsageError("--config is required, e.g. --config configs/nano_v2_12b.py")
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
-    plan = make_plan(cfg, name, device.value, mfu.value, usable.value, storage.value, per_host.value,
+    target, device_name = None, device.value
+    if compile_for.value:
+      if compile_.value:
+        raise app.UsageError("give --compile (this machine's devices) or --compile-for TARGET, not both.")
+      try:
+        target = aot.parse(compile_for.value)
+      except aot.TargetError as error:
+        raise SystemExit(f"plan: {error}") from None
+      if device_name and device_name != target.kind:
+        raise app.UsageError(f"--device {device_name} contradicts --compile-for {target.name}; the target names the "
+                             "device kind.")
+      device_name = target.kind
+    plan = make_plan(cfg, name, device_name, mfu.value, usable.value, storage.value, per_host.value,
                      prompt_len.value)
     compiled = None
-    if compile_.value and jax.device_count() < plan.hardware.num_devices:
+    if target is not None:
+      try:
+        compiled = compiled_for_target(cfg, target.name, compile_timeout.value)
+      except (ValueError, aot.CompileFailed) as error:  # one line: what failed, and the compiler's own words
+        raise SystemExit("plan: " + " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
+                         ) from None
+    elif compile_.value and jax.device_count() < plan.hardware.num_devices:
       print(f"--compile skipped: the mesh needs {plan.hardware.num_devices} devices and {jax.device_count()} exist "
             f"(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count={plan.hardware.num_devices}).",
             file=sys.stderr)
     elif compile_.value:
       compiled = {stage.name: compiled_memory(cfg, index) for index, stage in enumerate(plan.stages)}
       compiled.update({f"phase:{phase}": compiled_phase_memory(cfg, phase) for phase in FORWARD_PHASES})
+    if compiled is not None:
+      with_compiled(plan, compiled)
     if as_json.value:
       out = plan.to_json()
       if compiled is not None:
         out["compiled"] = compiled
       print(json.dumps(out, indent=1))
     else:
-      print(format_plan(plan, compiled))
+      print(format_plan(plan, compiled, target.name if target else None))
 
   app.run(main)
 

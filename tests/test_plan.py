@@ -1,6 +1,7 @@
 """The planner: per-device state bytes against a real sharded train state, the activation model against XLA's
 memory analysis, every phase of the main job (import, importance, permutation, training, extraction, evaluation),
-the Nano V2 12B plan, and its errors."""
+the Nano V2 12B plan, its errors, and ``--compile-for``: the plan beside libtpu's memory analysis of the real step
+compiled for compile-only v5p chips."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ import textwrap
 import ml_collections
 import pytest
 
+from elastic_jax import aot
 from elastic_jax import plan as plan_lib
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.model import ModelConfig
@@ -330,3 +333,61 @@ def test_a_phase_that_does_not_fit_decides_the_verdict():
   assert evaluation.memory["activations"] > 64 * 4 * 8192 * 8192 * 4 and not evaluation.fits
   assert not plan.fits and plan.peak is evaluation
   assert "DOES NOT FIT" in plan_lib.format_plan(plan)
+
+
+# ------------------------------------------------------------------------------------------ --compile-for a target
+def _plan_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "elastic_jax.plan", *args], env=_subprocess_env(1),
+                        capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+
+
+def _row_bytes(text: str, label: str) -> list[float]:
+  """The byte figures of the first table row labelled ``label`` ("12.02 GB" / "56.00 MB" -> bytes)."""
+  line = next(line for line in text.splitlines() if line[:34].strip() == label)
+  return [float(n.replace(",", "")) * (1e9 if unit == "GB" else 1e6)
+          for n, unit in re.findall(r"([\d,.]+) (GB|MB)", line[34:])]
+
+
+def test_compile_for_a_target_whose_devices_the_mesh_does_not_span_is_refused():
+  """Before any compile (no compiler needed): proxy_1b's mesh (1,) against the 4 chips of v5p:2x2x1."""
+  result = _plan_cli("--config", "configs/proxy_1b.py", "--compile-for", "v5p:2x2x1")
+  assert result.returncode == 1
+  assert ("plan: --compile-for v5p:2x2x1: the target has 4 devices but the mesh (1,) spans 1; pick a topology of "
+          "1 device(s), or set --config.mesh.shape and --config.plan.num_devices to span 4.") in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(aot.unavailable_reason("v5p") is not None,
+                    reason=f"compile-only v5p devices need libtpu: {aot.unavailable_reason('v5p')}")
+def test_compile_for_v5p_prints_xla_beside_the_plan_within_factor_2():
+  """``--compile-for v5p:2x2x1`` compiles both stages of the tiny run for 4 compile-only v5p chips (mesh (4,);
+  stage 2's batch raised from 6 to 8 so that it splits over them) and prints libtpu's per-device memory analysis
+  beside the plan; the planned per-device total is within 2x of XLA's for each stage."""
+  result = _plan_cli("--config", "configs/tiny.py", "--compile-for", "v5p:2x2x1", "--config.mesh.shape=(4,)",
+                     "--config.stages[1].batch_size=8", timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert "on 4 x TPU v5p chip" in out and "compiled for v5p:2x2x1 without the hardware" in out, out
+  assert any(line.startswith("  verdict (XLA total)") for line in out.splitlines()), out
+  planned, xla = _row_bytes(out, "total"), _row_bytes(out, "XLA total (args+out-alias+temp)")
+  arguments = _row_bytes(out, "XLA arguments")
+  assert len(planned) == len(xla) == len(arguments) == 2, out
+  for stage, (plan_bytes, xla_bytes, argument_bytes) in enumerate(zip(planned, xla, arguments)):
+    assert 0 < argument_bytes < xla_bytes, out
+    ratio = plan_bytes / xla_bytes
+    assert 0.5 <= ratio <= 2.0, (f"stage {stage + 1}: planned {plan_bytes / 1e6:.2f} MB per device, XLA "
+                                 f"{xla_bytes / 1e6:.2f} MB: ratio {ratio:.2f}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(aot.unavailable_reason("v5p") is not None,
+                    reason=f"compile-only v5p devices need libtpu: {aot.unavailable_reason('v5p')}")
+def test_compile_for_a_step_that_does_not_compile_ends_with_one_line():
+  """Stage 1's batch of 6 cannot split over 4 chips: the worker's error comes back as the last line, naming the
+  stage and the target, and nothing else of the plan is printed."""
+  result = _plan_cli("--config", "configs/tiny.py", "--compile-for", "v5p:2x2x1", "--config.mesh.shape=(4,)",
+                     "--config.stages[0].batch_size=6")
+  assert result.returncode == 1 and result.stdout == "", result.stdout
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("plan: stage1: elastic_step for v5p:2x2x1: IndivisibleError: "), last
+  assert "the dimension size is 6" in last, last
