@@ -191,12 +191,16 @@ def test_extract_hf_refuses_a_heterogeneous_choice(workdir, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------- evaluate
 def _hand_packed_eval_batch(batch_size: int, seq_len: int) -> np.ndarray:
-  """Evaluation-split documents of every family as UTF-8 bytes, each followed by NUL, cut into one batch."""
-  stream, index = [], 0
-  while len(stream) < batch_size * (seq_len + 1):
-    stream += list(tasks.generate_example(tasks.TaskConfig(), 0, "eval", index).text.encode("utf-8")) + [0]
-    index += 1
-  return np.asarray(stream[:batch_size * (seq_len + 1)], np.int64).reshape(batch_size, seq_len + 1)
+  """Evaluation-split documents of every family as UTF-8 bytes, each followed by NUL: row r packs documents
+  r, r + batch_size, r + 2 batch_size, ... and keeps its first seq_len + 1 bytes."""
+  rows = []
+  for row in range(batch_size):
+    stream, index = [], row
+    while len(stream) < seq_len + 1:
+      stream += list(tasks.generate_example(tasks.TaskConfig(), 0, "eval", index).text.encode("utf-8")) + [0]
+      index += batch_size
+    rows.append(stream[:seq_len + 1])
+  return np.asarray(rows, np.int64)
 
 
 def test_evaluate_both_formats_against_an_independent_perplexity(extracted, tmp_path):
