@@ -16,18 +16,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import pathlib
 import statistics
 import time
 import tracemalloc
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timing import median_seconds  # pylint: disable=wrong-import-order
+from timing import median_seconds, tiny_config  # pylint: disable=wrong-import-order
 
 from elastic_jax.elastic.extract import extract, extract_params
 from elastic_jax.elastic.param_count import param_count
@@ -38,14 +35,6 @@ from elastic_jax.model import HybridLM, ModelConfig, param_shapes
 ONE_B = ModelConfig(pattern="M-M-M-M*-M-M-M-M*-M-M-", vocab_size=131072, hidden_size=2048, intermediate_size=8192,
                     num_attention_heads=16, num_key_value_heads=4, head_dim=128, mamba_num_heads=64,
                     mamba_head_dim=64, n_groups=8, ssm_state_size=128, conv_kernel=4, chunk_size=128)
-
-
-def tiny_config() -> ModelConfig:
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-  spec = importlib.util.spec_from_file_location("tiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return ModelConfig.from_dict(module.get_config().model)
 
 
 def random_numpy_params(config: ModelConfig, seed: int = 0) -> dict:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import os
-import pathlib
 import statistics
 import time
 
@@ -25,17 +23,9 @@ import numpy as np
 
 from elastic_jax.eval.generate import generate_ragged
 from elastic_jax.model import HybridLM, ModelConfig, init_cache, init_params
+from timing import tiny_config  # pylint: disable=wrong-import-order
 
 Array = jax.Array
-
-
-def tiny_config() -> ModelConfig:
-  """The parent of ``configs/tiny.py`` (its ``model`` block)."""
-  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py"
-  spec = importlib.util.spec_from_file_location("tiny_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return ModelConfig.from_dict(module.get_config().model)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))

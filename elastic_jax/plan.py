@@ -478,8 +478,25 @@ _CACHE_AXES = {"k": ("batch", None, "kv_heads", "head_dim"), "v": ("batch", None
 
 
 # ------------------------------------------------------------------------------------------------ the plan
+class _Verdict:
+  """The verdict of a plan entry with ``memory["total"]``, ``xla_total`` and ``capacity`` (bytes per device)."""
+
+  @property
+  def peak(self) -> float:
+    """The per-device bytes the verdict reads: XLA's total where compiled, else the estimate."""
+    return self.memory["total"] if self.xla_total is None else self.xla_total
+
+  @property
+  def fits(self) -> bool:
+    return self.peak <= self.capacity
+
+  @property
+  def margin(self) -> float:
+    return self.capacity - self.peak
+
+
 @dataclasses.dataclass
-class StagePlan:
+class StagePlan(_Verdict):
   """One stage's per-device memory (bytes), FLOPs and time."""
 
   name: str
@@ -495,18 +512,6 @@ class StagePlan:
   notes: list[str] = dataclasses.field(default_factory=list)
   xla_total: float | None = None  # XLA's per-device total of the compiled step, once compiled (``with_compiled``)
 
-  @property
-  def peak(self) -> float:
-    """The per-device bytes the verdict reads: XLA's total where the step was compiled, else the estimate."""
-    return self.memory["total"] if self.xla_total is None else self.xla_total
-
-  @property
-  def fits(self) -> bool:
-    return self.peak <= self.capacity
-
-  @property
-  def margin(self) -> float:
-    return self.capacity - self.peak
 
 
 # ------------------------------------------------------------------------------------------------ the phases
@@ -592,7 +597,7 @@ def param_bytes(layout: ParamLayout, hardware: Hardware, dtype: str | None = Non
 
 
 @dataclasses.dataclass
-class PhasePlan:
+class PhasePlan(_Verdict):
   """One phase of the main job: per-device peak bytes (by what holds them), per-host peak bytes, model FLOPs and
   time (compute at the assumed MFU, or the HBM-bandwidth floor where larger, plus checkpoint storage I/O)."""
 
@@ -614,19 +619,6 @@ class PhasePlan:
   @property
   def seconds(self) -> float:
     return max(self.compute_seconds, self.hbm_seconds) + self.storage_seconds
-
-  @property
-  def peak(self) -> float:
-    """The per-device bytes the verdict reads: XLA's total where compiled, else the estimate."""
-    return self.memory["total"] if self.xla_total is None else self.xla_total
-
-  @property
-  def fits(self) -> bool:
-    return self.peak <= self.capacity
-
-  @property
-  def margin(self) -> float:
-    return self.capacity - self.peak
 
 
 def _phase(name: str, memory: dict[str, float], hardware: Hardware, **fields) -> PhasePlan:
