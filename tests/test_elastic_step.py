@@ -175,3 +175,19 @@ def test_deployed_choice_is_the_most_probable_within_the_dead_zone_when_the_argm
       adjusted += 1
       assert deployed[b] == best[1]
   assert adjusted  # the random router misses at least one target, so the search is exercised
+
+
+def test_a_parent_above_two_billion_parameters_traces():
+  # Sizes enter the step as Python numbers; one above 2**31 (a 12B parent) must not be parsed as an int32 argument.
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.loop import abstract_boxed_state  # pylint: disable=import-outside-toplevel
+  config = small_config("M-*", vocab_size=2 ** 20, hidden_size=1536)  # embedding + LM head: 3.2e9 parameters
+  setup = ElasticSetup(config, ElasticSpace.from_fractions(config, (0.5, 1.0)), (1.0, 0.5), depth_order=(0, 2, 1),
+                       schedule=RouterSchedule(total_steps=10), router_width=8)
+  assert setup.parent_params > 2 ** 31
+  tx, router_tx = _optimizers()
+  state = nn.meta.unbox(abstract_boxed_state(setup, tx, router_tx))
+  tokens = jax.ShapeDtypeStruct((2, 9), jnp.int32)
+  probs = jax.ShapeDtypeStruct((2,), jnp.float32)
+  _, metrics = jax.eval_shape(make_elastic_step(setup, tx, router_tx), state, state.params, tokens, probs)
+  assert metrics["expected_size_per_budget"].shape == (2,)

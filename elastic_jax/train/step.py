@@ -215,11 +215,13 @@ class ElasticSetup:
     return param_count(self.config)
 
   @property
-  def parent_size(self) -> int:
-    """The parent's size in the budget's metric (parameters, or bytes of deployment memory)."""
+  def parent_size(self) -> float:
+    """The parent's size in the budget's metric (parameters, or bytes of deployment memory), as a float: the step
+    divides traced values by it, and a Python int above 2**31 (a 12B parent's count) cannot enter a jitted
+    computation."""
     if self.budget_metric == "memory":
-      return memory_bytes(self.config, context=self.memory_context)
-    return self.parent_params
+      return float(memory_bytes(self.config, context=self.memory_context))
+    return float(self.parent_params)
 
   def target_sizes(self) -> np.ndarray:
     return np.asarray(self.budgets, np.float64) * self.parent_size
