@@ -117,6 +117,16 @@ def test_tiny_elastic_step_compiles_for_v5p():
 
 @needs_tpu
 @pytest.mark.slow
+def test_context_parallel_elastic_step_compiles_for_v5p():
+  # The context-parallel mixers (ring attention, the sharded SSD) on 2 chips, heads over the other 2 left to the
+  # compiler: libtpu compiles them (each shard reads its position as data; see context_parallel.shard_positions).
+  result = compile_for("elastic_step", "v5p:2x2x1", config=TINY, overrides={"mesh.shape": [1, 1, 2, 2]})
+  assert result.num_devices == 4
+  assert_positive_memory(result)
+
+
+@needs_tpu
+@pytest.mark.slow
 def test_tiny_lm_step_and_generation_compile_for_v5p():
   assert_positive_memory(compile_for("lm_step", "v5p:2x2x1", config=TINY))
   assert_positive_memory(compile_for("generate", "v5p:2x2x1", config=TINY, batch_size=4, prompt_len=32,

@@ -119,8 +119,8 @@ def causal_conv_shard(x: Array, kernel: Array, bias: Array, local_conv: LocalCon
 
 
 def ssd_shard(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array | None = None, *, chunk_size: int,
-              impl: str = "auto", inter_chunk: str = "scan", axis_name: str = CONTEXT_AXIS
-              ) -> tuple[Array, Array]:
+              impl: str = "auto", inter_chunk: str = "scan", axis_name: str = CONTEXT_AXIS,
+              shard_index: Array | None = None) -> tuple[Array, Array]:
   """The Mamba-2 scan of this shard's tokens, given that the earlier tokens live on the shards to the left.
 
   Runs the single-device scan from a zero state, exchanges end states and decays with every shard, and adds the
@@ -131,6 +131,8 @@ def ssd_shard(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array | None
       of ``elastic_jax.ops.ssd.ssd`` restricted to this shard's tokens.
     chunk_size, impl, inter_chunk: Passed to ``elastic_jax.ops.ssd.ssd`` for the local scan.
     axis_name: The mesh axis the sequence is split over.
+    shard_index: This shard's position on ``axis_name`` ([1] int32, see ``shard_positions``); default
+      ``lax.axis_index``.
 
   Returns:
     (y [b, l, h, p] in x.dtype, end_state [b, h, p, n] fp32): the outputs of these tokens and the true state after
@@ -152,7 +154,7 @@ def ssd_shard(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array | None
   all_log_decays = lax.all_gather(shard_log_decay, axis_name)  # [C, b, h]
   all_end_states = lax.all_gather(end_local, axis_name)  # [C, b, h, p, n]
   size = all_log_decays.shape[0]
-  shard = lax.axis_index(axis_name)
+  shard = _position(axis_name, shard_index)
   source = jnp.arange(size)[:, None]  # j: the shard whose end state is carried
   between = jnp.arange(size)[None, :]  # i: a shard it is carried through
   in_between = (between > source) & (between < shard)  # [C(j), C(i)]
@@ -171,7 +173,20 @@ def ssd_shard(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array | None
   return y.astype(x.dtype), end_state
 
 
-def ring_attention_shard(q: Array, k: Array, v: Array, axis_name: str = CONTEXT_AXIS) -> Array:
+def _position(axis_name: str, shard_index: Array | None) -> Array:
+  """This shard's position on ``axis_name``: the given [1] index, else ``lax.axis_index``."""
+  return lax.axis_index(axis_name) if shard_index is None else shard_index[0]
+
+
+def shard_positions(size: int) -> Array:
+  """[size] int32 positions 0 ... size-1, to pass into a shard_map split over the context axis: each shard reads its
+  own position as data. ``lax.axis_index`` compiles to a PartitionId instruction, which XLA's SPMD partitioner
+  refuses (TPU) when the shard_map leaves other mesh axes to the compiler, as ours do."""
+  return jnp.arange(size, dtype=jnp.int32)
+
+
+def ring_attention_shard(q: Array, k: Array, v: Array, axis_name: str = CONTEXT_AXIS,
+                         shard_index: Array | None = None) -> Array:
   """Causal GQA attention of this shard's queries over the whole sequence, K/V blocks passed around a ring.
 
   Same semantics as ``elastic_jax.ops.attention.causal_gqa`` with positions ``0 ... C*l - 1`` (NoPE: only causality
@@ -189,7 +204,7 @@ def ring_attention_shard(q: Array, k: Array, v: Array, axis_name: str = CONTEXT_
   hkv = k.shape[2]
   queries = q.reshape(b, l, hkv, hq // hkv, hd)
   size = lax.axis_size(axis_name)
-  shard = lax.axis_index(axis_name)
+  shard = _position(axis_name, shard_index)
 
   def block_scores(keys):  # [b, Hkv, r, l(query), l(key)] fp32
     return jnp.einsum("blkrd,bskd->bkrls", queries, keys, preferred_element_type=jnp.float32) * (hd ** -0.5)
@@ -325,11 +340,13 @@ def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array | None, *, c
   seq = context.sequence_spec
   whole = PartitionSpec()
 
-  def shard_fn(x, dt, A, B, C, *maybe_D):
-    y, end_state = ssd_shard(x, dt, A, B, C, *maybe_D, chunk_size=chunk_size, impl=impl, inter_chunk=inter_chunk)
+  def shard_fn(position, x, dt, A, B, C, *maybe_D):
+    y, end_state = ssd_shard(x, dt, A, B, C, *maybe_D, chunk_size=chunk_size, impl=impl, inter_chunk=inter_chunk,
+                             shard_index=position)
     return y, end_state[None]  # stacked over shards: [C, b, h, p, n] globally, the last one the final state
 
-  args, in_specs = (x, dt, A, B, C), (seq(4), seq(3), whole, seq(4), seq(4))
+  args = (shard_positions(context.size), x, dt, A, B, C)
+  in_specs = (PartitionSpec(CONTEXT_AXIS), seq(4), seq(3), whole, seq(4), seq(4))
   if D is not None:
     args, in_specs = (*args, D), (*in_specs, whole)
   end_states_spec = PartitionSpec(CONTEXT_AXIS, context.batch_axes or None)
@@ -340,4 +357,6 @@ def ssd(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array | None, *, c
 def causal_attention(q: Array, k: Array, v: Array, context: ContextParallelism) -> Array:
   """``elastic_jax.ops.attention.causal_gqa`` over a whole sequence (positions 0 ... L-1), split by ``context``."""
   spec = context.sequence_spec(4)
-  return context.shard_map(ring_attention_shard, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
+  fn = lambda position, q, k, v: ring_attention_shard(q, k, v, shard_index=position)
+  return context.shard_map(fn, in_specs=(PartitionSpec(CONTEXT_AXIS), spec, spec, spec), out_specs=spec)(
+      shard_positions(context.size), q, k, v)
