@@ -44,13 +44,14 @@ class EvaluationPrograms:
 
   params: Any  # the params' shardings
   rows: NamedSharding  # [b, ...] batches
+  lengths: NamedSharding  # [b] per-row prompt lengths
   summed_nll: Any
   ragged: Any
 
 
 @functools.lru_cache(maxsize=16)
 def evaluation_programs(config: ModelConfig, mesh: Mesh, rules: LogicalRules | None, max_new_tokens: int
-                   ) -> EvaluationPrograms:
+                        ) -> EvaluationPrograms:
   rules = DEFAULT_RULES if rules is None else rules
   params, rows, everywhere = param_shardings(config, mesh, rules), batch_sharding(mesh, rules), replicated(mesh)
   lengths = rows.update(spec=rows.spec[:1])
@@ -59,7 +60,7 @@ def evaluation_programs(config: ModelConfig, mesh: Mesh, rules: LogicalRules | N
   ragged = sharded_jit(lambda p, prompts, n, eos: generate_ragged(config, p, prompts, n, max_new_tokens=max_new_tokens,
                                                                   eos_id=eos),
                        mesh, rules, (params, rows, lengths, everywhere), everywhere)
-  return EvaluationPrograms(params, rows, summed_nll, ragged)
+  return EvaluationPrograms(params, rows, lengths, summed_nll, ragged)
 
 
 def perplexity(config: ModelConfig, params, batches: Iterable[Array | np.ndarray],
@@ -175,7 +176,7 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
                                      max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
       else:
         new_tokens = programs.ragged(params, host_to_global(prompts, programs.rows),
-                                     host_to_global(lengths, programs.rows.update(spec=programs.rows.spec[:1])),
+                                     host_to_global(lengths, programs.lengths),
                                      np.int32(tokenizer.eos_id))
       for index, text in zip(chunk, generated_texts(0, np.asarray(new_tokens), tokenizer)):
         generations[index] = text
