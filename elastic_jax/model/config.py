@@ -34,6 +34,7 @@ class BlockSpec:
 
   index: int
   kind: str  # "mamba" | "attention" | "mlp"
+  kind_index: int = 0  # position among the blocks of its kind (pattern order): its entry in per-layer tuples
   intermediate_size: int = 0  # MLP
   num_attention_heads: int = 0  # attention
   mamba_num_heads: int = 0  # Mamba
@@ -158,20 +159,17 @@ class ModelConfig:
 
   def block_specs(self) -> tuple[BlockSpec, ...]:
     """Per-block resolved widths, with per-layer overrides applied."""
-    seen = {"mamba": 0, "attention": 0, "mlp": 0}
     specs = []
     for index, ch in enumerate(self.pattern):
-      kind = BLOCK_KINDS[ch]
-      k = seen[kind]
-      seen[kind] += 1
+      kind, k = BLOCK_KINDS[ch], self.pattern.count(ch, 0, index)
       if kind == "mlp":
-        specs.append(BlockSpec(index, kind, intermediate_size=_pick(self.intermediate_size_per_layer, k,
-                                                                    self.intermediate_size)))
+        specs.append(BlockSpec(index, kind, k, intermediate_size=_pick(self.intermediate_size_per_layer, k,
+                                                                       self.intermediate_size)))
       elif kind == "attention":
-        specs.append(BlockSpec(index, kind, num_attention_heads=_pick(self.num_attention_heads_per_layer, k,
-                                                                      self.num_attention_heads)))
+        specs.append(BlockSpec(index, kind, k, num_attention_heads=_pick(self.num_attention_heads_per_layer, k,
+                                                                         self.num_attention_heads)))
       else:
-        specs.append(BlockSpec(index, kind,
+        specs.append(BlockSpec(index, kind, k,
                                mamba_num_heads=_pick(self.mamba_num_heads_per_layer, k, self.mamba_num_heads),
                                mamba_head_dim=_pick(self.mamba_head_dim_per_layer, k, self.mamba_head_dim)))
     return tuple(specs)
