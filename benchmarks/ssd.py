@@ -170,8 +170,8 @@ def check_gpu_kernel_available() -> None:
   if backend != "gpu":
     sys.exit(f"--gpu times the fused Pallas SSD kernel, which runs on NVIDIA GPUs only; this machine's JAX backend is "
              f"{backend!r} ({jax.devices()[0].device_kind}). Run it on a GPU machine with a CUDA build of jaxlib.")
-  from elastic_jax.ops.ssd import target_of  # pylint: disable=import-outside-toplevel
-  from kernels.ssd import api  # pylint: disable=import-outside-toplevel
+  from elastic_jax.ops.kernel_registry import target_of  # pylint: disable=import-outside-toplevel
+  from elastic_jax_kernels.ssd import api  # pylint: disable=import-outside-toplevel
 
   reason = api.unsupported_reason((1, 1, 1, 64), jnp.bfloat16, target_of(jax.devices()[0]), state_size=64,
                                   chunk_size=64)

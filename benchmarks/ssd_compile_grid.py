@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from elastic_jax import aot  # pylint: disable=wrong-import-position
 from elastic_jax.aot import programs  # pylint: disable=wrong-import-position
-from elastic_jax.ops.ssd import Target  # pylint: disable=wrong-import-position
-from kernels.ssd import api  # pylint: disable=wrong-import-position
+from elastic_jax.ops.kernel_registry import Target  # pylint: disable=wrong-import-position
+from elastic_jax_kernels.ssd import api  # pylint: disable=wrong-import-position
 
 # What dispatch sees for each target (the compile-only devices report the same kind and compute capability).
 TARGETS = {"h100": Target("gpu", "NVIDIA H100 80GB HBM3", (9, 0)), "h200": Target("gpu", "NVIDIA H200", (9, 0)),

@@ -30,8 +30,8 @@ import pytest
 from elastic_jax import aot
 from elastic_jax.aot import programs
 from elastic_jax.aot.targets import SUBPROCESS_ENV, gpu_target_config
-from elastic_jax.ops.ssd import Target
-from kernels.ssd import api
+from elastic_jax.ops.kernel_registry import Target
+from elastic_jax_kernels.ssd import api
 
 TESTS = pathlib.Path(__file__).resolve().parent
 TPU_MISSING = aot.unavailable_reason("v5p")
@@ -205,7 +205,7 @@ _MEASURE_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.experimental import topologies
     from elastic_jax.aot.targets import gpu_target_config
-    from kernels.ssd import api, pallas_triton
+    from elastic_jax_kernels.ssd import api, pallas_triton
 
     def requested(device, kernel, dtype, p, n, chunk):
       sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray([device]), ("d",)),

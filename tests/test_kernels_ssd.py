@@ -1,6 +1,6 @@
-"""Tests of kernels.ssd: the fused SSD in Pallas interpret mode against the token-by-token oracle (outputs, final
-state and the gradient w.r.t. every input), its lowering to Triton for CUDA, and its place in ``ops.ssd``'s
-fail-closed dispatch.
+"""Tests of elastic_jax_kernels.ssd (the kernels/ folder): the fused SSD in Pallas interpret mode against the
+token-by-token oracle (outputs, final state and the gradient w.r.t. every input), its lowering to Triton for CUDA,
+and its place in ``ops.ssd``'s fail-closed dispatch.
 
 Interpret mode runs the kernels' Python on CPU one grid step at a time, so the shapes are small.
 """
@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from test_ssd import FAST_COMPILE, INPUT_NAMES, assert_matches, make_inputs, random_cotangents, relative_error
 
+from elastic_jax.ops import kernel_registry
 from elastic_jax.ops import ssd as ssd_ops
+from elastic_jax.ops.kernel_registry import Target
 from elastic_jax.ops.ssd import ssd
-from kernels.ssd import BlockSizes, api, ssd_pallas
+from elastic_jax_kernels.ssd import BlockSizes, api, ssd_pallas
 
 CHUNK = 16  # the smallest chunk that is a kernel tile as it is
 LENGTHS = (1, CHUNK - 1, CHUNK, 3 * CHUNK + 5)
@@ -118,7 +120,8 @@ def test_block_sizes_must_be_powers_of_two():
 
 on_gpu = pytest.mark.skipif(
     jax.default_backend() != "gpu"
-    or not api.supports((1, 1, 1, 64), jnp.float32, ssd_ops.target_of(jax.devices()[0]), state_size=64, chunk_size=16),
+    or not api.supports((1, 1, 1, 64), jnp.float32, kernel_registry.target_of(jax.devices()[0]), state_size=64,
+                        chunk_size=16),
     reason="needs an NVIDIA GPU with compute capability >= 8.0")
 
 
@@ -179,18 +182,18 @@ def traced_program(inputs, *, impl: str) -> str:
   return str(jax.make_jaxpr(functools.partial(ssd, chunk_size=CHUNK, impl=impl))(**inputs))
 
 
-H100 = ssd_ops.Target("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
-A100 = ssd_ops.Target("gpu", "NVIDIA A100-SXM4-80GB", (8, 0))
-RTX_4090 = ssd_ops.Target("gpu", "NVIDIA GeForce RTX 4090", (8, 9))
+H100 = Target("gpu", "NVIDIA H100 80GB HBM3", (9, 0))
+A100 = Target("gpu", "NVIDIA A100-SXM4-80GB", (8, 0))
+RTX_4090 = Target("gpu", "NVIDIA GeForce RTX 4090", (8, 9))
 
 
 @pytest.fixture
 def forced_interpret(monkeypatch):
-  """Forces the kernel into dispatch on CPU (interpret mode); unregisters it afterwards."""
+  """Lets the registered kernel take CPU targets (interpret mode); registers it again afterwards, in case the test
+  unregistered it."""
   monkeypatch.setenv(api.INTERPRET_ENV_VAR, "1")
-  monkeypatch.setattr(api, "_registered_by_dispatch", False)
   yield
-  ssd_ops.unregister_kernel(api.KERNEL_NAME)
+  api.register()
 
 
 def test_an_abstract_mesh_of_another_device_names_a_target_without_compute_capability(monkeypatch):
@@ -201,11 +204,11 @@ def test_an_abstract_mesh_of_another_device_names_a_target_without_compute_capab
     return lambda: types.SimpleNamespace(abstract_device=device)
 
   monkeypatch.setattr(jax.sharding, "get_abstract_mesh", abstract_mesh_of("gpu", "NVIDIA H100 80GB HBM3"))
-  assert ssd_ops.compile_target() == ssd_ops.Target("gpu", "NVIDIA H100 80GB HBM3", None)
-  assert not api.supports((2, 64, 8, 64), jnp.bfloat16, ssd_ops.compile_target(), state_size=64, chunk_size=64)
+  assert kernel_registry.compile_target() == Target("gpu", "NVIDIA H100 80GB HBM3", None)
+  assert not api.supports((2, 64, 8, 64), jnp.bfloat16, kernel_registry.compile_target(), state_size=64, chunk_size=64)
   here = jax.devices()[0]
   monkeypatch.setattr(jax.sharding, "get_abstract_mesh", abstract_mesh_of(here.platform, here.device_kind))
-  assert ssd_ops.compile_target() == ssd_ops.target_of(here)
+  assert kernel_registry.compile_target() == kernel_registry.target_of(here)
 
 @pytest.mark.parametrize("shape,dtype,target,expected", [
     ((2, 64, 8, 64), jnp.bfloat16, H100, True),
@@ -214,10 +217,10 @@ def test_an_abstract_mesh_of_another_device_names_a_target_without_compute_capab
     ((2, 64, 8, 129), jnp.bfloat16, H100, False),  # head dim above MAX_HEAD_DIM
     ((2, 64, 8, 64), jnp.float16, H100, False),
     ((2, 64, 8), jnp.bfloat16, H100, False),
-    ((2, 64, 8, 64), jnp.bfloat16, ssd_ops.Target("gpu", "Tesla V100-SXM2-16GB", (7, 0)), False),  # before Ampere
-    ((2, 64, 8, 64), jnp.bfloat16, ssd_ops.Target("gpu", "AMD Instinct MI300X"), False),
-    ((2, 64, 8, 64), jnp.bfloat16, ssd_ops.Target("tpu", "TPU v5"), False),
-    ((2, 64, 8, 64), jnp.bfloat16, ssd_ops.Target("cpu", "cpu"), False),  # CPU only with interpret mode forced
+    ((2, 64, 8, 64), jnp.bfloat16, Target("gpu", "Tesla V100-SXM2-16GB", (7, 0)), False),  # before Ampere
+    ((2, 64, 8, 64), jnp.bfloat16, Target("gpu", "AMD Instinct MI300X"), False),
+    ((2, 64, 8, 64), jnp.bfloat16, Target("tpu", "TPU v5"), False),
+    ((2, 64, 8, 64), jnp.bfloat16, Target("cpu", "cpu"), False),  # CPU only with interpret mode forced
 ], ids=["bf16", "fp32_p128", "p80_a100", "p129", "fp16", "3d", "v100", "rocm", "tpu", "cpu"])
 def test_supports(shape, dtype, target, expected):
   assert api.supports(shape, dtype, target, state_size=128, chunk_size=128) is expected
@@ -274,27 +277,29 @@ def test_supports_needs_the_triton_backend(monkeypatch):
 
 
 def test_the_default_target_is_this_machine():
-  # No mesh is active: dispatch targets this process's default device (a CPU here), so nothing is registered.
-  assert ssd_ops.compile_target() == ssd_ops.target_of(jax.devices()[0])
-  assert ssd_ops.compile_target().platform == jax.default_backend()
+  # No mesh is active: dispatch targets this process's default device.
+  assert kernel_registry.compile_target() == kernel_registry.target_of(jax.devices()[0])
+  assert kernel_registry.compile_target().platform == jax.default_backend()
 
 
 def test_the_target_is_the_active_meshs_device():
   cpu = jax.devices("cpu")[0]
   with jax.set_mesh(jax.sharding.Mesh(np.asarray([cpu]), ("data",))):
-    assert ssd_ops.compile_target() == ssd_ops.Target("cpu", cpu.device_kind, None)
+    assert kernel_registry.compile_target() == Target("cpu", cpu.device_kind, None)
     seen = []
-    jax.jit(lambda x: seen.append(ssd_ops.compile_target()) or x).lower(jnp.zeros(2))
-    assert seen == [ssd_ops.Target("cpu", cpu.device_kind, None)]
+    jax.jit(lambda x: seen.append(kernel_registry.compile_target()) or x).lower(jnp.zeros(2))
+    assert seen == [Target("cpu", cpu.device_kind, None)]
 
 
-def test_cpu_dispatch_keeps_xla_and_registers_nothing():
+def test_cpu_dispatch_keeps_xla_and_says_why_not_the_kernel():
+  # The kernel is registered whatever the device (importing the package registers it); on CPU it refuses.
   inputs = make_inputs(2, l=CHUNK + 3)
+  assert api.KERNEL_NAME in ssd_ops.registered_kernels()
   assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
-  assert api.KERNEL_NAME not in ssd_ops.registered_kernels()
   with pytest.raises(ValueError, match=r"impl='pallas' but no registered kernel supports x.shape=\(2, 19, 4, 3\), "
                                        r"dtype=float32, state size 5, chunk_size=16, backend='cpu' "
-                                       r"\(registered: none\)\. Use impl='auto'"):
+                                       r"\(registered: 'pallas_triton': on CPU only in interpret mode "
+                                       r"\(ELASTIC_JAX_PALLAS_INTERPRET=1\)\)\. Use impl='auto'"):
     ssd(**inputs, chunk_size=CHUNK, impl="pallas")
 
 
@@ -312,16 +317,17 @@ def test_forced_dispatch_runs_the_kernel(forced_interpret, dtype):
   assert_matches(state, state_ref, dtype=dtype, name="final_state")
 
 
-@pytest.mark.parametrize("override,shape_text,dtype_text", [
-    ({"dtype": jnp.float16}, r"\(2, 19, 4, 3\)", "float16"),
-    ({"p": 2 * api.MAX_HEAD_DIM}, r"\(2, 19, 4, 256\)", "float32"),
+@pytest.mark.parametrize("override,shape_text,dtype_text,reason", [
+    ({"dtype": jnp.float16}, r"\(2, 19, 4, 3\)", "float16", r"dtype float16 is not one of \['float32', 'bfloat16'\]"),
+    ({"p": 2 * api.MAX_HEAD_DIM}, r"\(2, 19, 4, 256\)", "float32",
+     r"x must be \[b, l, h, p\] with p <= 128, got shape \(2, 19, 4, 256\)"),
 ], ids=["fp16", "p256"])
-def test_forced_dispatch_falls_back_where_unsupported(forced_interpret, override, shape_text, dtype_text):
+def test_forced_dispatch_falls_back_where_unsupported(forced_interpret, override, shape_text, dtype_text, reason):
   inputs = make_inputs(2, l=CHUNK + 3, **override)
   assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
   with pytest.raises(ValueError, match=rf"impl='pallas' but no registered kernel supports x.shape={shape_text}, "
                                        rf"dtype={dtype_text}, state size 5, chunk_size=16, backend='cpu' "
-                                       rf"\(registered: \['pallas_triton'\]\)"):
+                                       rf"\(registered: 'pallas_triton': {reason}\)"):
     ssd(**inputs, chunk_size=CHUNK, impl="pallas")
 
 

@@ -6,12 +6,14 @@ The oracle itself is checked once against a plain NumPy loop over heads and toke
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from elastic_jax.ops import kernel_registry
 from elastic_jax.ops import ssd as ssd_lib
 from elastic_jax.ops.ssd import register_kernel, ssd, ssd_step, unregister_kernel
 
@@ -222,17 +224,12 @@ def test_ssd_step_shape_errors():
 
 
 @pytest.fixture
-def kernel_registry():
-  """Yields ``register_kernel`` and removes whatever the test registered."""
-  names = []
-
-  def register(name, supports_fn, fn):
-    names.append(name)
-    return register_kernel(name, supports_fn, fn)
-
-  yield register
-  for name in names:
-    unregister_kernel(name)
+def own_registry(monkeypatch):
+  """An SSD registry that holds only what the test registers (the kernel packages are not imported); yields
+  ``register_kernel``. The registry as it was is restored afterwards."""
+  monkeypatch.setattr(kernel_registry, "_KERNELS", {})
+  monkeypatch.setattr(kernel_registry, "KERNEL_PACKAGES", {})
+  yield register_kernel
 
 
 def traced_program(inputs, *, impl: str) -> str:
@@ -240,7 +237,7 @@ def traced_program(inputs, *, impl: str) -> str:
   return str(jax.make_jaxpr(functools.partial(ssd, chunk_size=CHUNK, impl=impl))(**inputs))
 
 
-def test_auto_falls_back_to_chunked_without_kernels():
+def test_auto_falls_back_to_chunked_without_kernels(own_registry):
   assert ssd_lib.registered_kernels() == ()
   inputs = make_inputs(2, l=CHUNK + 3)
   assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
@@ -254,40 +251,68 @@ def fake_kernel(x, dt, A, B, C, D, *, chunk_size, initial_state):
   return jnp.full_like(x, 42), jnp.full((b, h, p, B.shape[-1]), 42.0)
 
 
-def test_auto_and_pallas_pick_a_supporting_kernel(kernel_registry):
+def test_auto_and_pallas_pick_a_supporting_kernel(own_registry):
   seen = []
 
   def supports(shape, dtype, target, *, state_size, chunk_size):
     seen.append((shape, jnp.dtype(dtype), target, state_size, chunk_size))
     return True
 
-  kernel_registry("never", lambda shape, dtype, target, **_: False, None)
-  kernel_registry("fake", supports, fake_kernel)
+  own_registry("never", lambda shape, dtype, target, **_: False, None)
+  own_registry("fake", supports, fake_kernel)
   inputs = make_inputs(2, l=CHUNK + 3)
   for impl in ("auto", "pallas"):
     # Dispatch happens at trace time: a fresh partial gets a fresh trace that sees the registry as it is now.
     y, state = jax.jit(functools.partial(ssd, chunk_size=CHUNK, impl=impl))(**inputs)
     assert np.all(np.asarray(y) == 42) and np.all(np.asarray(state) == 42), impl
-  assert seen[0] == (inputs["x"].shape, jnp.dtype(jnp.float32), ssd_lib.target_of(jax.devices()[0]),
+  assert seen[0] == (inputs["x"].shape, jnp.dtype(jnp.float32), kernel_registry.target_of(jax.devices()[0]),
                      inputs["B"].shape[-1], CHUNK)
   # An explicit XLA choice ignores the registry.
   assert "42" not in traced_program(inputs, impl="chunked")
 
 
-def test_auto_falls_back_when_no_kernel_supports(kernel_registry):
-  kernel_registry("bf16_only", lambda shape, dtype, target, **_: jnp.dtype(dtype) == jnp.bfloat16, fake_kernel)
+def test_auto_falls_back_when_no_kernel_supports(own_registry):
+  own_registry("bf16_only", lambda shape, dtype, target, **_: jnp.dtype(dtype) == jnp.bfloat16, fake_kernel)
   inputs = make_inputs(2, l=CHUNK + 3)
   assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
   with pytest.raises(ValueError, match=r"no registered kernel supports x.shape=\(2, 11, 4, 3\), dtype=float32, "
-                                       r"state size 5, chunk_size=\d+, backend='cpu' \(registered: \['bf16_only'\]\)"):
+                                       r"state size 5, chunk_size=\d+, backend='cpu' \(registered: 'bf16_only'\)"):
     ssd(**inputs, chunk_size=CHUNK, impl="pallas")
 
 
-def test_pallas_without_kernels_raises():
+def test_pallas_without_kernels_raises(own_registry):
   inputs = make_inputs(2, l=5)
   with pytest.raises(ValueError, match=r"impl='pallas' but no registered kernel supports x.shape=\(2, 5, 4, 3\), "
                                        r"dtype=float32, state size 5, chunk_size=\d+, backend='cpu' "
                                        r"\(registered: none\)"):
+    ssd(**inputs, chunk_size=CHUNK, impl="pallas")
+
+
+def test_an_unregistered_kernel_is_not_dispatched(own_registry):
+  own_registry("fake", lambda shape, dtype, target, **_: True, fake_kernel)
+  inputs = make_inputs(2, l=5)
+  assert "42" in traced_program(inputs, impl="auto")
+  unregister_kernel("fake")
+  assert ssd_lib.registered_kernels() == ()
+  assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
+
+
+def test_a_kernel_package_that_cannot_be_imported_is_reported_once(monkeypatch):
+  monkeypatch.setattr(kernel_registry, "_KERNELS", {})
+  monkeypatch.setattr(kernel_registry, "KERNEL_PACKAGES", {"ssd": ("elastic_jax_no_such_kernels",)})
+  monkeypatch.setattr(kernel_registry, "_IMPORTED_PACKAGES", set())
+  monkeypatch.setattr(kernel_registry, "_IMPORT_ERRORS", {})
+  inputs = make_inputs(2, l=5)
+  error = r"ModuleNotFoundError: No module named 'elastic_jax_no_such_kernels'"
+  with pytest.warns(RuntimeWarning, match=rf"ssd: the kernel package elastic_jax_no_such_kernels could not be "
+                                          rf"imported \({error}\); its kernels are not registered"):
+    program = traced_program(inputs, impl="auto")
+  assert program == traced_program(inputs, impl="chunked")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # once: the next dispatch is silent
+    traced_program(inputs, impl="auto")
+  with pytest.raises(ValueError, match=rf"\(registered: none; not importable: elastic_jax_no_such_kernels "
+                                       rf"\({error}\)\)\. Use impl='auto'"):
     ssd(**inputs, chunk_size=CHUNK, impl="pallas")
 
 

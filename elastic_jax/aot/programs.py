@@ -144,9 +144,9 @@ def ssd(devices: Sequence[jax.Device], *, head_dim: int, state_size: int, chunk_
 def ssd_pallas(devices: Sequence[jax.Device], *, head_dim: int, state_size: int, chunk_size: int,
                dtype: str = "bfloat16", batch: int = 1, length: int | None = None, heads: int = 2, groups: int = 1
                ) -> jax.stages.Lowered:
-  """The fused kernel's forward (``kernels.ssd.ssd_pallas``) on one target device, bypassing dispatch: compiles a
-  shape even where ``supports`` refuses it (to see whether and how the compiler refuses it too)."""
-  from kernels.ssd import ssd_pallas as ssd_pallas_fn  # pylint: disable=import-outside-toplevel
+  """The fused kernel's forward (``elastic_jax_kernels.ssd.ssd_pallas``) on one target device, bypassing dispatch:
+  compiles a shape even where ``supports`` refuses it (to see whether and how the compiler refuses it too)."""
+  from elastic_jax_kernels.ssd import ssd_pallas as ssd_pallas_fn  # pylint: disable=import-outside-toplevel
 
   mesh, inputs = _ssd_inputs(devices, head_dim=head_dim, state_size=state_size, chunk_size=chunk_size, dtype=dtype,
                              batch=batch, length=length, heads=heads, groups=groups)

@@ -11,13 +11,15 @@ computed in one of three ways behind :func:`ssd`, chosen explicitly with ``impl`
 - ``"chunked"``: the SSD algorithm (Dao & Gu, 2024). Inside a chunk of ``q`` tokens the recurrence is a masked
   [q, q] attention-like matmul; across chunks only one [p, n] state per head is passed on, either by ``lax.scan``
   (``inter_chunk="scan"``) or by ``lax.associative_scan`` (``inter_chunk="associative"``).
-- ``"pallas"``: a fused kernel registered with :func:`register_kernel`. ``"auto"`` uses a registered kernel when it
-  supports the input on the target device and falls back to ``"chunked"`` otherwise (fail closed). The Pallas kernels
-  of the ``kernels`` package register themselves on the first such dispatch for a GPU (see kernels/README.md).
+- ``"pallas"``: a fused kernel from ``kernel_registry`` (:func:`register_kernel`). ``"auto"`` uses a registered kernel
+  when it supports the input on the target device and falls back to ``"chunked"`` otherwise (fail closed). The
+  Pallas kernels of ``elastic_jax_kernels.ssd`` (the top-level ``kernels/`` folder) register themselves when the
+  registry first imports them; see kernels/README.md.
 
-The target device is the one the program is compiled for: the devices of the mesh active while :func:`ssd` traces
-(``jax.set_mesh``, as the training steps and ``elastic_jax.aot`` set it), else this process's default device. So a
-program compiled on a CPU host for H100s (compile-only devices) gets the kernel an H100 would get.
+The target device (``kernel_registry.compile_target``) is the one the program is compiled for: the devices of the mesh
+active while :func:`ssd` traces (``jax.set_mesh``, as the training steps and ``elastic_jax.aot`` set it), else this
+process's default device. So a program compiled on a CPU host for H100s (compile-only devices) gets the kernel an
+H100 would get.
 
 Decoding one token uses :func:`ssd_step`, which bypasses every scan.
 
@@ -28,13 +30,13 @@ source position within a chunk.
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from elastic_jax.ops import kernel_registry
 
 IMPLS = ("auto", "chunked", "oracle", "pallas")
 INTER_CHUNK_MODES = ("scan", "associative")
@@ -44,140 +46,43 @@ _STEP_SHAPE_LEGEND = "state [b, h, p, n], x [b, h, p], dt [b, h], A [h], B/C [b,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Kernel registry (where fused Pallas kernels plug in).
+# Fused kernels (kernel_registry holds them; the kernel packages register themselves there).
 
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """The device a program is compiled for, as kernel dispatch sees it.
-
-  Attributes:
-    platform: "cpu", "gpu" or "tpu" (``jax.Device.platform``).
-    device_kind: ``jax.Device.device_kind``, e.g. "NVIDIA H100 80GB HBM3".
-    compute_capability: (major, minor) of an NVIDIA GPU, e.g. (9, 0); None for any other device.
-  """
-
-  platform: str
-  device_kind: str = ""
-  compute_capability: tuple[int, int] | None = None
-
-
-def _nvidia_compute_capability(device) -> tuple[int, int] | None:
-  """(major, minor) of an NVIDIA device (real or compile-only); None for anything else (ROCm reports "gfx...")."""
-  if device.platform != "gpu":
-    return None
-  try:
-    platform_version = device.client.platform_version.lower()
-  except AttributeError:
-    platform_version = ""
-  match = re.fullmatch(r"(\d+)\.(\d+)", str(getattr(device, "compute_capability", "")))
-  if match is None or "rocm" in platform_version:
-    return None
-  return int(match.group(1)), int(match.group(2))
-
-
-def target_of(device) -> Target:
-  """The :class:`Target` of a ``jax.Device`` (real or compile-only)."""
-  return Target(device.platform, device.device_kind, _nvidia_compute_capability(device))
-
-
-def _active_mesh_device():
-  """A device of the concrete mesh set by ``jax.set_mesh`` (also while tracing under it), or None."""
-  try:
-    from jax._src import mesh as mesh_lib  # pylint: disable=import-outside-toplevel  (no public getter inside jit)
-
-    mesh = mesh_lib.get_concrete_mesh()
-  except (ImportError, AttributeError):
-    return None
-  if mesh is None or getattr(mesh, "empty", True):
-    return None
-  return mesh.devices.flat[0]
-
-
-def compile_target() -> Target:
-  """The target of the program being traced: the active mesh's devices, else this process's default device.
-
-  An abstract mesh alone (``jax.sharding.use_abstract_mesh``, ``shard_map`` without ``jax.set_mesh``) names the
-  platform and device kind: this process's device when they match it, else a target without a compute capability,
-  for which no NVIDIA-only kernel is chosen.
-  """
-  device = _active_mesh_device()
-  if device is not None:
-    return target_of(device)
-  default = target_of(jax.devices()[0])
-  abstract_device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-  if abstract_device is not None and (abstract_device.platform, abstract_device.device_kind) != (
-      default.platform, default.device_kind):
-    return Target(abstract_device.platform, abstract_device.device_kind)
-  return default
-
-
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-  """A fused SSD implementation.
-
-  Attributes:
-    name: Unique name, shown in error messages.
-    supports: ``supports(x_shape, x_dtype, target, *, state_size, chunk_size) -> bool``: whether the kernel takes
-      ``x`` of this shape and dtype with B/C of ``state_size`` in chunks of ``chunk_size`` on ``target`` (a
-      :class:`Target`). Must be cheap and must not raise.
-    fn: ``fn(x, dt, A, B, C, D, *, chunk_size, initial_state) -> (y, final_state)`` with the contract of :func:`ssd`
-      (``D`` and ``initial_state`` may be None); it runs in the trace that dispatched it, so it may read
-      :func:`compile_target` too.
-  """
-
-  name: str
-  supports: Callable[..., bool]
-  fn: Callable[..., tuple[jax.Array, jax.Array]]
-
-
-# Insertion-ordered: the first registered kernel that supports an input wins.
-_KERNELS: dict[str, Kernel] = {}
+KERNEL_OP = "ssd"
 
 
 def register_kernel(
     name: str,
     supports_fn: Callable[..., bool],
     fn: Callable[..., tuple[jax.Array, jax.Array]],
-) -> Kernel:
+    *,
+    unsupported_reason: Callable[..., str | None] | None = None,
+) -> kernel_registry.Kernel:
   """Registers a fused SSD kernel for ``impl="pallas"`` and ``impl="auto"``; an existing ``name`` is replaced.
 
-  Dispatch happens when :func:`ssd` is traced, so register kernels at import time, before anything is jitted: a
-  function already compiled keeps the implementation it was traced with.
+  Args:
+    name: Unique name, shown in error messages.
+    supports_fn: ``supports(x_shape, x_dtype, target, *, state_size, chunk_size) -> bool``: whether the kernel takes
+      ``x`` of this shape and dtype with B/C of ``state_size`` in chunks of ``chunk_size`` on ``target`` (a
+      ``kernel_registry.Target``). Must be cheap and must not raise.
+    fn: ``fn(x, dt, A, B, C, D, *, chunk_size, initial_state) -> (y, final_state)`` with the contract of :func:`ssd`
+      (``D`` and ``initial_state`` may be None).
+    unsupported_reason: Optional, same arguments as ``supports_fn``: why the kernel refuses, for error messages.
+
+  Dispatch happens when :func:`ssd` is traced, so register kernels before anything is jitted: a function already
+  compiled keeps the implementation it was traced with.
   """
-  kernel = Kernel(name, supports_fn, fn)
-  _KERNELS[name] = kernel
-  return kernel
+  return kernel_registry.register_kernel(KERNEL_OP, name, supports_fn, fn, unsupported_reason=unsupported_reason)
 
 
 def unregister_kernel(name: str) -> None:
-  """Removes a registered kernel; unknown names are ignored."""
-  _KERNELS.pop(name, None)
+  """Removes a registered SSD kernel; unknown names are ignored."""
+  kernel_registry.unregister_kernel(KERNEL_OP, name)
 
 
 def registered_kernels() -> tuple[str, ...]:
-  """Names of the registered kernels, in the order they are tried."""
-  return tuple(_KERNELS)
-
-
-def _register_builtin_kernels(target: Target) -> None:
-  """Lets the ``kernels`` package register its SSD kernels for ``target``; imported here, lazily, to keep Pallas out
-  of this module's imports."""
-  try:
-    from kernels.ssd import api as ssd_kernel_api  # pylint: disable=import-outside-toplevel
-  except ModuleNotFoundError as error:
-    if error.name not in ("kernels", "kernels.ssd"):
-      raise
-    return  # installed without the kernels package: dispatch falls back to XLA
-  ssd_kernel_api.register_builtin(target)
-
-
-def _find_kernel(x_shape: tuple[int, ...], x_dtype: jnp.dtype, target: Target, *, state_size: int,
-                 chunk_size: int) -> Kernel | None:
-  for kernel in _KERNELS.values():
-    if kernel.supports(x_shape, x_dtype, target, state_size=state_size, chunk_size=chunk_size):
-      return kernel
-  return None
+  """Names of the registered SSD kernels, in the order they are tried."""
+  return tuple(kernel.name for kernel in kernel_registry.kernels(KERNEL_OP))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,17 +132,18 @@ def ssd(
   _check_sequence_shapes(x, dt, A, B, C, D, initial_state)
 
   if impl in ("auto", "pallas"):
-    target = compile_target()
-    _register_builtin_kernels(target)
-    kernel = _find_kernel(x.shape, x.dtype, target, state_size=B.shape[-1], chunk_size=chunk_size)
+    target = kernel_registry.compile_target()
+    query = dict(state_size=B.shape[-1], chunk_size=chunk_size)
+    kernel = kernel_registry.find_kernel(KERNEL_OP, x.shape, x.dtype, target, **query)
     if kernel is not None:
       return kernel.fn(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state)
     if impl == "pallas":
       device = f" ({target.device_kind})" if target.platform != "cpu" and target.device_kind else ""
+      refusals = kernel_registry.describe_refusals(KERNEL_OP, x.shape, x.dtype, target, **query)
       raise ValueError(
           f"ssd: impl='pallas' but no registered kernel supports x.shape={tuple(x.shape)}, "
           f"dtype={jnp.dtype(x.dtype).name}, state size {B.shape[-1]}, chunk_size={chunk_size}, "
-          f"backend={target.platform!r}{device} (registered: {list(_KERNELS) or 'none'}). "
+          f"backend={target.platform!r}{device} ({refusals}). "
           "Use impl='auto' to fall back to the chunked XLA implementation.")
 
   b, _, h, p = x.shape

@@ -1,16 +1,17 @@
-"""Dispatch of the fused SSD kernel: where it applies, its block sizes, and its registration with ``ops.ssd``.
+"""Dispatch of the fused SSD kernel: where it applies, its block sizes, and its registration.
 
-``elastic_jax.ops.ssd.ssd`` calls :func:`register_builtin` on every ``impl="auto"``/``"pallas"`` dispatch with the
-target device (the active mesh's, see ``ops.ssd.compile_target``). For a GPU the first call registers
-:func:`ssd_kernel` under :data:`KERNEL_NAME`; elsewhere nothing is registered, so ``"auto"`` keeps the chunked XLA path
-and ``"pallas"`` raises. Setting :data:`INTERPRET_ENV_VAR` to ``1`` registers the kernel on CPU too, where it runs in
-Pallas interpret mode: slow, meant for tests of the dispatch path.
+Importing this module registers :func:`ssd_kernel` under :data:`KERNEL_NAME` for the op ``"ssd"`` in
+``elastic_jax.ops.kernel_registry``, whatever the device: :func:`supports` decides per target. It takes NVIDIA GPUs
+(compute capability >= 8.0); elsewhere ``"auto"`` keeps the chunked XLA path and ``"pallas"`` raises, saying why
+(:func:`unsupported_reason`). Setting :data:`INTERPRET_ENV_VAR` to ``1`` lets it take CPU targets too, where it runs
+in Pallas interpret mode: slow, meant for tests of the dispatch path.
 
 :func:`supports` refuses shapes whose kernels would need more shared memory than the target GPU gives one block
 (:func:`shared_memory_bytes`, :data:`SHARED_MEMORY_PER_BLOCK`): Triton would fail to compile them, so ``"auto"`` runs
 the chunked XLA path for them instead.
 
-This module imports no Pallas code: the kernel is imported when it is first traced.
+This module imports no Pallas code (the kernel is imported when it is first traced) and, of elastic_jax, only the
+registry: the ops never import the kernels, nor the kernels the ops.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 from typing import Any
 
 import jax.numpy as jnp
+
+from elastic_jax.ops import kernel_registry
 
 KERNEL_NAME = "pallas_triton"
 INTERPRET_ENV_VAR = "ELASTIC_JAX_PALLAS_INTERPRET"
@@ -189,7 +192,7 @@ def _has_triton_backend() -> bool:
 
 def unsupported_reason(x_shape: tuple[int, ...], x_dtype: Any, target: Any, *, state_size: int,
                        chunk_size: int) -> str | None:
-  """Why the kernel does not take this input on ``target`` (an ``ops.ssd.Target``), or None when it does."""
+  """Why the kernel does not take this input on ``target`` (a ``kernel_registry.Target``), or None when it does."""
   if len(x_shape) != 4 or not 1 <= x_shape[3] <= MAX_HEAD_DIM:
     return f"x must be [b, l, h, p] with p <= {MAX_HEAD_DIM}, got shape {tuple(x_shape)}"
   if jnp.dtype(x_dtype) not in SUPPORTED_DTYPES:
@@ -211,7 +214,7 @@ def unsupported_reason(x_shape: tuple[int, ...], x_dtype: Any, target: Any, *, s
 
 def supports(x_shape: tuple[int, ...], x_dtype: Any, target: Any, *, state_size: int, chunk_size: int) -> bool:
   """Whether the kernel takes inputs ``x`` of this shape and dtype, with B/C of ``state_size``, in chunks of
-  ``chunk_size``, on ``target`` (an ``ops.ssd.Target``). Cheap; never raises.
+  ``chunk_size``, on ``target`` (a ``kernel_registry.Target``). Cheap; never raises.
 
   True on NVIDIA GPUs (compute capability >= 8.0, with Pallas' Triton backend) for fp32/bf16 inputs with head dim <=
   MAX_HEAD_DIM whose kernels fit the GPU's shared memory per block, and on CPU under the same shape conditions only
@@ -224,32 +227,19 @@ def supports(x_shape: tuple[int, ...], x_dtype: Any, target: Any, *, state_size:
 
 
 def ssd_kernel(x, dt, A, B, C, D=None, *, chunk_size: int, initial_state=None):
-  """The registered kernel: :func:`kernels.ssd.fused.ssd_pallas`, interpreted where the target is not a GPU."""
-  from elastic_jax.ops.ssd import compile_target  # pylint: disable=import-outside-toplevel  (ops.ssd imports us)
-  from kernels.ssd import fused  # pylint: disable=import-outside-toplevel  (keeps Pallas out of dispatch imports)
+  """The registered kernel: :func:`elastic_jax_kernels.ssd.fused.ssd_pallas`, interpreted where the target is not a
+  GPU."""
+  from elastic_jax_kernels.ssd import fused  # pylint: disable=import-outside-toplevel  (keeps Pallas out of dispatch)
 
   return fused.ssd_pallas(x, dt, A, B, C, D, chunk_size=chunk_size, initial_state=initial_state,
-                          interpret=compile_target().platform != "gpu")
+                          interpret=kernel_registry.compile_target().platform != "gpu")
 
 
-_registered_by_dispatch = False
+def register() -> kernel_registry.Kernel:
+  """Registers :func:`ssd_kernel` for the op ``"ssd"`` under :data:`KERNEL_NAME` and returns the entry. Runs when this
+  module is imported; call it again to restore the kernel after ``unregister_kernel``."""
+  return kernel_registry.register_kernel("ssd", KERNEL_NAME, supports, ssd_kernel,
+                                         unsupported_reason=unsupported_reason)
 
 
-def register():
-  """Registers :func:`ssd_kernel` with ``elastic_jax.ops.ssd`` under :data:`KERNEL_NAME` and returns the entry."""
-  from elastic_jax.ops import ssd as ssd_ops  # pylint: disable=import-outside-toplevel  (ops.ssd imports this lazily)
-
-  return ssd_ops.register_kernel(KERNEL_NAME, supports, ssd_kernel)
-
-
-def register_builtin(target: Any) -> None:
-  """Registers the kernel once, on the first dispatch for a GPU target (or a CPU one with interpret mode forced).
-
-  Only once, so that a later ``unregister_kernel(KERNEL_NAME)`` stays in effect.
-  """
-  global _registered_by_dispatch
-  platform = target.platform
-  if _registered_by_dispatch or not (platform == "gpu" or (platform == "cpu" and interpret_forced())):
-    return
-  _registered_by_dispatch = True
-  register()
+register()

@@ -19,9 +19,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.ssd import api
-from kernels.ssd import pallas_triton
-from kernels.ssd import xla_backward
+from elastic_jax_kernels.ssd import api
+from elastic_jax_kernels.ssd import pallas_triton
+from elastic_jax_kernels.ssd import xla_backward
 
 
 def _to_tiles(t: jax.Array, *, tokens_per_tile: int, tile: int) -> jax.Array:

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.ssd.api import BlockSizes, kernel_tiles
+from elastic_jax_kernels.ssd.api import BlockSizes, kernel_tiles
 
 
 def _dot(a: jax.Array, b: jax.Array, *, contract: tuple[int, int]) -> jax.Array:
