@@ -54,16 +54,17 @@ class Attention(nn.Module):
     context = context_parallel.active_context(*u.shape[:2]) if cache is None else None
     q_positions = position + jnp.arange(u.shape[1])
     new_cache = None
-    if context is not None:
-      out = context_parallel.causal_attention(q, k, v, context)
-    elif cache is None:
-      out = causal_gqa(q, k, v, q_positions, q_positions)
-    else:
-      new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], t.astype(cache[name].dtype), position, 1)
-                   for name, t in (("k", k), ("v", v))}
-      kv_positions = jnp.arange(new_cache["k"].shape[1])
-      kv_valid = None if start is None else kv_positions[None, :] >= start[:, None]
-      out = causal_gqa(q, new_cache["k"], new_cache["v"], q_positions, kv_positions, kv_valid)
+    with jax.named_scope("attention_core"):
+      if context is not None:
+        out = context_parallel.causal_attention(q, k, v, context)
+      elif cache is None:
+        out = causal_gqa(q, k, v, q_positions, q_positions)
+      else:
+        new_cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], t.astype(cache[name].dtype), position, 1)
+                     for name, t in (("k", k), ("v", v))}
+        kv_positions = jnp.arange(new_cache["k"].shape[1])
+        kv_valid = None if start is None else kv_positions[None, :] >= start[:, None]
+        out = causal_gqa(q, new_cache["k"], new_cache["v"], q_positions, kv_positions, kv_valid)
     record_importance(self, "heads", out)  # per-head output [b, Hq, hd]; heads ranked by its L2 over hd
     if masks and masks.get("heads") is not None:
       # Mask the head's *output*: a zeroed query would still attend uniformly and emit the mean of V.

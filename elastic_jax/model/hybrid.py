@@ -122,22 +122,24 @@ class Block(nn.Module):
   def __call__(self, h: Array, cache: dict | None = None, position: Array | int = 0,
                hidden_mask: Array | None = None, gate: Array | None = None, masks: dict | None = None,
                start: Array | None = None) -> tuple[Array, dict | None]:
-    cfg = self.config
-    normed = RMSNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(
-        h, hidden_mask)
-    record_importance(self, "hidden", normed)
-    if self.spec.kind == "mamba":
-      out, cache = Mamba2Mixer(cfg, self.spec, name="mixer")(normed, cache, masks, position, start)
-    elif self.spec.kind == "attention":
-      out, cache = Attention(cfg, self.spec, name="mixer")(normed, cache, position, masks, start)
-    else:
-      out = MLP(cfg, self.spec, name="mixer")(normed, masks)
-    out = out.astype(h.dtype)
-    if hidden_mask is not None:
-      out = out * hidden_mask
-    if gate is not None:
-      out = out * gate.astype(h.dtype)[:, None, None]
-    return h + out, cache
+    # Named by kind, so that profiles and HLO dumps read layers_{i}/mamba_block/mixer/ssd/...
+    with jax.named_scope(f"{self.spec.kind}_block"):
+      cfg = self.config
+      normed = RMSNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(
+          h, hidden_mask)
+      record_importance(self, "hidden", normed)
+      if self.spec.kind == "mamba":
+        out, cache = Mamba2Mixer(cfg, self.spec, name="mixer")(normed, cache, masks, position, start)
+      elif self.spec.kind == "attention":
+        out, cache = Attention(cfg, self.spec, name="mixer")(normed, cache, position, masks, start)
+      else:
+        out = MLP(cfg, self.spec, name="mixer")(normed, masks)
+      out = out.astype(h.dtype)
+      if hidden_mask is not None:
+        out = out * hidden_mask
+      if gate is not None:
+        out = out * gate.astype(h.dtype)[:, None, None]
+      return h + out, cache
 
 
 class HybridLM(nn.Module):

@@ -96,10 +96,11 @@ class Mamba2Mixer(nn.Module):
     # only steps that mix tokens) exchange boundaries between shards. A cached call continues one sequence as is.
     context = (None if cache is not None else
                context_parallel.active_context(*u.shape[:2], min_shard_length=cfg.conv_kernel - 1))
-    x, conv_x = CausalConv(cfg.conv_kernel, heads, name="conv_x", **kw)(x, get("conv_x"), context)
-    b_in, conv_b = CausalConv(cfg.conv_kernel, groups, name="conv_B", **kw)(b_in, get("conv_B"), context)
-    c_in, conv_c = CausalConv(cfg.conv_kernel, groups, name="conv_C", **kw)(c_in, get("conv_C"), context)
-    x, b_in, c_in = jax.nn.silu(x), jax.nn.silu(b_in), jax.nn.silu(c_in)
+    with jax.named_scope("conv"):
+      x, conv_x = CausalConv(cfg.conv_kernel, heads, name="conv_x", **kw)(x, get("conv_x"), context)
+      b_in, conv_b = CausalConv(cfg.conv_kernel, groups, name="conv_B", **kw)(b_in, get("conv_B"), context)
+      c_in, conv_c = CausalConv(cfg.conv_kernel, groups, name="conv_C", **kw)(c_in, get("conv_C"), context)
+      x, b_in, c_in = jax.nn.silu(x), jax.nn.silu(b_in), jax.nn.silu(c_in)
     channel_mask = _head_channel_mask(masks, h, p)  # [b, 1, H, P] or None
     if channel_mask is not None:  # after the conv: a masked channel must not pick up the conv bias
       x = x * channel_mask.astype(x.dtype)
@@ -115,16 +116,17 @@ class Mamba2Mixer(nn.Module):
     a = -jnp.exp(a_log.astype(jnp.float32))
     d_skip = d_skip.astype(jnp.float32)
 
-    if cache is not None and u.shape[1] == 1:  # one decode token: a single recurrence step, no scan
-      y, state = ssd_ops.ssd_step(cache["ssm"], x[:, 0], dt[:, 0], a, b_in[:, 0], c_in[:, 0], d_skip)
-      y = y[:, None]
-    elif context is not None:
-      y, state = context_parallel.ssd(x, dt, a, b_in, c_in, d_skip, context=context, chunk_size=cfg.chunk_size,
-                                      impl=cfg.ssd_impl, inter_chunk=cfg.ssd_inter_chunk)
-    else:
-      y, state = ssd_ops.ssd(x, dt, a, b_in, c_in, d_skip, chunk_size=cfg.chunk_size,
-                             initial_state=None if cache is None else cache["ssm"],
-                             impl=cfg.ssd_impl, inter_chunk=cfg.ssd_inter_chunk)
+    with jax.named_scope("ssd"):
+      if cache is not None and u.shape[1] == 1:  # one decode token: a single recurrence step, no scan
+        y, state = ssd_ops.ssd_step(cache["ssm"], x[:, 0], dt[:, 0], a, b_in[:, 0], c_in[:, 0], d_skip)
+        y = y[:, None]
+      elif context is not None:
+        y, state = context_parallel.ssd(x, dt, a, b_in, c_in, d_skip, context=context, chunk_size=cfg.chunk_size,
+                                        impl=cfg.ssd_impl, inter_chunk=cfg.ssd_inter_chunk)
+      else:
+        y, state = ssd_ops.ssd(x, dt, a, b_in, c_in, d_skip, chunk_size=cfg.chunk_size,
+                               initial_state=None if cache is None else cache["ssm"],
+                               impl=cfg.ssd_impl, inter_chunk=cfg.ssd_inter_chunk)
 
     y = GatedGroupNorm(g, cfg.layer_norm_epsilon, param_dtype=cfg.param_dtype, name="norm")(y, z, channel_mask)
     out = Projection((cfg.hidden_size,), heads, ("embed",), out_std, name="out_proj", **kw)(

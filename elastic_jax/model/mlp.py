@@ -27,6 +27,7 @@ class MLP(nn.Module):
     record_importance(self, "mlp", hidden)  # D-3: neurons ranked on the up-projection output
     if masks and masks.get("mlp") is not None:
       hidden = hidden * masks["mlp"][:, None, :].astype(hidden.dtype)
-    hidden = constrain(jax.nn.relu(hidden) ** 2, ("batch", "length", "mlp"))
+    with jax.named_scope("squared_relu"):
+      hidden = constrain(jax.nn.relu(hidden) ** 2, ("batch", "length", "mlp"))
     return Projection((cfg.hidden_size,), ("mlp",), ("embed",), cfg.initializer_range / math.sqrt(cfg.num_layers),
                       name="down_proj", **kw)(hidden)
