@@ -54,8 +54,9 @@ from elastic_jax.model import HybridLM, ModelConfig, init_params
 from elastic_jax.train.flops import forward_flops_per_token
 from elastic_jax.train.losses import forward_kl
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
-from elastic_jax.train.step import (ElasticSetup, TrainState, init_elastic_state, make_elastic_step, make_lm_step,
-                                    split_batch)
+from elastic_jax.train.elastic_step import ElasticSetup, init_elastic_state, make_elastic_step
+from elastic_jax.train.lm_step import make_lm_step, split_batch
+from elastic_jax.train.state import TrainState
 
 Params = Any
 MATMUL_SIZE = 2048  # [n, n] @ [n, n] fp32: large enough to run at the CPU's sustained matmul rate

@@ -114,7 +114,7 @@ from elastic_jax.train.config import (check_keys, elastic_setup_from_config, mem
 from elastic_jax.train.flops import elastic_step_flops, forward_flops_per_token
 from elastic_jax.train.loop import ShardedTraining, Stage, abstract_boxed_state, compiled_elastic_step
 from elastic_jax.train.optim import make_optimizer
-from elastic_jax.train.step import ElasticSetup
+from elastic_jax.train.elastic_step import ElasticSetup
 
 GB = 1e9
 _EMBED = ("batch", "length", "embed")
@@ -362,7 +362,7 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context
   else:
     h, p = spec.mamba_num_heads, spec.mamba_head_dim
     g, n, q = config.n_groups, config.ssm_state_size, config.chunk_size
-    heads, groups = ("batch", "length", "ssm_heads", "ssm_head_dim"), ("batch", "length", "ssm_groups", "ssm_state")
+    heads, groups = ("batch", "length", "ssm_heads", "mamba_head_dim"), ("batch", "length", "ssm_groups", "ssm_state")
     per_head = ("batch", "length", "ssm_heads")
     chunks = math.ceil(l / q)
     out += [_Tensor((b, l, h, p), heads, c, True), _Tensor((b, l, h, p), heads, c, True),  # z, x
@@ -376,10 +376,10 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context
     out += [_Tensor((b, l, g, q), ("batch", "length", "ssm_groups", None), f32)]
     out += [_Tensor((b, l, h, q), ("batch", "length", "ssm_heads", None), f32)] * 2
     out += [_Tensor((b, l, h, p), heads, f32)]
-    out += [_Tensor((b, chunks, h, p, n), ("batch", "length", "ssm_heads", "ssm_head_dim", "ssm_state"), f32)] * 2
+    out += [_Tensor((b, chunks, h, p, n), ("batch", "length", "ssm_heads", "mamba_head_dim", "ssm_state"), f32)] * 2
     out += [_Tensor((b, l, h, p), heads, f32)] * 2
     if context > 1:  # every shard's end state, all-gathered
-      out += [_Tensor((b, context, h, p, n), ("batch", None, "ssm_heads", "ssm_head_dim", "ssm_state"), f32)]
+      out += [_Tensor((b, context, h, p, n), ("batch", None, "ssm_heads", "mamba_head_dim", "ssm_state"), f32)]
     out += [_Tensor((b, l, h, p), heads, f32)] * 2 + [_Tensor((b, l, h, p), heads, c)]  # gated norm: gated, normed
     out += [_Tensor((b, l, d), _EMBED, c, True)]  # out_proj output
   return out
@@ -471,10 +471,10 @@ def cache_bytes(config: ModelConfig, batch: int, max_len: int, hardware: Hardwar
 
 
 _CACHE_AXES = {"k": ("batch", None, "kv_heads", "head_dim"), "v": ("batch", None, "kv_heads", "head_dim"),
-               "conv_x": ("batch", None, "ssm_heads", "ssm_head_dim"),
+               "conv_x": ("batch", None, "ssm_heads", "mamba_head_dim"),
                "conv_B": ("batch", None, "ssm_groups", "ssm_state"),
                "conv_C": ("batch", None, "ssm_groups", "ssm_state"),
-               "ssm": ("batch", "ssm_heads", "ssm_head_dim", "ssm_state"), "start": ("batch",), "position": ()}
+               "ssm": ("batch", "ssm_heads", "mamba_head_dim", "ssm_state"), "start": ("batch",), "position": ()}
 
 
 # ------------------------------------------------------------------------------------------------ the plan

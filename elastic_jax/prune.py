@@ -35,11 +35,13 @@ from elastic_jax.elastic.extract import extract
 from elastic_jax.elastic.importance import estimate_importance, rankings
 from elastic_jax.elastic.param_count import choice_param_count, param_count
 from elastic_jax.elastic.permute import permute_params
-from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, Choice, ElasticSpace, kind_count
+from elastic_jax.elastic import axes as axes_lib
+from elastic_jax.elastic.space import Choice, ElasticSpace
 from elastic_jax.model.config import ModelConfig
 
 Params = dict[str, Any]
-PRIORITY = ("mlp", "mamba_heads", "hidden", "attention_heads", "mamba_head_dim", "depth")
+# The axis order of the descent: each axis' ``prune_rank`` in the registry.
+PRIORITY = tuple(a.name for a in sorted(axes_lib.AXES, key=lambda a: a.prune_rank))
 DEFAULT_FRACTIONS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 _log = logging.getLogger(__name__)
 
@@ -52,9 +54,13 @@ class PruneError(ValueError):
 def _choice_at(config: ModelConfig, space: ElasticSpace, index: dict[str, int]) -> Choice:
   """The homogeneous choice taking candidate ``index[axis]`` on every axis."""
   sizes = {axis: space.candidates(axis)[i] for axis, i in index.items()}
-  per_layer = {axis: (sizes[axis],) * kind_count(config, AXES[axis][0]) if axis in sizes else ()
-               for axis in PER_LAYER_AXES}
-  return Choice(hidden=sizes["hidden"], depth=sizes.get("depth", config.num_layers), **per_layer)
+  fields = {}
+  for axis in axes_lib.AXES:
+    if axis.per_layer:
+      fields[axis.name] = (sizes[axis.name],) * axes_lib.kind_count(config, axis.kind) if axis.name in sizes else ()
+    else:
+      fields[axis.name] = sizes.get(axis.name, getattr(config, axis.config_field))
+  return Choice(**fields)
 
 
 def select_choice(config: ModelConfig, space: ElasticSpace, target_params: float, *, tolerance: float = 0.02,
@@ -63,8 +69,8 @@ def select_choice(config: ModelConfig, space: ElasticSpace, target_params: float
 
   Raises ``PruneError`` when even the smallest candidates exceed the band's upper edge.
   """
-  if sorted(priority) != sorted(AXES):
-    raise PruneError(f"priority {list(priority)} must order every axis exactly once: {list(AXES)}.")
+  if sorted(priority) != sorted(axes_lib.names()):
+    raise PruneError(f"priority {list(priority)} must order every axis exactly once: {list(axes_lib.names())}.")
   axes = [axis for axis in priority if space.candidates(axis)]
   index = {axis: len(space.candidates(axis)) - 1 for axis in axes}
   low, high = target_params * (1 - tolerance), target_params * (1 + tolerance)

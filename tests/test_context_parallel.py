@@ -110,7 +110,7 @@ def _worker() -> dict:
       "hidden": jnp.asarray([[1.0] * d, [1.0] * (d // 2) + [0.0] * (d // 2)]),
       "depth": jnp.asarray([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]]),
       "layers_0": {"ssm_heads": jnp.asarray([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]]),
-                   "ssm_head_dim": jnp.asarray([[1.0] * 8, [1.0] * 6 + [0.5, 0.0]])},
+                   "mamba_head_dim": jnp.asarray([[1.0] * 8, [1.0] * 6 + [0.5, 0.0]])},
       "layers_1": {"heads": jnp.asarray([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.0, 0.0]])},
       "layers_2": {"mlp": jnp.asarray([[1.0] * 48, [1.0] * 24 + [0.0] * 24])},
   }

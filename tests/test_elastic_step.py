@@ -13,9 +13,8 @@ from elastic_jax.elastic.param_count import choice_param_count
 from elastic_jax.elastic.router import RouterSchedule
 from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.train.optim import OptimizerConfig, make_optimizer
-from elastic_jax.train.step import (ElasticSetup, check_budget_probs, deployed_choices, init_elastic_state,
-                                    make_elastic_step)
-from elastic_jax.train.step import _choice_from_indices, router_argmax_choices  # pylint: disable=protected-access
+from elastic_jax.elastic.deploy import choice_from_indices, deployed_choices, router_argmax_choices
+from elastic_jax.train.elastic_step import ElasticSetup, check_budget_probs, init_elastic_state, make_elastic_step
 
 CONFIG = small_config("M-*M-", hidden_size=32, intermediate_size=64, mamba_num_heads=4, n_groups=2)
 
@@ -141,7 +140,7 @@ def test_argmax_size_metric_is_the_argmax_childs_count_and_its_loss_reaches_the_
 
   (loss, size), grads = jax.value_and_grad(argmax_loss, has_aux=True)(state.router_params)
   argmax = {name: jnp.argmax(l, axis=-1) for name, l in logits.items()}
-  one_hot = router_lib._layout(  # pylint: disable=protected-access
+  one_hot = router_lib.layout_for_space(
       {name: jax.nn.one_hot(i, logits[name].shape[-1]) for name, i in argmax.items()}, setup.space)
   np.testing.assert_allclose(size, setup.expected_size(one_hot, np.asarray(setup.depth_order)), rtol=1e-6)
   norm = float(optax.tree.norm(grads))
@@ -164,7 +163,7 @@ def test_deployed_choice_is_the_most_probable_within_the_dead_zone_when_the_argm
     for picks in itertools.product(*(range(logits[n].shape[-1]) for n in names)):
       indices = {n: np.asarray([i]) for n, i in zip(names, picks)}
       score = sum(logits[n][b, 0, i] for n, i in zip(names, picks))
-      choice = _choice_from_indices(setup, indices)
+      choice = choice_from_indices(setup.config, setup.space, indices)
       fraction = choice_param_count(CONFIG, choice, setup.depth_order) / target
       if abs(fraction - 1) <= setup.dead_zone and (best is None or score > best[0]):
         best = (score, choice)

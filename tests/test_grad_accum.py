@@ -18,7 +18,9 @@ from elastic_jax.elastic.router import RouterSchedule
 from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.model import HybridLM
 from elastic_jax.train.loop import Stage, train_elastic
-from elastic_jax.train.step import ElasticSetup, TrainState, init_elastic_state, make_elastic_step, make_lm_step
+from elastic_jax.train.elastic_step import ElasticSetup, init_elastic_state, make_elastic_step
+from elastic_jax.train.lm_step import make_lm_step
+from elastic_jax.train.state import TrainState
 
 CONFIG = small_config("M*-", hidden_size=32, intermediate_size=48)
 SPACE = ElasticSpace.from_fractions(CONFIG, (0.5, 0.75, 1.0))

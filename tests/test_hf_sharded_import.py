@@ -170,11 +170,11 @@ _EIGHT_DEVICES = textwrap.dedent("""
 
     hf._Entry.read = counting_read
 
-    # Inner feature axes split too (head_dim, ssm_head_dim, ssm_state over tensor, the conv taps over data), embed
+    # Inner feature axes split too (head_dim, mamba_head_dim, ssm_state over tensor, the conv taps over data), embed
     # and vocab swapped: boxes that are several runs of checkpoint rows, and partial ranges of the other axis.
     inner_rules = (("vocab", "fsdp"), ("embed", "tensor"), ("mlp", "fsdp"), ("heads", "fsdp"), ("kv_heads", "fsdp"),
                    ("ssm_heads", "fsdp"), ("ssm_groups", "fsdp"), ("head_dim", "tensor"),
-                   ("ssm_head_dim", "tensor"), ("ssm_state", "tensor"), ("conv", "data"))
+                   ("mamba_head_dim", "tensor"), ("ssm_state", "tensor"), ("conv", "data"))
     cases = [(shape, "default", None) for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]]
     cases.append(((2, 2, 2), "inner", inner_rules))
     report = []

@@ -41,7 +41,7 @@ def plant_structure(config, params, rng: np.random.Generator):
     return factors
 
   dead = {"hidden": [5, 20], "mlp": [7, 30], "attention_heads": [2, 5], "mamba_heads": [1, 6],
-          "mamba_channels": [2]}
+          "mamba_head_dim": [2]}
   hidden = spread(config.hidden_size, dead["hidden"])
   params["embed"]["embedding"] *= hidden
   params["norm_f"]["scale"] *= hidden
@@ -59,7 +59,7 @@ def plant_structure(config, params, rng: np.random.Generator):
       mixer["o_proj"]["kernel"] *= hidden
     else:
       head_channel = (spread(spec.mamba_num_heads, dead["mamba_heads"])[:, None]
-                      * spread(spec.mamba_head_dim, dead["mamba_channels"])[None, :])  # [H, P]
+                      * spread(spec.mamba_head_dim, dead["mamba_head_dim"])[None, :])  # [H, P]
       mixer["x_proj"]["kernel"] *= head_channel
       mixer["conv_x"]["bias"] *= head_channel
       mixer["out_proj"]["kernel"] *= hidden
@@ -86,10 +86,10 @@ def test_planted_dead_components_rank_last(planted):
     else:  # one dead head per Mamba group: last within its group
       heads = order.mamba_heads[spec.index].reshape(CONFIG.n_groups, -1)
       assert heads[:, -1].tolist() == dead["mamba_heads"]
-      assert order.mamba_channels[spec.index][-1] == dead["mamba_channels"][0]
+      assert order.mamba_head_dim[spec.index][-1] == dead["mamba_head_dim"][0]
       # Dead by a factor of ~100 against the weakest live component.
-      scores = importance.mamba_channels[spec.index]
-      assert scores[dead["mamba_channels"][0]] < 0.05 * np.delete(scores, dead["mamba_channels"]).min()
+      scores = importance.mamba_head_dim[spec.index]
+      assert scores[dead["mamba_head_dim"][0]] < 0.05 * np.delete(scores, dead["mamba_head_dim"]).min()
   assert importance.num_samples == sum(len(b) for b in CALIBRATION)
 
 
@@ -105,7 +105,7 @@ def full_masks(config, batch: int) -> dict:
       masks[f"layers_{spec.index}"] = {"heads": ones(spec.num_attention_heads)}
     else:
       masks[f"layers_{spec.index}"] = {"ssm_heads": ones(spec.mamba_num_heads),
-                                       "ssm_head_dim": ones(spec.mamba_head_dim)}
+                                       "mamba_head_dim": ones(spec.mamba_head_dim)}
   return masks
 
 
@@ -120,7 +120,7 @@ def _masked_logits(params, tokens, masks):
   return HybridLM(CONFIG).apply({"params": params}, tokens, masks=masks)
 
 
-@pytest.mark.parametrize("axis", ["hidden", "mlp", "attention_heads", "mamba_heads", "mamba_channels", "depth"])
+@pytest.mark.parametrize("axis", ["hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim", "depth"])
 @pytest.mark.parametrize("fraction", [0.25, 0.5])
 def test_masking_the_bottom_ranked_perturbs_logits_less_than_the_top_ranked(planted, axis, fraction):
   params, _, _, order = planted
@@ -141,9 +141,9 @@ def test_masking_the_bottom_ranked_perturbs_logits_less_than_the_top_ranked(plan
       elif axis == "mamba_heads" and spec.kind == "mamba":
         n, groups = spec.mamba_num_heads, CONFIG.n_groups
         entry["ssm_heads"][:] = drop_per_group(n, groups, int(n // groups * fraction), drop_bottom)
-      elif axis == "mamba_channels" and spec.kind == "mamba":
+      elif axis == "mamba_head_dim" and spec.kind == "mamba":
         n = spec.mamba_head_dim
-        entry["ssm_head_dim"][:] = drop_per_group(n, 1, int(n * fraction), drop_bottom)
+        entry["mamba_head_dim"][:] = drop_per_group(n, 1, int(n * fraction), drop_bottom)
     if axis == "hidden":
       n = CONFIG.hidden_size
       masks["hidden"][:] = drop_per_group(n, 1, int(n * fraction), drop_bottom)
@@ -189,7 +189,7 @@ def slow_importance(config, params, tokens: np.ndarray) -> dict:
                           for s in specs if s.kind == "attention"},
       "mamba_heads": {s.index: np.linalg.norm(aggregated[(s.index, "ssm")], axis=-1)
                       for s in specs if s.kind == "mamba"},
-      "mamba_channels": {s.index: np.linalg.norm(aggregated[(s.index, "ssm")], axis=0)
+      "mamba_head_dim": {s.index: np.linalg.norm(aggregated[(s.index, "ssm")], axis=0)
                          for s in specs if s.kind == "mamba"},
   }
 
@@ -199,7 +199,7 @@ def test_scores_match_an_independent_slow_path_across_batches():
   got = estimate_importance(CONFIG, params, iter(CALIBRATION), depth=False, progress=False)  # a one-shot iterator
   want = slow_importance(CONFIG, params, np.concatenate(CALIBRATION))
   np.testing.assert_allclose(got.hidden, want["hidden"], rtol=1e-5)
-  for axis in ("mlp", "attention_heads", "mamba_heads", "mamba_channels"):
+  for axis in ("mlp", "attention_heads", "mamba_heads", "mamba_head_dim"):
     assert set(getattr(got, axis)) == set(want[axis])
     for block, scores in want[axis].items():
       np.testing.assert_allclose(getattr(got, axis)[block], scores, rtol=1e-5, err_msg=f"{axis}[{block}]")
@@ -229,7 +229,7 @@ def test_depth_removes_a_dead_block_first_and_matches_brute_force_greedy_removal
   assert importance.depth_order[-1] == 2 and importance.depth_scores[2] == 0.0
   assert sorted(importance.depth_order.tolist()) == list(range(config.num_layers))
   assert importance.mlp[1].shape == (16,) and importance.mamba_heads[2].shape == (6,)
-  assert importance.mamba_channels[2].shape == (4,) and importance.attention_heads[3].shape == (2,)
+  assert importance.mamba_head_dim[2].shape == (4,) and importance.attention_heads[3].shape == (2,)
 
   # Brute force: at every step, the removed block is the one whose removal (on top of the earlier ones) gives the
   # smallest normalized MSE against the full model, and its score is that MSE.

@@ -150,7 +150,7 @@ def test_choice_masks_layout_and_values():
   np.testing.assert_array_equal(masks["hidden"], reference_prefix(20, 32)[None])
   np.testing.assert_array_equal(masks["depth"], reference_depth(4, order, 6)[None])
   np.testing.assert_array_equal(masks["layers_0"]["ssm_heads"], reference_prefix(2, 4, 2)[None])  # 1 per group
-  np.testing.assert_array_equal(masks["layers_0"]["ssm_head_dim"], reference_prefix(3, 8)[None])
+  np.testing.assert_array_equal(masks["layers_0"]["mamba_head_dim"], reference_prefix(3, 8)[None])
   np.testing.assert_array_equal(masks["layers_3"]["ssm_heads"], np.ones((1, 4)))
   np.testing.assert_array_equal(masks["layers_1"]["mlp"], reference_prefix(7, 48)[None])
   np.testing.assert_array_equal(masks["layers_2"]["heads"], reference_prefix(2, 4, 2)[None])  # 1 per KV group

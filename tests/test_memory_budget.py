@@ -15,7 +15,7 @@ from elastic_jax.elastic.router import RouterSchedule
 from elastic_jax.elastic.space import Choice, ElasticSpace
 from elastic_jax.model import init_cache
 from elastic_jax.train.optim import OptimizerConfig, make_optimizer
-from elastic_jax.train.step import ElasticSetup, init_elastic_state, make_elastic_step
+from elastic_jax.train.elastic_step import ElasticSetup, init_elastic_state, make_elastic_step
 
 CONFIG = small_config("M-*M-", dtype="bfloat16")
 

@@ -37,7 +37,7 @@ def random_valid_rankings(config, rng: np.random.Generator) -> Rankings:
       attention_heads={s.index: within_groups(s.num_attention_heads, config.num_key_value_heads)
                        for s in specs if s.kind == "attention"},
       mamba_heads={s.index: within_groups(s.mamba_num_heads, config.n_groups) for s in specs if s.kind == "mamba"},
-      mamba_channels={s.index: rng.permutation(s.mamba_head_dim) for s in specs if s.kind == "mamba"},
+      mamba_head_dim={s.index: rng.permutation(s.mamba_head_dim) for s in specs if s.kind == "mamba"},
       depth=rng.permutation(config.num_layers))
 
 
@@ -61,7 +61,7 @@ def test_permutation_reorders_exactly_the_tensors_that_share_each_axis():
   d = order.hidden
   mamba, mlp, attn = params["layers_0"]["mixer"], params["layers_1"]["mixer"], params["layers_2"]["mixer"]
   new_mamba, new_mlp, new_attn = new["layers_0"]["mixer"], new["layers_1"]["mixer"], new["layers_2"]["mixer"]
-  heads, channels, neurons, q_heads = order.mamba_heads[0], order.mamba_channels[0], order.mlp[1], \
+  heads, channels, neurons, q_heads = order.mamba_heads[0], order.mamba_head_dim[0], order.mlp[1], \
       order.attention_heads[2]
   expected = {
       "embedding": (new["embed"]["embedding"], params["embed"]["embedding"][:, d]),
@@ -136,12 +136,12 @@ def test_real_rankings_never_move_heads_across_groups():
 
 
 def _replace(order: Rankings, **changes) -> Rankings:
-  return Rankings(**{**order.__dict__, **changes})
+  return Rankings(**{**order.fields(), **changes})
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda r: dict(mamba_heads={**r.mamba_heads, 0: np.array([0, 2, 1, 3])}),
-     r"Mamba block 0: the ranking puts head 2 \(group 1\) at position 1 \(group 0\); heads may only be reordered "
+     r"mamba block 0: the ranking puts head 2 \(group 1\) at position 1 \(group 0\); heads may only be reordered "
      r"within their own group"),
     (lambda r: dict(attention_heads={2: np.array([2, 1, 0, 3])}),
      r"attention block 2: the ranking puts query head 2 \(KV group 1\) at position 0 \(KV group 0\); query heads "
@@ -152,8 +152,8 @@ def _replace(order: Rankings, **changes) -> Rankings:
      r"rankings.mlp\[4\] must be integer indices of shape \(48,\); got int64 \(47,\)"),
     (lambda r: dict(mlp={1: r.mlp[1]}),
      r"rankings.mlp has entries for blocks \[1\] but pattern 'M-\*M-' needs exactly blocks \[1, 4\]"),
-    (lambda r: dict(mamba_channels={0: r.mamba_channels[0], 3: np.arange(8.0)}),
-     r"rankings.mamba_channels\[3\] must be integer indices"),
+    (lambda r: dict(mamba_head_dim={0: r.mamba_head_dim[0], 3: np.arange(8.0)}),
+     r"rankings.mamba_head_dim\[3\] must be integer indices"),
     (lambda r: dict(depth=np.arange(4)), r"rankings.depth must be integer indices of shape \(5,\)"),
 ])
 def test_invalid_rankings_raise_with_a_clear_message(change, message):

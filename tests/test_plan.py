@@ -61,7 +61,7 @@ _SHARDED_STATE_SCRIPT = textwrap.dedent("""
     from elastic_jax.train import loop, sharding
     from elastic_jax.train.config import elastic_setup_from_config, optimizers_from_config
     from elastic_jax.train.optim import make_optimizer
-    from elastic_jax.train.step import init_elastic_state
+    from elastic_jax.train.elastic_step import init_elastic_state
 
     config = small_run_config(mesh_shape=(2, 2, 2), num_devices=8)
     config.plan.devices_per_host = 2  # four hosts of 2 devices

@@ -19,7 +19,7 @@ from elastic_jax.model.hybrid import remat_policies
 from elastic_jax.train.loop import place_teacher
 from elastic_jax.train.losses import cross_entropy
 from elastic_jax.train.sharding import make_mesh, replicated
-from elastic_jax.train.step import ElasticSetup
+from elastic_jax.train.elastic_step import ElasticSetup
 
 CONFIG = small_config("M*-", hidden_size=32, intermediate_size=48)
 TOKENS = jax.random.randint(jax.random.key(3), (2, 9), 0, CONFIG.vocab_size)

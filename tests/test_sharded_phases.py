@@ -67,11 +67,11 @@ _SCRIPT = textwrap.dedent("""
     report = {{}}
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
       got = phases(make_mesh(shape))
-      for field in ("hidden", "mlp", "attention_heads", "mamba_heads", "mamba_channels", "depth"):
+      for field in ("hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim", "depth"):
         assert str(jax.tree.map(np.asarray, getattr(got["ranks"], field))) == \\
             str(jax.tree.map(np.asarray, getattr(reference["ranks"], field))), (shape, field)
       worst = 0.0
-      for name in ("hidden", "mlp", "attention_heads", "mamba_heads", "mamba_channels", "depth_scores"):
+      for name in ("hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim", "depth_scores"):
         for g, w in zip(jax.tree.leaves(getattr(got["importance"], name)),
                         jax.tree.leaves(getattr(reference["importance"], name))):
           worst = max(worst, float(np.max(np.abs(g - w)) / (np.max(np.abs(w)) + 1e-30)))

@@ -27,7 +27,9 @@ _SCRIPT = textwrap.dedent("""
     from elastic_jax.train.loop import compiled_elastic_step, compiled_lm_step
     from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
     from elastic_jax.train.sharding import DEFAULT_RULES, make_mesh, shard_params
-    from elastic_jax.train.step import ElasticSetup, TrainState, init_elastic_state, make_elastic_step, make_lm_step
+    from elastic_jax.train.elastic_step import ElasticSetup, init_elastic_state, make_elastic_step
+    from elastic_jax.train.lm_step import make_lm_step
+    from elastic_jax.train.state import TrainState
 
     assert jax.device_count() == 8
     # Every block kind; widths divisible by every mesh axis they are split over (fsdp up to 4, tensor 2).
@@ -137,7 +139,7 @@ def test_sharded_steps_equal_single_device_and_state_is_sharded(tmp_path):
     for name in ("up_proj", "up_proj_mu", "up_proj_nu"):
       assert mesh[name] == [["fsdp", "tensor"], [[32 // fsdp, 64 // tensor]]], (shape, name)
     assert mesh["embedding"] == [["tensor", "fsdp"], [[64 // tensor, 32 // fsdp]]]
-    # q [embed, heads=4, head_dim=8], Mamba x [embed, ssm_heads=4, ssm_head_dim=8]: heads over tensor.
+    # q [embed, heads=4, head_dim=8], Mamba x [embed, ssm_heads=4, mamba_head_dim=8]: heads over tensor.
     assert mesh["q_proj"] == [["fsdp", "tensor", None], [[32 // fsdp, 4 // tensor, 8]]]
     assert mesh["x_proj"] == [["fsdp", "tensor", None], [[32 // fsdp, 4 // tensor, 8]]]
     assert mesh["router"] == ["()"]  # replicated

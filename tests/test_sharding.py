@@ -13,7 +13,7 @@ from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.train.loop import compiled_elastic_step
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config
 from elastic_jax.train.sharding import DEFAULT_RULES, MESH_AXES, batch_sharding, make_mesh
-from elastic_jax.train.step import ElasticSetup
+from elastic_jax.train.elastic_step import ElasticSetup
 
 
 def test_state_shardings_follow_the_rules_table():

@@ -23,7 +23,7 @@ from elastic_jax.elastic.space import Choice, ElasticSpace
 from elastic_jax.train.checkpoint import Checkpointer, ConfigMismatchError, abstract_like
 from elastic_jax.train.loop import Stage, train_elastic
 from elastic_jax.train.optim import OptimizerConfig
-from elastic_jax.train.step import ElasticSetup
+from elastic_jax.train.elastic_step import ElasticSetup
 
 CONFIG = small_config("M-*M", hidden_size=32, intermediate_size=48)
 # Same batch shape in both stages (one compile per test); the stage change still switches data and probabilities.
@@ -151,7 +151,7 @@ def test_sigterm_leaves_a_complete_checkpoint(tmp_path):
 def _abstract_state_like_run():
   from elastic_jax.train.checkpoint import abstract_like  # pylint: disable=import-outside-toplevel
   from elastic_jax.train.optim import default_router_optimizer_config, make_optimizer  # pylint: disable=import-outside-toplevel
-  from elastic_jax.train.step import init_elastic_state  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.elastic_step import init_elastic_state  # pylint: disable=import-outside-toplevel
   teacher = random_params(CONFIG, seed=0)
   tx = make_optimizer(OptimizerConfig(), 100000)
   router_tx = make_optimizer(default_router_optimizer_config(), 100000)

@@ -1,11 +1,12 @@
 """Zero-shot extraction: slice a sub-network out of the (importance-permuted) parent as a standalone ``HybridLM``.
 
 Every tensor is sliced on every elastic axis it carries, found by its *logical* axis names (the same names the
-sharding rules use): ``embed`` (hidden channels: embedding, every norm, every projection's input or output side,
-the LM head), ``mlp`` (neurons: up columns, down rows), ``heads`` (query heads: q and o), ``ssm_heads`` (Mamba
-heads: z, x, dt, conv_x, A_log, D, dt_bias, norm, out_proj) and ``ssm_head_dim`` (channels of every kept Mamba
-head). B/C (``ssm_groups``, ``ssm_state``), KV heads and the attention head dim are never touched. Blocks outside
-the kept depth are dropped and the rest renumbered in pattern order.
+sharding rules use; each axis' row in ``elastic.axes`` names its logical axis): ``embed`` (hidden channels:
+embedding, every norm, every projection's input or output side, the LM head), ``mlp`` (neurons: up columns, down
+rows), ``heads`` (query heads: q and o), ``ssm_heads`` (Mamba heads: z, x, dt, conv_x, A_log, D, dt_bias, norm,
+out_proj) and ``mamba_head_dim`` (channels of every kept Mamba head). B/C (``ssm_groups``, ``ssm_state``), KV heads
+and the attention head dim are never touched. Blocks outside the kept depth are dropped and the rest renumbered in
+pattern order.
 
 The kept indices come from ``masks.kept_indices`` / ``masks.kept_blocks``, i.e. from the very prefix rule the masks
 use, so the masked parent and the extracted child compute the same function (spec D-2).
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from elastic_jax.elastic import axes
 from elastic_jax.elastic.masks import kept_blocks, kept_indices
 from elastic_jax.elastic.space import Choice
 from elastic_jax.model.config import ModelConfig
@@ -31,13 +33,6 @@ from elastic_jax.model.hybrid import param_logical_axes
 from elastic_jax.train.sharding import DEFAULT_RULES, LogicalRules, param_shardings, shard_params, sharded_jit
 
 Params = dict[str, Any]
-# Per-layer widths: Choice field -> (ModelConfig scalar field, ModelConfig per-layer field, block kind).
-_WIDTH_FIELDS = {
-    "mlp": ("intermediate_size", "intermediate_size_per_layer", "mlp"),
-    "attention_heads": ("num_attention_heads", "num_attention_heads_per_layer", "attention"),
-    "mamba_heads": ("mamba_num_heads", "mamba_num_heads_per_layer", "mamba"),
-    "mamba_head_dim": ("mamba_head_dim", "mamba_head_dim_per_layer", "mamba"),
-}
 
 
 def child_config(config: ModelConfig, choice: Choice, depth_order: Any = None) -> ModelConfig:
@@ -49,19 +44,28 @@ def child_config(config: ModelConfig, choice: Choice, depth_order: Any = None) -
   choice.validate(config)
   kept = kept_blocks(choice.depth, depth_order, config.num_layers)
   specs = config.block_specs()
-  changes: dict[str, Any] = {"pattern": "".join(config.pattern[i] for i in kept), "hidden_size": choice.hidden}
+  changes: dict[str, Any] = {"pattern": "".join(config.pattern[i] for i in kept)}
   kept_set = set(kept.tolist())
-  for axis, (field, per_layer_field, kind) in _WIDTH_FIELDS.items():
-    kind_blocks = [spec.index for spec in specs if spec.kind == kind]
-    values = tuple(v for v, index in zip(getattr(choice, axis), kind_blocks) if index in kept_set)
+  for axis in axes.AXES:
+    if not axis.per_layer:
+      if axis.name != "depth":  # depth is the pattern above
+        changes[axis.config_field] = getattr(choice, axis.name)
+      continue
+    field, per_layer_field = axis.config_field, axis.per_layer_field
+    kind_blocks = [spec.index for spec in specs if spec.kind == axis.kind]
+    values = tuple(v for v, index in zip(getattr(choice, axis.name), kind_blocks) if index in kept_set)
     if len(set(values)) > 1:
+      if per_layer_field is None:
+        raise ValueError(f"{axis.name} differs between the kept {axis.kind} blocks ({list(values)}) but ModelConfig "
+                         f"has no per-layer field for {field}; choose one size for every block.")
       changes[field], changes[per_layer_field] = max(values), values
     else:
-      changes[per_layer_field] = None
+      if per_layer_field is not None:
+        changes[per_layer_field] = None
       if values:
         changes[field] = values[0]
       elif getattr(config, field) <= 0:  # no block of this kind survives; any valid scalar will do
-        changes[field] = max(getattr(choice, axis), default=1)
+        changes[field] = max(getattr(choice, axis.name), default=1)
   return config.replace(**changes)
 
 
@@ -77,24 +81,20 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def _kept_units(config: ModelConfig, choice: Choice) -> dict[str, list[dict[str, np.ndarray]]]:
-  """Per block (pattern index) the kept indices of each elastic logical axis it carries."""
-  hidden = kept_indices(choice.hidden, config.hidden_size)
+def _kept_units(config: ModelConfig, choice: Choice) -> dict[str, Any]:
+  """The kept indices of each elastic logical axis: of the global ones, and per block (pattern index) of those it
+  carries."""
+  global_units = {axis.logical_axis: kept_indices(getattr(choice, axis.name), getattr(config, axis.config_field),
+                                                  axis.groups(config))
+                  for axis in axes.AXES if not axis.per_layer and axis.logical_axis}
   per_block: dict[int, dict[str, np.ndarray]] = {}
-  seen = {"mamba": 0, "attention": 0, "mlp": 0}
   for spec in config.block_specs():
-    k = seen[spec.kind]
-    seen[spec.kind] += 1
-    units = {"embed": hidden}
-    if spec.kind == "mlp":
-      units["mlp"] = kept_indices(choice.mlp[k], spec.intermediate_size)
-    elif spec.kind == "attention":
-      units["heads"] = kept_indices(choice.attention_heads[k], spec.num_attention_heads, config.num_key_value_heads)
-    else:
-      units["ssm_heads"] = kept_indices(choice.mamba_heads[k], spec.mamba_num_heads, config.n_groups)
-      units["ssm_head_dim"] = kept_indices(choice.mamba_head_dim[k], spec.mamba_head_dim)
+    units = dict(global_units)
+    for axis in axes.block_axes(spec.kind):
+      units[axis.logical_axis] = kept_indices(getattr(choice, axis.name)[spec.kind_index],
+                                              getattr(spec, axis.config_field), axis.groups(config))
     per_block[spec.index] = units
-  return {"hidden": hidden, "blocks": per_block}
+  return {"global": global_units, "blocks": per_block}
 
 
 def _take(x: Any, axis: int, indices: np.ndarray) -> Any:
@@ -123,7 +123,7 @@ def extract_params(config: ModelConfig, params: Mapping[str, Any], choice: Choic
   axes = _logical_axes(config)
   units = _kept_units(config, choice)
   kept = kept_blocks(choice.depth, depth_order, config.num_layers)
-  global_units = {"embed": units["hidden"]}
+  global_units = units["global"]
 
   def slice_tree(tree: Mapping[str, Any], prefix: str, block_units: Mapping[str, np.ndarray]) -> Params:
     out: Params = {}

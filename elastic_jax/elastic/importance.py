@@ -42,6 +42,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 from tqdm.auto import tqdm
 
+from elastic_jax.elastic import axes
 from elastic_jax.model.config import ModelConfig
 from elastic_jax.model.hybrid import HybridLM
 from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, host_to_global, make_mesh,
@@ -55,7 +56,7 @@ _MIXER_STATISTIC = {"mlp": "mlp", "attention": "heads", "mamba": "ssm"}
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["hidden", "mlp", "attention_heads", "mamba_heads", "mamba_channels",
+                   data_fields=["hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim",
                                 "mamba_activations", "depth_scores", "depth_order"],
                    meta_fields=["num_samples"])
 @dataclasses.dataclass(frozen=True)
@@ -71,43 +72,99 @@ class Importance:
   mlp: dict[int, np.ndarray]  # MLP block -> [F]
   attention_heads: dict[int, np.ndarray]  # attention block -> [Hq]
   mamba_heads: dict[int, np.ndarray]  # Mamba block -> [H]
-  mamba_channels: dict[int, np.ndarray]  # Mamba block -> [P]
+  mamba_head_dim: dict[int, np.ndarray]  # Mamba block -> [P]
   mamba_activations: dict[int, np.ndarray]  # Mamba block -> [H, P] aggregated x statistic
   depth_scores: np.ndarray | None  # [num_layers]
   depth_order: np.ndarray | None  # [num_layers] block indices, most important first
   num_samples: int = 0
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["hidden", "mlp", "attention_heads", "mamba_heads", "mamba_channels", "depth"],
-                   meta_fields=[])
-@dataclasses.dataclass(frozen=True)
 class Rankings:
   """Permutation indices per elastic axis: ``order[new_position] = old_index``, most important first.
 
-  Per-block entries are keyed by block index. attention_heads and mamba_heads reorder heads only within their KV
-  group / Mamba group (each group's slice of positions holds that group's heads). mamba_channels is shared by all
-  heads of its block. depth is an order over blocks used by depth masks; blocks never move.
+  ``Rankings(hidden=..., mlp=..., attention_heads=..., mamba_heads=..., mamba_head_dim=..., depth=None)``: one
+  keyword per axis of the registry that reorders parameters (every axis with a logical axis), read back as
+  attributes. Per-block entries are dicts keyed by block index. attention_heads and mamba_heads reorder heads only
+  within their KV group / Mamba group (each group's slice of positions holds that group's heads). mamba_head_dim is
+  shared by all heads of its block. depth is an order over blocks used by depth masks; blocks never move.
+  A pytree whose leaves are the orders, in registry order.
   """
 
-  hidden: np.ndarray  # [d]
-  mlp: dict[int, np.ndarray]  # MLP block -> [F]
-  attention_heads: dict[int, np.ndarray]  # attention block -> [Hq]
-  mamba_heads: dict[int, np.ndarray]  # Mamba block -> [H]
-  mamba_channels: dict[int, np.ndarray]  # Mamba block -> [P]
-  depth: np.ndarray | None = None  # [num_layers]
+  __slots__ = ("_orders",)
+
+  def __init__(self, *, depth: np.ndarray | None = None, **orders: Any):
+    names = ranked_axis_names()
+    if set(orders) != set(names):
+      raise TypeError(axes.rename_hint(orders, names, "Rankings() fields (depth aside)"))
+    object.__setattr__(self, "_orders", {**{name: orders[name] for name in names}, "depth": depth})
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith("_"):
+      raise AttributeError(name)
+    try:
+      return self._orders[name]
+    except KeyError:
+      raise AttributeError(f"Rankings has no field {name!r}; fields are {list(self._orders)}.") from None
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+  def __repr__(self) -> str:
+    return f"Rankings({', '.join(f'{k}={v!r}' for k, v in self._orders.items())})"
+
+  def fields(self) -> dict[str, Any]:
+    """Every order by field name (the ranked axes, then depth): ``Rankings(**r.fields())`` copies ``r``."""
+    return dict(self._orders)
 
   @classmethod
   def identity(cls, config: ModelConfig) -> "Rankings":
     """The rankings that leave every axis in its current order."""
-    specs = config.block_specs()
-    return cls(
-        hidden=np.arange(config.hidden_size),
-        mlp={s.index: np.arange(s.intermediate_size) for s in specs if s.kind == "mlp"},
-        attention_heads={s.index: np.arange(s.num_attention_heads) for s in specs if s.kind == "attention"},
-        mamba_heads={s.index: np.arange(s.mamba_num_heads) for s in specs if s.kind == "mamba"},
-        mamba_channels={s.index: np.arange(s.mamba_head_dim) for s in specs if s.kind == "mamba"},
-        depth=np.arange(config.num_layers))
+    orders: dict[str, Any] = {}
+    for axis in ranked_axes():
+      if axis.per_layer:
+        orders[axis.name] = {s.index: np.arange(getattr(s, axis.config_field)) for s in config.block_specs()
+                             if s.kind == axis.kind}
+      else:
+        orders[axis.name] = np.arange(getattr(config, axis.config_field))
+    return cls(**orders, depth=np.arange(config.num_layers))
+
+  def to_json(self) -> dict[str, Any]:
+    """Plain lists (block indices as string keys), as ``rankings.json`` stores them."""
+    out: dict[str, Any] = {}
+    for name, order in self._orders.items():
+      if isinstance(order, dict):
+        out[name] = {str(k): np.asarray(v).tolist() for k, v in order.items()}
+      else:
+        out[name] = None if order is None else np.asarray(order).tolist()
+    return out
+
+  @classmethod
+  def from_json(cls, values: dict[str, Any], where: str = "rankings") -> "Rankings":
+    """The inverse of ``to_json``. Keys that are not the axis names (a file written before the axis names were
+    unified) raise a ``ValueError`` that says which key to rename."""
+    names = ranked_axis_names()
+    if set(values) != {*names, "depth"}:
+      raise ValueError(axes.rename_hint(values, (*names, "depth"), where))
+    orders = {}
+    for axis in ranked_axes():
+      value = values[axis.name]
+      orders[axis.name] = ({int(k): np.asarray(v) for k, v in value.items()} if axis.per_layer
+                           else np.asarray(value))
+    return cls(**orders, depth=None if values["depth"] is None else np.asarray(values["depth"]))
+
+
+def ranked_axes() -> tuple[axes.ElasticAxis, ...]:
+  """The axes whose rankings reorder parameters (those with a logical axis), in registry order."""
+  return tuple(a for a in axes.AXES if a.logical_axis)
+
+
+def ranked_axis_names() -> tuple[str, ...]:
+  return tuple(a.name for a in ranked_axes())
+
+
+jax.tree_util.register_pytree_node(
+    Rankings, lambda r: (tuple(r.fields().values()), tuple(r.fields())),
+    lambda names, orders: Rankings(**dict(zip(names, orders))))
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -262,14 +319,14 @@ def estimate_importance(config: ModelConfig, params: Params, batches: Iterable[A
   hidden = np.sum(np.stack(list(aggregated["hidden"].values())), axis=0)
   attention_heads = {i: np.linalg.norm(a, axis=-1) for i, a in aggregated["heads"].items()}
   mamba_heads = {i: np.linalg.norm(a, axis=1) for i, a in aggregated["ssm"].items()}
-  mamba_channels = {i: np.linalg.norm(a, axis=0) for i, a in aggregated["ssm"].items()}
+  mamba_head_dim = {i: np.linalg.norm(a, axis=0) for i, a in aggregated["ssm"].items()}
 
   depth_scores = depth_order = None
   if depth:
     depth_set = placed if depth_batches is None else placed[:depth_batches]
     depth_scores, depth_order = _depth_importance(config, programs, params, depth_set, progress)
   return Importance(hidden=hidden, mlp=dict(aggregated["mlp"]), attention_heads=attention_heads,
-                    mamba_heads=mamba_heads, mamba_channels=mamba_channels,
+                    mamba_heads=mamba_heads, mamba_head_dim=mamba_head_dim,
                     mamba_activations=dict(aggregated["ssm"]), depth_scores=depth_scores, depth_order=depth_order,
                     num_samples=num_samples)
 
@@ -295,15 +352,12 @@ def rankings(importance: Importance, config: ModelConfig) -> Rankings:
 
   Mamba heads are ranked within each of the n_groups groups (spec §3), query heads within each KV group (D-1).
   """
-  specs = config.block_specs()
-  return Rankings(
-      hidden=descending_order(importance.hidden),
-      mlp={s.index: descending_order(importance.mlp[s.index]) for s in specs if s.kind == "mlp"},
-      attention_heads={s.index: descending_order_within_groups(importance.attention_heads[s.index],
-                                                               config.num_key_value_heads)
-                       for s in specs if s.kind == "attention"},
-      mamba_heads={s.index: descending_order_within_groups(importance.mamba_heads[s.index], config.n_groups)
-                   for s in specs if s.kind == "mamba"},
-      mamba_channels={s.index: descending_order(importance.mamba_channels[s.index])
-                      for s in specs if s.kind == "mamba"},
-      depth=None if importance.depth_order is None else np.asarray(importance.depth_order))
+  orders: dict[str, Any] = {}
+  for axis in ranked_axes():
+    scores, groups = getattr(importance, axis.name), axis.groups(config)
+    rank = descending_order if groups == 1 else functools.partial(descending_order_within_groups, num_groups=groups)
+    if axis.per_layer:
+      orders[axis.name] = {s.index: rank(scores[s.index]) for s in config.block_specs() if s.kind == axis.kind}
+    else:
+      orders[axis.name] = rank(scores)
+  return Rankings(**orders, depth=None if importance.depth_order is None else np.asarray(importance.depth_order))

@@ -14,7 +14,8 @@ is the "staircase" mask; with a one-hot ``w`` it is the hard mask of that candid
 stop_gradient(p)`` gives the straight-through estimator) — all through the same prefix masks.
 
 Masks dict (see ``HybridLM``): ``{"hidden": [b, d], "depth": [b, L], "layers_{i}": {"mlp": [b, F]} |
-{"heads": [b, Hq]} | {"ssm_heads": [b, H], "ssm_head_dim": [b, P]}}``, float32.
+{"heads": [b, Hq]} | {"ssm_heads": [b, H], "mamba_head_dim": [b, P]}}``, float32: each axis' mask sits where its
+registry row says (``ElasticAxis.mask_key``).
 """
 
 from __future__ import annotations
@@ -26,18 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, Choice, ElasticSpace, SpaceError, kind_count
+from elastic_jax.elastic import axes
+from elastic_jax.elastic.axes import ElasticAxis, kind_count
+from elastic_jax.elastic.space import Choice, ElasticSpace, SpaceError
 from elastic_jax.model.config import BlockSpec, ModelConfig
 
 Array = jax.Array
 Masks = dict[str, Any]
-# Per-layer axis -> (the block's mask key, the BlockSpec width it masks).
-_LAYER_AXIS_KEYS = {
-    "mlp": ("mlp", "intermediate_size"),
-    "attention_heads": ("heads", "num_attention_heads"),
-    "mamba_heads": ("ssm_heads", "mamba_num_heads"),
-    "mamba_head_dim": ("ssm_head_dim", "mamba_head_dim"),
-}
 
 
 # ---------------------------------------------------------------------------------------------------- primitives
@@ -80,25 +76,20 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _group_count(config: ModelConfig, axis: str) -> int:
-  return {"mamba_heads": config.n_groups, "attention_heads": config.num_key_value_heads}.get(axis, 1)
-
-
-def _check_counts(config: ModelConfig, axis: str, counts: Any, size: int, where: str) -> None:
+def _check_counts(config: ModelConfig, axis: ElasticAxis, counts: Any, size: int, where: str) -> None:
   """Concrete counts only (traced ones cannot be inspected): in [0, size] and whole groups."""
   if not _is_concrete(counts):
     return
   values = np.asarray(counts)
   if not np.issubdtype(values.dtype, np.integer):
-    raise SpaceError(f"{axis} counts for {where} must be integers, got dtype {values.dtype}.")
+    raise SpaceError(f"{axis.name} counts for {where} must be integers, got dtype {values.dtype}.")
   if values.size and (values.min() < 0 or values.max() > size):
-    raise SpaceError(f"{axis} count {int(values.max() if values.max() > size else values.min())} for {where} is "
-                     f"outside [0, {size}].")
-  step = _group_count(config, axis)
+    raise SpaceError(f"{axis.name} count {int(values.max() if values.max() > size else values.min())} for {where} "
+                     f"is outside [0, {size}].")
+  step = axis.groups(config)
   if step > 1 and values.size and np.any(values % step):
     bad = int(values[values % step != 0].flat[0])
-    rule = f"n_groups={step}" if axis == "mamba_heads" else f"num_key_value_heads={step}"
-    raise SpaceError(f"{axis} count {bad} for {where} is not a multiple of {rule}.")
+    raise SpaceError(f"{axis.name} count {bad} for {where} is not a multiple of {axis.group_rule(config)}.")
 
 
 def _check_depth_order(depth_order: Any, num_layers: int) -> None:
@@ -144,36 +135,37 @@ def masks_from_counts(config: ModelConfig, counts: Mapping[str, Any], depth_orde
   Returns:
     ``{"hidden": [b, d], "depth": [b, L], "layers_{i}": {...}}`` with only the entries ``counts`` asks for.
   """
-  unknown = sorted(set(counts) - set(AXES))
+  unknown = sorted(set(counts) - set(axes.names()))
   if unknown:
-    raise SpaceError(f"unknown axis name(s) {unknown} in counts; axes are {list(AXES)}.")
+    raise SpaceError(f"unknown axis name(s) {unknown} in counts; axes are {list(axes.names())}.")
   batch = _batch_size(list(counts.values()), batch_size)
   masks: Masks = {}
   if "hidden" in counts:
-    _check_counts(config, "hidden", counts["hidden"], config.hidden_size, "the model")
+    _check_counts(config, axes.get("hidden"), counts["hidden"], config.hidden_size, "the model")
     masks["hidden"] = prefix_mask(_per_sample(counts["hidden"], batch), config.hidden_size)
   if "depth" in counts:
     if depth_order is None:
       raise SpaceError("a depth count needs depth_order (block indices, most important first).")
     _check_depth_order(depth_order, config.num_layers)
-    _check_counts(config, "depth", counts["depth"], config.num_layers, "the model")
+    _check_counts(config, axes.get("depth"), counts["depth"], config.num_layers, "the model")
     masks["depth"] = depth_mask(_per_sample(counts["depth"], batch), depth_order, config.num_layers)
 
-  def layer_mask(axis: str, spec: BlockSpec, k: int) -> Array:
-    count = jnp.asarray(counts[axis]) if _is_concrete(counts[axis]) else counts[axis]
+  def layer_mask(axis: ElasticAxis, spec: BlockSpec) -> Array:
+    count = counts[axis.name]
+    count = jnp.asarray(count) if _is_concrete(count) else count
     if jnp.ndim(count) == 2:
       n = kind_count(config, spec.kind)
       if count.shape[1] != n:
-        raise SpaceError(f"{axis} counts have {count.shape[1]} columns but pattern={config.pattern!r} has {n} "
+        raise SpaceError(f"{axis.name} counts have {count.shape[1]} columns but pattern={config.pattern!r} has {n} "
                          f"{spec.kind} blocks.")
-      count = count[:, k]
+      count = count[:, spec.kind_index]
     elif jnp.ndim(count) > 2:
-      raise SpaceError(f"{axis} counts must be shaped [], [b] or [b, n_blocks], got {jnp.shape(count)}.")
-    size = getattr(spec, _LAYER_AXIS_KEYS[axis][1])
+      raise SpaceError(f"{axis.name} counts must be shaped [], [b] or [b, n_blocks], got {jnp.shape(count)}.")
+    size = getattr(spec, axis.config_field)
     _check_counts(config, axis, count, size, f"layers_{spec.index}")
-    return prefix_mask(_per_sample(count, batch), size, _group_count(config, axis))
+    return prefix_mask(_per_sample(count, batch), size, axis.groups(config))
 
-  _add_layer_masks(config, masks, [a for a in PER_LAYER_AXES if a in counts], layer_mask)
+  _add_layer_masks(config, masks, counts, layer_mask)
   return masks
 
 
@@ -187,8 +179,8 @@ def choice_masks(config: ModelConfig, choices: Choice | Sequence[Choice], depth_
   choices = [choices] if isinstance(choices, Choice) else list(choices)
   for choice in choices:
     choice.validate(config)
-  counts = {axis: np.asarray([choice.values(axis) for choice in choices], np.int32) for axis in PER_LAYER_AXES
-            if kind_count(config, AXES[axis][0]) > 0}
+  counts = {axis.name: np.asarray([choice.values(axis.name) for choice in choices], np.int32)
+            for axis in axes.block_axes() if axes.present(config, axis)}
   counts["hidden"] = np.asarray([c.hidden for c in choices], np.int32)
   if depth_order is not None or any(c.depth < config.num_layers for c in choices):
     counts["depth"] = np.asarray([c.depth for c in choices], np.int32)
@@ -208,9 +200,9 @@ def masks_from_weights(config: ModelConfig, space: ElasticSpace, weights: Mappin
       no mask.
     depth_order: block indices, most important first; required when ``depth`` is weighted.
   """
-  unknown = sorted(set(weights) - set(AXES))
+  unknown = sorted(set(weights) - set(axes.names()))
   if unknown:
-    raise SpaceError(f"unknown axis name(s) {unknown} in weights; axes are {list(AXES)}.")
+    raise SpaceError(f"unknown axis name(s) {unknown} in weights; axes are {list(axes.names())}.")
   for axis, w in weights.items():
     n = len(space.candidates(axis))
     if jnp.shape(w)[-1] != n:
@@ -231,35 +223,29 @@ def masks_from_weights(config: ModelConfig, space: ElasticSpace, weights: Mappin
     w = jnp.reshape(weights["depth"], (jnp.shape(weights["depth"])[0], -1))
     masks["depth"] = weighted_depth_mask(w, space.depth, depth_order, config.num_layers)
 
-  def layer_mask(axis: str, spec: BlockSpec, k: int) -> Array:
-    w = weights[axis]
+  def layer_mask(axis: ElasticAxis, spec: BlockSpec) -> Array:
+    w = weights[axis.name]
     if jnp.ndim(w) == 3:  # per block; a middle axis of 1 (a homogeneous router's output) serves every block
       n = kind_count(config, spec.kind)
       if w.shape[1] not in (1, n):
-        raise SpaceError(f"{axis} weights have {w.shape[1]} rows per sample but pattern={config.pattern!r} has {n} "
-                         f"{spec.kind} blocks (give 1 row to share it).")
-      w = w[:, k if w.shape[1] > 1 else 0]
+        raise SpaceError(f"{axis.name} weights have {w.shape[1]} rows per sample but pattern={config.pattern!r} "
+                         f"has {n} {spec.kind} blocks (give 1 row to share it).")
+      w = w[:, spec.kind_index if w.shape[1] > 1 else 0]
     elif jnp.ndim(w) != 2:
-      raise SpaceError(f"{axis} weights must be [b, n_candidates] or [b, n_blocks, n_candidates], got "
+      raise SpaceError(f"{axis.name} weights must be [b, n_candidates] or [b, n_blocks, n_candidates], got "
                        f"{jnp.shape(w)}.")
-    size = getattr(spec, _LAYER_AXIS_KEYS[axis][1])
-    return weighted_prefix_mask(w, space.candidates(axis), size, _group_count(config, axis))
+    size = getattr(spec, axis.config_field)
+    return weighted_prefix_mask(w, space.candidates(axis.name), size, axis.groups(config))
 
-  _add_layer_masks(config, masks, [a for a in PER_LAYER_AXES if a in weights], layer_mask)
+  _add_layer_masks(config, masks, weights, layer_mask)
   return masks
 
 
-def _add_layer_masks(config: ModelConfig, masks: Masks, axes: Sequence[str], layer_mask) -> None:
-  """Fills masks["layers_{i}"] with ``layer_mask(axis, spec, k)`` for every block whose kind has an axis in
-  ``axes``; ``k`` is the block's position among blocks of its kind."""
-  seen = {"mamba": 0, "attention": 0, "mlp": 0}
+def _add_layer_masks(config: ModelConfig, masks: Masks, given: Mapping[str, Any], layer_mask) -> None:
+  """Fills masks["layers_{i}"][axis.mask_key] with ``layer_mask(axis, spec)`` for every block axis named in
+  ``given`` and every block of its kind."""
   for spec in config.block_specs():
-    k = seen[spec.kind]
-    seen[spec.kind] += 1
-    entry = {}
-    for axis in axes:
-      if AXES[axis][0] == spec.kind:
-        entry[_LAYER_AXIS_KEYS[axis][0]] = layer_mask(axis, spec, k)
+    entry = {axis.mask_key: layer_mask(axis, spec) for axis in axes.block_axes(spec.kind) if axis.name in given}
     if entry:
       masks[f"layers_{spec.index}"] = entry
 

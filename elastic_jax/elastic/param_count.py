@@ -22,10 +22,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from elastic_jax.elastic import axes
 from elastic_jax.elastic.extract import child_config
 from elastic_jax.elastic.masks import weighted_depth_mask
-from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, Choice, ElasticSpace, SpaceError, parent_widths
-from elastic_jax.model.config import ModelConfig
+from elastic_jax.elastic.space import Choice, ElasticSpace, SpaceError
+from elastic_jax.model.config import BlockSpec, ModelConfig
 
 Array = jax.Array
 Number = Any  # int | float | jax.Array: the formulas below work on any of them
@@ -60,29 +61,34 @@ def mlp_param_count(hidden: Number, neurons: Number) -> Number:
   return 2 * hidden * neurons + hidden
 
 
+# Each block kind's count formula; a block axis feeds the argument its registry row names (``count_arg``).
+BLOCK_PARAM_COUNTS = {
+    "mamba": mamba_param_count,
+    "attention": attention_param_count,
+    "mlp": lambda config, hidden, neurons: mlp_param_count(hidden, neurons),
+}
+
+
+def _block_widths(spec: BlockSpec, widths: Mapping[str, list]) -> dict[str, Number]:
+  """The formula arguments of one block: ``widths[axis][k]`` for each axis of its kind, k its index in that kind."""
+  return {axis.count_arg: widths[axis.name][spec.kind_index] for axis in axes.block_axes(spec.kind)}
+
+
 def _block_counts(config: ModelConfig, hidden: Number, widths: Mapping[str, list]) -> list:
-  """Per block (pattern order) the formula at ``hidden`` and the block's widths (``widths[axis][k]`` for the k-th
-  block of that axis' kind)."""
-  seen = {"mamba": 0, "attention": 0, "mlp": 0}
-  out = []
-  for spec in config.block_specs():
-    k = seen[spec.kind]
-    seen[spec.kind] += 1
-    if spec.kind == "mamba":
-      out.append(mamba_param_count(config, hidden, widths["mamba_heads"][k], widths["mamba_head_dim"][k]))
-    elif spec.kind == "attention":
-      out.append(attention_param_count(config, hidden, widths["attention_heads"][k]))
-    else:
-      out.append(mlp_param_count(hidden, widths["mlp"][k]))
-  return out
+  """Per block (pattern order) the formula at ``hidden`` and the block's widths."""
+  return [BLOCK_PARAM_COUNTS[spec.kind](config, hidden, **_block_widths(spec, widths))
+          for spec in config.block_specs()]
+
+
+def _parent_widths(config: ModelConfig) -> dict[str, list]:
+  return {axis.name: list(axis.parent_sizes(config)) for axis in axes.block_axes()}
 
 
 # ---------------------------------------------------------------------------------------------------- exact
 def param_count(config: ModelConfig) -> int:
   """Exact number of parameters of ``HybridLM(config)`` (per-layer widths included)."""
-  widths = {axis: list(parent_widths(config, axis)) for axis in PER_LAYER_AXES}
   return int(embedding_param_count(config, config.hidden_size) + sum(_block_counts(config, config.hidden_size,
-                                                                                   widths)))
+                                                                                   _parent_widths(config))))
 
 
 def choice_param_count(config: ModelConfig, choice: Choice, depth_order: Any = None) -> int:
@@ -101,12 +107,12 @@ def expected_sizes(config: ModelConfig, space: ElasticSpace, probs: Mapping[str,
   Returns ``{"hidden": [...], "depth": absent, per-layer axis: list over blocks of that kind of [...]}`` where
   ``[...]`` is the probabilities' leading (batch) shape; axes absent from ``probs`` are at the parent's size.
   """
-  unknown = sorted(set(probs) - set(AXES))
+  unknown = sorted(set(probs) - set(axes.names()))
   if unknown:
-    raise SpaceError(f"unknown axis name(s) {unknown} in probs; axes are {list(AXES)}.")
+    raise SpaceError(f"unknown axis name(s) {unknown} in probs; axes are {list(axes.names())}.")
   sizes: dict[str, Any] = {}
-  for axis in ("hidden", *PER_LAYER_AXES):
-    parents = parent_widths(config, axis)
+  for axis in ("hidden", *axes.block_axis_names()):
+    parents = axes.get(axis).parent_sizes(config)
     if axis not in probs:
       sizes[axis] = parents[0] if axis == "hidden" else list(parents)
       continue
@@ -116,7 +122,7 @@ def expected_sizes(config: ModelConfig, space: ElasticSpace, probs: Mapping[str,
       raise SpaceError(f"{axis} probs have {p.shape[-1]} entries on the last axis but the space has "
                        f"{cands.shape[0]} {axis} candidates {list(space.candidates(axis))}.")
     mean = p @ cands  # [...] or [..., n_blocks]
-    if axis in PER_LAYER_AXES and space.mode(axis) == "heterogeneous":
+    if axis != "hidden" and space.mode(axis) == "heterogeneous":
       if p.ndim < 2 or p.shape[-2] not in (1, len(parents)):
         raise SpaceError(f"{axis} is heterogeneous: probs must be [..., {len(parents)} blocks, "
                          f"{cands.shape[0]} candidates], got {p.shape}.")
@@ -164,42 +170,52 @@ def expected_param_count(config: ModelConfig, space: ElasticSpace, probs: Mappin
 
 
 # ---------------------------------------------------------------------------------------------------- memory
-def block_cache_bytes(config: ModelConfig, kind: str, heads: Number = 0, head_dim: Number = 0, *, context: int,
-                      cache_bytes: int = 2, state_bytes: int = 4) -> Number:
-  """Decode-time cache of one block for one sequence of ``context`` tokens.
+def attention_cache_bytes(config: ModelConfig, heads: Number = 0, *, context: int, cache_bytes: int = 2,
+                          state_bytes: int = 4) -> Number:
+  """K and V of one attention block, 2·context·Hkv·hd (never elastic; only depth removes it)."""
+  del heads, state_bytes  # query heads keep nothing; attention keeps no fp32 state
+  return 2 * context * config.num_key_value_heads * config.head_dim * cache_bytes
 
-  Attention: K and V, 2·context·Hkv·hd (never elastic; only depth removes it). Mamba: the SSM state H·P·N (fp32)
-  plus the conv window (K-1)·(H·P + 2GN). MLP blocks keep nothing.
-  """
-  if kind == "attention":
-    return 2 * context * config.num_key_value_heads * config.head_dim * cache_bytes
-  if kind == "mamba":
-    d_inner = heads * head_dim
-    conv = (config.conv_kernel - 1) * (d_inner + 2 * config.n_groups * config.ssm_state_size)
-    return d_inner * config.ssm_state_size * state_bytes + conv * cache_bytes
-  return 0
+
+def mamba_cache_bytes(config: ModelConfig, heads: Number, head_dim: Number, *, context: int, cache_bytes: int = 2,
+                      state_bytes: int = 4) -> Number:
+  """The SSM state H·P·N (fp32) plus the conv window (K-1)·(H·P + 2GN) of one Mamba block (any context)."""
+  del context
+  d_inner = heads * head_dim
+  conv = (config.conv_kernel - 1) * (d_inner + 2 * config.n_groups * config.ssm_state_size)
+  return d_inner * config.ssm_state_size * state_bytes + conv * cache_bytes
+
+
+# Each block kind's decode-time cache; arguments as in ``BLOCK_PARAM_COUNTS``. MLP blocks keep nothing.
+BLOCK_CACHE_BYTES = {
+    "mamba": mamba_cache_bytes,
+    "attention": attention_cache_bytes,
+    "mlp": lambda config, neurons=0, **_: 0,
+}
+
+
+def block_cache_bytes(config: ModelConfig, kind: str, *, context: int, cache_bytes: int = 2, state_bytes: int = 4,
+                      **widths: Number) -> Number:
+  """Decode-time cache of one block of ``kind`` for one sequence of ``context`` tokens; ``widths`` by the count
+  arguments of the kind's axes (``heads``, ``head_dim``...)."""
+  return BLOCK_CACHE_BYTES[kind](config, **widths, context=context, cache_bytes=cache_bytes, state_bytes=state_bytes)
 
 
 def _memory_bytes(config: ModelConfig, hidden: Number, widths: Mapping[str, list], kept: Any, *, context: int,
                   param_bytes: int, cache_bytes: int) -> Number:
   """Weights plus caches at ``context``; ``kept[j]`` (1, 0 or a probability) scales block j."""
   counts = _block_counts(config, hidden, widths)
-  seen = {"mamba": 0, "attention": 0, "mlp": 0}
   total = embedding_param_count(config, hidden) * param_bytes
   for j, spec in enumerate(config.block_specs()):
-    k = seen[spec.kind]
-    seen[spec.kind] += 1
-    heads = widths["mamba_heads"][k] if spec.kind == "mamba" else 0
-    head_dim = widths["mamba_head_dim"][k] if spec.kind == "mamba" else 0
-    cache = block_cache_bytes(config, spec.kind, heads, head_dim, context=context, cache_bytes=cache_bytes)
+    cache = block_cache_bytes(config, spec.kind, context=context, cache_bytes=cache_bytes,
+                              **_block_widths(spec, widths))
     total = total + kept[j] * (counts[j] * param_bytes + cache)
   return total
 
 
 def memory_bytes(config: ModelConfig, *, context: int, param_bytes: int = 2, cache_bytes: int = 2) -> int:
   """Deployment memory of ``HybridLM(config)`` serving one sequence of ``context`` tokens: weights + caches."""
-  widths = {axis: list(parent_widths(config, axis)) for axis in PER_LAYER_AXES}
-  return int(_memory_bytes(config, config.hidden_size, widths, [1] * config.num_layers, context=context,
+  return int(_memory_bytes(config, config.hidden_size, _parent_widths(config), [1] * config.num_layers, context=context,
                            param_bytes=param_bytes, cache_bytes=cache_bytes))
 
 

@@ -6,14 +6,16 @@ the same logits (hidden channels pass only through RMSNorms, which are permutati
 through sums).
 
 Which tensors share an axis is read from the model's own logical axis names (``param_logical_axes``), so every
-tensor that names an axis is permuted with it and a new tensor needs no entry here:
+tensor that names an axis is permuted with it and a new tensor needs no entry here. Each axis' row in
+``elastic.axes`` names the logical axis it ranks:
 
-    ``embed``         rankings.hidden              embedding columns, every norm scale, every projection's d side,
-                                                   the LM head's input side
-    ``mlp``           rankings.mlp[i]              up_proj columns, down_proj rows
-    ``heads``         rankings.attention_heads[i]  q_proj heads, o_proj heads (never k/v: ``kv_heads``)
-    ``ssm_heads``     rankings.mamba_heads[i]      z/x/dt projections, conv_x, A_log, D, dt_bias, norm, out_proj
-    ``ssm_head_dim``  rankings.mamba_channels[i]   z/x projections, conv_x, norm, out_proj (never B/C: ``ssm_state``)
+    ``embed``           rankings.hidden              embedding columns, every norm scale, every projection's d
+                                                     side, the LM head's input side
+    ``mlp``             rankings.mlp[i]              up_proj columns, down_proj rows
+    ``heads``           rankings.attention_heads[i]  q_proj heads, o_proj heads (never k/v: ``kv_heads``)
+    ``ssm_heads``       rankings.mamba_heads[i]      z/x/dt projections, conv_x, A_log, D, dt_bias, norm, out_proj
+    ``mamba_head_dim``  rankings.mamba_head_dim[i]   z/x projections, conv_x, norm, out_proj (never B/C:
+                                                     ``ssm_state``)
 
 Depth is not a weight permutation: blocks stay in place and the depth order only drives depth masks.
 """
@@ -27,20 +29,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from elastic_jax.elastic import axes
 from elastic_jax.elastic.importance import Rankings
 from elastic_jax.model.config import ModelConfig
 from elastic_jax.model.hybrid import param_logical_axes
 from elastic_jax.train.sharding import DEFAULT_RULES, LogicalRules, param_shardings, shard_params, sharded_jit
 
 Params = dict[str, Any]
-
-# Logical axis name -> the Rankings field that orders it (per block, except the global hidden axis).
-_RANKED_AXES = {
-    "mlp": "mlp",
-    "heads": "attention_heads",
-    "ssm_heads": "mamba_heads",
-    "ssm_head_dim": "mamba_channels",
-}
 
 
 class RankingError(ValueError):
@@ -55,26 +50,18 @@ def check_rankings(config: ModelConfig, rankings: Rankings) -> None:
   group or KV head it reads, i.e. change the function.
   """
   _check_permutation("hidden", rankings.hidden, config.hidden_size)
-  expected: dict[str, dict[int, int]] = {field: {} for field in _RANKED_AXES.values()}
-  for spec in config.block_specs():
-    if spec.kind == "mlp":
-      expected["mlp"][spec.index] = spec.intermediate_size
-    elif spec.kind == "attention":
-      expected["attention_heads"][spec.index] = spec.num_attention_heads
-    else:
-      expected["mamba_heads"][spec.index] = spec.mamba_num_heads
-      expected["mamba_channels"][spec.index] = spec.mamba_head_dim
-  for field, sizes in expected.items():
-    given = getattr(rankings, field)
+  for axis in axes.block_axes():
+    sizes = {spec.index: getattr(spec, axis.config_field) for spec in config.block_specs() if spec.kind == axis.kind}
+    given = getattr(rankings, axis.name)
     if set(given) != set(sizes):
-      raise RankingError(f"rankings.{field} has entries for blocks {sorted(given)} but pattern "
+      raise RankingError(f"rankings.{axis.name} has entries for blocks {sorted(given)} but pattern "
                          f"{config.pattern!r} needs exactly blocks {sorted(sizes)}.")
     for index, size in sizes.items():
-      _check_permutation(f"{field}[{index}]", given[index], size)
-  for index, order in rankings.attention_heads.items():
-    _check_within_groups(f"attention block {index}", "query head", "KV group", order, config.num_key_value_heads)
-  for index, order in rankings.mamba_heads.items():
-    _check_within_groups(f"Mamba block {index}", "head", "group", order, config.n_groups)
+      _check_permutation(f"{axis.name}[{index}]", given[index], size)
+  for axis in axes.block_axes():
+    if axis.group_field:
+      for index, order in getattr(rankings, axis.name).items():
+        _check_within_groups(f"{axis.kind} block {index}", axis.unit, axis.group_unit, order, axis.groups(config))
   if rankings.depth is not None:
     _check_permutation("depth", rankings.depth, config.num_layers)
 
@@ -115,31 +102,31 @@ def permute_params(config: ModelConfig, params: Params, rankings: Rankings) -> P
   """
   if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(rankings)):
     check_rankings(config, rankings)
-  axes = _logical_axes(config)
+  ranked = axes.by_logical_axis()
   used: set[tuple[str, int]] = set()
 
   def permute(path: tuple[Any, ...], leaf: Any, spec: jax.sharding.PartitionSpec) -> Any:
     block = _block_index(path)
-    for axis, name in enumerate(spec):
-      if name == "embed":
-        order = rankings.hidden
-      elif name in _RANKED_AXES:
-        field = _RANKED_AXES[name]
-        order = getattr(rankings, field)[block]
-        used.add((field, block))
-      else:
+    for dim, name in enumerate(spec):
+      axis = ranked.get(name)
+      if axis is None:
         continue
-      leaf = leaf[(slice(None),) * axis + (order,)]
+      if axis.per_layer:
+        order = getattr(rankings, axis.name)[block]
+        used.add((axis.name, block))
+      else:
+        order = getattr(rankings, axis.name)
+      leaf = leaf[(slice(None),) * dim + (order,)]
     return leaf
 
-  permuted = jax.tree.map_with_path(permute, params, axes)
-  # Every per-block ranking must have reordered some tensor; otherwise the model's axis names and this table
+  permuted = jax.tree.map_with_path(permute, params, _logical_axes(config))
+  # Every per-block ranking must have reordered some tensor; otherwise the model's axis names and the registry
   # have drifted apart and the permutation would be silently incomplete.
-  for field in _RANKED_AXES.values():
-    for block in getattr(rankings, field):
-      if (field, block) not in used:
-        raise RankingError(f"rankings.{field}[{block}] reordered no parameter: no tensor of layers_{block} names "
-                           f"the axis {field!r} ranks.")
+  for axis in axes.block_axes():
+    for block in getattr(rankings, axis.name):
+      if (axis.name, block) not in used:
+        raise RankingError(f"rankings.{axis.name}[{block}] reordered no parameter: no tensor of layers_{block} "
+                           f"names the logical axis {axis.logical_axis!r} it ranks.")
   return permuted
 
 

@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, ElasticSpace, kind_count
+from elastic_jax.elastic import axes as axes_lib
+from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.model.config import ModelConfig
 
 Array = jax.Array
@@ -161,16 +162,16 @@ def router_axes(space: ElasticSpace, config: ModelConfig) -> tuple[RouterAxis, .
   An axis with a single candidate is routed too (trivially): its mask and parameter count then follow the space
   even when that one size is smaller than the parent's. Axes of block kinds absent from the pattern are skipped.
   """
-  axes = []
-  for name in AXES:
-    n = len(space.candidates(name))
+  routed = []
+  for axis in axes_lib.AXES:
+    n = len(space.candidates(axis.name))
     if n == 0:
       continue
     layers = 1
-    if name in PER_LAYER_AXES and space.mode(name) == "heterogeneous":
-      layers = kind_count(config, AXES[name][0])
-    axes.append(RouterAxis(name, n, layers))
-  return tuple(axes)
+    if axis.per_layer and space.mode(axis.name) == "heterogeneous":
+      layers = axes_lib.kind_count(config, axis.kind)
+    routed.append(RouterAxis(axis.name, n, layers))
+  return tuple(routed)
 
 
 ESTIMATORS = ("chosen", "softmax")
@@ -206,7 +207,7 @@ def candidate_weights(samples: dict[str, AxisSample], space: ElasticSpace, *, ha
       weights[name] = one_hot * s.st_weight[..., None]
     else:
       weights[name] = one_hot + (s.probs - jax.lax.stop_gradient(s.probs))
-  return _layout(weights, space)
+  return layout_for_space(weights, space)
 
 
 def argmax_weights(logits: dict[str, Array], scale: Array | float, space: ElasticSpace) -> dict[str, Array]:
@@ -222,13 +223,15 @@ def argmax_weights(logits: dict[str, Array], scale: Array | float, space: Elasti
     pi = jax.nn.softmax(scale * l.astype(jnp.float32), axis=-1)
     one_hot = jax.nn.one_hot(jnp.argmax(pi, axis=-1), pi.shape[-1], dtype=pi.dtype)
     weights[name] = one_hot + (pi - jax.lax.stop_gradient(pi))
-  return _layout(weights, space)
+  return layout_for_space(weights, space)
 
 
 def probabilities(samples: dict[str, AxisSample], space: ElasticSpace) -> dict[str, Array]:
   """The Gumbel-softmax probabilities pi in the layout of ``candidate_weights`` (for the expected count, D-6)."""
-  return _layout({name: s.probs for name, s in samples.items()}, space)
+  return layout_for_space({name: s.probs for name, s in samples.items()}, space)
 
 
-def _layout(weights: dict[str, Array], space: ElasticSpace) -> dict[str, Array]:
+def layout_for_space(weights: dict[str, Array], space: ElasticSpace) -> dict[str, Array]:
+  """Per-axis router outputs [b, L, C] -> the layout masks and counts take: [b, L, C] for heterogeneous axes (one
+  distribution per block), [b, C] for the others (their single row)."""
   return {name: w if space.mode(name) == "heterogeneous" else w[:, 0] for name, w in weights.items()}

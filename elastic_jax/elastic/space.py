@@ -11,6 +11,10 @@ and query head counts are multiples of ``num_key_value_heads`` (each KV group ke
 own candidate (the router then has one set of logits per block of that kind). Hidden and depth are global.
 
 Candidates are stored in ascending order: a router's logit ``i`` always means the ``i``-th smallest size.
+
+Both classes are keyed by the axis registry (``elastic.axes``): a space has one candidate tuple per axis and one mode
+per block kind, a choice one size (global axes) or one tuple of sizes (block axes) per axis, each readable as an
+attribute (``space.mlp``, ``choice.mamba_head_dim``).
 """
 
 from __future__ import annotations
@@ -20,22 +24,11 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from elastic_jax.elastic import axes
+from elastic_jax.elastic.axes import ElasticAxis
 from elastic_jax.model.config import ModelConfig
 
 MODES = ("homogeneous", "heterogeneous")
-# Axis name -> (block kind it belongs to, or None for global axes; the ModelConfig/BlockSpec width it shrinks).
-AXES: dict[str, tuple[str | None, str]] = {
-    "hidden": (None, "hidden_size"),
-    "mlp": ("mlp", "intermediate_size"),
-    "attention_heads": ("attention", "num_attention_heads"),
-    "mamba_heads": ("mamba", "mamba_num_heads"),
-    "mamba_head_dim": ("mamba", "mamba_head_dim"),
-    "depth": (None, "num_layers"),
-}
-PER_LAYER_AXES = ("mlp", "attention_heads", "mamba_heads", "mamba_head_dim")
-# Which mode field governs each per-layer axis.
-MODE_OF_AXIS = {"mlp": "mlp_mode", "attention_heads": "attention_mode", "mamba_heads": "mamba_mode",
-                "mamba_head_dim": "mamba_mode"}
 
 
 class SpaceError(ValueError):
@@ -43,143 +36,162 @@ class SpaceError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def kind_count(config: ModelConfig, kind: str) -> int:
-  """Number of blocks of ``kind`` ("mamba" | "attention" | "mlp") in the pattern."""
-  return sum(1 for spec in config.block_specs() if spec.kind == kind)
-
-
-def parent_widths(config: ModelConfig, axis: str) -> tuple[int, ...]:
-  """The parent's size of ``axis`` per block of its kind (pattern order); one entry for global axes."""
-  kind, field = AXES[axis]
-  if kind is None:
-    return (config.hidden_size,) if axis == "hidden" else (config.num_layers,)
-  return tuple(getattr(spec, field) for spec in config.block_specs() if spec.kind == kind)
-
-
-def axis_granularity(config: ModelConfig, axis: str) -> int:
-  """Sizes of ``axis`` must be multiples of this (whole Mamba groups / whole KV groups)."""
-  return {"mamba_heads": config.n_groups, "attention_heads": config.num_key_value_heads}.get(axis, 1)
-
-
-def _granularity_rule(config: ModelConfig, axis: str) -> str:
-  if axis == "mamba_heads":
-    return f"n_groups={config.n_groups}"
-  return f"num_key_value_heads={config.num_key_value_heads}"
-
-
-def _check_size(config: ModelConfig, axis: str, value: Any, what: str, limit: int, limit_name: str) -> None:
+def _check_size(config: ModelConfig, axis: ElasticAxis, value: Any, what: str, limit: int, limit_name: str) -> None:
   """Raises SpaceError unless ``value`` is a positive int, a multiple of the axis granularity and <= limit."""
   if isinstance(value, bool) or not isinstance(value, int):
     raise SpaceError(f"{what} {value!r} is not an integer.")
   if value <= 0:
     raise SpaceError(f"{what} {value} must be positive (use depth to remove whole blocks).")
-  step = axis_granularity(config, axis)
-  if value % step:
-    raise SpaceError(f"{what} {value} is not a multiple of {_granularity_rule(config, axis)}.")
+  if value % axis.groups(config):
+    raise SpaceError(f"{what} {value} is not a multiple of {axis.group_rule(config)}.")
   if value > limit:
     raise SpaceError(f"{what} {value} is larger than the parent's {limit_name}={limit}.")
 
 
-def _limit(config: ModelConfig, axis: str) -> tuple[int, str]:
+def _limit(config: ModelConfig, axis: ElasticAxis) -> tuple[int, str]:
   """The largest size every block of the axis' kind can take, and how to name it in messages."""
-  widths = parent_widths(config, axis)
-  field = AXES[axis][1]
+  widths = axis.parent_sizes(config)
   if len(set(widths)) > 1:
-    return min(widths), f"smallest per-layer {field}"
-  return widths[0], field
+    return min(widths), f"smallest per-layer {axis.config_field}"
+  return widths[0], axis.config_field
+
+
+def _sizes(value: Any, what: str) -> tuple:
+  """A sequence of sizes as a tuple; SpaceError for a scalar or a string."""
+  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+    raise SpaceError(f"{what} must be a list of candidate sizes, got {value!r}.")
+  return tuple(value)
+
+
+class _AxisRecord:
+  """Frozen, hashable values keyed by name (in registry order), read as attributes."""
+
+  __slots__ = ("_items",)
+
+  def __init__(self, items: Mapping[str, Any]):
+    object.__setattr__(self, "_items", tuple(items.items()))
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith("_"):
+      raise AttributeError(name)
+    for key, value in self._items:
+      if key == name:
+        return value
+    raise AttributeError(f"{type(self).__name__} has no field {name!r}; fields are {[k for k, _ in self._items]}.")
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+  def __eq__(self, other: Any) -> bool:
+    return type(self) is type(other) and self._items == other._items
+
+  def __hash__(self) -> int:
+    return hash((type(self).__name__, self._items))
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._items)})"
+
+  def __reduce__(self):
+    return _rebuild, (type(self), self._items)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in self._items}
+
+
+def _rebuild(cls: type, items: tuple) -> Any:
+  record = object.__new__(cls)
+  object.__setattr__(record, "_items", items)
+  return record
+
+
+def _check_fields(cls_name: str, given: Sequence[str], known: Sequence[str], required: Sequence[str] = ()) -> None:
+  unknown = [k for k in given if k not in known]
+  missing = [k for k in required if k not in given]
+  if unknown or missing:
+    raise TypeError(f"{cls_name}() got unknown field(s) {unknown} and lacks {missing}; fields are {list(known)}.")
 
 
 # ---------------------------------------------------------------------------------------------------- space
-@dataclasses.dataclass(frozen=True)
-class ElasticSpace:
+class ElasticSpace(_AxisRecord):
   """Candidate sizes per axis (ascending) and the per-layer mode of each block kind.
 
-  An axis whose block kind is absent from the pattern has no candidates (empty tuple). Build with ``from_dict``
-  (which fills omitted axes with the parent's size, i.e. not elastic) or ``from_fractions``; both validate.
+  ``ElasticSpace(hidden=(...), mlp=(...), ..., mlp_mode="homogeneous")``: one keyword per axis of the registry
+  (omitted: no candidates) and per mode field (omitted: "homogeneous"). An axis whose block kind is absent from
+  the pattern has no candidates (empty tuple). Build with ``from_dict`` (which fills omitted axes with the parent's
+  size, i.e. not elastic) or ``from_fractions``; both validate.
   """
 
-  hidden: tuple[int, ...]
-  mlp: tuple[int, ...] = ()
-  attention_heads: tuple[int, ...] = ()
-  mamba_heads: tuple[int, ...] = ()
-  mamba_head_dim: tuple[int, ...] = ()
-  depth: tuple[int, ...] = ()
-  mlp_mode: str = "homogeneous"
-  attention_mode: str = "homogeneous"
-  mamba_mode: str = "homogeneous"
+  __slots__ = ()
 
-  def __post_init__(self):
-    for axis in AXES:
-      value = getattr(self, axis)
-      if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise SpaceError(f"{axis} must be a list of candidate sizes, got {value!r}.")
-      object.__setattr__(self, axis, tuple(value))
+  def __init__(self, **fields: Any):
+    names, modes = axes.names(), axes.mode_fields()
+    _check_fields("ElasticSpace", list(fields), (*names, *modes))
+    items: dict[str, Any] = {axis: _sizes(fields.get(axis, ()), axis) for axis in names}
+    items.update({mode: fields.get(mode, "homogeneous") for mode in modes})
+    super().__init__(items)
 
   def candidates(self, axis: str) -> tuple[int, ...]:
     return getattr(self, axis)
 
   def mode(self, axis: str) -> str:
     """"homogeneous" or "heterogeneous" for a per-layer axis; global axes are always homogeneous."""
-    return getattr(self, MODE_OF_AXIS[axis]) if axis in MODE_OF_AXIS else "homogeneous"
+    field = axes.get(axis).mode_field
+    return getattr(self, field) if field else "homogeneous"
 
   def validate(self, config: ModelConfig) -> None:
     """Raises ``SpaceError`` naming the field when the space does not fit ``config``."""
-    for name in ("mlp_mode", "attention_mode", "mamba_mode"):
+    for name in axes.mode_fields():
       if getattr(self, name) not in MODES:
         raise SpaceError(f"{name}={getattr(self, name)!r} is not one of {MODES}.")
-    for axis, (kind, _) in AXES.items():
-      values = self.candidates(axis)
-      present = kind is None or kind_count(config, kind) > 0
-      if not present:
+    for axis in axes.AXES:
+      values = self.candidates(axis.name)
+      if not axes.present(config, axis):
         if values:
-          raise SpaceError(f"{axis} has candidates {list(values)} but pattern={config.pattern!r} has no {kind} "
-                           "blocks; leave it empty.")
+          raise SpaceError(f"{axis.name} has candidates {list(values)} but pattern={config.pattern!r} has no "
+                           f"{axis.kind} blocks; leave it empty.")
         continue
       if not values:
-        raise SpaceError(f"{axis} candidate list is empty; give at least one size (the parent's size keeps the "
-                         "axis fixed).")
-      if axis == "depth":
-        limit, limit_name = config.num_layers, "num_layers"
-      else:
-        limit, limit_name = _limit(config, axis)
+        raise SpaceError(f"{axis.name} candidate list is empty; give at least one size (the parent's size keeps "
+                         "the axis fixed).")
+      limit, limit_name = _limit(config, axis)
       for value in values:
-        _check_size(config, axis, value, f"{axis} candidate", limit, limit_name)
+        _check_size(config, axis, value, f"{axis.name} candidate", limit, limit_name)
       if list(values) != sorted(set(values)):
-        raise SpaceError(f"{axis} candidates {list(values)} must be strictly increasing (no duplicates).")
+        raise SpaceError(f"{axis.name} candidates {list(values)} must be strictly increasing (no duplicates).")
 
   # ------------------------------------------------------------------------------------------------ builders
   @classmethod
   def from_dict(cls, values: Mapping[str, Any], config: ModelConfig) -> "ElasticSpace":
     """Builds and validates a space from a mapping (JSON, ``ml_collections.ConfigDict``).
 
-    Keys: the axes (lists of sizes, any order; duplicates are an error) and ``mlp_mode``/``attention_mode``/
-    ``mamba_mode``. An omitted axis keeps the parent's size only (not elastic). Unknown keys are an error.
+    Keys: the axes (lists of sizes, any order; duplicates are an error) and the mode fields (``mlp_mode``,
+    ``attention_mode``, ``mamba_mode``). An omitted axis keeps the parent's size only (not elastic). Unknown keys
+    are an error.
     """
     values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {*axes.names(), *axes.mode_fields()}
     unknown = sorted(set(values) - known)
     if unknown:
       raise SpaceError(f"unknown elastic space key(s) {unknown}; known keys are {sorted(known)}.")
     fields: dict[str, Any] = {}
-    for axis, (kind, _) in AXES.items():
-      if axis in values:
-        raw = values[axis]
-        if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
-          raise SpaceError(f"{axis} must be a list of candidate sizes, got {raw!r}.")
+    for axis in axes.AXES:
+      if axis.name in values:
+        raw = _sizes(values[axis.name], axis.name)
         if len(set(raw)) != len(raw):
-          dup = next(v for v in raw if list(raw).count(v) > 1)
-          raise SpaceError(f"{axis} candidate {dup!r} appears more than once.")
+          dup = next(v for v in raw if raw.count(v) > 1)
+          raise SpaceError(f"{axis.name} candidate {dup!r} appears more than once.")
         try:
-          fields[axis] = tuple(sorted(raw))
+          fields[axis.name] = tuple(sorted(raw))
         except TypeError as err:
-          raise SpaceError(f"{axis} candidates {list(raw)!r} must be integers.") from err
-      elif kind is None or kind_count(config, kind) > 0:
-        widths = parent_widths(config, axis)
+          raise SpaceError(f"{axis.name} candidates {list(raw)!r} must be integers.") from err
+      elif axes.present(config, axis):
+        widths = axis.parent_sizes(config)
         if len(set(widths)) > 1:
-          raise SpaceError(f"{axis} candidates must be given explicitly: the parent's per-layer {AXES[axis][1]} "
-                           f"differ ({list(widths)}), so there is no single full size to default to.")
-        fields[axis] = (widths[0],)
-    for name in ("mlp_mode", "attention_mode", "mamba_mode"):
+          raise SpaceError(f"{axis.name} candidates must be given explicitly: the parent's per-layer "
+                           f"{axis.config_field} differ ({list(widths)}), so there is no single full size to "
+                           "default to.")
+        fields[axis.name] = (widths[0],)
+    for name in axes.mode_fields():
       if name in values:
         fields[name] = values[name]
     space = cls(**fields)
@@ -188,77 +200,77 @@ class ElasticSpace:
 
   @classmethod
   def from_fractions(cls, config: ModelConfig, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-                     axes: Sequence[str] = ("hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim"),
-                     **modes: str) -> "ElasticSpace":
-    """A space whose candidates on ``axes`` are ``fraction * parent size``, rounded down to the axis granularity.
+                     axes: Sequence[str] | None = None, **modes: str) -> "ElasticSpace":
+    """A space whose candidates on ``axes`` (default: every axis but depth) are ``fraction * parent size``,
+    rounded down to the axis granularity.
 
     Other axes keep the parent's size only. Fractions that round to zero or to the same size are dropped.
     """
+    names = [a for a in _registry.names() if a != "depth"] if axes is None else axes
     values: dict[str, Any] = dict(modes)
-    for axis in axes:
-      kind = AXES[axis][0]
-      if kind is not None and kind_count(config, kind) == 0:
+    for name in names:
+      axis = _registry.get(name)
+      if not _registry.present(config, axis):
         continue
-      parent = min(parent_widths(config, axis)) if axis != "depth" else config.num_layers
-      step = axis_granularity(config, axis)
+      parent = min(axis.parent_sizes(config))
+      step = axis.groups(config)
       sizes = {int(f * parent) // step * step for f in fractions}
-      values[axis] = sorted(s for s in sizes if 0 < s <= parent)
+      values[name] = sorted(s for s in sizes if 0 < s <= parent)
     return cls.from_dict(values, config)
-
-  def to_dict(self) -> dict[str, Any]:
-    out = dataclasses.asdict(self)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
 
 
+_registry = axes  # ``from_fractions`` has an argument named ``axes``
+
+
 # ---------------------------------------------------------------------------------------------------- choice
-@dataclasses.dataclass(frozen=True)
-class Choice:
+class Choice(_AxisRecord):
   """One sub-network: a size per axis, per block of each kind (pattern order), and the number of blocks kept.
 
-  ``mlp[i]`` is the neuron count of the i-th MLP block, ``attention_heads[i]`` the total query heads kept by the
-  i-th attention block, ``mamba_heads[i]`` / ``mamba_head_dim[i]`` the heads and channels per head kept by the
-  i-th Mamba block. ``depth`` counts blocks kept from the top of a depth ranking; the sizes of blocks it drops
-  are ignored. Homogeneous choices repeat one value per kind.
+  ``Choice(hidden=..., mlp=(...), attention_heads=(...), mamba_heads=(...), mamba_head_dim=(...), depth=...)``,
+  one keyword per axis of the registry. ``mlp[i]`` is the neuron count of the i-th MLP block,
+  ``attention_heads[i]`` the total query heads kept by the i-th attention block, ``mamba_heads[i]`` /
+  ``mamba_head_dim[i]`` the heads and channels per head kept by the i-th Mamba block. ``depth`` counts blocks kept
+  from the top of a depth ranking; the sizes of blocks it drops are ignored. Homogeneous choices repeat one value
+  per kind.
   """
 
-  hidden: int
-  mlp: tuple[int, ...]
-  attention_heads: tuple[int, ...]
-  mamba_heads: tuple[int, ...]
-  mamba_head_dim: tuple[int, ...]
-  depth: int
+  __slots__ = ()
 
-  def __post_init__(self):
-    for axis in PER_LAYER_AXES:
-      value = getattr(self, axis)
-      if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise SpaceError(f"Choice.{axis} must be a sequence with one size per block of its kind, got {value!r}.")
-      object.__setattr__(self, axis, tuple(value))
+  def __init__(self, **sizes: Any):
+    names = axes.names()
+    _check_fields("Choice", list(sizes), names, names)
+    items = {}
+    for axis in axes.AXES:
+      value = sizes[axis.name]
+      if axis.per_layer:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+          raise SpaceError(f"Choice.{axis.name} must be a sequence with one size per block of its kind, got "
+                           f"{value!r}.")
+        value = tuple(value)
+      items[axis.name] = value
+    super().__init__(items)
 
   @classmethod
   def full(cls, config: ModelConfig) -> "Choice":
     """The parent itself: every axis at its full size, every block kept."""
-    return cls(hidden=config.hidden_size, mlp=parent_widths(config, "mlp"),
-               attention_heads=parent_widths(config, "attention_heads"),
-               mamba_heads=parent_widths(config, "mamba_heads"),
-               mamba_head_dim=parent_widths(config, "mamba_head_dim"), depth=config.num_layers)
+    return cls(**{a.name: a.parent_sizes(config) if a.per_layer else a.parent_sizes(config)[0] for a in axes.AXES})
 
   @classmethod
-  def homogeneous(cls, config: ModelConfig, *, hidden: int | None = None, mlp: int | None = None,
-                  attention_heads: int | None = None, mamba_heads: int | None = None,
-                  mamba_head_dim: int | None = None, depth: int | None = None) -> "Choice":
-    """One size per axis repeated over the blocks of its kind; omitted axes stay full."""
+  def homogeneous(cls, config: ModelConfig, **sizes: int | None) -> "Choice":
+    """One size per axis (keyword per axis name) repeated over the blocks of its kind; omitted axes stay full."""
+    _check_fields("Choice.homogeneous", list(sizes), axes.names())
     full = cls.full(config)
-    def repeat(axis: str, value: int | None) -> tuple[int, ...]:
-      return getattr(full, axis) if value is None else (value,) * len(getattr(full, axis))
-    choice = cls(hidden=full.hidden if hidden is None else hidden, mlp=repeat("mlp", mlp),
-                 attention_heads=repeat("attention_heads", attention_heads),
-                 mamba_heads=repeat("mamba_heads", mamba_heads),
-                 mamba_head_dim=repeat("mamba_head_dim", mamba_head_dim),
-                 depth=full.depth if depth is None else depth)
+    fields = {}
+    for axis in axes.AXES:
+      value, parent = sizes.get(axis.name), getattr(full, axis.name)
+      if value is None:
+        fields[axis.name] = parent
+      else:
+        fields[axis.name] = (value,) * len(parent) if axis.per_layer else value
+    choice = cls(**fields)
     choice.validate(config)
     return choice
 
@@ -269,43 +281,42 @@ class Choice:
 
   @property
   def is_homogeneous(self) -> bool:
-    return all(len(set(getattr(self, axis))) <= 1 for axis in PER_LAYER_AXES)
+    return all(len(set(getattr(self, axis))) <= 1 for axis in axes.block_axis_names())
 
   def validate(self, config: ModelConfig, space: ElasticSpace | None = None) -> None:
     """Raises ``SpaceError`` naming the field when this choice is not a sub-network of ``config`` (in ``space``)."""
-    _check_size(config, "hidden", self.hidden, "Choice.hidden", config.hidden_size, "hidden_size")
-    if isinstance(self.depth, bool) or not isinstance(self.depth, int) or not 1 <= self.depth <= config.num_layers:
-      raise SpaceError(f"Choice.depth {self.depth!r} must be an integer in [1, num_layers={config.num_layers}].")
-    for axis in PER_LAYER_AXES:
-      kind, field = AXES[axis]
-      values, parents = getattr(self, axis), parent_widths(config, axis)
-      if len(values) != len(parents):
-        raise SpaceError(f"Choice.{axis} has {len(values)} entries but pattern={config.pattern!r} has "
-                         f"{len(parents)} {kind} blocks; give one size per {kind} block, in pattern order.")
-      for i, (value, parent) in enumerate(zip(values, parents)):
-        _check_size(config, axis, value, f"Choice.{axis}[{i}]", parent, field)
+    for axis in axes.AXES:
+      value = getattr(self, axis.name)
+      if axis.name == "depth":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= config.num_layers:
+          raise SpaceError(f"Choice.depth {value!r} must be an integer in [1, num_layers={config.num_layers}].")
+      elif not axis.per_layer:
+        _check_size(config, axis, value, f"Choice.{axis.name}", getattr(config, axis.config_field),
+                    axis.config_field)
+      else:
+        parents = axis.parent_sizes(config)
+        if len(value) != len(parents):
+          raise SpaceError(f"Choice.{axis.name} has {len(value)} entries but pattern={config.pattern!r} has "
+                           f"{len(parents)} {axis.kind} blocks; give one size per {axis.kind} block, in pattern "
+                           "order.")
+        for i, (size, parent) in enumerate(zip(value, parents)):
+          _check_size(config, axis, size, f"Choice.{axis.name}[{i}]", parent, axis.config_field)
     if space is None:
       return
-    for axis in AXES:
-      allowed = space.candidates(axis)
-      for i, value in enumerate(self.values(axis)):
+    for axis in axes.AXES:
+      allowed = space.candidates(axis.name)
+      for i, value in enumerate(self.values(axis.name)):
         if value not in allowed:
-          where = f"Choice.{axis}" + (f"[{i}]" if axis in PER_LAYER_AXES else "")
-          raise SpaceError(f"{where} {value} is not a candidate of the space; {axis} candidates are "
+          where = f"Choice.{axis.name}" + (f"[{i}]" if axis.per_layer else "")
+          raise SpaceError(f"{where} {value} is not a candidate of the space; {axis.name} candidates are "
                            f"{list(allowed)}.")
-      if axis in PER_LAYER_AXES and space.mode(axis) == "homogeneous" and len(set(self.values(axis))) > 1:
-        raise SpaceError(f"Choice.{axis} {list(self.values(axis))} differs between blocks but the space's "
-                         f"{MODE_OF_AXIS[axis]} is 'homogeneous'; use one size for every block.")
-
-  def to_dict(self) -> dict[str, Any]:
-    out = dataclasses.asdict(self)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+      if axis.per_layer and space.mode(axis.name) == "homogeneous" and len(set(self.values(axis.name))) > 1:
+        raise SpaceError(f"Choice.{axis.name} {list(self.values(axis.name))} differs between blocks but the "
+                         f"space's {axis.mode_field} is 'homogeneous'; use one size for every block.")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "Choice":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    missing = sorted(known - set(values))
-    if unknown or missing:
-      raise SpaceError(f"Choice keys: unknown {unknown}, missing {missing}; expected exactly {sorted(known)}.")
+    """A choice from its ``to_dict`` (e.g. a run's ``deployed_choices.json``); the keys must be the axis names."""
+    if set(values) != set(axes.names()):
+      raise SpaceError(axes.rename_hint(values, axes.names(), "Choice keys"))
     return cls(**values)

@@ -32,7 +32,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
-from elastic_jax.elastic.space import PER_LAYER_AXES, Choice  # pylint: disable=wrong-import-position
+from elastic_jax.elastic import axes as axes_lib  # pylint: disable=wrong-import-position
+from elastic_jax.elastic.space import Choice  # pylint: disable=wrong-import-position
 from elastic_jax.model import ModelConfig  # pylint: disable=wrong-import-position
 
 ROW_KEYS = ("budget", "params", "ppl", "accuracy_short", "accuracy_long", "baseline_params", "baseline_ppl",
@@ -45,7 +46,7 @@ def choice_fractions(config: ModelConfig, choice: Choice) -> dict[str, list[floa
   """A deployed choice -> {axis: [kept / parent width per block of that kind]}, plus ``hidden`` as one value."""
   full = Choice.full(config)
   fractions = {"hidden": [choice.hidden / full.hidden]}
-  for axis in PER_LAYER_AXES:
+  for axis in axes_lib.block_axis_names():
     kept, parent = getattr(choice, axis), getattr(full, axis)
     if parent:
       fractions[axis] = [k / p for k, p in zip(kept, parent)]
@@ -180,7 +181,7 @@ def plot_loss_curves(records: Sequence[Mapping[str, Any]], labels: Sequence[str]
 
 def plot_router_choices(router_choices: Mapping[str, Mapping[str, Sequence[float]]], path: str) -> bool:
   """One panel per axis: each budget's kept width per block, as a fraction of the parent."""
-  axis_names = [a for a in ("hidden", *PER_LAYER_AXES) if any(a in c for c in router_choices.values())]
+  axis_names = [a for a in ("hidden", *axes_lib.block_axis_names()) if any(a in c for c in router_choices.values())]
   axis_names += sorted({a for c in router_choices.values() for a in c} - set(axis_names))
   if not axis_names:
     return False

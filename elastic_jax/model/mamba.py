@@ -72,13 +72,13 @@ class Mamba2Mixer(nn.Module):
   @nn.compact
   def __call__(self, u: Array, cache: MambaCache | None = None, masks: dict[str, Array] | None = None,
                position: Array | int = 0, start: Array | None = None) -> tuple[Array, MambaCache | None]:
-    """masks: optional {"ssm_heads": [b, H], "ssm_head_dim": [b, P]} nested masks (either may be absent)."""
+    """masks: optional {"ssm_heads": [b, H], "mamba_head_dim": [b, P]} nested masks (either may be absent)."""
     cfg, spec = self.config, self.spec
     h, p, g, n = spec.mamba_num_heads, spec.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
     std, out_std = cfg.initializer_range, cfg.initializer_range / math.sqrt(cfg.num_layers)
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     pdt = dtype_of(cfg.param_dtype)
-    heads, groups = ("ssm_heads", "ssm_head_dim"), ("ssm_groups", "ssm_state")
+    heads, groups = ("ssm_heads", "mamba_head_dim"), ("ssm_groups", "ssm_state")
 
     z = Projection((h, p), ("embed",), heads, std, name="z_proj", **kw)(u)
     x = Projection((h, p), ("embed",), heads, std, name="x_proj", **kw)(u)
@@ -140,7 +140,7 @@ def _head_channel_mask(masks: dict[str, Array] | None, h: int, p: int) -> Array 
   if not masks:
     return None
   heads = masks.get("ssm_heads")
-  channels = masks.get("ssm_head_dim")
+  channels = masks.get("mamba_head_dim")
   heads = jnp.ones((1, h), jnp.float32) if heads is None else heads.astype(jnp.float32)
   channels = jnp.ones((1, p), jnp.float32) if channels is None else channels.astype(jnp.float32)
   return (heads[:, :, None] * channels[:, None, :])[:, None]
@@ -155,6 +155,6 @@ class GatedGroupNorm(nn.Module):
 
   @nn.compact
   def __call__(self, y: Array, gate: Array, mask: Array | None = None) -> Array:
-    scale = param(self, "scale", nn.initializers.ones, y.shape[-2:], ("ssm_heads", "ssm_head_dim"),
+    scale = param(self, "scale", nn.initializers.ones, y.shape[-2:], ("ssm_heads", "mamba_head_dim"),
                   dtype_of(self.param_dtype))
     return gated_group_rms_norm(y, gate, scale, self.n_groups, self.eps, mask)

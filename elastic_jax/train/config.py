@@ -32,7 +32,7 @@ from elastic_jax.model.config import ConfigError, ModelConfig
 from elastic_jax.model.hybrid import RematPolicies, remat_policies
 from elastic_jax.train.loop import Stage
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config
-from elastic_jax.train.step import TEACHER_DTYPES, ElasticSetup, check_grad_accum_steps
+from elastic_jax.train.elastic_step import TEACHER_DTYPES, ElasticSetup, check_grad_accum_steps
 
 T = TypeVar("T")
 _MEMORY_KEYS = ("remat", "grad_accum_steps", "teacher_dtype")

@@ -36,8 +36,11 @@ from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_co
 from elastic_jax.elastic.extract import child_config
 from elastic_jax.elastic.space import Choice
 from elastic_jax.elastic.param_count import choice_param_count, memory_bytes
-from elastic_jax.train.step import (ElasticSetup, TrainState, check_budget_probs, check_grad_accum, deployed_choices,
-                                    init_elastic_state, make_elastic_step, make_lm_step, router_argmax_choices)
+from elastic_jax.elastic.deploy import deployed_choices, router_argmax_choices
+from elastic_jax.train.elastic_step import ElasticSetup, check_budget_probs, init_elastic_state, make_elastic_step
+from elastic_jax.train.lm_step import make_lm_step
+from elastic_jax.train.microbatch import check_grad_accum
+from elastic_jax.train.state import TrainState
 
 Params = Any
 

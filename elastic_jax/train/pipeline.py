@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
@@ -41,7 +40,7 @@ from elastic_jax.train.distributed import (agreed_stop, barrier, global_batch, i
 from elastic_jax.train.loop import Stage, compiled_lm_step, train_elastic
 from elastic_jax.train.optim import OptimizerConfig
 from elastic_jax.train.sharding import LogicalRules, make_mesh, param_shardings, rules_from_config
-from elastic_jax.train.step import check_grad_accum
+from elastic_jax.train.microbatch import check_grad_accum
 
 Params = Any
 
@@ -155,7 +154,7 @@ def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params
   path, done = _phase(workdir, "importance", "rankings.json")
   if done:
     _log(f"importance: reusing {path}")
-    return _rankings_from_json(_read_json(os.path.join(path, "rankings.json")))
+    return Rankings.from_json(_read_json(os.path.join(path, "rankings.json")), os.path.join(path, "rankings.json"))
   imp_cfg = plain(cfg.get("importance"))
   stage = Stage("calibration", 1, int(imp_cfg.get("batch_size", 8)), int(imp_cfg.get("seq_len", 256)), (1.0,))
   data = make_data(stage, 0)
@@ -168,25 +167,9 @@ def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params
   if is_primary():
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "rankings.json"), "w", encoding="utf-8") as f:
-      json.dump(_rankings_to_json(ranks), f)
+      json.dump(ranks.to_json(), f)
   barrier("importance_written")
   return ranks
-
-
-def _rankings_to_json(ranks: Rankings) -> dict[str, Any]:
-  per_block = lambda d: {str(k): np.asarray(v).tolist() for k, v in d.items()}
-  return {"hidden": np.asarray(ranks.hidden).tolist(), "mlp": per_block(ranks.mlp),
-          "attention_heads": per_block(ranks.attention_heads), "mamba_heads": per_block(ranks.mamba_heads),
-          "mamba_channels": per_block(ranks.mamba_channels),
-          "depth": None if ranks.depth is None else np.asarray(ranks.depth).tolist()}
-
-
-def _rankings_from_json(values: dict[str, Any]) -> Rankings:
-  per_block = lambda d: {int(k): np.asarray(v) for k, v in d.items()}
-  return Rankings(hidden=np.asarray(values["hidden"]), mlp=per_block(values["mlp"]),
-                  attention_heads=per_block(values["attention_heads"]),
-                  mamba_heads=per_block(values["mamba_heads"]), mamba_channels=per_block(values["mamba_channels"]),
-                  depth=None if values["depth"] is None else np.asarray(values["depth"]))
 
 
 def permutation_phase(workdir: str, config: ModelConfig, params: Params, ranks: Rankings, mesh: Mesh,
@@ -219,7 +202,7 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
   result = train_elastic(setup, stages, teacher, teacher, make_data, path, optimizer=optimizer,
                 router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=10,
                 checkpoint_every=int(cfg.get("checkpoint_every", 100)),
-                metadata={"rankings": _rankings_to_json(ranks)}, mesh=mesh, rules=rules)
+                metadata={"rankings": ranks.to_json()}, mesh=mesh, rules=rules)
   if result.preempted:
     raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to resume.")
   save_model(os.path.join(student_path, "model"), config.to_dict(), result.state.params,

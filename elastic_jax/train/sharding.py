@@ -34,7 +34,7 @@ DEFAULT_RULES: LogicalRules = (
     ("ssm_heads", "tensor"),
     ("length", "context"),
     ("head_dim", None),
-    ("ssm_head_dim", None),
+    ("mamba_head_dim", None),
     ("ssm_groups", None),
     ("ssm_state", None),
     ("conv", None),

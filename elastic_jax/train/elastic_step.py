@@ -1,6 +1,4 @@
-"""The jitted train steps: plain next-token training (parent pretraining, baselines) and the elastic step.
-
-Elastic step (spec §5–§6), all inside one compiled program:
+"""The elastic train step (spec §5–§6), all inside one compiled program:
 
   budgets ~ stage probabilities (per sample, from the step's PRNG key)
   router(budget) -> Gumbel-softmax sample per axis -> nested masks (exact binary forward, straight-through backward)
@@ -9,13 +7,8 @@ Elastic step (spec §5–§6), all inside one compiled program:
   grads: model <- KD only (the router loss does not touch the model); router <- KD + lambda * router loss
 
 Budgets only change mask *values*, so one compilation serves every budget draw and every stage with the same
-shapes; stage probabilities are an input, not a constant.
-
-Gradient accumulation (``grad_accum_steps`` k): the global batch is split into k micro-batches run one after the
-other under ``lax.scan`` (micro-batch i takes rows i, i+k, i+2k, ..., so every micro-batch keeps the batch's
-spread over the data-parallel devices), their gradients are summed, and one optimizer update follows. Every random
-draw (budgets, Gumbel noise) is made for the whole global batch before the split, and each micro-batch's loss is its
-share of the global mean, so k micro-batches compute the same step as one batch of the global size.
+shapes; stage probabilities are an input, not a constant. With ``grad_accum_steps`` k the KD part runs as k
+micro-batches (``train.microbatch``); the routing and budget draws are made once for the global batch.
 """
 
 from __future__ import annotations
@@ -24,7 +17,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,123 +25,21 @@ import optax
 from elastic_jax.elastic import router as router_lib
 from elastic_jax.elastic.masks import masks_from_weights
 from elastic_jax.elastic.param_count import expected_memory_bytes, expected_param_count, memory_bytes, param_count
-from elastic_jax.elastic.space import AXES, PER_LAYER_AXES, Choice, ElasticSpace, kind_count
+from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.model import HybridLM, ModelConfig
 from elastic_jax.model.hybrid import RematPolicies, remat_policies
+from elastic_jax.train.lm_step import split_batch
 from elastic_jax.train.losses import cross_entropy, forward_kl, mean_by_group
+from elastic_jax.train.microbatch import (accumulate_gradients, check_grad_accum, check_grad_accum_steps,
+                                          merge_micro_batches, micro_batches, micro_rows)
 from elastic_jax.train.sampling import sample_budgets
+from elastic_jax.train.state import TrainState
 
 Array = jax.Array
 Params = Any
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a step changes. The PRNG key is stored as raw key data so checkpoints hold plain arrays."""
-
-  step: Array
-  params: Params
-  opt_state: Any
-  rng: Array
-  router_params: Params = None
-  router_opt_state: Any = None
-
-  def key(self) -> Array:
-    return jax.random.wrap_key_data(self.rng)
-
-
-def split_batch(tokens: Array) -> tuple[Array, Array]:
-  """[b, l+1] token ids -> (inputs [b, l], next-token targets [b, l])."""
-  return tokens[:, :-1], tokens[:, 1:]
-
-
-# ------------------------------------------------------------------------------------------------ micro-batches
 TEACHER_DTYPES = ("float32", "bfloat16")
 
 
-def check_grad_accum_steps(grad_accum_steps: Any, name: str = "grad_accum_steps") -> None:
-  if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
-    raise ValueError(f"{name}={grad_accum_steps!r} must be a positive integer (1 = no accumulation).")
-
-
-def check_grad_accum(batch_size: int, grad_accum_steps: int, where: str) -> int:
-  """The micro-batch size of ``batch_size`` rows split into ``grad_accum_steps`` micro-batches; ``where`` names the
-  stage (or step) in the error when it does not divide."""
-  check_grad_accum_steps(grad_accum_steps)
-  if batch_size % grad_accum_steps:
-    raise ValueError(f"{where}: batch_size={batch_size} is not divisible by grad_accum_steps={grad_accum_steps}; "
-                     "make the batch size a multiple of the number of micro-batches.")
-  return batch_size // grad_accum_steps
-
-
-def micro_batches(x: Array, k: int) -> Array:
-  """[B, ...] -> [k, B/k, ...]: micro-batch i holds rows i, i+k, i+2k, ... (strided, so that each micro-batch
-  draws rows from every data-parallel shard of the batch rather than from a few devices)."""
-  return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
-
-
-def micro_rows(x: Array, index: Array, k: int) -> Array:
-  """Rows of micro-batch ``index`` of a global-batch array [B, ...] -> [B/k, ...] (same split as ``micro_batches``)."""
-  return jax.lax.dynamic_index_in_dim(x.reshape(x.shape[0] // k, k, *x.shape[1:]), index, axis=1, keepdims=False)
-
-
-def merge_micro_batches(x: Array) -> Array:
-  """Inverse of ``micro_batches``: [k, B/k, ...] -> [B, ...] in the global batch's row order."""
-  return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def accumulate_gradients(value_and_grad_fn: Callable, xs: Any, grads_like: Any) -> tuple[Array, Any, Any]:
-  """Sums ``value_and_grad_fn(x) -> ((loss, aux), grads)`` over micro-batches ``xs`` (leading axis k) with
-  ``lax.scan``; returns (summed loss, summed grads, aux stacked [k, ...]).
-
-  Sums are kept in at least fp32 whatever the params' dtype, and only one micro-batch's activations are alive at a
-  time, which is the point of accumulating.
-  """
-  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), grads_like)
-
-  def body(carry, x):
-    loss_sum, grad_sum = carry
-    (loss, aux), grads = value_and_grad_fn(x)
-    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), aux
-
-  (loss, grads), aux = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)
-  return loss, grads, aux
-
-
-# ------------------------------------------------------------------------------------------------ plain LM step
-def make_lm_step(config: ModelConfig, tx: optax.GradientTransformation, grad_accum_steps: int = 1,
-                 remat: Any = ()) -> Callable:
-  """Next-token cross-entropy training of one model: ``step(state, tokens [b, l+1]) -> (state, metrics)``.
-
-  grad_accum_steps: micro-batches per step (b must divide by it); remat: per-block-kind rematerialisation
-  (``remat_policies``), e.g. ``{"mamba": "full"}``.
-  """
-  check_grad_accum_steps(grad_accum_steps)
-  k = grad_accum_steps
-  model = HybridLM(config, remat=remat_policies(remat))
-
-  def step(state: TrainState, tokens: Array) -> tuple[TrainState, dict[str, Array]]:
-    inputs, targets = split_batch(tokens)
-    batch = inputs.shape[0]
-    check_grad_accum(batch, k, "the LM step's batch")
-
-    def micro_loss(params, micro):
-      micro_inputs, micro_targets = micro
-      per_sample = cross_entropy(model.apply({"params": params}, micro_inputs), micro_targets)
-      return jnp.sum(per_sample) / batch, ()  # this micro-batch's share of the global-batch mean
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    loss, grads, _ = accumulate_gradients(lambda micro: grad_fn(state.params, micro),
-                                          (micro_batches(inputs, k), micro_batches(targets, k)), state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  return step
-
-
-# ------------------------------------------------------------------------------------------------ elastic step
 @dataclasses.dataclass(frozen=True)
 class ElasticSetup:
   """What the elastic step needs besides the train state; static (hashable) except the arrays it holds.
@@ -347,69 +237,3 @@ def init_elastic_state(setup: ElasticSetup, params: Params, tx: optax.GradientTr
                     rng=jax.random.key_data(key), router_params=router_params,
                     router_opt_state=router_tx.init(router_params))
 
-
-# ------------------------------------------------------------------------------------------------ deployment
-def _choice_from_indices(setup: ElasticSetup, indices: dict[str, np.ndarray]) -> Choice:
-  """Per routed axis, candidate indices [num_layers] (one entry for homogeneous axes) -> the ``Choice``."""
-  config, space = setup.config, setup.space
-  fields = {}
-  for axis in ("hidden", "depth", *PER_LAYER_AXES):
-    if axis not in indices:  # a block kind absent from the pattern
-      fields[axis] = ()
-      continue
-    value = tuple(space.candidates(axis)[int(i)] for i in indices[axis])
-    if axis in ("hidden", "depth"):
-      fields[axis] = value[0]
-    else:
-      fields[axis] = value * kind_count(config, AXES[axis][0]) if len(value) == 1 else value
-  return Choice(**fields)
-
-
-def router_argmax_choices(setup: ElasticSetup, router_params: Params) -> list[Choice]:
-  """The router's argmax per axis and layer for each budget (no noise), in budget order (spec §7)."""
-  logits = setup.router.apply({"params": router_params}, jnp.arange(len(setup.budgets)))
-  picked = {name: np.asarray(index) for name, index in router_lib.deterministic_choice(logits).items()}
-  return [_choice_from_indices(setup, {name: idx[b] for name, idx in picked.items()})
-          for b in range(len(setup.budgets))]
-
-
-def deployed_choices(setup: ElasticSetup, router_params: Params, top_k: int = 4096) -> list[Choice]:
-  """The ``Choice`` each budget deploys with, in budget order.
-
-  The router's argmax (spec §7) when its size lands within ``dead_zone`` of the budget's target. Otherwise the most
-  probable choice under the router's distribution that does land there: the joint choices are ranked by their
-  summed logits (the order of their probability at any logit scale, the axes and layers being independent), the
-  ``top_k`` best are found exactly by a beam over axes and layers, and the first within the dead zone is taken. When
-  none of them is, the argmax stays (``deployed_choice_records`` shows how far it is from the target).
-  """
-  argmax = router_argmax_choices(setup, router_params)
-  logits = {name: np.asarray(l, np.float64)
-            for name, l in setup.router.apply({"params": router_params}, jnp.arange(len(setup.budgets))).items()}
-  factors = [(name, layer) for name in sorted(logits) for layer in range(logits[name].shape[1])]
-  depth_order = np.asarray(setup.depth_order)
-  targets = setup.target_sizes()
-  choices = []
-  for b, choice in enumerate(argmax):
-    scores, picks = np.zeros(1), np.zeros((1, 0), np.int64)
-    for name, layer in factors:  # exact top-k of a sum of independent terms: prune to k after every term
-      row = logits[name][b, layer]
-      total = (scores[:, None] + row[None, :]).reshape(-1)
-      keep = np.argsort(-total, kind="stable")[:top_k]
-      picks = np.concatenate([picks[keep // row.size], (keep % row.size)[:, None]], axis=1)
-      scores = total[keep]
-    one_hot = {}
-    for column, (name, layer) in enumerate(factors):
-      one_hot.setdefault(name, []).append(np.eye(logits[name].shape[-1])[picks[:, column]])
-    stacked = {name: jnp.asarray(np.stack(rows, axis=1), jnp.float32) for name, rows in one_hot.items()}
-    probs = router_lib._layout(stacked, setup.space)  # pylint: disable=protected-access
-    sizes = np.asarray(setup.expected_size(probs, depth_order), np.float64)
-    inside = np.flatnonzero(np.abs(sizes / targets[b] - 1.0) <= setup.dead_zone)
-    if not inside.size or inside[0] == 0:  # the best-scored joint choice is the argmax
-      choices.append(choice)
-      continue
-    best = picks[inside[0]]
-    indices = {}
-    for column, (name, layer) in enumerate(factors):
-      indices.setdefault(name, []).append(best[column])
-    choices.append(_choice_from_indices(setup, {name: np.asarray(v) for name, v in indices.items()}))
-  return choices

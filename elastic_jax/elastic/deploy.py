@@ -1,0 +1,101 @@
+"""Deployment-time choice selection: the ``Choice`` each budget of a trained router deploys with (spec §7).
+
+The router's argmax per axis and layer, or, when that misses its budget's target, the most probable joint choice
+that lands within the dead zone, found by an exact top-k beam over the router's independent per-axis, per-layer
+logits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from elastic_jax.elastic import axes
+from elastic_jax.elastic import router as router_lib
+from elastic_jax.elastic.space import Choice, ElasticSpace
+from elastic_jax.model.config import ModelConfig
+
+if TYPE_CHECKING:  # the setup is the train step's; only its fields are read here
+  from elastic_jax.train.elastic_step import ElasticSetup
+
+Params = Any
+
+
+def choice_from_indices(config: ModelConfig, space: ElasticSpace, indices: dict[str, np.ndarray]) -> Choice:
+  """Per routed axis, candidate indices [num_layers] (one entry for homogeneous axes) -> the ``Choice``."""
+  fields = {}
+  for axis in axes.AXES:
+    if axis.name not in indices:  # a block kind absent from the pattern
+      fields[axis.name] = ()
+      continue
+    value = tuple(space.candidates(axis.name)[int(i)] for i in indices[axis.name])
+    if not axis.per_layer:
+      fields[axis.name] = value[0]
+    else:
+      fields[axis.name] = value * axes.kind_count(config, axis.kind) if len(value) == 1 else value
+  return Choice(**fields)
+
+
+def _budget_logits(setup: ElasticSetup, router_params: Params) -> dict[str, np.ndarray]:
+  """Per routed axis the router's logits for every budget, [n_budgets, num_layers, num_choices]."""
+  return {name: np.asarray(l) for name, l in
+          setup.router.apply({"params": router_params}, jnp.arange(len(setup.budgets))).items()}
+
+
+def router_argmax_choices(setup: ElasticSetup, router_params: Params) -> list[Choice]:
+  """The router's argmax per axis and layer for each budget (no noise), in budget order (spec §7)."""
+  logits = setup.router.apply({"params": router_params}, jnp.arange(len(setup.budgets)))
+  picked = {name: np.asarray(index) for name, index in router_lib.deterministic_choice(logits).items()}
+  return [choice_from_indices(setup.config, setup.space, {name: idx[b] for name, idx in picked.items()})
+          for b in range(len(setup.budgets))]
+
+
+def top_joint_choices(rows: list[np.ndarray], top_k: int) -> np.ndarray:
+  """The ``top_k`` best joint picks of independent factors, best first: ``rows[f]`` scores factor f's options,
+  a joint pick scores the sum. Exact: the top k of a sum stays within the top k after every added term, so the
+  beam prunes to k after each factor. Returns [min(top_k, n_joint), n_factors] option indices."""
+  scores, picks = np.zeros(1), np.zeros((1, 0), np.int64)
+  for row in rows:
+    total = (scores[:, None] + row[None, :]).reshape(-1)
+    keep = np.argsort(-total, kind="stable")[:top_k]
+    picks = np.concatenate([picks[keep // row.size], (keep % row.size)[:, None]], axis=1)
+    scores = total[keep]
+  return picks
+
+
+def deployed_choices(setup: ElasticSetup, router_params: Params, top_k: int = 4096) -> list[Choice]:
+  """The ``Choice`` each budget deploys with, in budget order.
+
+  The router's argmax (spec §7) when its size lands within ``dead_zone`` of the budget's target. Otherwise the most
+  probable choice under the router's distribution that does land there: the joint choices are ranked by their
+  summed logits (the order of their probability at any logit scale, the axes and layers being independent), the
+  ``top_k`` best are found exactly by a beam over axes and layers (``top_joint_choices``), and the first within the
+  dead zone is taken. When none of them is, the argmax stays (``deployed_choice_records`` shows how far it is from
+  the target).
+  """
+  argmax = router_argmax_choices(setup, router_params)
+  logits = {name: l.astype(np.float64) for name, l in _budget_logits(setup, router_params).items()}
+  factors = [(name, layer) for name in sorted(logits) for layer in range(logits[name].shape[1])]
+  depth_order = np.asarray(setup.depth_order)
+  targets = setup.target_sizes()
+  choices = []
+  for b, choice in enumerate(argmax):
+    picks = top_joint_choices([logits[name][b, layer] for name, layer in factors], top_k)
+    one_hot = {}
+    for column, (name, layer) in enumerate(factors):
+      one_hot.setdefault(name, []).append(np.eye(logits[name].shape[-1])[picks[:, column]])
+    stacked = {name: jnp.asarray(np.stack(rows, axis=1), jnp.float32) for name, rows in one_hot.items()}
+    sizes = np.asarray(setup.expected_size(router_lib.layout_for_space(stacked, setup.space), depth_order),
+                       np.float64)
+    inside = np.flatnonzero(np.abs(sizes / targets[b] - 1.0) <= setup.dead_zone)
+    if not inside.size or inside[0] == 0:  # the best-scored joint choice is the argmax
+      choices.append(choice)
+      continue
+    indices = {}
+    for column, (name, layer) in enumerate(factors):
+      indices.setdefault(name, []).append(picks[inside[0], column])
+    choices.append(choice_from_indices(setup.config, setup.space,
+                                       {name: np.asarray(v) for name, v in indices.items()}))
+  return choices
