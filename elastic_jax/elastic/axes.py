@@ -7,7 +7,8 @@ row also says where the axis lives in the model:
 - ``kind``: the block kind whose blocks it shrinks ("mamba", "attention", "mlp"); ``None`` for the two global axes
   (hidden channels, depth).
 - ``config_field`` / ``per_layer_field``: the ``ModelConfig`` field with the parent's size (also the ``BlockSpec``
-  field for block axes) and the ``*_per_layer`` field a heterogeneous child lists its sizes in.
+  field for block axes that have a per-layer field) and the ``*_per_layer`` field a heterogeneous child lists its
+  sizes in (``None``: every block of the kind has the same size, so choices of the axis are homogeneous).
 - ``group_field``: the ``ModelConfig`` field counting the groups every kept count splits evenly over (Mamba groups,
   KV groups); a sub-network keeps the same prefix inside every group.
 - ``logical_axis``: the logical axis name the model's parameters carry along this axis. Permutation reorders and
@@ -27,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from elastic_jax.model.config import ModelConfig
+from elastic_jax.model.config import BlockSpec, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +69,16 @@ class ElasticAxis:
   def group_rule(self, config: ModelConfig) -> str:
     return f"{self.group_field}={self.groups(config)}"
 
+  def block_size(self, config: ModelConfig, spec: BlockSpec) -> int:
+    """The parent's size of this block axis in block ``spec``: the ``BlockSpec`` width where the axis has a
+    per-layer field, else the config's single value."""
+    return getattr(spec if self.per_layer_field else config, self.config_field)
+
   def parent_sizes(self, config: ModelConfig) -> tuple[int, ...]:
     """The parent's size per block of this axis' kind (pattern order); one entry for global axes."""
     if not self.per_layer:
       return (getattr(config, self.config_field),)
-    return tuple(getattr(spec, self.config_field) for spec in config.block_specs() if spec.kind == self.kind)
+    return tuple(self.block_size(config, spec) for spec in config.block_specs() if spec.kind == self.kind)
 
 
 AXES: tuple[ElasticAxis, ...] = (

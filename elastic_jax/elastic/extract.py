@@ -92,7 +92,7 @@ def _kept_units(config: ModelConfig, choice: Choice) -> dict[str, Any]:
     units = dict(global_units)
     for axis in axes.block_axes(spec.kind):
       units[axis.logical_axis] = kept_indices(getattr(choice, axis.name)[spec.kind_index],
-                                              getattr(spec, axis.config_field), axis.groups(config))
+                                              axis.block_size(config, spec), axis.groups(config))
     per_block[spec.index] = units
   return {"global": global_units, "blocks": per_block}
 

@@ -122,7 +122,7 @@ class Rankings:
     orders: dict[str, Any] = {}
     for axis in ranked_axes():
       if axis.per_layer:
-        orders[axis.name] = {s.index: np.arange(getattr(s, axis.config_field)) for s in config.block_specs()
+        orders[axis.name] = {s.index: np.arange(axis.block_size(config, s)) for s in config.block_specs()
                              if s.kind == axis.kind}
       else:
         orders[axis.name] = np.arange(getattr(config, axis.config_field))

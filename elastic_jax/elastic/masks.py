@@ -161,7 +161,7 @@ def masks_from_counts(config: ModelConfig, counts: Mapping[str, Any], depth_orde
       count = count[:, spec.kind_index]
     elif jnp.ndim(count) > 2:
       raise SpaceError(f"{axis.name} counts must be shaped [], [b] or [b, n_blocks], got {jnp.shape(count)}.")
-    size = getattr(spec, axis.config_field)
+    size = axis.block_size(config, spec)
     _check_counts(config, axis, count, size, f"layers_{spec.index}")
     return prefix_mask(_per_sample(count, batch), size, axis.groups(config))
 
@@ -234,7 +234,7 @@ def masks_from_weights(config: ModelConfig, space: ElasticSpace, weights: Mappin
     elif jnp.ndim(w) != 2:
       raise SpaceError(f"{axis.name} weights must be [b, n_candidates] or [b, n_blocks, n_candidates], got "
                        f"{jnp.shape(w)}.")
-    size = getattr(spec, axis.config_field)
+    size = axis.block_size(config, spec)
     return weighted_prefix_mask(w, space.candidates(axis.name), size, axis.groups(config))
 
   _add_layer_masks(config, masks, weights, layer_mask)

@@ -51,7 +51,7 @@ def check_rankings(config: ModelConfig, rankings: Rankings) -> None:
   """
   _check_permutation("hidden", rankings.hidden, config.hidden_size)
   for axis in axes.block_axes():
-    sizes = {spec.index: getattr(spec, axis.config_field) for spec in config.block_specs() if spec.kind == axis.kind}
+    sizes = {spec.index: axis.block_size(config, spec) for spec in config.block_specs() if spec.kind == axis.kind}
     given = getattr(rankings, axis.name)
     if set(given) != set(sizes):
       raise RankingError(f"rankings.{axis.name} has entries for blocks {sorted(given)} but pattern "
