@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_ssd import FAST_COMPILE, INPUT_NAMES, assert_matches, make_inputs, random_cotangents, relative_error
+from test_ssd import (FAST_COMPILE, INPUT_NAMES, assert_matches, make_inputs, random_cotangents, relative_error,
+                      cpu_target)  # pylint: disable=unused-import  (a fixture)
 
 from elastic_jax.ops import kernel_registry
 from elastic_jax.ops import ssd as ssd_ops
@@ -291,7 +292,7 @@ def test_the_target_is_the_active_meshs_device():
     assert seen == [Target("cpu", cpu.device_kind, None)]
 
 
-def test_cpu_dispatch_keeps_xla_and_says_why_not_the_kernel():
+def test_cpu_dispatch_keeps_xla_and_says_why_not_the_kernel(cpu_target):
   # The kernel is registered whatever the device (importing the package registers it); on CPU it refuses.
   inputs = make_inputs(2, l=CHUNK + 3)
   assert api.KERNEL_NAME in ssd_ops.registered_kernels()
@@ -322,7 +323,8 @@ def test_forced_dispatch_runs_the_kernel(forced_interpret, dtype):
     ({"p": 2 * api.MAX_HEAD_DIM}, r"\(2, 19, 4, 256\)", "float32",
      r"x must be \[b, l, h, p\] with p <= 128, got shape \(2, 19, 4, 256\)"),
 ], ids=["fp16", "p256"])
-def test_forced_dispatch_falls_back_where_unsupported(forced_interpret, override, shape_text, dtype_text, reason):
+def test_forced_dispatch_falls_back_where_unsupported(forced_interpret, cpu_target, override, shape_text,
+                                                    dtype_text, reason):
   inputs = make_inputs(2, l=CHUNK + 3, **override)
   assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
   with pytest.raises(ValueError, match=rf"impl='pallas' but no registered kernel supports x.shape={shape_text}, "

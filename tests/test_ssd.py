@@ -232,6 +232,13 @@ def own_registry(monkeypatch):
   yield register_kernel
 
 
+@pytest.fixture
+def cpu_target():
+  """Targets this machine's CPU (a GPU machine's too): a mesh of one CPU device."""
+  with jax.set_mesh(jax.sharding.Mesh(np.asarray(jax.devices("cpu")[:1]), ("data",))):
+    yield
+
+
 def traced_program(inputs, *, impl: str) -> str:
   """The jaxpr that ``ssd`` traces to: equal programs mean the same implementation was dispatched."""
   return str(jax.make_jaxpr(functools.partial(ssd, chunk_size=CHUNK, impl=impl))(**inputs))
@@ -271,7 +278,7 @@ def test_auto_and_pallas_pick_a_supporting_kernel(own_registry):
   assert "42" not in traced_program(inputs, impl="chunked")
 
 
-def test_auto_falls_back_when_no_kernel_supports(own_registry):
+def test_auto_falls_back_when_no_kernel_supports(own_registry, cpu_target):
   own_registry("bf16_only", lambda shape, dtype, target, **_: jnp.dtype(dtype) == jnp.bfloat16, fake_kernel)
   inputs = make_inputs(2, l=CHUNK + 3)
   assert traced_program(inputs, impl="auto") == traced_program(inputs, impl="chunked")
@@ -280,7 +287,7 @@ def test_auto_falls_back_when_no_kernel_supports(own_registry):
     ssd(**inputs, chunk_size=CHUNK, impl="pallas")
 
 
-def test_pallas_without_kernels_raises(own_registry):
+def test_pallas_without_kernels_raises(own_registry, cpu_target):
   inputs = make_inputs(2, l=5)
   with pytest.raises(ValueError, match=r"impl='pallas' but no registered kernel supports x.shape=\(2, 5, 4, 3\), "
                                        r"dtype=float32, state size 5, chunk_size=\d+, backend='cpu' "
