@@ -147,18 +147,51 @@ def check_budget_probs(probs: Sequence[float], num_budgets: int, where: str = "b
   return probs.astype(np.float32)
 
 
+def _router_loss(setup: ElasticSetup, router_params: Params, route: Callable, budget_ids: Array, scale: Array
+                 ) -> tuple[Array, tuple[Array, Array, Array]]:
+  """The router's loss: the budget loss of the sampled choices (+ the 100% budget's anchor to the parent) and,
+  weighted by ``argmax_loss_weight``, of every budget's argmax choice, whether sampled in this batch or not.
+
+  Depends on the router only (not on the model), so it needs no micro-batching. Returns (weighted loss,
+  (per-sample loss, per-sample expected size, per-budget argmax size)).
+  """
+  space, depth_order = setup.space, np.asarray(setup.depth_order, np.int32)
+  targets = jnp.asarray(setup.target_sizes(), jnp.float32)
+  full_budget = int(np.argmax(setup.budgets)) if max(setup.budgets) == 1.0 else -1
+  samples = route(router_params)
+  expected = setup.expected_size(router_lib.probabilities(samples, space), depth_order)
+  router_loss = router_lib.budget_loss(expected, targets[budget_ids], setup.dead_zone)
+  if full_budget >= 0:
+    anchor = router_lib.full_choice_anchor({n: s.probs for n, s in samples.items()}, setup.full_index())
+    router_loss = router_loss + jnp.where(budget_ids == full_budget, anchor, 0.0)
+  argmax_size = setup.expected_size(router_lib.argmax_weights(
+      setup.router.apply({"params": router_params}, jnp.arange(len(setup.budgets))), scale, space), depth_order)
+  argmax_loss = jnp.mean(router_lib.budget_loss(argmax_size, targets, setup.dead_zone))
+  total = jnp.mean(router_loss) + setup.argmax_loss_weight * argmax_loss
+  return setup.router_loss_weight * total, (router_loss, expected, argmax_size)
+
+
+def _distillation_loss(setup: ElasticSetup, params: Params, router_params: Params, teacher_params: Params,
+                       route: Callable, micro: tuple[Array, Array, Array], batch: int) -> tuple[Array, Array]:
+  """One micro-batch's KD loss (+ CE) of the masked student against the frozen teacher: (its share of the
+  global-batch mean, per-sample loss [b/k])."""
+  index, micro_inputs, micro_next = micro
+  # The router is tiny: rerouting the global batch and taking this micro-batch's rows keeps the noise global.
+  samples = jax.tree.map(lambda x: micro_rows(x, index, setup.grad_accum_steps), route(router_params))
+  weights = router_lib.candidate_weights(samples, setup.space, hard=setup.hard, estimator=setup.estimator)
+  masks = masks_from_weights(setup.config, setup.space, weights, np.asarray(setup.depth_order, np.int32))
+  teacher_logits = jax.lax.stop_gradient(setup.teacher.apply({"params": teacher_params}, micro_inputs))
+  logits = setup.student.apply({"params": params}, micro_inputs, masks=masks)
+  kd = forward_kl(logits, teacher_logits, temperature=setup.kd_temperature)  # [b/k]
+  if setup.ce_weight:
+    kd = kd + setup.ce_weight * cross_entropy(logits, micro_next)
+  return jnp.sum(kd) / batch, kd
+
+
 def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
                       router_tx: optax.GradientTransformation) -> Callable:
   """``step(state, teacher_params, tokens [b, l+1], budget_probs [n_budgets]) -> (state, metrics)``."""
-  student, teacher = setup.student, setup.teacher
-  router = setup.router
-  space, config = setup.space, setup.config
-  depth_order = np.asarray(setup.depth_order, np.int32)
-  targets = jnp.asarray(setup.target_sizes(), jnp.float32)
-  full_index = setup.full_index()
-  full_budget = int(np.argmax(setup.budgets)) if max(setup.budgets) == 1.0 else -1
-  num_budgets = len(setup.budgets)
-  k = setup.grad_accum_steps
+  router, num_budgets, k = setup.router, len(setup.budgets), setup.grad_accum_steps
 
   def step(state: TrainState, teacher_params: Params, tokens: Array, budget_probs: Array
            ) -> tuple[TrainState, dict[str, Array]]:
@@ -173,37 +206,11 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
       # The whole global batch's routing, with one draw of Gumbel noise whatever the micro-batch split.
       return router_lib.route(route_key, router.apply({"params": router_params}, budget_ids), tau, scale)
 
-    def router_loss_fn(router_params):
-      # Depends on the router only (not on the model), so it needs no micro-batching.
-      samples = route(router_params)
-      expected = setup.expected_size(router_lib.probabilities(samples, space), depth_order)
-      router_loss = router_lib.budget_loss(expected, targets[budget_ids], setup.dead_zone)
-      if full_budget >= 0:
-        anchor = router_lib.full_choice_anchor({n: s.probs for n, s in samples.items()}, full_index)
-        router_loss = router_loss + jnp.where(budget_ids == full_budget, anchor, 0.0)
-      # Every budget's argmax choice, whether sampled in this batch or not.
-      argmax_size = setup.expected_size(router_lib.argmax_weights(
-          router.apply({"params": router_params}, jnp.arange(num_budgets)), scale, space), depth_order)
-      argmax_loss = jnp.mean(router_lib.budget_loss(argmax_size, targets, setup.dead_zone))
-      total = jnp.mean(router_loss) + setup.argmax_loss_weight * argmax_loss
-      return setup.router_loss_weight * total, (router_loss, expected, argmax_size)
-
-    def kd_fn(params, router_params, micro):
-      index, micro_inputs, micro_next = micro
-      # The router is tiny: rerouting the global batch and taking this micro-batch's rows keeps the noise global.
-      samples = jax.tree.map(lambda x: micro_rows(x, index, k), route(router_params))
-      weights = router_lib.candidate_weights(samples, space, hard=setup.hard, estimator=setup.estimator)
-      masks = masks_from_weights(config, space, weights, depth_order)
-      teacher_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, micro_inputs))
-      logits = student.apply({"params": params}, micro_inputs, masks=masks)
-      kd = forward_kl(logits, teacher_logits, temperature=setup.kd_temperature)  # [b/k]
-      if setup.ce_weight:
-        kd = kd + setup.ce_weight * cross_entropy(logits, micro_next)
-      return jnp.sum(kd) / batch, kd  # this micro-batch's share of the global-batch mean
-
     (router_term, (router_loss, expected, argmax_size)), router_loss_grads = jax.value_and_grad(
-        router_loss_fn, has_aux=True)(state.router_params)
-    kd_grad_fn = jax.value_and_grad(kd_fn, argnums=(0, 1), has_aux=True)
+        lambda rp: _router_loss(setup, rp, route, budget_ids, scale), has_aux=True)(state.router_params)
+    kd_grad_fn = jax.value_and_grad(
+        lambda p, rp, m: _distillation_loss(setup, p, rp, teacher_params, route, m, batch), argnums=(0, 1),
+        has_aux=True)
     micro = (jnp.arange(k), micro_batches(inputs, k), micro_batches(next_tokens, k))
     kd_mean, (grads, kd_router_grads), kd = accumulate_gradients(
         lambda m: kd_grad_fn(state.params, state.router_params, m), micro, (state.params, state.router_params))
