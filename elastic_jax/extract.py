@@ -39,6 +39,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from elastic_jax.elastic import axes
 from elastic_jax.elastic.extract import extract, extract_sharded
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
@@ -50,8 +51,6 @@ from elastic_jax.train.sharding import DEFAULT_RULES, LogicalRules, make_mesh, p
 Params = Any
 FORMATS = ("orbax", "hf")
 _PROG = "python -m elastic_jax.extract"
-_HETEROGENEOUS_FIELDS = ("intermediate_size_per_layer", "num_attention_heads_per_layer", "mamba_num_heads_per_layer",
-                         "mamba_head_dim_per_layer")
 
 
 class ExtractError(ValueError):
@@ -226,7 +225,7 @@ def extract_budget(workdir: str, name: str, step: int | None = None, mesh: Mesh 
 def heterogeneous_widths(config: ModelConfig) -> dict[str, list[int]]:
   """The per-layer width fields of ``config`` whose blocks differ (empty for a homogeneous config)."""
   found = {}
-  for field in _HETEROGENEOUS_FIELDS:
+  for field in dict.fromkeys(axis.per_layer_field for axis in axes.block_axes() if axis.per_layer_field):
     values = getattr(config, field)
     if values is not None and len(set(values)) > 1:
       found[field] = list(values)
