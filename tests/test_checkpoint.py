@@ -1,4 +1,5 @@
-"""Checkpointer: exact round trip, config mismatch errors, half-written checkpoints ignored, SIGTERM guard."""
+"""Checkpointer: exact round trip, config mismatch errors, half-written checkpoints ignored and cleaned up, a torn
+latest checkpoint set aside for the previous one, SIGTERM guard."""
 
 from __future__ import annotations
 
@@ -58,6 +59,65 @@ def test_half_written_checkpoint_is_never_picked_up(tmp_path):
   assert ckpt.latest_step() == 3
   state, _ = ckpt.restore(abstract_like(_state(0)))
   np.testing.assert_array_equal(state["step"], 3)
+  ckpt.close()
+
+
+def test_leftover_temporary_folders_are_removed_when_a_writer_opens_the_directory(tmp_path):
+  partial = tmp_path / "7.orbax-checkpoint-tmp-12345"  # what a save killed half-way leaves behind
+  (partial / "state").mkdir(parents=True)
+  ckpt = Checkpointer(tmp_path, async_save=False)
+  ckpt.save(3, _state(3), {})
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path)) == ["3"]
+
+
+def _truncate_largest_file(folder) -> str:
+  files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  return largest
+
+
+def test_a_truncated_latest_checkpoint_is_set_aside_and_the_previous_step_restored(tmp_path):
+  ckpt = Checkpointer(tmp_path, max_to_keep=3, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), {"step": step})
+  _truncate_largest_file(tmp_path / "3" / "state")  # a file lost half its bytes after the save completed
+  with pytest.warns(UserWarning, match=r"checkpoint 3 in .* does not restore .*set aside as .*3\.unrestorable"):
+    state, meta = ckpt.restore_latest(abstract_like(_state(0)))
+  jax.tree.map(np.testing.assert_array_equal, state, _state(2))
+  assert meta == {"step": 2}
+  assert sorted(os.listdir(tmp_path)) == ["1", "2", "3.unrestorable"]  # renamed, never deleted
+  assert ckpt.latest_step() == 2
+  ckpt.save(3, _state(3), {"step": 3})  # the run carries on and saves step 3 again
+  assert ckpt.latest_step() == 3 and os.path.isdir(tmp_path / "3.unrestorable")
+  ckpt.close()
+
+
+def test_two_unrestorable_checkpoints_in_a_row_are_an_error_not_a_silent_restart(tmp_path):
+  ckpt = Checkpointer(tmp_path, max_to_keep=3, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), {})
+  wrong_shape = {"params": {"w": jax.ShapeDtypeStruct((5, 4), jnp.float32), "b": jax.ShapeDtypeStruct((4,),
+                                                                                                       jnp.float64)},
+                 "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": abstract_like(_state(0))["rng"]}
+  with pytest.warns(UserWarning, match="checkpoint 3"), pytest.raises(RuntimeError, match="checkpoint 2 .* either"):
+    ckpt.restore_latest(wrong_shape)
+  assert sorted(os.listdir(tmp_path)) == ["1", "2", "3.unrestorable"]
+  ckpt.close()
+
+
+def test_restore_latest_sets_aside_checkpoints_the_run_no_longer_accepts(tmp_path, capsys):
+  ckpt = Checkpointer(tmp_path, max_to_keep=3, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), {"stage": 0 if step < 2 else 1})
+  state, _ = ckpt.restore_latest(abstract_like(_state(0)),
+                                 accept=lambda step, meta: "stage 1 changed" if meta["stage"] == 1 else None)
+  np.testing.assert_array_equal(state["step"], 1)
+  assert sorted(os.listdir(tmp_path)) == ["1", "2.stale", "3.stale"]
+  assert "checkpoint 3 set aside as" in capsys.readouterr().out
+  assert ckpt.restore_latest(abstract_like(_state(0)), accept=lambda step, meta: "no") is None
   ckpt.close()
 
 

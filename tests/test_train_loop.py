@@ -1,4 +1,6 @@
-"""Training loop: exact resume (state, losses, data position), stage handling, SIGTERM saves, bad input."""
+"""Training loop: exact resume (state, losses, data position, one metrics row per step, also after kill -9), stage
+handling (a stage not started takes new settings, a changed stage restarts from its start), SIGTERM saves, bad
+input."""
 
 from __future__ import annotations
 
@@ -42,11 +44,11 @@ def _data(stage, index):
                             vocab_size=CONFIG.vocab_size)
 
 
-def _run(workdir, setup=None, **kw):
+def _run(workdir, setup=None, stages=STAGES, **kw):
   teacher = random_params(CONFIG, seed=0)
-  return train_elastic(setup or _setup(), STAGES, teacher, jax.tree.map(jnp.copy, teacher), _data, workdir,
-                       optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2), checkpoint_every=100,
-                       log_every=1, progress=False, **kw)
+  kw = {"checkpoint_every": 100, "log_every": 1, "progress": False, **kw}
+  return train_elastic(setup or _setup(), stages, teacher, jax.tree.map(jnp.copy, teacher), _data, workdir,
+                       optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2), **kw)
 
 
 def _losses(history):
@@ -89,6 +91,77 @@ def test_resume_under_a_changed_config_is_refused(tmp_path):
   _run(tmp_path, max_steps=2)
   with pytest.raises(ConfigMismatchError, match=r"elastic.kd_temperature: checkpoint has 1.0, current config has 2.0"):
     _run(tmp_path, setup=_setup(kd_temperature=2.0))
+
+
+NEW_STAGES = (STAGES[0], Stage("stage2", 3, 4, 8, (0.2, 0.3, 0.5)))  # stage 2 draws other budgets
+
+
+def test_a_stage_not_started_takes_new_settings(tmp_path, capsys):
+  reference = _run(tmp_path / "reference", stages=NEW_STAGES)
+  _run(tmp_path / "split", max_steps=3)  # stops inside stage 1
+  resumed = _run(tmp_path / "split", stages=NEW_STAGES, progress=True)  # stage 2 changed before it started
+  assert "resuming from the checkpoint of step 3 of 7, 3 steps into stage1" in capsys.readouterr().out
+  assert _losses(resumed.history) == _losses(reference.history)[3:]
+  assert not [p for p in os.listdir(tmp_path / "split" / "checkpoints") if not p.isdigit()]  # nothing set aside
+
+
+def test_a_changed_stage_restarts_from_its_start_keeping_the_stages_before_it(tmp_path, capsys):
+  reference = _run(tmp_path / "reference", stages=NEW_STAGES)
+  _run(tmp_path / "run", checkpoint_every=2)  # finished under the old stage 2: checkpoints 4 (stage end), 6, 7
+  again = _run(tmp_path / "run", stages=NEW_STAGES, checkpoint_every=2, progress=True)
+  out = capsys.readouterr().out
+  assert "stages[1].budget_probs: checkpoint has [0.5, 0.3, 0.2], current config has [0.2, 0.3, 0.5]" in out
+  assert "resuming from the checkpoint of step 4 of 7, at the start of stage2" in out
+  assert _losses(again.history) == _losses(reference.history)[4:]  # stage 1 kept, stage 2 under its new settings
+  checkpoints = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+  assert "6.stale" in checkpoints and "7.stale" in checkpoints and "4" in checkpoints  # set aside, not deleted
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [(row["step"], row["loss"]) for row in rows] == _losses(reference.history)
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time, jax, jax.numpy as jnp
+    sys.path.insert(0, {tests!r})
+    import test_train_loop as t
+
+    class KillAtStep7(t.RandomTokenBatches):
+      def __next__(self):
+        if self.seed == 11 and self.position == 2:  # stage 2's third batch: step 7, after the checkpoint of step 6
+          time.sleep(1.0)  # the asynchronous save of step 6 completes; metrics of step 6 are not due until step 10
+          os.kill(os.getpid(), signal.SIGKILL)
+        return super().__next__()
+
+    data = lambda stage, index: KillAtStep7(10 + index, stage.batch_size, stage.seq_len + 1, t.CONFIG.vocab_size)
+    teacher = t.random_params(t.CONFIG, seed=0)
+    t.train_elastic(t._setup(), t.STAGES, teacher, jax.tree.map(jnp.copy, teacher), data, {workdir!r},
+                    optimizer=t.OptimizerConfig(learning_rate=1e-3, warmup_steps=2), checkpoint_every=2,
+                    log_every=10, progress=False)
+""")
+
+
+def test_after_kill_9_metrics_keep_exactly_one_row_per_step(tmp_path):
+  """Killed at step 7 with the checkpoint of step 6 complete: rows 1..6 are on disk (written before each checkpoint,
+  not only every log_every steps), and the resumed run adds 7 once."""
+  script = tmp_path / "run.py"
+  script.write_text(_KILL_SCRIPT.format(tests=str(pathlib.Path(__file__).parent), workdir=str(tmp_path / "w")))
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert Checkpointer(tmp_path / "w" / "checkpoints", clean_up=False).latest_step() == 6
+  rows = [json.loads(line)["step"] for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+  assert rows == [1, 2, 3, 4, 5, 6]
+  resumed = _run(tmp_path / "w", checkpoint_every=2)
+  full = _run(tmp_path / "full")
+  assert _losses(resumed.history) == _losses(full.history)[6:]
+  rows = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+  assert [(row["step"], row["loss"]) for row in rows] == _losses(full.history)
+
+
+def test_metrics_past_the_restored_step_and_a_torn_last_line_are_dropped(tmp_path):
+  from elastic_jax.train.loop import _truncate_metrics  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3, 4)) + '{"step": 5, "lo')
+  _truncate_metrics(str(path), 3)
+  assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
 
 def test_bad_stage_inputs(tmp_path):

@@ -2,7 +2,9 @@
 position, rankings, configs), atomically and asynchronously, plus a SIGTERM guard for preemption.
 
 Orbax writes each step into a temporary directory and renames it only once complete, so a checkpoint interrupted
-half-way is never listed and never restored.
+half-way is never listed and never restored; such leftovers are removed when a manager opens the directory. A listed
+checkpoint that still fails to restore (a file truncated or lost afterwards) is set aside, renamed
+``<step>.unrestorable``, never deleted, and the previous complete step is used (``restore_latest``).
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 PyTree = Any
 
@@ -43,14 +48,24 @@ class Checkpointer:
 
   state: any pytree of arrays (params, optimizer states, step, PRNG key data). metadata: JSON-serialisable dict; its
   ``"config"`` entry, when present, is compared on restore against the resuming run's (``check_config``).
+
+  The latest ``max_to_keep`` steps are kept, and every step in ``keep_steps`` (e.g. the end of each curriculum
+  stage, the point a run restarts from when a later stage's settings change). With ``clean_up`` (the writer of the
+  directory) the temporary folders of saves that never completed (``*.orbax-checkpoint-tmp*``) are removed when it
+  opens the directory; a reader leaves them (they may belong to a save in progress).
   """
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, async_save: bool = True):
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, keep_steps: Sequence[int] = (),
+               async_save: bool = True, clean_up: bool = True):
     directory = os.fspath(directory)
     # Object-store URLs (gs://bucket/run) go to Orbax as they are; abspath would turn them into local paths.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                           create=True)
+    policies = [ocp.checkpoint_managers.LatestN(max_to_keep)]
+    if keep_steps:
+      policies.append(ocp.checkpoint_managers.CustomSteps(sorted(int(step) for step in keep_steps)))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=clean_up)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state: PyTree, metadata: Mapping[str, Any]) -> None:
@@ -62,6 +77,75 @@ class Checkpointer:
     self._manager.reload()
     return self._manager.latest_step()
 
+  def restore_latest(self, abstract_state: PyTree,
+                     accept: Callable[[int, dict[str, Any]], str | None] | None = None
+                     ) -> tuple[PyTree, dict[str, Any]] | None:
+    """The newest checkpoint that restores and that ``accept`` takes, as ``(state, metadata)``; None when there is
+    none (a fresh start).
+
+    ``accept(step, metadata)`` returns None to take the checkpoint, or the reason it no longer fits the run (e.g.
+    written under other settings of a curriculum stage it had started): it is then set aside as ``<step>.stale``
+    and the previous one is tried; ``accept`` raises to refuse the resume altogether (``ConfigMismatchError``).
+
+    The newest candidate failing to restore (a truncated or missing file) is set aside as ``<step>.unrestorable``
+    with a warning naming it, and the previous complete step is used. A second failure in a row is raised: one torn
+    checkpoint is an accident, two point to a cause (a changed model, a wrong mesh) that falling back further would
+    only hide.
+    """
+    failure = None
+    for step in sorted(self._steps(), reverse=True):
+      try:
+        metadata = self._restore_metadata(step)
+        reason = None if accept is None else accept(step, metadata)
+        state = None if reason else self._restore_state(step, abstract_state)
+        error = None
+      except ConfigMismatchError:
+        raise
+      except Exception as caught:  # pylint: disable=broad-exception-caught
+        error = caught
+      if _any_process(error is not None):  # every process falls back together (each reads its own shards)
+        if failure is not None:
+          raise RuntimeError(f"checkpoint {step} in {self.directory} does not restore either, after checkpoint "
+                             f"{failure} was set aside: {error!r}") from error
+        failure = step
+        where = self.set_aside(step, "unrestorable")
+        warnings.warn(f"checkpoint {step} in {self.directory} does not restore ({type(error).__name__}: "
+                      f"{_first_line(error)}); set aside as {where}, trying the previous complete step.",
+                      stacklevel=2)
+        continue
+      if reason:
+        where = self.set_aside(step, "stale")
+        print(f"[elastic_jax] checkpoint {step} set aside as {where}: {reason}", flush=True)
+        continue
+      return state, metadata
+    return None
+
+  def set_aside(self, step: int, why: str) -> str:
+    """Renames checkpoint ``step`` to ``<step>.<why>`` (``.<why>-2`` ... when taken), out of Orbax's sight; never
+    deletes it. Returns the new path."""
+    source = os.path.join(self.directory, str(step))
+    target, n = f"{source}.{why}", 1
+    while os.path.exists(target):
+      n += 1
+      target = f"{source}.{why}-{n}"
+    _barrier(f"elastic_jax_set_aside_chosen:{source}")  # every process named the target before it exists
+    if jax.process_index() == 0:
+      os.rename(source, target)
+    _barrier(f"elastic_jax_set_aside_done:{source}")
+    self._manager.reload()
+    return target
+
+  def _steps(self) -> list[int]:
+    self._manager.reload()
+    return list(self._manager.all_steps())
+
+  def _restore_metadata(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+
+  def _restore_state(self, step: int, abstract_state: PyTree) -> PyTree:
+    return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+        "state"]
+
   def restore(self, abstract_state: PyTree, step: int | None = None,
               expected_config: Mapping[str, Any] | None = None) -> tuple[PyTree, dict[str, Any]]:
     """Restores the state into the structure/shardings of ``abstract_state`` (``jax.ShapeDtypeStruct`` leaves).
@@ -71,11 +155,10 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-    metadata = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
+    metadata = self._restore_metadata(step)
     if expected_config is not None:
       check_config(metadata.get("config", {}), expected_config, self.directory)
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"], metadata
+    return self._restore_state(step, abstract_state), metadata
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -91,6 +174,23 @@ def check_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: st
     raise ConfigMismatchError(
         f"cannot resume from {where}: it was written under a different configuration ("
         + "; ".join(diffs) + "). Use a fresh workdir, or restore the original values.")
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether ``flag`` holds on any process (one small all-gather when there are several)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return text[0][:300] if text else ""
 
 
 def abstract_like(tree: PyTree) -> PyTree:
@@ -141,7 +241,7 @@ def load_model(directory: str | os.PathLike, abstract_params: PyTree | None = No
 
   Without ``abstract_params`` the arrays are restored as saved (host/device default placement).
   """
-  checkpointer = Checkpointer(directory, async_save=False)
+  checkpointer = Checkpointer(directory, async_save=False, clean_up=False)
   manager = checkpointer._manager  # pylint: disable=protected-access
   step = checkpointer.latest_step()
   if step is None:

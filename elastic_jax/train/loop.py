@@ -5,8 +5,13 @@ budgets at short context; stage 2 skewed to the full model at long context). Bud
 *input*, so a stage change recompiles only when the batch shape changes, and at most once.
 
 Everything a resumed run needs is in the checkpoint: train state (student, router, both optimizer states, step,
-PRNG), the data iterator's position, the stage, and the configuration (a changed configuration is refused, naming
-the field). Resuming continues exactly as if never stopped: same batches, same budget draws, same losses.
+PRNG), the data iterator's position, the stage, and the configuration. Resuming continues exactly as if never
+stopped: same batches, same budget draws, same losses, and ``metrics.jsonl`` keeps exactly one row per step.
+
+A changed configuration is refused, naming the field, except for the settings of a stage: a stage that has not
+started at the checkpoint simply takes the new values, and checkpoints inside a stage whose settings changed are
+set aside (renamed) so that the run restarts that stage from the checkpoint at its start (the end of every stage is
+always kept).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from tqdm.auto import tqdm
 from elastic_jax.model import HybridLM, ModelConfig
 from elastic_jax.model.hybrid import init_boxed_params
 from elastic_jax.train import distributed
-from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard
+from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, check_config, config_differences
 from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, logical_shardings, make_mesh,
                                         replicated, shard_params, sharded_jit)
 from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
@@ -118,7 +123,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
     log_every: steps between metric flushes to the host (the step itself never waits for the host).
     max_steps: stop after this global step (saving a checkpoint), e.g. to split a run; None runs all stages.
     run_config: JSON-able description of everything that must match on resume; defaults to the setup's.
-    progress: show a progress bar.
+    progress: show a progress bar, and log the step it starts or resumes from and each stage it enters.
     metadata: JSON-able records saved with every checkpoint (e.g. the importance rankings the student's weights
       were permuted with), so a checkpoint is self-describing for extraction and export.
     mesh, rules: the device mesh (default: every device on the data axis) and the logical-axis rules that map
@@ -128,12 +133,13 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
     stage.validate(len(setup.budgets))
     check_grad_accum(stage.batch_size, setup.grad_accum_steps, f"stage {stage.name!r}")
   total_steps = sum(stage.steps for stage in stages)
+  stage_ends = np.cumsum([stage.steps for stage in stages]).tolist()
   router_optimizer = router_optimizer or default_router_optimizer_config()
   run_config = dict(run_config) if run_config is not None else describe_run(setup, stages, optimizer,
                                                                             router_optimizer, seed)
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep_steps=stage_ends)
 
   mesh = mesh or make_mesh()
   training = compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, seed, mesh, rules)
@@ -141,14 +147,20 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   teacher_params = place_teacher(setup, teacher_params, training.state_shardings.params)
   tokens_sharding = batch_sharding(mesh, rules)
   data_state = None
-  if checkpointer.latest_step() is not None:  # restored straight into its shardings; the student is not needed
-    state, metadata = checkpointer.restore(training.abstract_state, expected_config=run_config)
-    data_state = distributed.own_state(metadata["data_state"], checkpointer.directory)
+  # The newest checkpoint that restores and fits the run, straight into its shardings; the student is not needed.
+  fits = lambda step, saved: stage_change(saved.get("config", {}), run_config, stages, step, checkpointer.directory)
+  restored = checkpointer.restore_latest(training.abstract_state, accept=fits)
+  if restored is not None:
+    state, saved = restored
+    data_state = distributed.own_state(saved["data_state"], checkpointer.directory)
   else:  # the optimizer states are created beside the sharded params, never on one device first
     state = training.init(shard_params(student_params, training.state_shardings.params))
   start_step = int(state.step)
+  talk = progress and distributed.is_primary()
   if distributed.is_primary():  # shared files are written by process 0 only
     _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
+  if talk:
+    _log(_resume_message(stages, start_step, restored is not None))
 
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
   history: list[dict[str, Any]] = []
@@ -174,6 +186,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   def save(step: int, iterator: "_TrackedIterator") -> None:
     nonlocal last_saved
     if step != last_saved:
+      flush()  # every step up to a checkpoint is in metrics.jsonl before the checkpoint exists
       checkpointer.save(step, state, {**(metadata or {}), "config": run_config, "step": step,
                                       "data_state": distributed.process_states(iterator.get_state()),
                                       "depth_order": list(setup.depth_order),
@@ -193,6 +206,11 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
         tracked = _TrackedIterator(iterator, stage_index)
         probs = jnp.asarray(stage.budget_probs, jnp.float32)
         stage_end = min(stop_at, step - done_in_stage + stage.steps)
+        bar.set_description(stage.name)
+        if talk:
+          first = step - done_in_stage + 1
+          _log(f"{stage.name} (stage {stage_index + 1} of {len(stages)}, steps {first}-{first + stage.steps - 1})"
+               + (f" from step {step + 1}" if done_in_stage else ""))
         tic = time.perf_counter()
         while step < stage_end:
           tokens = _check_batch(next(iterator), stage, tokens_sharding)
@@ -219,8 +237,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   if step == total_steps:
     records = deployed_choice_records(setup, state.router_params)
     if distributed.is_primary():
-      with open(os.path.join(workdir, "deployed_choices.json"), "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=1)
+      write_json_atomically(os.path.join(workdir, "deployed_choices.json"), records, indent=1)
     distributed.barrier("deployed_choices_written")  # the other processes read it next
   return TrainResult(state, history, preempted)
 
@@ -358,14 +375,71 @@ def _check_batch(tokens: Any, stage: Stage, sharding: jax.sharding.Sharding) -> 
   return distributed.global_batch(tokens, sharding)
 
 
+def _log(message: str) -> None:
+  print(f"[elastic_jax] elastic training: {message}", flush=True)
+
+
+def _resume_message(stages: Sequence[Stage], step: int, restored: bool) -> str:
+  total = sum(stage.steps for stage in stages)
+  if not restored:
+    return f"starting at step 0 of {total}"
+  index, done_in_stage = _stage_at(stages, step)
+  if index == len(stages):
+    return f"resuming from the checkpoint of step {step} of {total}: every stage is done"
+  where = "at the start of" if done_in_stage == 0 else f"{done_in_stage} steps into"
+  return f"resuming from the checkpoint of step {step} of {total}, {where} {stages[index].name}"
+
+
+def stage_change(saved: Mapping[str, Any], current: Mapping[str, Any], stages: Sequence[Stage], step: int,
+                 where: str = "checkpoint") -> str | None:
+  """Whether a checkpoint written at ``step`` under config ``saved`` fits the run described by ``current``.
+
+  Raises ``ConfigMismatchError`` when anything outside the stages differs (model, space, optimizers, the schedule's
+  length...). Stages are compared only up to the last one the checkpoint had started: a stage not started yet takes
+  the new values. Returns None when it fits, else which started stage's settings changed.
+  """
+  saved, current = dict(saved), dict(current)
+  saved_stages, current_stages = saved.pop("stages", None) or [], current.pop("stages", None) or []
+  check_config(saved, current, where)
+  started = sum(1 for end, stage in zip(np.cumsum([s.steps for s in stages]), stages) if end - stage.steps < step)
+  diffs = []
+  for index in range(started):
+    before = saved_stages[index] if index < len(saved_stages) else {}
+    after = current_stages[index] if index < len(current_stages) else {}
+    diffs += config_differences(before, after, f"stages[{index}].")
+  return f"the settings of a stage it had started changed ({'; '.join(diffs)})" if diffs else None
+
+
+def write_json_atomically(path: str, value: Any, **dump_kwargs: Any) -> None:
+  """Writes JSON to a temporary file and renames it into place: readers never see half a file."""
+  temporary = f"{path}.tmp"
+  with open(temporary, "w", encoding="utf-8") as f:
+    json.dump(value, f, **dump_kwargs)
+  os.replace(temporary, path)
+
+
 def _truncate_metrics(path: str, last_step: int) -> None:
-  """Drops metric lines past the restored step, so a resumed run's log reads as one uninterrupted run."""
+  """Keeps exactly the metric rows of steps 1..``last_step`` (the restored step), so a resumed run's log reads as one
+  uninterrupted run: rows past it are dropped (they are run again), as is a line cut short by a kill."""
   if not os.path.exists(path):
     return
+  rows = {}
   with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-  with open(path, "w", encoding="utf-8") as f:
-    f.writelines(lines)
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # the last line of a run killed while writing it
+        continue
+      if row["step"] <= last_step:
+        rows.setdefault(row["step"], line if line.endswith("\n") else line + "\n")
+  missing = sorted(set(range(1, last_step + 1)) - set(rows))
+  if missing:
+    print(f"[elastic_jax] warning: {path} has no rows for steps {missing[0]}..{missing[-1]} ({len(missing)} "
+          "steps), written before they were saved with every checkpoint", flush=True)
+  temporary = f"{path}.tmp"
+  with open(temporary, "w", encoding="utf-8") as f:
+    f.writelines(rows[step] for step in sorted(rows))
+  os.replace(temporary, path)
 
 
 _MEMORY_FIELDS = ("remat", "grad_accum_steps", "teacher_dtype")
