@@ -200,17 +200,17 @@ class ElasticSpace(_AxisRecord):
 
   @classmethod
   def from_fractions(cls, config: ModelConfig, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-                     axes: Sequence[str] | None = None, **modes: str) -> "ElasticSpace":
-    """A space whose candidates on ``axes`` (default: every axis but depth) are ``fraction * parent size``,
+                     axis_names: Sequence[str] | None = None, **modes: str) -> "ElasticSpace":
+    """A space whose candidates on ``axis_names`` (default: every axis but depth) are ``fraction * parent size``,
     rounded down to the axis granularity.
 
     Other axes keep the parent's size only. Fractions that round to zero or to the same size are dropped.
     """
-    names = [a for a in _registry.names() if a != "depth"] if axes is None else axes
+    names = [a for a in axes.names() if a != "depth"] if axis_names is None else axis_names
     values: dict[str, Any] = dict(modes)
     for name in names:
-      axis = _registry.get(name)
-      if not _registry.present(config, axis):
+      axis = axes.get(name)
+      if not axes.present(config, axis):
         continue
       parent = min(axis.parent_sizes(config))
       step = axis.groups(config)
@@ -220,9 +220,6 @@ class ElasticSpace(_AxisRecord):
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
-
-
-_registry = axes  # ``from_fractions`` has an argument named ``axes``
 
 
 # ---------------------------------------------------------------------------------------------------- choice
