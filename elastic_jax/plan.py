@@ -15,9 +15,7 @@ Training (one column per stage), per device:
 - student params, optimizer state (AdamW's two moments and its counters), the frozen teacher (in
   ``memory.teacher_dtype``) and the router (its params and optimizer state, with the step counter and PRNG key):
   shapes divided by the shard counts of their real ``NamedSharding`` (rounded up, as XLA pads uneven shards);
-- gradients: the params' per-device bytes, twice with gradient accumulation (the running sum and the current
-  micro-batch's gradients are both alive);
-- activations of one micro-batch, from the analytical model below;
+- gradients and activations of one micro-batch at the step's peak, from the analytical model below;
 
 then their total against the device's HBM (times ``--usable_fraction``, for what the runtime reserves) with a
 FITS / DOES NOT FIT verdict and the margin, the step's model FLOPs (``elastic_jax.train.flops``) and the time per
@@ -50,13 +48,15 @@ memory at the phase's peak (checkpoint slices, the device-to-host copies of a sa
 Activation model (bytes per device of one micro-batch; every tensor is counted at its per-device shard size under
 the rules table, e.g. ``[batch, length, embed]`` splits batch over the data-parallel axes and length over context):
 
-    A = sum_b S_b + max(H, max_b W_b)
     S_b = I + {none: N_b, dots: D_b, full: 0}[remat policy of block b's kind]
     W_b = (N_b - S_b + I) + N_b + I
-    H   = 5 [B, L, V] fp32 + [B, L, d] (fp32 + compute dtype)
+    H   = 2 [B, L, V] fp32 + [B, L, d] (fp32 + compute dtype)
     forward only (teacher, calibration, depth ranking, perplexity, prefill, decode):
     F   = I + max(max_b N_b, [B, L, d] compute dtype + k [B, L, V] fp32) + h [B, L, V] fp32
-    training: activations = max(A, F with k = 1, h = 0)
+    training, the largest of three moments (G: the params' bytes; a = 1 with gradient accumulation, else 0):
+      the loss        a G + sum_b S_b + H
+      the backward    (1 + a) G + sum_b S_b + max_b W_b
+      the teacher     a G + F with k = 1, h = 0
 
 where I is a block's input (the fp32 residual stream [B, L, d], kept for every block under every policy); N_b is
 the sum of block b's forward intermediates (``_block_tensors``: projection outputs, masked and activated copies,
@@ -65,11 +65,14 @@ decoding), the chunked SSD's per-chunk decay, score and state tensors in fp32, t
 D_b is the part of N_b that the "dots" policy saves (the outputs of the projections: matmuls without batch
 dimensions). S_b is what the backward pass keeps of block b; W_b is the working set while block b is differentiated:
 what it recomputes, about as much again for the gradients of those intermediates, and the residual stream's
-gradient. H is the loss at its peak: student and teacher logits, the two log-softmaxes and the logits' gradient, plus
-the final norm's output. A forward that keeps nothing for a backward holds one block's intermediates next to the
+gradient. H is the loss at its peak: the student's and the teacher's logits (the logits' gradient takes the place of
+one of them; XLA fuses the log-softmaxes into it), plus the final norm's output. Gradients: the running sum of the
+earlier micro-batches' (with accumulation) is alive throughout; this micro-batch's from the blocks' backward on,
+not yet at the loss. A forward that keeps nothing for a backward holds one block's intermediates next to the
 residual stream, or the head: the final norm's output and k logits-sized arrays (1: the logits; 2: the logits and
 their log-softmax), plus h logits it holds from before (the depth ranking's reference). Token ids, masks, router
-activations and importance statistics are small and not counted.
+activations and importance statistics are small and not counted. On a TPU every array (state and activations) is counted
+with the tile padding of its shard (``tiled_elements``: the layout's two minor dimensions pad up to 8 x 128 words).
 
 With a context axis of C > 1 devices that splits the sequence evenly, the model counts what the context-parallel
 ops (``elastic_jax.ops.context_parallel``) keep: ring attention's one [L/C, L/C] block of scores per head at a time
@@ -131,6 +134,7 @@ class Device:
   peak_flops: float
   hbm_bandwidth: float
   devices_per_host: int | None
+  tiled: bool = False  # TPU: HBM holds arrays in tiles (``tiled_elements``)
 
 
 def _host_memory_bytes() -> float:
@@ -141,10 +145,10 @@ def _host_memory_bytes() -> float:
 # bandwidth), and the chips or GPUs of one host of a pod slice or cluster node (TPU VMs of v4/v5p/v5e slices: 4;
 # HGX/DGX nodes: 8).
 DEVICES: dict[str, Device] = {
-    "v5p": Device("TPU v5p chip", 95 * GB, 459e12, 2765 * GB, 4),
-    "v5e": Device("TPU v5e chip", 16 * GB, 197e12, 819 * GB, 4),
-    "v4": Device("TPU v4 chip", 32 * GB, 275e12, 1200 * GB, 4),
-    "v6e": Device("TPU v6e chip", 32 * GB, 918e12, 1640 * GB, 4),
+    "v5p": Device("TPU v5p chip", 95 * GB, 459e12, 2765 * GB, 4, tiled=True),
+    "v5e": Device("TPU v5e chip", 16 * GB, 197e12, 819 * GB, 4, tiled=True),
+    "v4": Device("TPU v4 chip", 32 * GB, 275e12, 1200 * GB, 4, tiled=True),
+    "v6e": Device("TPU v6e chip", 32 * GB, 918e12, 1640 * GB, 4, tiled=True),
     "h100": Device("NVIDIA H100 SXM 80GB", 80 * GB, 989e12, 3350 * GB, 8),
     "h200": Device("NVIDIA H200 141GB", 141 * GB, 989e12, 4800 * GB, 8),
     "a100": Device("NVIDIA A100 80GB", 80 * GB, 312e12, 2039 * GB, 8),
@@ -278,15 +282,35 @@ def hardware_from_config(config: Any, device: str | None = None, mfu: float | No
 
 
 # ------------------------------------------------------------------------------------------------ state bytes
-def per_device_bytes(shape: Sequence[int], itemsize: int, spec: PartitionSpec, axis_sizes: Mapping[str, int]
-                     ) -> int:
-  """Bytes one device holds of an array of ``shape`` sharded by ``spec`` (uneven shards round up, as XLA pads)."""
+def tiled_elements(shape: Sequence[int], itemsize: int) -> int:
+  """Elements a TPU allocates for an array of ``shape``. HBM holds arrays in tiles of 8 x 128 32-bit words: the
+  layout's minor dimension pads up to a multiple of 128 and its second-minor one to 8 rows of 32-bit words (16 of
+  bf16, 32 of int8); a vector pads to 128. XLA picks layouts; counted with the two dimensions that pad least (a
+  [.., 128, 8, 32] array is not padded, a [.., 32, 32] fp32 one takes 4x its bytes)."""
+  shape = [int(n) for n in shape]
+  if len(shape) < 2:
+    return -(-shape[0] // 128) * 128 if shape else 1
+  rows = 8 * max(1, 4 // itemsize)
+  whole = math.prod(shape)
+  best = None
+  for minor, dim in enumerate(shape):
+    for second, other in enumerate(shape):
+      if second != minor:
+        padded = whole // (dim * other) * (-(-dim // 128) * 128) * (-(-other // rows) * rows) if dim * other else 0
+        best = padded if best is None else min(best, padded)
+  return best
+
+
+def per_device_bytes(shape: Sequence[int], itemsize: int, spec: PartitionSpec, axis_sizes: Mapping[str, int],
+                     tiled: bool = False) -> int:
+  """Bytes one device holds of an array of ``shape`` sharded by ``spec`` (uneven shards round up, as XLA pads;
+  ``tiled``: a TPU's tile padding of the shard, see ``tiled_elements``)."""
   entries = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
-  local = 1
+  local = []
   for dim, entry in zip(shape, entries):
     names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-    local *= math.ceil(dim / int(np.prod([axis_sizes[n] for n in names], dtype=np.int64)))
-  return int(local) * int(itemsize)
+    local.append(math.ceil(dim / int(np.prod([axis_sizes[n] for n in names], dtype=np.int64))))
+  return int(tiled_elements(local, itemsize) if tiled else math.prod(local)) * int(itemsize)
 
 
 def state_bytes(setup: ElasticSetup, tx, router_tx, hardware: Hardware, teacher_dtype: str) -> dict[str, int]:
@@ -299,7 +323,8 @@ def state_bytes(setup: ElasticSetup, tx, router_tx, hardware: Hardware, teacher_
 
   def total(tree_shapes, tree_shardings, dtype=None) -> int:
     leaves = jax.tree.map(
-        lambda x, s: per_device_bytes(x.shape, jnp.dtype(dtype or x.dtype).itemsize, s.spec, sizes),
+        lambda x, s: per_device_bytes(x.shape, jnp.dtype(dtype or x.dtype).itemsize, s.spec, sizes,
+                                      hardware.device.tiled),
         tree_shapes, tree_shardings)
     return int(sum(jax.tree.leaves(leaves)))
 
@@ -371,10 +396,11 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context
     out += [_Tensor((b, l, h, p), heads, c)] * 3  # x: conv output, SiLU output, channel-masked
     out += [_Tensor((b, l, g, n), groups, c)] * 4  # B and C: conv and SiLU outputs
     out += [_Tensor((b, l, h), per_head, f32)]  # dt after softplus, fp32
-    # Chunked SSD, fp32: C.B^T scores per group, segment decays and weights per head ([q, q] per chunk = q per
-    # token), decay-weighted x, chunk states and chunk-start states ([p, n] per head and chunk), y and y_from_start.
-    out += [_Tensor((b, l, g, q), ("batch", "length", "ssm_groups", None), f32)]
-    out += [_Tensor((b, l, h, q), ("batch", "length", "ssm_heads", None), f32)] * 2
+    # Chunked SSD, fp32: C.B^T scores per group, segment decays and weights per head ([q, q] per chunk, counted as
+    # such: a TPU pads small [q, q] tiles), decay-weighted x, chunk states and chunk-start states ([p, n] per head
+    # and chunk), y and y_from_start.
+    out += [_Tensor((b, chunks, g, q, q), ("batch", "length", "ssm_groups", None, None), f32)]
+    out += [_Tensor((b, chunks, h, q, q), ("batch", "length", "ssm_heads", None, None), f32)] * 2
     out += [_Tensor((b, l, h, p), heads, f32)]
     out += [_Tensor((b, chunks, h, p, n), ("batch", "length", "ssm_heads", "mamba_head_dim", "ssm_state"), f32)] * 2
     out += [_Tensor((b, l, h, p), heads, f32)] * 2
@@ -387,7 +413,8 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context
 
 def _tensor_bytes(t: _Tensor, hardware: Hardware) -> int:
   """Per-device bytes of an activation, its logical axes mapped to mesh axes by the run's rules."""
-  return per_device_bytes(t.shape, t.itemsize, nn.logical_to_mesh_axes(t.axes, hardware.rules), hardware.axis_sizes)
+  return per_device_bytes(t.shape, t.itemsize, nn.logical_to_mesh_axes(t.axes, hardware.rules), hardware.axis_sizes,
+                          hardware.device.tiled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,8 +468,9 @@ def forward_bytes(config: ModelConfig, b: int, l: int, hardware: Hardware, logit
 
 
 def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, settings: MemorySettings,
-                     hardware: Hardware) -> dict[str, float]:
-  """Per-device activation bytes of one training micro-batch (the module docstring's formula), with its terms."""
+                     hardware: Hardware, param_bytes: float = 0.0) -> dict[str, float]:
+  """Per-device gradient and activation bytes of one training micro-batch at the step's peak (the module docstring's
+  formula), with its terms; ``param_bytes``: the student params' per-device bytes (the gradients' size)."""
   b, l = micro_batch, seq_len
   stream = _stream_bytes(config, b, l, hardware)
   saved_total, working_max = 0, 0
@@ -450,10 +478,18 @@ def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, settin
     kept = {"none": block.forward, "dots": block.dots, "full": 0}[settings.policy(block.kind)]
     saved_total += stream["residual"] + kept
     working_max = max(working_max, (block.forward - kept) + block.forward + stream["residual"])
-  head = 5 * stream["logits"] + stream["residual"] + stream["normed"]
-  student = saved_total + max(head, working_max)
+  head = 2 * stream["logits"] + stream["residual"] + stream["normed"]
   teacher = forward_bytes(config, b, l, hardware)["total"]
-  return {"total": float(max(student, teacher)), "saved_by_blocks": float(saved_total),
+  accumulating = settings.grad_accum_steps > 1
+  # Gradients alive at each moment: the running sum of earlier micro-batches' (with accumulation) from the start;
+  # this micro-batch's only from the blocks' backward on (the head's moment has made none of them yet).
+  moments = {"loss": (param_bytes if accumulating else 0.0, saved_total + head),
+             "blocks' backward": (param_bytes * (2 if accumulating else 1), saved_total + working_max),
+             "teacher forward": (param_bytes if accumulating else 0.0, teacher)}
+  peak = max(moments, key=lambda moment: sum(moments[moment]))
+  gradients, activations = moments[peak]
+  return {"total": float(gradients + activations), "gradients": float(gradients),
+          "activations": float(activations), "peak_moment": peak, "saved_by_blocks": float(saved_total),
           "block_backward_working_set": float(working_max), "logits_and_loss": float(head),
           "teacher_forward": float(teacher)}
 
@@ -589,9 +625,12 @@ def param_layout(config: ModelConfig, hardware: Hardware) -> ParamLayout:
   return jax.tree.leaves(pairs, is_leaf=lambda leaf: isinstance(leaf, tuple))
 
 
-def param_bytes(layout: ParamLayout, hardware: Hardware, dtype: str | None = None) -> tuple[int, int]:
-  """(all params, the largest param) per device, in ``dtype`` (default: the params' own)."""
-  leaves = [per_device_bytes(shape, jnp.dtype(dtype or own).itemsize, spec, hardware.axis_sizes)
+def param_bytes(layout: ParamLayout, hardware: Hardware, dtype: str | None = None, on_device: bool = True
+                ) -> tuple[int, int]:
+  """(all params, the largest param) per device, in ``dtype`` (default: the params' own); ``on_device=False``: as
+  stored and read by the host (no TPU tiles)."""
+  tiled = hardware.device.tiled and on_device
+  leaves = [per_device_bytes(shape, jnp.dtype(dtype or own).itemsize, spec, hardware.axis_sizes, tiled)
             for shape, own, spec in layout]
   return int(sum(leaves)), int(max(leaves))
 
@@ -652,7 +691,7 @@ def plan_phases(config: ModelConfig, hardware: Hardware, phases: PhaseSettings, 
   out = []
 
   # import: fp32 shards, plus one tensor's slice read in the checkpoint dtype and cast on device.
-  share, largest = param_bytes(layout, hardware, phases.checkpoint_dtype)
+  share, largest = param_bytes(layout, hardware, phases.checkpoint_dtype, on_device=False)
   notes = [] if hf_path else ["config.parent.hf_path is empty (set it to import a checkpoint, else the parent is "
                               "pretrained): planned as the import of a checkpoint of this architecture"]
   out.append(_phase("import", {"params": params, "in_flight": largest}, hardware,
@@ -804,7 +843,6 @@ def make_plan(config: Any, name: str = "config", device: str | None = None, mfu:
   setup, optimizer, router_optimizer, total_steps = _setup_and_optimizers(config, model_config, stages)
   tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
   state = state_bytes(setup, tx, router_tx, hardware, settings.teacher_dtype)
-  gradients = state["params"] * (2 if settings.grad_accum_steps > 1 else 1)
   sizes = hardware.axis_sizes
   batch_ways = math.prod(sizes[a] for a in _mesh_axes_of("batch", hardware.rules))
   length_ways = math.prod(sizes[a] for a in _mesh_axes_of("length", hardware.rules))
@@ -821,12 +859,13 @@ def make_plan(config: Any, name: str = "config", device: str | None = None, mfu:
                    "(counted rounded up)")
     if stage.seq_len % length_ways:
       notes.append(f"seq_len {stage.seq_len} does not divide over context={length_ways} (counted rounded up)")
-    activations = activation_bytes(model_config, micro, stage.seq_len, settings, hardware)
+    peak = activation_bytes(model_config, micro, stage.seq_len, settings, hardware, state["params"])
     memory = {"params": float(state["params"]), "opt_state": float(state["opt_state"]),
-              "teacher": float(state["teacher"]), "router": float(state["router"]), "gradients": float(gradients),
-              "activations": activations["total"]}
+              "teacher": float(state["teacher"]), "router": float(state["router"]),
+              "gradients": peak["gradients"], "activations": peak["activations"]}
     memory["total"] = float(sum(memory.values()))
-    terms = {k: v for k, v in activations.items() if k != "total"}
+    notes.append(f"peak while {peak['peak_moment']}")
+    terms = {k: v for k, v in peak.items() if k not in ("total", "gradients", "activations", "peak_moment")}
     flops = elastic_step_flops(model_config, stage.batch_size, stage.seq_len)
     seconds = hardware.compute_seconds(flops)
     tokens = math.ceil(micro / batch_ways) * math.ceil(stage.seq_len / length_ways)

@@ -52,6 +52,18 @@ def compile_for(program: str, target: str, **kwargs) -> aot.CompileResult:
   return aot.compile_in_subprocess(program, target, timeout=1200, env=env, **kwargs)
 
 
+def assert_planned_within_25_percent(result: aot.CompileResult, device: str, overrides=None, stage: int = 0) -> None:
+  """The planner (``elastic_jax.plan``, nothing compiled) puts the per-device total of the tiny run's stage within
+  0.8-1.25x of XLA's for the target just compiled for: the acceptance band of the planner's activation model."""
+  from elastic_jax import plan as plan_lib  # pylint: disable=import-outside-toplevel
+
+  overrides = {"mesh.shape": [result.num_devices], **(overrides or {})}
+  planned = plan_lib.make_plan(programs.load_config(TINY, overrides), device=device).stages[stage].memory["total"]
+  ratio = planned / result.memory["total"]
+  assert 0.8 <= ratio <= 1.25, (f"{result.target} stage {stage + 1}: planned {planned / 1e6:.2f} MB per device, XLA "
+                                f"{result.memory['total'] / 1e6:.2f} MB: ratio {ratio:.2f}")
+
+
 def assert_positive_memory(result: aot.CompileResult) -> None:
   memory = result.memory
   assert memory["argument_size_in_bytes"] > 0 and memory["output_size_in_bytes"] > 0, memory
@@ -113,6 +125,7 @@ def test_tiny_elastic_step_compiles_for_v5p():
   result = compile_for("elastic_step", "v5p:2x2x1", config=json.loads(json.dumps(config)))
   assert result.device_kind.startswith("TPU v5") and result.num_devices == 4
   assert_positive_memory(result)
+  assert_planned_within_25_percent(result, "v5p")
 
 
 @needs_tpu
@@ -123,6 +136,7 @@ def test_context_parallel_elastic_step_compiles_for_v5p():
   result = compile_for("elastic_step", "v5p:2x2x1", config=TINY, overrides={"mesh.shape": [1, 1, 2, 2]})
   assert result.num_devices == 4
   assert_positive_memory(result)
+  assert_planned_within_25_percent(result, "v5p", {"mesh.shape": [1, 1, 2, 2]})
 
 
 @needs_tpu
@@ -141,6 +155,7 @@ def test_tiny_elastic_step_compiles_for_h100_with_the_pallas_kernel():
   assert result.device_kind == "NVIDIA H100 80GB HBM3"
   assert result.pallas_kernels == ("ssd_chunk_output", "ssd_state_passing")  # impl="auto" saw the H100s
   assert_positive_memory(result)
+  assert_planned_within_25_percent(result, "h100")
 
 
 @needs_cuda

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import re
@@ -149,7 +150,8 @@ def test_nano_v2_12b_has_the_parent_count_and_fits_its_documented_mesh():
   memory = plan.stages[0].memory
   assert ideal <= memory["params"] <= 1.1 * ideal
   assert abs(memory["opt_state"] - 2 * memory["params"]) < 1e6
-  assert memory["teacher"] == memory["params"] / 2
+  # The bf16 teacher: half, but for the TPU's 16-row bf16 tiles (8 rows of fp32) on its small leaves.
+  assert memory["params"] / 2 <= memory["teacher"] <= 1.01 * memory["params"] / 2
   # 4 model forwards' worth of FLOPs per token (student train pass 3, teacher 1) over the whole batch.
   assert plan.stages[0].flops_per_step > 4 * 2 * 12e9 * 1536 * 8192 * 0.9
 
@@ -217,6 +219,21 @@ def test_per_device_bytes_round_uneven_shards_up():
   assert plan_lib.per_device_bytes((10, 3), 2, P(("data", "fsdp")), sizes) == 18
 
 
+@pytest.mark.parametrize("shape,itemsize,padded_bytes", [
+    # Buffers of the tiny elastic step in libtpu's memory-usage report (compiled for v5p, b = 3 per chip).
+    ((3, 4, 2, 4, 32, 32), 4, 1.5 * 2**20),  # [32, 32] SSD tiles: the minor 32 pads to 128, 4x
+    ((3, 128, 8, 32), 4, 384 * 2**10),  # a layout with 128 minor and 8 second-minor: no padding
+    ((3, 4, 32, 2, 32, 1), 2, 192 * 2**10),  # bf16: 16 rows of 128; the best pair still pads 32 to 128, 4x
+    ((3, 128, 128, 1), 4, 192 * 2**10),
+    ((100,), 4, 512),  # a vector pads to 128
+])
+def test_tpu_tile_padding_matches_libtpu_buffers(shape, itemsize, padded_bytes):
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  assert plan_lib.tiled_elements(shape, itemsize) * itemsize == padded_bytes
+  assert plan_lib.per_device_bytes(shape, itemsize, P(), {}, tiled=True) == padded_bytes
+  assert plan_lib.per_device_bytes(shape, itemsize, P(), {}) == math.prod(shape) * itemsize  # GPU, CPU: no tiles
+
+
 # ------------------------------------------------------------------------------------------------ every phase
 def small_phase_config(mesh_shape=(), num_devices=None) -> ml_collections.ConfigDict:
   """``small_run_config`` with calibration and evaluation shapes that divide over every mesh used below."""
@@ -278,7 +295,8 @@ def test_nano_import_reads_each_hosts_share_not_the_whole_model():
   # bf16 over fsdp x tensor = 16 ways; the small unsplit leaves add under 10%.
   assert 2 * 12_310_001_152 / 16 <= share <= 1.1 * 2 * 12_310_001_152 / 16
   assert imported.host_bytes == share * 4 < 2 * 12_310_001_152 / 3  # a host reads about 1/4 of the bf16 model
-  assert imported.memory["params"] == 2 * share  # fp32 shards on device, the same layout
+  # fp32 shards on device, the same layout (and the chips' tile padding of the small leaves).
+  assert 2 * share <= imported.memory["params"] <= 1.01 * 2 * share
   # One tensor's slice in flight: the largest, the [V, d] embedding (or LM head) in bf16 over 16 devices.
   assert imported.memory["in_flight"] == 2 * 131072 * 5120 // 16
   # Reading at the assumed 1 GB/s per host, every host at once.
@@ -359,10 +377,11 @@ def test_compile_for_a_target_whose_devices_the_mesh_does_not_span_is_refused():
 @pytest.mark.slow
 @pytest.mark.skipif(aot.unavailable_reason("v5p") is not None,
                     reason=f"compile-only v5p devices need libtpu: {aot.unavailable_reason('v5p')}")
-def test_compile_for_v5p_prints_xla_beside_the_plan_within_factor_2():
+def test_compile_for_v5p_prints_xla_beside_the_plan_within_25_percent():
   """``--compile-for v5p:2x2x1`` compiles both stages of the tiny run for 4 compile-only v5p chips (mesh (4,);
   stage 2's batch raised from 6 to 8 so that it splits over them) and prints libtpu's per-device memory analysis
-  beside the plan; the planned per-device total is within 2x of XLA's for each stage."""
+  beside the plan; the planned per-device total is within 0.8-1.25x of XLA's for each stage (its [32, 32] SSD tiles
+  and 32-wide heads are where TPU tile padding counts)."""
   result = _plan_cli("--config", "configs/tiny.py", "--compile-for", "v5p:2x2x1", "--config.mesh.shape=(4,)",
                      "--config.stages[1].batch_size=8", timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -375,8 +394,8 @@ def test_compile_for_v5p_prints_xla_beside_the_plan_within_factor_2():
   for stage, (plan_bytes, xla_bytes, argument_bytes) in enumerate(zip(planned, xla, arguments)):
     assert 0 < argument_bytes < xla_bytes, out
     ratio = plan_bytes / xla_bytes
-    assert 0.5 <= ratio <= 2.0, (f"stage {stage + 1}: planned {plan_bytes / 1e6:.2f} MB per device, XLA "
-                                 f"{xla_bytes / 1e6:.2f} MB: ratio {ratio:.2f}")
+    assert 0.8 <= ratio <= 1.25, (f"stage {stage + 1}: planned {plan_bytes / 1e6:.2f} MB per device, XLA "
+                                  f"{xla_bytes / 1e6:.2f} MB: ratio {ratio:.2f}")
 
 
 @pytest.mark.slow
