@@ -18,6 +18,9 @@ steps where a budget drew no sample, whose logged 0 is not a loss).
 
 ``router_choices`` maps each budget label to ``{axis: [kept width / parent width, one per block of that kind]}``;
 :func:`choice_fractions` builds it from a deployed ``Choice``.
+
+``stale`` lists the phases whose results were kept although the config changed since they ran (the main job's
+``--reuse-stale``), each ``{"phase": name, "changes": ["key: old -> new", ...]}``: the report then says so first.
 """
 
 from __future__ import annotations
@@ -206,7 +209,8 @@ def plot_router_choices(router_choices: Mapping[str, Mapping[str, Sequence[float
 def write_report(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
                  curves: str | os.PathLike | Iterable[Mapping[str, Any]] | None = None,
                  router_choices: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
-                 curve_labels: Sequence[str] | None = None) -> dict[str, str]:
+                 curve_labels: Sequence[str] | None = None,
+                 stale: Sequence[Mapping[str, Any]] = ()) -> dict[str, str]:
   """Writes ``report.json``, ``report.md`` and the plots that have data into ``workdir``.
 
   Args:
@@ -216,6 +220,8 @@ def write_report(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     router_choices: {budget: {axis: [fraction per block]}}, for the router-choice plot.
     curve_labels: names of the ``kd_per_budget`` entries, in order (default: the rows' budgets, for when the rows
       are exactly the trained budgets; pass them when the table has extra rows such as the parent).
+    stale: phases kept under older config values (module docstring); listed in ``report.json`` under
+      ``stale_phases`` and as a warning at the top of ``report.md``.
 
   Returns:
     {"json", "markdown", and each plot written: "accuracy_plot", "loss_plot", "router_plot"}: file paths.
@@ -242,13 +248,19 @@ def write_report(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     plots.append(("Router choices per layer", "router_choices.png"))
 
   verdicts = [verdict(row) for row in rows]
+  stale = [{"phase": str(note["phase"]), "changes": [str(c) for c in note["changes"]]} for note in stale]
   with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump({"rows": rows, "verdicts": verdicts,
+    json.dump({"rows": rows, "verdicts": verdicts, **({"stale_phases": stale} if stale else {}),
                "router_choices": {str(k): {a: list(map(float, v)) for a, v in c.items()}
                                   for k, c in (router_choices or {}).items()},
                "plots": {key: os.path.basename(p) for key, p in paths.items() if key.endswith("_plot")}},
               f, indent=2, default=float)
-  markdown = ["# Elastic evaluation report", "", markdown_table(rows), "", *[f"- {v}" for v in verdicts]]
+  markdown = ["# Elastic evaluation report", ""]
+  if stale:
+    markdown += ["**Stale results**: these phases were kept (`--reuse-stale`) although the config changed since "
+                 "they ran, so this report does not describe the current config:", "",
+                 *[f"- {note['phase']}: {'; '.join(note['changes'])}" for note in stale], ""]
+  markdown += [markdown_table(rows), "", *[f"- {v}" for v in verdicts]]
   for title, name in plots:
     markdown += ["", f"## {title}", "", f"![{title}]({name})"]
   with open(paths["markdown"], "w", encoding="utf-8") as f:
