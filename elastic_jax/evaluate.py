@@ -16,7 +16,10 @@ its "long" ones ``--difficulty 2 --distractors 40``.
 CLI::
 
   python -m elastic_jax.evaluate --model DIR [--tasks NAME ...] [--examples N] [--ppl-batches N]
-      [--tokenizer PATH] [--json OUT]
+      [--tokenizer PATH] [--json OUT] [--verbosity 1]
+
+Unusable input (a missing or unreadable model folder, a tokenizer that does not fit, an unwritable ``--json``,
+checked before any work) ends with one line naming it and exit status 2; ``--verbosity 1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from elastic_jax import cli
 from elastic_jax.data import tasks
 from elastic_jax.data.tokenizer import Tokenizer, check_vocab_fits, describe, load_tokenizer
 from elastic_jax.elastic.param_count import param_count
@@ -39,7 +43,7 @@ Params = Any
 _PROG = "python -m elastic_jax.evaluate"
 
 
-class EvaluateError(ValueError):
+class EvaluateError(cli.InputError):
   """The model folder, tokenizer or settings cannot be evaluated."""
 
 
@@ -66,7 +70,10 @@ def load_standalone_model(path: str) -> tuple[ModelConfig, Params, str]:
     from elastic_jax.interop import hf  # pylint: disable=import-outside-toplevel  (safetensors only when needed)
     config, params = hf.load(location)
     return config, params, fmt
-  metadata, params = load_model(location)
+  try:
+    metadata, params = load_model(location)
+  except Exception as error:  # pylint: disable=broad-except  (whatever Orbax raises, the folder is named)
+    raise cli.unreadable_checkpoint(location, error) from error
   if "config" not in metadata:
     raise EvaluateError(f"{location} is an Orbax checkpoint without a model config in its metadata; it was not "
                         "written by save_model (python -m elastic_jax.extract --format orbax writes one).")
@@ -184,22 +191,26 @@ def _parser() -> argparse.ArgumentParser:
                       help="the model's tokenizer: a tokenizer.json or a folder holding one (default: the model "
                            "folder's tokenizer.json if it has one, else UTF-8 bytes, right for byte-level models "
                            "such as configs/tiny.py). Refused when its ids exceed the model's vocabulary.")
-  parser.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file.")
+  parser.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file "
+                      "(its folder is checked writable before any work).")
+  parser.add_argument("--verbosity", type=int, default=0, metavar="N",
+                      help="1: print the traceback with an error message (default 0: the message only).")
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
+    if args.json:
+      cli.check_writable_file(args.json, "--json")
     config, params, fmt = load_standalone_model(args.model)
     tokenizer = model_tokenizer(args.model, args.tokenizer, config.vocab_size)
     result = evaluate(config, params, tokenizer, families=args.tasks, examples=args.examples,
                       ppl_batches=args.ppl_batches, batch_size=args.batch_size, seq_len=args.seq_len,
                       difficulty=args.difficulty, distractors=args.distractors, seed=args.seed,
                       max_new_tokens=args.max_new_tokens, decode_batch=args.decode_batch)
-  except EvaluateError as error:
-    print(f"{_PROG}: error: {error}", file=sys.stderr)
-    return 2
+  except cli.refused_errors() as error:
+    return cli.refuse(error, args.verbosity >= 1)
   result = {"model": os.path.abspath(args.model), "format": fmt, "params": param_count(config),
             "pattern": config.pattern, "tokenizer": describe(tokenizer), **result}
   print(format_table(result))

@@ -23,6 +23,9 @@ shards), the child is sliced by one program into its own shardings, and both for
 CLI::
 
   python -m elastic_jax.extract --workdir W --budget 75pct --out DIR [--format orbax|hf] [--step N] [--mesh 1,8]
+
+Unusable input (a workdir without the budget, an unreadable checkpoint, an unwritable ``--out``, checked before any
+work) ends with one line naming it and exit status 2; ``--verbosity 1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from elastic_jax import cli
 from elastic_jax.elastic import axes
 from elastic_jax.elastic.extract import extract, extract_sharded
 from elastic_jax.elastic.param_count import param_count
@@ -53,7 +57,7 @@ FORMATS = ("orbax", "hf")
 _PROG = "python -m elastic_jax.extract"
 
 
-class ExtractError(ValueError):
+class ExtractError(cli.InputError):
   """The workdir, budget, step or output folder cannot give the requested child."""
 
 
@@ -208,7 +212,13 @@ def extract_budget(workdir: str, name: str, step: int | None = None, mesh: Mesh 
   """
   deployed = read_deployed_choices(workdir, step)
   record = find_budget(deployed.records, name)
-  parent_config, student_params = load_student(workdir, deployed.step, mesh, rules)
+  try:
+    parent_config, student_params = load_student(workdir, deployed.step, mesh, rules)
+  except ExtractError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except  (whatever Orbax raises, the folder is named)
+    folder = os.path.join(workdir, "elastic", "student" if deployed.step is None else "checkpoints")
+    raise cli.unreadable_checkpoint(folder, error) from error
   choice = Choice.from_dict(record["choice"])
   if mesh is None:
     config, params = extract(parent_config, student_params, choice, deployed.depth_order)
@@ -291,6 +301,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="slice and write on a device mesh of these sizes (data,fsdp[,tensor[,context]], e.g. "
                            "1,8), the student restored straight into its shards. Default: with several processes "
                            "(a multi-host launch), fsdp over every device; with one, none (on the host).")
+  parser.add_argument("--verbosity", type=int, default=0, metavar="N",
+                      help="1: print the traceback with an error message (default 0: the message only).")
   return parser
 
 
@@ -312,11 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   distributed.initialize()  # a no-op unless launched as one of several processes
   try:
+    cli.check_writable_dir(args.out, "--out")
     config, params, info = extract_budget(args.workdir, args.budget, args.step, _mesh(args.mesh))
     written = write_child(args.out, config, params, info, args.format)
-  except ExtractError as error:
-    print(f"{_PROG}: error: {error}", file=sys.stderr)
-    return 2
+  except cli.refused_errors() as error:
+    return cli.refuse(error, args.verbosity >= 1)
   if not distributed.is_primary():
     return 0
   print(f"extracted {info['name']} (budget {float(info['budget']):g}; choice from {info['choice_source']}): "

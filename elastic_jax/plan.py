@@ -113,7 +113,7 @@ from elastic_jax.model.config import BLOCK_KINDS, BlockSpec
 from elastic_jax.ops.context_parallel import CONTEXT_AXIS
 from elastic_jax.train import sharding as sharding_lib
 from elastic_jax.train.config import (check_keys, elastic_setup_from_config, memory_from_config, optimizers_from_config,
-                                     plain, stages_from_config)
+                                     plain, section, stages_from_config)
 from elastic_jax.train.flops import elastic_step_flops, forward_flops_per_token
 from elastic_jax.train.loop import ShardedTraining, Stage, abstract_boxed_state, compiled_elastic_step
 from elastic_jax.train.optim import make_optimizer
@@ -263,7 +263,7 @@ def hardware_from_config(config: Any, device: str | None = None, mfu: float | No
   shape = shape + (1,) * (len(axes) - len(shape))
   rules = sharding_lib.rules_from_config(mesh_cfg.get("rules"))
   name = device or plan_cfg.get("device") or "cpu"
-  mfu = float(mfu if mfu is not None else plan_cfg.get("mfu", 0.4))
+  mfu = float(mfu if mfu is not None else plan_cfg.get("mfu") or 0.4)  # None in the schema: 0.4
   if not 0.0 < mfu <= 1.0:
     raise ValueError(f"mfu={mfu} must be in (0, 1] (a fraction of the device's peak FLOP/s).")
   if not 0.0 < usable_fraction <= 1.0:
@@ -275,7 +275,7 @@ def hardware_from_config(config: Any, device: str | None = None, mfu: float | No
     raise ValueError(f"devices_per_host={per_host} must be >= 1.")
   per_host = min(per_host, num_devices)
   storage = float(storage_gb_per_s if storage_gb_per_s is not None
-                  else plan_cfg.get("storage_gb_per_s", DEFAULT_STORAGE_GB_PER_S))
+                  else plan_cfg.get("storage_gb_per_s") or DEFAULT_STORAGE_GB_PER_S)
   if storage <= 0:
     raise ValueError(f"storage_gb_per_s={storage} must be > 0 (GB/s of checkpoint storage per host).")
   return Hardware(name, spec, shape, rules, mfu, usable_fraction, per_host, storage * GB)
@@ -583,18 +583,17 @@ class PhaseSettings:
 def phase_settings(config: Any, budgets: Sequence[float], prompt_len: int | None = None) -> PhaseSettings:
   """``config.importance`` and ``config.eval`` as the main job reads them (same defaults), ``config.plan``'s
   ``prompt_len`` and ``checkpoint_dtype`` (or ``prompt_len`` given here)."""
-  importance, evaluation, plan_cfg = (plain(config.get(key)) for key in ("importance", "eval", "plan"))
-  batches = int(importance.get("batches", 8))
+  importance, evaluation, plan_cfg = (section(config, key) for key in ("importance", "eval", "plan"))
+  batches = int(importance["batches"])
   settings = PhaseSettings(
-      calibration_batches=batches, calibration_batch_size=int(importance.get("batch_size", 8)),
-      calibration_seq_len=int(importance.get("seq_len", 256)),
-      depth_batches=min(batches, int(importance.get("depth_batches", 2))), budgets=tuple(float(b) for b in budgets),
-      ppl_batches=int(evaluation.get("ppl_batches", 4)), eval_batch_size=int(evaluation.get("batch_size", 8)),
-      eval_seq_len=int(evaluation.get("seq_len", 256)), examples=int(evaluation.get("examples", 64)),
-      example_sets=2, prompt_len=int(prompt_len or plan_cfg.get("prompt_len") or DEFAULT_PROMPT_LEN),
-      max_new_tokens=int(evaluation.get("max_new_tokens", 96)),
-      decode_batch=int(evaluation.get("decode_batch", 16)),
-      checkpoint_dtype=str(plan_cfg.get("checkpoint_dtype", "bfloat16")))
+      calibration_batches=batches, calibration_batch_size=int(importance["batch_size"]),
+      calibration_seq_len=int(importance["seq_len"]),
+      depth_batches=min(batches, int(importance["depth_batches"])), budgets=tuple(float(b) for b in budgets),
+      ppl_batches=int(evaluation["ppl_batches"]), eval_batch_size=int(evaluation["batch_size"]),
+      eval_seq_len=int(evaluation["seq_len"]), examples=int(evaluation["examples"]),
+      example_sets=2, prompt_len=int(prompt_len or plan_cfg["prompt_len"] or DEFAULT_PROMPT_LEN),
+      max_new_tokens=int(evaluation["max_new_tokens"]), decode_batch=int(evaluation["decode_batch"]),
+      checkpoint_dtype=str(plan_cfg["checkpoint_dtype"] or "bfloat16"))
   fields = {"calibration_batches": "config.importance.batches",
             "calibration_batch_size": "config.importance.batch_size",
             "calibration_seq_len": "config.importance.seq_len", "depth_batches": "config.importance.depth_batches",
@@ -1171,8 +1170,12 @@ def _cli() -> None:
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
+  from elastic_jax import cli  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.config import validate_run_config  # pylint: disable=import-outside-toplevel
+
+  # Overrides may set any key of the run config's schema; validate_run_config refuses unknown ones.
   config_flag = config_flags.DEFINE_config_file("config", None, "Path to a Python config file (get_config()).",
-                                                lock_config=True)
+                                                lock_config=False, accept_new_attributes=True)
   device = flags.DEFINE_string("device", None, f"Device kind, one of {sorted(DEVICES)} (default: "
                                "config.plan.device, else cpu).")
   mfu = flags.DEFINE_float("mfu", None, "Assumed model FLOP utilisation for the time per step (default: "
@@ -1202,6 +1205,8 @@ def _cli() -> None:
     cfg = config_flag.value
     if cfg is None:
       raise app.UsageError("--config is required, e.g. --config configs/nano_v2_12b.py")
+    with cli.refusals():  # every key and value first, in one line (the planned mesh is not this machine's)
+      cfg = validate_run_config(cfg, inputs=False, shapes=False)
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     target, device_name = None, device.value
     if compile_for.value:
@@ -1241,7 +1246,7 @@ def _cli() -> None:
     else:
       print(format_plan(plan, compiled, target.name if target else None))
 
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_config_flags)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from elastic_jax import cli
 from elastic_jax.elastic.extract import extract
 from elastic_jax.elastic.importance import estimate_importance, rankings
 from elastic_jax.elastic.param_count import choice_param_count, param_count
@@ -46,7 +47,7 @@ DEFAULT_FRACTIONS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 _log = logging.getLogger(__name__)
 
 
-class PruneError(ValueError):
+class PruneError(cli.InputError):
   """The target cannot be met with the given space, or the inputs are unusable."""
 
 
@@ -224,6 +225,8 @@ def _parser() -> argparse.ArgumentParser:
                            "choice and counts. Default: hf.")
   parser.add_argument("--seed", type=int, default=0, help="seed for random calibration tokens (default 0).")
   parser.add_argument("--progress", action="store_true", help="show progress bars.")
+  parser.add_argument("--verbosity", type=int, default=0, metavar="N",
+                      help="1: print the traceback with an error message (default 0: the message only).")
   return parser
 
 
@@ -231,14 +234,27 @@ def _load_space(text: str | None, config: ModelConfig) -> ElasticSpace | None:
   if text is None:
     return None
   path = pathlib.Path(text)
-  values = json.loads(path.read_text() if path.is_file() else text)
-  return ElasticSpace.from_dict(values, config)
+  try:
+    values = json.loads(path.read_text() if path.is_file() else text)
+    return ElasticSpace.from_dict(values, config)
+  except ValueError as error:  # not JSON, or not a space of this parent
+    raise PruneError(f"--space {text}: {error}") from error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """The CLI; unusable input (checkpoint, calibration data, space, an unwritable ``--out``, checked first) ends with
+  one line naming it and exit status 2."""
   args = _parser().parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  from elastic_jax.interop import hf
+  try:
+    cli.check_writable_dir(args.out, "--out")
+    return _prune_to(args)
+  except cli.refused_errors() as error:
+    return cli.refuse(error, args.verbosity >= 1)
+
+
+def _prune_to(args: argparse.Namespace) -> int:
+  from elastic_jax.interop import hf  # pylint: disable=import-outside-toplevel
 
   config, params = hf.load(args.hf)
   space = _load_space(args.space, config)

@@ -25,6 +25,7 @@ from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
 from elastic_jax.eval import metrics
 from elastic_jax.model import HybridLM, ModelConfig
+from elastic_jax.model.config import ConfigError
 from elastic_jax.train.checkpoint import load_model
 from elastic_jax.train.pipeline import run_pipeline
 from test_data import write_word_tokenizer
@@ -283,7 +284,7 @@ def test_main_job_refuses_bad_data_and_tokenizer_before_training(case, tmp_path)
   if case == "missing data path":
     bad = str(tmp_path / "corpus" / "absent.jsonl")
     cfg.data = {"kind": "files", "paths": [bad]}
-    error, expected = FileNotFoundError, f"data path not found: {bad}"
+    error, expected = ConfigError, f"data.paths[0]: {bad} does not exist"
   elif case == "empty data file":
     bad = tmp_path / "empty.txt"
     bad.write_text("")

@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import grain
 import numpy as np
 
-from elastic_jax.data import tasks
+from elastic_jax.data import DataError, tasks
 from elastic_jax.data.tokenizer import Tokenizer, check_vocab_fits, load_tokenizer
 
 SOURCE_KINDS = ("tasks", "files")
@@ -191,7 +191,7 @@ def load_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
     if os.path.isdir(path):
       found = sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(_TEXT_SUFFIXES))
       if not found:
-        raise ValueError(f"data directory {path} holds no {' or '.join(_TEXT_SUFFIXES)} files.")
+        raise DataError(f"data directory {path} holds no {' or '.join(_TEXT_SUFFIXES)} files.")
       files.extend(found)
     elif os.path.isfile(path):
       files.append(path)
@@ -199,15 +199,30 @@ def load_documents(paths: Sequence[str | os.PathLike]) -> list[str]:
       raise FileNotFoundError(f"data path not found: {path}")
   documents = []
   for path in files:
-    with open(path, encoding="utf-8") as file:
-      content = file.read()
+    content = _read_text(path)
     if not content.strip():
-      raise ValueError(f"data file is empty: {path}")
+      raise DataError(f"data file is empty: {path}")
     if path.endswith(".jsonl"):
       documents.extend(_jsonl_texts(path, content))
     else:
       documents.append(content)
   return documents
+
+
+def _read_text(path: str) -> str:
+  """The UTF-8 text of data file ``path``; a file that is not text is refused naming the first bad byte's offset."""
+  with open(path, "rb") as file:
+    data = file.read()
+  try:
+    content = data.decode("utf-8")
+  except UnicodeDecodeError as error:
+    raise DataError(f"data file {path} is not UTF-8 text: byte offset {error.start} (0x{data[error.start]:02x}) "
+                    "starts no UTF-8 character; convert the file to UTF-8 or leave it out of data.paths.") from None
+  nul = data.find(b"\x00")
+  if nul >= 0:
+    raise DataError(f"data file {path} holds a NUL byte at byte offset {nul}, which text does not; is it a binary "
+                    "file? Leave it out of data.paths.")
+  return content
 
 
 def _jsonl_texts(path: str, content: str) -> list[str]:
@@ -218,9 +233,9 @@ def _jsonl_texts(path: str, content: str) -> list[str]:
     try:
       record = json.loads(line)
     except json.JSONDecodeError as error:
-      raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}).") from error
+      raise DataError(f"{path}:{number}: not valid JSON ({error.msg}).") from error
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-      raise ValueError(f"{path}:{number}: expected a JSON object with a string 'text' field.")
+      raise DataError(f"{path}:{number}: expected a JSON object with a string 'text' field.")
     texts.append(record["text"])
   return texts
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Protocol, Sequence
 
+from elastic_jax.data import DataError
+
 
 class Tokenizer(Protocol):
   """What the pipeline needs from a tokenizer."""
@@ -55,14 +57,17 @@ class HFTokenizer:
       raise FileNotFoundError(f"tokenizer file not found: {path} (expected a tokenizer.json file, or a directory "
                               "holding one).")
     self.path = os.fspath(path)
-    self._tokenizer = tokenizers.Tokenizer.from_file(self.path)
+    try:
+      self._tokenizer = tokenizers.Tokenizer.from_file(self.path)
+    except Exception as error:  # the tokenizers library's own error names no file
+      raise DataError(f"tokenizer {self.path} cannot be read ({error}); give an HF tokenizer.json.") from error
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     candidates = (eos_token,) if eos_token is not None else _EOS_CANDIDATES
     ids = [self._tokenizer.token_to_id(token) for token in candidates]
     found = [i for i in ids if i is not None]
     if not found:
-      raise ValueError(f"tokenizer {path} has none of the end-of-document tokens {list(candidates)}; "
-                       "name one with eos_token (config.data.eos_token in the main job).")
+      raise DataError(f"tokenizer {path} has none of the end-of-document tokens {list(candidates)}; "
+                      "name one with eos_token (config.data.eos_token in the main job).")
     self.eos_id = found[0]
 
   def encode(self, text: str) -> list[int]:
@@ -92,6 +97,6 @@ def describe(tokenizer: Tokenizer) -> str:
 def check_vocab_fits(tokenizer: Tokenizer, vocab_size: int) -> None:
   """Refuses a tokenizer whose ids would index past the model's embedding table."""
   if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model vocab_size={vocab_size} "
-                     f"({describe(tokenizer)}): its ids would index past the embedding table. Use the tokenizer the "
-                     f"model was trained with, or a model with vocab_size >= {tokenizer.vocab_size}.")
+    raise DataError(f"tokenizer has {tokenizer.vocab_size} tokens but model vocab_size={vocab_size} "
+                    f"({describe(tokenizer)}): its ids would index past the embedding table. Use the tokenizer the "
+                    f"model was trained with, or a model with vocab_size >= {tokenizer.vocab_size}.")

@@ -660,8 +660,24 @@ def _resolve_dtype(dtype: Any) -> np.dtype:
 def _read_json(file: pathlib.Path) -> dict[str, Any]:
   if not file.is_file():
     raise CheckpointError(f"{file} does not exist; a NemotronH checkpoint directory needs {file.name}.")
-  with open(file) as f:
-    return json.load(f)
+  try:
+    with open(file, encoding="utf-8") as f:
+      return json.load(f)
+  except ValueError as error:  # not JSON (or not UTF-8): the decoder's message names no file
+    raise CheckpointError(f"{file} is not valid JSON ({error}).") from error
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: pathlib.Path) -> Iterator[Any]:
+  """``safetensors.safe_open`` of ``file``; a file it cannot read (truncated, not safetensors) is refused naming it
+  (the library's own error names no file)."""
+  try:
+    handle = safetensors.safe_open(str(file), framework="numpy")
+  except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+    raise CheckpointError(f"{file} is not a readable safetensors file ({error}); it may be truncated or "
+                          "corrupt: download or export it again.") from error
+  with handle as f:
+    yield f
 
 
 def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -684,7 +700,7 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
                               f"tensors) is missing from {path}.")
     files: dict[str, pathlib.Path] = {}
     for shard, keys in shard_keys.items():
-      with safetensors.safe_open(str(path / shard), framework="numpy") as f:
+      with _open_safetensors(path / shard) as f:
         shard_tensors = list(f.keys())
       for key in keys:
         if key not in shard_tensors:
@@ -695,7 +711,7 @@ def _tensor_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
         files[key] = path / shard
     return files
   if single_file.is_file():
-    with safetensors.safe_open(str(single_file), framework="numpy") as f:
+    with _open_safetensors(single_file) as f:
       return {key: single_file for key in f.keys()}
   found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
   raise CheckpointError(
@@ -708,7 +724,7 @@ def _read_tensors(path: pathlib.Path, dtype: np.dtype) -> dict[str, np.ndarray]:
   files = _tensor_files(path)
   tensors = {}
   for file in dict.fromkeys(files.values()):
-    with safetensors.safe_open(str(file), framework="numpy") as f:
+    with _open_safetensors(file) as f:
       for key in f.keys():
         tensors[key] = f.get_tensor(key).astype(dtype, copy=False)
   return tensors
@@ -727,7 +743,7 @@ def _load_into_shards(path: pathlib.Path, config: ModelConfig, mesh: Mesh, rules
   shardings = param_shardings(config, mesh, rules)
   with contextlib.ExitStack() as stack:
     files = _tensor_files(path)
-    opened = {file: stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
+    opened = {file: stack.enter_context(_open_safetensors(file))
               for file in dict.fromkeys(files.values())}
     tensors = _normalize_keys({key: opened[file].get_slice(key) for key, file in files.items()})
     entries = _checked_entries({key: tuple(t.get_shape()) for key, t in tensors.items()}, config)

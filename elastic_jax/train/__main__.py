@@ -4,44 +4,51 @@ The main job: parent (HF import or a short pretraining run) -> importance -> per
 extraction of every budget and of the zero-shot pruned baseline of the same size -> evaluation -> report
 (``DIR/report.md``, ``DIR/report.json``, PNG plots). Finished phases are skipped, so re-running the same command
 after an interruption resumes.
+
+The whole config is validated first (``train.config.validate_run_config``: every key and value, and every shape
+against the mesh) and ``--workdir`` proved writable, in seconds, before any phase. A bad value or input file ends
+the run with one line, ``config error: <key>: <what> (<fix>)`` or ``error: <file>: ...``, and exit status 2
+(``--verbosity=1`` adds the traceback).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from elastic_jax import cli
 from elastic_jax.data import tasks
 from elastic_jax.data.pipeline import data_factory, source_tokenizer
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
 from elastic_jax.eval.measure import eval_split_batches, measure_model
 from elastic_jax.eval.report import choice_fractions, write_report
-from elastic_jax.model.config import ConfigError
 from elastic_jax.train import distributed
+from elastic_jax.train.config import section, validate_run_config
 from elastic_jax.train.loop import Stage
 from elastic_jax.train.pipeline import run_pipeline
 
+# Overrides may set any key of the schema (train.config.default_config), also one the file leaves out; a key the
+# schema does not know is refused by validate_run_config, naming the closest known key.
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a Python config file (get_config()).",
-                                          lock_config=True)
+                                          lock_config=False, accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run (default: workdir/<config name>). "
                                "Re-running with the same folder resumes.")
 
 
 def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
   """Perplexity and answer accuracy (short and long tasks) of every child and baseline; writes the report."""
-  eval_cfg = dict(cfg.get("eval", {}))
+  eval_cfg = section(cfg, "eval")
   source = result["source"]
   tokenizer = result.get("tokenizer") or source_tokenizer(source)  # the one the data was tokenized with
   # Every process reads the same full batches and examples; each batch is split over the mesh's data-parallel
   # devices and the results gathered, so every process computes the same report (process 0 writes it).
-  stage = Stage("eval", 1, int(eval_cfg.get("batch_size", 8)), int(eval_cfg.get("seq_len", 256)), (1.0,))
-  num_batches = int(eval_cfg.get("ppl_batches", 4))
+  stage = Stage("eval", 1, eval_cfg["batch_size"], eval_cfg["seq_len"], (1.0,))
+  num_batches = eval_cfg["ppl_batches"]
   if source.kind == "tasks":  # the tasks' evaluation split: it never shares a prompt with the training split
     ppl_batches = eval_split_batches(source.stage_tasks[0], int(cfg.seed), tokenizer, batches=num_batches,
                                      batch_size=stage.batch_size, seq_len=stage.seq_len)
@@ -49,14 +56,14 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
     other_order = data_factory(source, seed=int(cfg.seed) + 104729, tokenizer=tokenizer,
                                vocab_size=result["config"].vocab_size, process_index=0, process_count=1)
     ppl_batches = [np.asarray(next(other_order(stage, 0))) for _ in range(num_batches)]
-  n = int(eval_cfg.get("examples", 64))
+  n = eval_cfg["examples"]
   short = tasks.generate_examples(source.stage_tasks[0], int(cfg.seed), "eval", n)
   long = tasks.generate_examples(source.stage_tasks[-1], int(cfg.seed) + 1, "eval", n)
-  max_new = int(eval_cfg.get("max_new_tokens", 96))
+  max_new = eval_cfg["max_new_tokens"]
 
   def measure(config, params) -> dict:
     measured = measure_model(config, params, ppl_batches, {"short": short, "long": long}, tokenizer,
-                             max_new_tokens=max_new, decode_batch=int(eval_cfg.get("decode_batch", 16)),
+                             max_new_tokens=max_new, decode_batch=eval_cfg["decode_batch"],
                              mesh=result["mesh"], rules=result["rules"])
     return {"ppl": measured["ppl"],
             **{f"accuracy_{label}": graded["accuracy"] for label, graded in measured["accuracy"].items()}}
@@ -91,21 +98,19 @@ def main(argv) -> None:
     raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO; --verbosity=0 brings it back
     logging.set_verbosity(logging.WARNING)
-  # Joins a multi-host run (TPU pod slice, SLURM, explicit ELASTIC_JAX_* variables) before anything touches a
-  # device; a no-op for a single process.
-  distributed.initialize()
-
   config_name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("workdir", config_name)
   started = time.perf_counter()
-  try:
-    result = run_pipeline(cfg, workdir)  # checks the config against the mesh before any phase runs
-  except ConfigError as error:  # a value to fix, not a bug: one line, no traceback
-    print(f"config error: {error}", file=sys.stderr)
-    sys.exit(2)
-  files = evaluate_and_report(cfg, workdir, result)
+  with cli.refusals():  # a bad config value or input file: one line and exit 2, whenever it is found
+    # Joins a multi-host run (TPU pod slice, SLURM, explicit ELASTIC_JAX_* variables) before anything touches a
+    # device; a no-op for a single process. Then the whole config, against the mesh, before any phase.
+    distributed.initialize()
+    cfg = validate_run_config(cfg)
+    cli.check_writable_dir(workdir, "--workdir")
+    result = run_pipeline(cfg, workdir)
+    files = evaluate_and_report(cfg, workdir, result)
   print(f"[elastic_jax] done in {time.perf_counter() - started:.0f} s; report: {files}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_config_flags)

@@ -33,13 +33,14 @@ from elastic_jax.elastic.space import Choice
 from elastic_jax.model import ModelConfig, param_shapes
 from elastic_jax.prune import select_choice
 from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, load_model, save_model
-from elastic_jax.train.config import (check_keys, check_run_shapes, elastic_setup_from_config, memory_from_config,
-                                      optimizers_from_config, plain, stages_from_config)
+from elastic_jax.train.config import (elastic_setup_from_config, memory_from_config, mesh_from_config,
+                                      optimizers_from_config, plain, section, stages_from_config,
+                                      validate_run_config)
 from elastic_jax.train.distributed import (agreed_stop, barrier, global_batch, is_primary, own_state,
                                            process_states)
 from elastic_jax.train.loop import Stage, compiled_lm_step, train_elastic
 from elastic_jax.train.optim import OptimizerConfig
-from elastic_jax.train.sharding import LogicalRules, make_mesh, param_shardings, rules_from_config
+from elastic_jax.train.sharding import LogicalRules, param_shardings
 from elastic_jax.train.microbatch import check_grad_accum
 
 Params = Any
@@ -84,19 +85,18 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None 
   if mesh is None:
     mesh, rules = mesh_from_config(cfg)
   path, done = _phase(workdir, "parent", "DONE")
-  parent_cfg = plain(cfg.get("parent"))
-  if parent_cfg.get("hf_path"):
+  parent_cfg = section(cfg, "parent")
+  if parent_cfg["hf_path"]:
     from elastic_jax.interop import hf  # pylint: disable=import-outside-toplevel
     return hf.load(parent_cfg["hf_path"], mesh=mesh, rules=rules)
   config = ModelConfig.from_dict(cfg.model)
   if done:
     _log(f"parent: reusing {path}")
     return config, _load(path, config, mesh, rules)
-  steps = int(parent_cfg.get("pretrain_steps", 500))
-  stage = Stage("pretrain", steps, int(parent_cfg.get("batch_size", 16)), int(parent_cfg.get("seq_len", 128)),
-                (1.0,))
-  optimizer = OptimizerConfig(learning_rate=float(parent_cfg.get("learning_rate", 3e-3)),
-                              warmup_steps=int(parent_cfg.get("warmup_steps", 50)), weight_decay=0.01)
+  steps = parent_cfg["pretrain_steps"]
+  stage = Stage("pretrain", steps, parent_cfg["batch_size"], parent_cfg["seq_len"], (1.0,))
+  optimizer = OptimizerConfig(learning_rate=float(parent_cfg["learning_rate"]),
+                              warmup_steps=parent_cfg["warmup_steps"], weight_decay=0.01)
   memory = memory_from_config(cfg)
   check_grad_accum(stage.batch_size, memory.grad_accum_steps, "parent pretraining (config.parent.batch_size)")
   # The same sharded pattern as the elastic step: params and optimizer state are created in their shardings.
@@ -105,7 +105,7 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None 
   # Its own document streams (another seed): the stage-1 task settings, and every long_every-th batch the stage-2
   # (long-context) settings, so the parent knows both variants before it is elastified (0: short ones only).
   streams = [make_data(stage, 0), make_data(stage, 1)]
-  long_every = int(parent_cfg.get("long_every", 2))
+  long_every = parent_cfg["long_every"]
   # Checkpoints every checkpoint_every steps and on SIGTERM (train state and both streams' positions): a re-run
   # resumes pretraining where it stopped, refusing a changed configuration.
   checkpointer = Checkpointer(os.path.join(path, "checkpoints"))
@@ -118,7 +118,7 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None 
     _log(f"parent: resuming pretraining at step {int(state.step)}")
   else:  # params and optimizer state are created directly in their shardings
     state = training.init(jax.random.key(int(cfg.seed)))
-  every = int(cfg.get("checkpoint_every", 100))
+  every = section(cfg, "checkpoint_every")
 
   def save(step: int) -> None:
     checkpointer.save(step, state, {"config": run_config, "step": step,
@@ -155,13 +155,13 @@ def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params
   if done:
     _log(f"importance: reusing {path}")
     return Rankings.from_json(_read_json(os.path.join(path, "rankings.json")), os.path.join(path, "rankings.json"))
-  imp_cfg = plain(cfg.get("importance"))
-  stage = Stage("calibration", 1, int(imp_cfg.get("batch_size", 8)), int(imp_cfg.get("seq_len", 256)), (1.0,))
+  imp_cfg = section(cfg, "importance")
+  stage = Stage("calibration", 1, imp_cfg["batch_size"], imp_cfg["seq_len"], (1.0,))
   data = make_data(stage, 0)
-  batches = [next(data)[:, :-1] for _ in range(int(imp_cfg.get("batches", 8)))]
+  batches = [next(data)[:, :-1] for _ in range(imp_cfg["batches"])]
   # Sharded programs under the run's mesh: every process passes the same full batches and gets the same scores.
   importance = estimate_importance(config, params, batches, depth=True,
-                                   depth_batches=int(imp_cfg.get("depth_batches", 2)), progress=is_primary(),
+                                   depth_batches=imp_cfg["depth_batches"], progress=is_primary(),
                                    mesh=mesh, rules=rules)
   ranks = rankings(importance, config)
   if is_primary():
@@ -201,7 +201,7 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
   # The teacher is also the student's starting point: the loop copies it into the student's sharded train state.
   result = train_elastic(setup, stages, teacher, teacher, make_data, path, optimizer=optimizer,
                 router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=10,
-                checkpoint_every=int(cfg.get("checkpoint_every", 100)),
+                checkpoint_every=section(cfg, "checkpoint_every"),
                 metadata={"rankings": ranks.to_json()}, mesh=mesh, rules=rules)
   if result.preempted:
     raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to resume.")
@@ -209,20 +209,6 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
              {"step": int(result.state.step), "depth_order": [int(i) for i in ranks.depth]})
   _mark_done(student_path)
   return _read_json(choices_file), result.state.params
-
-
-def mesh_from_config(cfg: Any) -> tuple[Any, tuple]:
-  """``config.mesh``: ``shape`` over (data, fsdp, tensor, context) and ``rules``, the logical-axis rules table as
-  (logical name, mesh axis or axes or None) pairs (default: ``DEFAULT_RULES``).
-
-  ``shape`` may be shorter than four axes (trailing ones are 1, e.g. (2, 4) = data 2 x fsdp 4); empty puts every
-  device on data. ``context`` > 1 splits every sequence over that many devices (context parallelism; the rules map
-  the ``length`` axis there), e.g. (1, 2, 1, 4) for long-context stages.
-  """
-  mesh_cfg = plain(cfg.get("mesh"))
-  check_keys(mesh_cfg, ("shape", "rules"), "config.mesh")
-  shape = mesh_cfg.get("shape")
-  return make_mesh(tuple(shape) if shape else None), rules_from_config(mesh_cfg.get("rules"))
 
 
 def extraction_phase(workdir: str, config: ModelConfig, student: Params, permuted: Params, ranks: Rankings,
@@ -258,7 +244,8 @@ def run_pipeline(cfg: Any, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   started = time.perf_counter()
   mesh, rules = mesh_from_config(cfg)
-  check_run_shapes(cfg, mesh, rules)  # every batch and length against the mesh, before any phase runs
+  # The whole config with its defaults, every shape against the mesh included, before any phase runs.
+  cfg = validate_run_config(cfg, mesh, rules)
   source = SourceConfig.from_dict(plain(cfg.get("data")) or {})
   tokenizer = source_tokenizer(source)  # config.data.tokenizer; UTF-8 bytes when empty
   # The tokenizer must fit the model before any training: config.model's vocabulary for a parent pretrained here,
