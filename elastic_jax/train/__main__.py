@@ -38,6 +38,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a Python conf
                                           lock_config=False, accept_new_attributes=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run (default: workdir/<config name>). "
                                "Re-running with the same folder resumes.")
+_REUSE_STALE = flags.DEFINE_bool("reuse-stale", False, "Keep finished phases whose config values changed since they "
+                                 "ran (default: rerun them and every later phase); the report lists them.")
 
 
 def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
@@ -88,7 +90,7 @@ def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
   if not distributed.is_primary():  # the report is written once, by process 0
     return {}
   return write_report(workdir, rows, os.path.join(workdir, "elastic", "metrics.jsonl"), router_choices,
-                      curve_labels=list(router_choices))
+                      curve_labels=list(router_choices), stale=result.get("stale", ()))
 
 
 def main(argv) -> None:
@@ -107,7 +109,7 @@ def main(argv) -> None:
     distributed.initialize()
     cfg = validate_run_config(cfg)
     cli.check_writable_dir(workdir, "--workdir")
-    result = run_pipeline(cfg, workdir)
+    result = run_pipeline(cfg, workdir, reuse_stale=_REUSE_STALE.value)
     files = evaluate_and_report(cfg, workdir, result)
   print(f"[elastic_jax] done in {time.perf_counter() - started:.0f} s; report: {files}")
 
