@@ -385,8 +385,10 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
                 metadata={"rankings": ranks.to_json()}, mesh=mesh, rules=rules)
   if result.preempted:
     raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to resume.")
-  with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as f:
-    losses = [json.loads(line)["loss"] for line in f if line.strip()]
+  metrics_file, losses = os.path.join(path, "metrics.jsonl"), []
+  if os.path.exists(metrics_file):
+    with open(metrics_file, encoding="utf-8") as f:
+      losses = [json.loads(line)["loss"] for line in f if line.strip()]
   _check_finite(losses, 0, "elastic training", "the stages' settings, optimizer.learning_rate and the data")
   _save_output(student_path, config, result.state.params,
                {"step": int(result.state.step), "depth_order": [int(i) for i in ranks.depth]})
