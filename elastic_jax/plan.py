@@ -50,7 +50,7 @@ the rules table, e.g. ``[batch, length, embed]`` splits batch over the data-para
 
     S_b = I + {none: N_b, dots: D_b, full: 0}[remat policy of block b's kind]
     W_b = (N_b - S_b + I) + N_b + I
-    H   = 2 [B, L, V] fp32 + [B, L, d] (fp32 + compute dtype)
+    H   = n [B, L, V] fp32 + [B, L, d] (fp32 + compute dtype), n = 2 on GPU and CPU, 4 on TPU
     forward only (teacher, calibration, depth ranking, perplexity, prefill, decode):
     F   = I + max(max_b N_b, [B, L, d] compute dtype + k [B, L, V] fp32) + h [B, L, V] fp32
     training, the largest of three moments (G: the params' bytes; a = 1 with gradient accumulation, else 0):
@@ -66,7 +66,8 @@ D_b is the part of N_b that the "dots" policy saves (the outputs of the projecti
 dimensions). S_b is what the backward pass keeps of block b; W_b is the working set while block b is differentiated:
 what it recomputes, about as much again for the gradients of those intermediates, and the residual stream's
 gradient. H is the loss at its peak: the student's and the teacher's logits (the logits' gradient takes the place of
-one of them; XLA fuses the log-softmaxes into it), plus the final norm's output. Gradients: the running sum of the
+one of them; on GPU XLA fuses the log-softmaxes into it, on TPU it keeps about two more logits-sized arrays: n is
+read off XLA's memory analysis of the compiled steps, ``Device.loss_logits``), plus the final norm's output. Gradients: the running sum of the
 earlier micro-batches' (with accumulation) is alive throughout; this micro-batch's from the blocks' backward on,
 not yet at the loss. A forward that keeps nothing for a backward holds one block's intermediates next to the
 residual stream, or the head: the final norm's output and k logits-sized arrays (1: the logits; 2: the logits and
@@ -135,6 +136,10 @@ class Device:
   hbm_bandwidth: float
   devices_per_host: int | None
   tiled: bool = False  # TPU: HBM holds arrays in tiles (``tiled_elements``)
+  # fp32 [B, L, V] arrays alive at the distillation loss's peak, as the compiler schedules it (XLA's memory analysis
+  # of the compiled steps): GPU fuses the log-softmaxes into the logits' gradient (student logits, teacher logits);
+  # TPU materialises about two more.
+  loss_logits: int = 2
 
 
 def _host_memory_bytes() -> float:
@@ -145,10 +150,10 @@ def _host_memory_bytes() -> float:
 # bandwidth), and the chips or GPUs of one host of a pod slice or cluster node (TPU VMs of v4/v5p/v5e slices: 4;
 # HGX/DGX nodes: 8).
 DEVICES: dict[str, Device] = {
-    "v5p": Device("TPU v5p chip", 95 * GB, 459e12, 2765 * GB, 4, tiled=True),
-    "v5e": Device("TPU v5e chip", 16 * GB, 197e12, 819 * GB, 4, tiled=True),
-    "v4": Device("TPU v4 chip", 32 * GB, 275e12, 1200 * GB, 4, tiled=True),
-    "v6e": Device("TPU v6e chip", 32 * GB, 918e12, 1640 * GB, 4, tiled=True),
+    "v5p": Device("TPU v5p chip", 95 * GB, 459e12, 2765 * GB, 4, tiled=True, loss_logits=4),
+    "v5e": Device("TPU v5e chip", 16 * GB, 197e12, 819 * GB, 4, tiled=True, loss_logits=4),
+    "v4": Device("TPU v4 chip", 32 * GB, 275e12, 1200 * GB, 4, tiled=True, loss_logits=4),
+    "v6e": Device("TPU v6e chip", 32 * GB, 918e12, 1640 * GB, 4, tiled=True, loss_logits=4),
     "h100": Device("NVIDIA H100 SXM 80GB", 80 * GB, 989e12, 3350 * GB, 8),
     "h200": Device("NVIDIA H200 141GB", 141 * GB, 989e12, 4800 * GB, 8),
     "a100": Device("NVIDIA A100 80GB", 80 * GB, 312e12, 2039 * GB, 8),
@@ -478,7 +483,7 @@ def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, settin
     kept = {"none": block.forward, "dots": block.dots, "full": 0}[settings.policy(block.kind)]
     saved_total += stream["residual"] + kept
     working_max = max(working_max, (block.forward - kept) + block.forward + stream["residual"])
-  head = 2 * stream["logits"] + stream["residual"] + stream["normed"]
+  head = hardware.device.loss_logits * stream["logits"] + stream["residual"] + stream["normed"]
   teacher = forward_bytes(config, b, l, hardware)["total"]
   accumulating = settings.grad_accum_steps > 1
   # Gradients alive at each moment: the running sum of earlier micro-batches' (with accumulation) from the start;
