@@ -206,6 +206,17 @@ def _sequence(key: str, value: Any) -> list[Any]:
   return list(value)
 
 
+def _records(key: str, value: Any, fields: Sequence[str]):
+  """(``key[i]``, entry as a plain dict) for each entry of the list ``value``: dicts whose keys are among ``fields``."""
+  for i, entry in enumerate(_sequence(key, value)):
+    where = f"{key}[{i}]"
+    if not _is_mapping(entry):
+      raise config_error(where, f"{entry!r} is not a dict", f"give a dict of {', '.join(fields)}")
+    entry = plain(entry)
+    check_keys(entry, fields, where)
+    yield where, entry
+
+
 def _wrapped(key: str, build, *args, **kwargs):
   """``build(...)``, its ValueError (a dataclass's own check) as a ConfigError naming ``key``."""
   try:
@@ -308,12 +319,7 @@ def _check_stages(stages: Any, budgets: Sequence[float], grad_accum_steps: int) 
                        "budget_probs")
   fields = [f.name for f in dataclasses.fields(Stage)]
   names = set()
-  for i, stage in enumerate(stages):
-    where = f"stages[{i}]"
-    if not _is_mapping(stage):
-      raise config_error(where, f"{stage!r} is not a dict", f"give a dict of {', '.join(fields)}")
-    stage = plain(stage)
-    check_keys(stage, fields, where)
+  for where, stage in _records("stages", stages, fields):
     missing = [name for name in fields if name not in stage]
     if missing:
       raise config_error(f"{where}.{missing[0]}", "missing", f"a stage sets every one of {', '.join(fields)}")
@@ -375,12 +381,7 @@ def _check_data(data: dict[str, Any], inputs: bool) -> None:
   if data["kind"] == "tasks" and not tasks:
     raise config_error("data.stage_tasks", "is empty", "give the task settings of at least one stage")
   task_fields = [f.name for f in dataclasses.fields(TaskConfig)]
-  for i, task in enumerate(tasks):
-    where = f"data.stage_tasks[{i}]"
-    if not _is_mapping(task):
-      raise config_error(where, f"{task!r} is not a dict", f"give a dict of {', '.join(task_fields)}")
-    task = plain(task)
-    check_keys(task, task_fields, where)
+  for where, task in _records("data.stage_tasks", tasks, task_fields):
     for family in _sequence(f"{where}.families", task.get("families", FAMILIES)):
       _one_of(f"{where}.families", family, FAMILIES)
     _integer(f"{where}.difficulty", task.get("difficulty", 1), 1)
