@@ -32,7 +32,7 @@ from elastic_jax import plan as plan_lib
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.model import ModelConfig, init_params
-from elastic_jax.train.config import stages_from_config
+from elastic_jax.train.config import memory_from_config, stages_from_config
 from elastic_jax.train.flops import elastic_step_flops
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a Python run config (get_config()).",
@@ -77,11 +77,11 @@ def main(argv) -> None:
   device = plan_lib.device_spec(device_name)
   stage = stages_from_config(config)[_STAGE.value]
   model_config = ModelConfig.from_dict(config.model)
-  settings = plan_lib.memory_settings(config)
+  levers = memory_from_config(config)
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind} (peak {device.peak_flops:.3g} "
         f"FLOP/s each as {device_name}); {param_count(model_config):,} params, pattern {model_config.pattern}; "
         f"stage {stage.name!r}: {stage.batch_size} x {stage.seq_len} tokens; remat "
-        f"{dict(settings.remat)}, grad_accum_steps {settings.grad_accum_steps}, teacher {settings.teacher_dtype}",
+        f"{levers.policies()}, grad_accum_steps {levers.grad_accum_steps}, teacher {levers.teacher_dtype}",
         flush=True)
 
   jitted = plan_lib.jit_elastic_step(config)
@@ -94,7 +94,7 @@ def main(argv) -> None:
 
   training = jitted.training
   params = jax.device_put(init_params(model_config, jax.random.key(0)), training.state_shardings.params)
-  teacher = jax.tree.map(lambda p: p.astype(jnp.dtype(settings.teacher_dtype)), params)
+  teacher = jax.tree.map(lambda p: p.astype(jnp.dtype(levers.teacher_dtype)), params)
   state = training.init(jax.tree.map(jnp.copy, params))  # optimizer and router states beside the sharded params
   rng = np.random.default_rng(0)
   tokens = jax.device_put(rng.integers(0, model_config.vocab_size, (stage.batch_size, stage.seq_len + 1),

@@ -110,13 +110,14 @@ from elastic_jax.elastic import importance as importance_lib
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.eval import metrics as metrics_lib
 from elastic_jax.model import ModelConfig, init_cache, param_shapes
-from elastic_jax.model.config import BLOCK_KINDS, BlockSpec
+from elastic_jax.model.config import BlockSpec
 from elastic_jax.ops.context_parallel import CONTEXT_AXIS
 from elastic_jax.train import sharding as sharding_lib
-from elastic_jax.train.config import (check_keys, elastic_setup_from_config, memory_from_config, optimizers_from_config,
-                                     plain, section, stages_from_config)
+from elastic_jax.train.config import (check_keys, elastic_setup_from_config, optimizers_from_config, plain, section,
+                                     stages_from_config)
 from elastic_jax.train.flops import elastic_step_flops, forward_flops_per_token
 from elastic_jax.train.loop import ShardedTraining, Stage, abstract_boxed_state, compiled_elastic_step
+from elastic_jax.train.memory import MemoryConfig
 from elastic_jax.train.optim import make_optimizer
 from elastic_jax.train.elastic_step import ElasticSetup
 
@@ -173,27 +174,6 @@ def device_spec(name: str) -> Device:
   if name not in DEVICES:
     raise ValueError(f"unknown device {name!r}; choose one of {sorted(DEVICES)} (--device or config.plan.device).")
   return DEVICES[name]
-
-
-# ------------------------------------------------------------------------------------------------ settings
-@dataclasses.dataclass(frozen=True)
-class MemorySettings:
-  """The run's memory levers (``config.memory``; defaults when the section or a key is absent)."""
-
-  remat: tuple[tuple[str, str], ...]  # (block kind, policy) for every kind
-  grad_accum_steps: int = 1
-  teacher_dtype: str = "float32"
-
-  def policy(self, kind: str) -> str:
-    return dict(self.remat)[kind]
-
-
-def memory_settings(config: Any) -> MemorySettings:
-  """``config.memory`` as the training reads it (``memory_from_config``), with a policy for every block kind."""
-  memory = memory_from_config(config)
-  remat = dict(memory.remat)
-  return MemorySettings(tuple((kind, remat.get(kind, "none")) for kind in BLOCK_KINDS.values()),
-                        memory.grad_accum_steps, memory.teacher_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,9 +298,10 @@ def per_device_bytes(shape: Sequence[int], itemsize: int, spec: PartitionSpec, a
   return int(tiled_elements(local, itemsize) if tiled else math.prod(local)) * int(itemsize)
 
 
-def state_bytes(setup: ElasticSetup, tx, router_tx, hardware: Hardware, teacher_dtype: str) -> dict[str, int]:
+def state_bytes(setup: ElasticSetup, tx, router_tx, hardware: Hardware) -> dict[str, int]:
   """Per-device bytes of the train state's parts (student params, optimizer state, router incl. step and PRNG key)
-  and of the frozen teacher, from the real shardings of the rules table over an abstract mesh."""
+  and of the frozen teacher (in ``setup.memory.teacher_dtype``), from the real shardings of the rules table over an
+  abstract mesh."""
   boxed = abstract_boxed_state(setup, tx, router_tx)
   shardings = sharding_lib.logical_shardings(boxed, hardware.abstract_mesh(), hardware.rules)
   shapes = nn.meta.unbox(boxed)
@@ -339,7 +320,7 @@ def state_bytes(setup: ElasticSetup, tx, router_tx, hardware: Hardware, teacher_
   return {"params": total(shapes.params, shardings.params),
           "opt_state": total(shapes.opt_state, shardings.opt_state),
           "router": router,
-          "teacher": total(shapes.params, shardings.params, dtype=teacher_dtype)}
+          "teacher": total(shapes.params, shardings.params, dtype=setup.memory.teacher_dtype)}
 
 
 # ------------------------------------------------------------------------------------------------ activations
@@ -472,7 +453,7 @@ def forward_bytes(config: ModelConfig, b: int, l: int, hardware: Hardware, logit
           "held_logits": float(logits_held * stream["logits"])}
 
 
-def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, settings: MemorySettings,
+def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, memory: MemoryConfig,
                      hardware: Hardware, param_bytes: float = 0.0) -> dict[str, float]:
   """Per-device gradient and activation bytes of one training micro-batch at the step's peak (the module docstring's
   formula), with its terms; ``param_bytes``: the student params' per-device bytes (the gradients' size)."""
@@ -480,12 +461,12 @@ def activation_bytes(config: ModelConfig, micro_batch: int, seq_len: int, settin
   stream = _stream_bytes(config, b, l, hardware)
   saved_total, working_max = 0, 0
   for block in block_bytes(config, b, l, hardware):
-    kept = {"none": block.forward, "dots": block.dots, "full": 0}[settings.policy(block.kind)]
+    kept = {"none": block.forward, "dots": block.dots, "full": 0}[memory.policy(block.kind)]
     saved_total += stream["residual"] + kept
     working_max = max(working_max, (block.forward - kept) + block.forward + stream["residual"])
   head = hardware.device.loss_logits * stream["logits"] + stream["residual"] + stream["normed"]
   teacher = forward_bytes(config, b, l, hardware)["total"]
-  accumulating = settings.grad_accum_steps > 1
+  accumulating = memory.grad_accum_steps > 1
   # Gradients alive at each moment: the running sum of earlier micro-batches' (with accumulation) from the start;
   # this micro-batch's only from the blocks' backward on (the head's moment has made none of them yet).
   moments = {"loss": (param_bytes if accumulating else 0.0, saved_total + head),
@@ -785,7 +766,7 @@ class Plan:
   name: str
   config: ModelConfig
   hardware: Hardware
-  settings: MemorySettings
+  memory_config: MemoryConfig  # the levers (config.memory); each stage's and phase's .memory holds its bytes
   stages: list[StagePlan]
   phases: list[PhasePlan] = dataclasses.field(default_factory=list)
   phase_settings: PhaseSettings | None = None
@@ -809,8 +790,7 @@ class Plan:
         "num_devices": hw.num_devices, "mesh": hw.axis_sizes, "mfu": hw.mfu,
         "devices_per_host": hw.devices_per_host, "num_hosts": hw.num_hosts,
         "storage_bytes_per_s": hw.storage_bytes_per_s,
-        "memory_settings": {"remat": dict(self.settings.remat), "grad_accum_steps": self.settings.grad_accum_steps,
-                            "teacher_dtype": self.settings.teacher_dtype},
+        "memory_settings": {**self.memory_config.to_json(), "remat": self.memory_config.policies()},
         "phase_settings": None if self.phase_settings is None else dataclasses.asdict(self.phase_settings),
         "fits": self.fits,
         "peak_phase": self.peak.name if self.phases else None,
@@ -842,28 +822,28 @@ def make_plan(config: Any, name: str = "config", device: str | None = None, mfu:
   device; arguments that are not None override ``config.plan``."""
   model_config = ModelConfig.from_dict(config.model)
   hardware = hardware_from_config(config, device, mfu, usable_fraction, storage_gb_per_s, devices_per_host)
-  settings = memory_settings(config)
   stages = stages_from_config(config)
   setup, optimizer, router_optimizer, total_steps = _setup_and_optimizers(config, model_config, stages)
+  levers = setup.memory  # config.memory, as the training reads it
   tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
-  state = state_bytes(setup, tx, router_tx, hardware, settings.teacher_dtype)
+  state = state_bytes(setup, tx, router_tx, hardware)
   sizes = hardware.axis_sizes
   batch_ways = math.prod(sizes[a] for a in _mesh_axes_of("batch", hardware.rules))
   length_ways = math.prod(sizes[a] for a in _mesh_axes_of("length", hardware.rules))
   plans = []
   for stage in stages:
     notes = []
-    if stage.batch_size % settings.grad_accum_steps:
+    if stage.batch_size % levers.grad_accum_steps:
       raise ValueError(f"stage {stage.name!r}: batch_size={stage.batch_size} is not divisible by "
-                       f"config.memory.grad_accum_steps={settings.grad_accum_steps}; make the batch size a multiple "
+                       f"config.memory.grad_accum_steps={levers.grad_accum_steps}; make the batch size a multiple "
                        "of the number of micro-batches.")
-    micro = stage.batch_size // settings.grad_accum_steps
+    micro = stage.batch_size // levers.grad_accum_steps
     if micro % batch_ways:
       notes.append(f"micro-batch of {micro} sequences does not divide over the {batch_ways} data-parallel devices "
                    "(counted rounded up)")
     if stage.seq_len % length_ways:
       notes.append(f"seq_len {stage.seq_len} does not divide over context={length_ways} (counted rounded up)")
-    peak = activation_bytes(model_config, micro, stage.seq_len, settings, hardware, state["params"])
+    peak = activation_bytes(model_config, micro, stage.seq_len, levers, hardware, state["params"])
     memory = {"params": float(state["params"]), "opt_state": float(state["opt_state"]),
               "teacher": float(state["teacher"]), "router": float(state["router"]),
               "gradients": peak["gradients"], "activations": peak["activations"]}
@@ -877,7 +857,7 @@ def make_plan(config: Any, name: str = "config", device: str | None = None, mfu:
                            hardware.capacity, flops, seconds, notes))
   phases = phase_settings(config, setup.budgets, prompt_len)
   hf_path = str(plain(config.get("parent")).get("hf_path") or "")
-  return Plan(name, model_config, hardware, settings, plans,
+  return Plan(name, model_config, hardware, levers, plans,
               plan_phases(model_config, hardware, phases, plans, [stage.steps for stage in stages], hf_path), phases)
 
 
@@ -914,14 +894,13 @@ class JittedStep:
 def jit_elastic_step(config: Any, devices: Sequence[jax.Device] | None = None) -> JittedStep:
   """The training loop's elastic step for a run config (identity depth order: shapes do not depend on it) on the
   configured mesh over ``devices`` (default: the first ``num_devices`` devices)."""
-  settings = memory_settings(config)
   hardware = hardware_from_config(config)
   mesh = _real_mesh(hardware, devices)
   stages = stages_from_config(config)
   setup, optimizer, router_optimizer, total_steps = _setup_and_optimizers(config, ModelConfig.from_dict(config.model),
                                                                           stages)
   training = compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, 0, mesh, hardware.rules)
-  teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(settings.teacher_dtype),
+  teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(setup.memory.teacher_dtype),
                                                         sharding=x.sharding), training.abstract_state.params)
   return JittedStep(training, setup, teacher, sharding_lib.replicated(mesh))
 
@@ -1056,7 +1035,7 @@ def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None =
                 ) -> str:
   """The plan as a readable table (one column per stage); ``compiled``: XLA's memory analysis by stage name (and
   ``phase:<name>`` for the forward phases), printed beside the estimates; ``target``: what it was compiled for."""
-  hw, s = plan.hardware, plan.settings
+  hw, levers = plan.hardware, plan.memory_config
   flops_model = forward_flops_per_token(plan.config, plan.stages[0].seq_len)
   lines = [
       f"{plan.name}: {param_count(plan.config):,} params, pattern {plan.config.pattern} ({plan.config.num_layers} "
@@ -1064,8 +1043,8 @@ def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None =
       f"on {hw.num_devices} x {hw.device.description} ({format_bytes(hw.device.hbm_bytes)} each, "
       f"{hw.usable_fraction:.0%} usable = {format_bytes(hw.device.hbm_bytes * hw.usable_fraction)}), mesh "
       + " ".join(f"{k}={v}" for k, v in hw.axis_sizes.items()),
-      f"memory: remat {', '.join(f'{k}={v}' for k, v in s.remat)}; grad_accum_steps {s.grad_accum_steps}; "
-      f"teacher {s.teacher_dtype}",
+      f"memory: remat {', '.join(f'{k}={v}' for k, v in levers.policies().items())}; grad_accum_steps "
+      f"{levers.grad_accum_steps}; teacher {levers.teacher_dtype}",
       f"forward FLOPs per token at seq {plan.stages[0].seq_len}: "
       + ", ".join(f"{k} {v / 1e9:.3g} G" for k, v in flops_model.items()),
       "",

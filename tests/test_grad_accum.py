@@ -20,6 +20,7 @@ from elastic_jax.model import HybridLM
 from elastic_jax.train.loop import Stage, train_elastic
 from elastic_jax.train.elastic_step import ElasticSetup, init_elastic_state, make_elastic_step
 from elastic_jax.train.lm_step import make_lm_step
+from elastic_jax.train.memory import MemoryConfig
 from elastic_jax.train.state import TrainState
 
 CONFIG = small_config("M*-", hidden_size=32, intermediate_size=48)
@@ -30,7 +31,7 @@ TOKENS = jax.random.randint(jax.random.key(7), (8, 9), 0, CONFIG.vocab_size)
 def _setup(grad_accum_steps: int) -> ElasticSetup:
   # ce_weight and a full budget cover every term of the loss (KD, CE, router loss, full-budget anchor).
   return ElasticSetup(CONFIG, SPACE, (1.0, 0.75, 0.5), (0, 2, 1), RouterSchedule(total_steps=10), router_width=8,
-                      ce_weight=0.3, stratified=True, grad_accum_steps=grad_accum_steps)
+                      ce_weight=0.3, stratified=True, memory=MemoryConfig(grad_accum_steps=grad_accum_steps))
 
 
 def _assert_close(got, want, label):
@@ -89,5 +90,5 @@ def test_batch_not_divisible_by_micro_batches_is_refused(tmp_path):
     jax.eval_shape(make_lm_step(CONFIG, optax.sgd(0.1), grad_accum_steps=4),
                    TrainState(step=jnp.zeros((), jnp.int32), params=teacher, opt_state=(), rng=jnp.zeros(2)),
                    TOKENS[:6])
-  with pytest.raises(ValueError, match=r"grad_accum_steps=0 must be a positive integer"):
+  with pytest.raises(ValueError, match=r"memory.grad_accum_steps: 0 must be an integer >= 1"):
     _setup(0)

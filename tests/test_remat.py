@@ -20,6 +20,7 @@ from elastic_jax.train.loop import place_teacher
 from elastic_jax.train.losses import cross_entropy
 from elastic_jax.train.sharding import make_mesh, replicated
 from elastic_jax.train.elastic_step import ElasticSetup
+from elastic_jax.train.memory import MemoryConfig
 
 CONFIG = small_config("M*-", hidden_size=32, intermediate_size=48)
 TOKENS = jax.random.randint(jax.random.key(3), (2, 9), 0, CONFIG.vocab_size)
@@ -78,7 +79,7 @@ def test_bf16_teacher_is_stored_in_bf16_and_close_to_the_fp32_teacher():
   params = random_params(CONFIG, seed=5)
   space = ElasticSpace.from_fractions(CONFIG, (0.5, 1.0))
   setups = {dtype: ElasticSetup(CONFIG, space, (1.0, 0.5), (0, 1, 2), RouterSchedule(total_steps=4),
-                                teacher_dtype=dtype) for dtype in ("float32", "bfloat16")}
+                                memory=MemoryConfig(teacher_dtype=dtype)) for dtype in ("float32", "bfloat16")}
   mesh = make_mesh()
   shardings = jax.tree.map(lambda _: replicated(mesh), params)
   held = place_teacher(setups["bfloat16"], params, shardings)

@@ -9,9 +9,10 @@ import ml_collections
 import pytest
 from conftest import small_config
 
-from elastic_jax.train.config import (MemoryConfig, elastic_setup_from_config, memory_from_config,
-                                      optimizers_from_config, stages_from_config)
+from elastic_jax.train.config import (elastic_setup_from_config, memory_from_config, optimizers_from_config,
+                                      stages_from_config)
 from elastic_jax.train.loop import describe_run
+from elastic_jax.train.memory import MemoryConfig
 
 MODEL = small_config("M-*-")
 
@@ -73,8 +74,9 @@ def test_memory_section():
   config = _config(memory=dict(remat=dict(mamba="full", attention="dots", mlp="none"), grad_accum_steps=2,
                                teacher_dtype="bfloat16"))
   setup = elastic_setup_from_config(config, MODEL, (0, 1, 2, 3), total_steps=3)
-  assert setup.remat == (("attention", "dots"), ("mamba", "full"))
-  assert setup.grad_accum_steps == 2 and setup.teacher_dtype == "bfloat16"
+  assert setup.memory == MemoryConfig(remat=dict(mamba="full", attention="dots"), grad_accum_steps=2,
+                                      teacher_dtype="bfloat16")
+  assert setup.memory.remat == (("attention", "dots"), ("mamba", "full"))
   # The levers are part of the run's identity: a resume under another setting is refused on these fields.
   optimizers = optimizers_from_config(config)
   record = describe_run(setup, stages_from_config(config), *optimizers, seed=0)
@@ -83,6 +85,28 @@ def test_memory_section():
   plain = describe_run(elastic_setup_from_config(_config(), MODEL, (0, 1, 2, 3), 3), stages_from_config(config),
                        *optimizers, seed=0)
   assert plain["memory"] == {"remat": {}, "grad_accum_steps": 1, "teacher_dtype": "float32"}
+
+
+def test_memory_config_is_the_one_type_of_the_levers():
+  memory = MemoryConfig(remat={"mlp": "dots", "mamba": "none"}, grad_accum_steps=4)
+  assert memory.remat == (("mlp", "dots"),)  # hashable pairs of the kinds rematerialised; "none" is left out
+  assert [memory.policy(kind) for kind in ("mamba", "attention", "mlp")] == ["none", "none", "dots"]
+  assert memory.policies() == {"mamba": "none", "attention": "none", "mlp": "dots"}
+  assert MemoryConfig(remat=memory.remat, grad_accum_steps=4) == memory  # the stored pairs read back the same
+  hash(memory)  # a static field of ElasticSetup
+  # The constructor and the config section refuse bad values with the same one-line errors.
+  for kwargs, message in ((dict(remat={"ssm": "full"}), r"memory.remat.ssm: unknown key"),
+                          (dict(remat={"mlp": "some"}), r"memory.remat.mlp: 'some' is not one of none, full, dots"),
+                          (dict(remat=["full"]), r"memory.remat: \['full'\] is not a dict"),
+                          (dict(grad_accum_steps=0), r"memory.grad_accum_steps: 0 must be an integer >= 1"),
+                          (dict(grad_accum_steps=True), r"memory.grad_accum_steps: True must be an integer >= 1"),
+                          (dict(teacher_dtype="fp16"), r"memory.teacher_dtype: 'fp16' is not one of float32")):
+    with pytest.raises(ValueError, match=message):
+      MemoryConfig(**kwargs)
+  with pytest.raises(ValueError, match=r"memory.remat: \(\('mlp', 'dots'\),\) is not a dict"):
+    MemoryConfig.from_dict({"remat": (("mlp", "dots"),)})  # a config gives a dict
+  with pytest.raises(ValueError, match=r"memory.grad_acum_steps: unknown key \(did you mean grad_accum_steps\?\)"):
+    MemoryConfig.from_dict({"grad_acum_steps": 2})
 
 
 def test_tiny_config_memory_defaults():

@@ -28,9 +28,7 @@ Layout of the training part of a config (see ``configs/tiny.py``)::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -42,9 +40,11 @@ from elastic_jax.data.tasks import FAMILIES, TaskConfig
 from elastic_jax.elastic import axes
 from elastic_jax.elastic.router import ESTIMATORS, RouterSchedule
 from elastic_jax.elastic.space import ElasticSpace
-from elastic_jax.model.config import BLOCK_KINDS, ConfigError, ModelConfig
-from elastic_jax.model.hybrid import REMAT_POLICIES, RematPolicies, remat_policies
-from elastic_jax.train.elastic_step import TEACHER_DTYPES, ElasticSetup
+from elastic_jax.model.config import ConfigError, ModelConfig
+from elastic_jax.train.config_checks import (check_boolean, check_integer, check_keys, check_number, check_one_of,
+                                             check_sequence, check_string, config_error, key_path)
+from elastic_jax.train.elastic_step import ElasticSetup
+from elastic_jax.train.memory import MemoryConfig
 from elastic_jax.train.loop import Stage
 from elastic_jax.train.optim import SCHEDULES, OptimizerConfig, default_router_optimizer_config
 
@@ -55,26 +55,6 @@ _LOSS_KEYS = ("kd_temperature", "ce_weight", "router_loss_weight", "argmax_loss_
 _ROUTER_SETUP_KEYS = {"width": "router_width", "hard": "hard", "estimator": "estimator"}
 BUDGET_METRICS = ("params", "memory")
 TAU_DECAYS = ("exponential", "linear")
-
-
-# ------------------------------------------------------------------------------------------------ errors
-def config_error(key: str, what: str, fix: str | None = None) -> ConfigError:
-  """``<key>: <what> (<fix>)``, the one line a CLI prints after ``config error:``."""
-  return ConfigError(f"{key}: {what}" + (f" ({fix})" if fix else ""))
-
-
-def _key(where: str, name: Any) -> str:
-  where = where.removeprefix("config").removeprefix(".")
-  return f"{where}[{name}]" if isinstance(name, int) else f"{where}.{name}" if where else str(name)
-
-
-def check_keys(values: Mapping[str, Any], known: Sequence[str], where: str) -> None:
-  """Refuses the first key of ``values`` not in ``known``, suggesting the closest known one."""
-  for name in values:
-    if name not in known:
-      match = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
-      fix = f"did you mean {match[0]}?" if match else f"known keys: {', '.join(sorted(map(str, known)))}"
-      raise config_error(_key(where, name), "unknown key", fix)
 
 
 def plain(values: Any) -> dict[str, Any]:
@@ -143,9 +123,9 @@ def _merge(defaults: Mapping[str, Any], values: Any, where: str) -> dict[str, An
   for name, value in values.items():
     default = defaults[name]
     if isinstance(default, dict) and default and _is_mapping(value):
-      out[name] = _merge(default, value, _key(where, name))
+      out[name] = _merge(default, value, key_path(where, name))
     elif isinstance(default, dict) and value is not None and not _is_mapping(value):
-      raise config_error(_key(where, name), f"{value!r} is not a section", f"give a dict of {name} keys")
+      raise config_error(key_path(where, name), f"{value!r} is not a section", f"give a dict of {name} keys")
     else:
       out[name] = plain(value) if _is_mapping(value) else value
   return out
@@ -161,54 +141,9 @@ def section(config: Any, name: str) -> Any:
   return _merge(default, config.get(name), name)
 
 
-# ------------------------------------------------------------------------------------------------ value checks
-def _integer(key: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-    raise config_error(key, f"{value!r} must be an integer >= {minimum}",
-                       "0 skips it" if minimum == 0 else None)
-
-
-def _number(key: str, value: Any, low: float | None = None, high: float | None = None, *,
-            low_open: bool = False, high_open: bool = False) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise config_error(key, f"{value!r} must be a number")
-  below = low is not None and (value <= low if low_open else value < low)
-  above = high is not None and (value >= high if high_open else value > high)
-  if below or above:
-    left = "" if low is None else f"{'(' if low_open else '['}{low:g}, "
-    right = "" if high is None else f"{high:g}{')' if high_open else ']'}"
-    interval = f"{left}{right}" if low is not None and high is not None else (
-        f"{'>' if low_open else '>='} {low:g}" if low is not None else f"{'<' if high_open else '<='} {high:g}")
-    raise config_error(key, f"{value!r} is outside {interval}" if low is not None and high is not None
-                       else f"{value!r} must be {interval}")
-
-
-def _one_of(key: str, value: Any, options: Sequence[str]) -> None:
-  if value not in options:
-    match = difflib.get_close_matches(str(value), list(options), n=1, cutoff=0.6)
-    raise config_error(key, f"{value!r} is not one of {', '.join(map(str, options))}",
-                       f"did you mean {match[0]}?" if match else None)
-
-
-def _boolean(key: str, value: Any) -> None:
-  if not isinstance(value, bool):
-    raise config_error(key, f"{value!r} must be True or False")
-
-
-def _string(key: str, value: Any) -> None:
-  if not isinstance(value, str):
-    raise config_error(key, f"{value!r} must be a string", "empty for the default")
-
-
-def _sequence(key: str, value: Any) -> list[Any]:
-  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-    raise config_error(key, f"{value!r} must be a list")
-  return list(value)
-
-
 def _records(key: str, value: Any, fields: Sequence[str]):
   """(``key[i]``, entry as a plain dict) for each entry of the list ``value``: dicts whose keys are among ``fields``."""
-  for i, entry in enumerate(_sequence(key, value)):
+  for i, entry in enumerate(check_sequence(key, value)):
     where = f"{key}[{i}]"
     if not _is_mapping(entry):
       raise config_error(where, f"{entry!r} is not a dict", f"give a dict of {', '.join(fields)}")
@@ -250,7 +185,7 @@ def _check_model(run: dict[str, Any], inputs: bool) -> ModelConfig | None:
 
 
 def _check_parent(parent: dict[str, Any], inputs: bool) -> None:
-  _string("parent.hf_path", parent["hf_path"])
+  check_string("parent.hf_path", parent["hf_path"])
   if parent["hf_path"]:
     if inputs and not os.path.isfile(os.path.join(parent["hf_path"], "config.json")):
       raise config_error("parent.hf_path", f"{parent['hf_path']} holds no config.json",
@@ -258,54 +193,54 @@ def _check_parent(parent: dict[str, Any], inputs: bool) -> None:
     return  # imported, not pretrained: the pretraining keys are not read
   # Without a checkpoint the parent is pretrained here, and a parent of no steps is an untrained model (the planner
   # accepts 0: a config that imports its parent at run time, as configs/nano_v2_12b.py).
-  _integer("parent.pretrain_steps", parent["pretrain_steps"], 1 if inputs else 0)
+  check_integer("parent.pretrain_steps", parent["pretrain_steps"], 1 if inputs else 0)
   if parent["pretrain_steps"] == 0:
     return
   for name in ("batch_size", "seq_len"):
-    _integer(f"parent.{name}", parent[name], 1)
-  _number("parent.learning_rate", parent["learning_rate"], 0, low_open=True)
-  _integer("parent.warmup_steps", parent["warmup_steps"], 0)
-  _integer("parent.long_every", parent["long_every"], 0)
+    check_integer(f"parent.{name}", parent[name], 1)
+  check_number("parent.learning_rate", parent["learning_rate"], 0, low_open=True)
+  check_integer("parent.warmup_steps", parent["warmup_steps"], 0)
+  check_integer("parent.long_every", parent["long_every"], 0)
 
 
 def _check_optimizer(where: str, values: dict[str, Any]) -> None:
-  _number(f"{where}.learning_rate", values["learning_rate"], 0, low_open=True)
-  _integer(f"{where}.warmup_steps", values["warmup_steps"], 0)
-  _one_of(f"{where}.schedule", values["schedule"], SCHEDULES)
-  _number(f"{where}.final_lr_ratio", values["final_lr_ratio"], 0, 1)
+  check_number(f"{where}.learning_rate", values["learning_rate"], 0, low_open=True)
+  check_integer(f"{where}.warmup_steps", values["warmup_steps"], 0)
+  check_one_of(f"{where}.schedule", values["schedule"], SCHEDULES)
+  check_number(f"{where}.final_lr_ratio", values["final_lr_ratio"], 0, 1)
   for name in ("b1", "b2"):
-    _number(f"{where}.{name}", values[name], 0, 1, high_open=True)
-  _number(f"{where}.weight_decay", values["weight_decay"], 0)
+    check_number(f"{where}.{name}", values[name], 0, 1, high_open=True)
+  check_number(f"{where}.weight_decay", values["weight_decay"], 0)
   if values["grad_clip"] is not None:
-    _number(f"{where}.grad_clip", values["grad_clip"], 0, low_open=True)
+    check_number(f"{where}.grad_clip", values["grad_clip"], 0, low_open=True)
 
 
 def _check_elastic(elastic: dict[str, Any], model: ModelConfig | None) -> tuple[float, ...]:
-  budgets = _sequence("elastic.budgets", elastic["budgets"])
+  budgets = check_sequence("elastic.budgets", elastic["budgets"])
   if not budgets:
     raise config_error("elastic.budgets", "is empty", "give at least one fraction of the parent, e.g. [1.0, 0.5]")
   names = {}
   for i, budget in enumerate(budgets):
-    _number(f"elastic.budgets[{i}]", budget, 0, 1, low_open=True)
+    check_number(f"elastic.budgets[{i}]", budget, 0, 1, low_open=True)
     name = f"{int(round(100 * budget))}pct"
     if name in names:
       raise config_error(f"elastic.budgets[{i}]", f"{budget!r} has the name {name} of elastic.budgets[{names[name]}]",
                          "give budgets at least 1% apart")
     names[name] = i
   router = elastic["router"]
-  _integer("elastic.router.width", router["width"], 1)
-  _boolean("elastic.router.hard", router["hard"])
-  _one_of("elastic.router.estimator", router["estimator"], ESTIMATORS)
+  check_integer("elastic.router.width", router["width"], 1)
+  check_boolean("elastic.router.hard", router["hard"])
+  check_one_of("elastic.router.estimator", router["estimator"], ESTIMATORS)
   for name in ("tau_start", "tau_end", "scale_start", "scale_end"):
-    _number(f"elastic.router.{name}", router[name], 0, low_open=True)
-  _one_of("elastic.router.tau_decay", router["tau_decay"], TAU_DECAYS)
-  _number("elastic.kd_temperature", elastic["kd_temperature"], 0, low_open=True)
+    check_number(f"elastic.router.{name}", router[name], 0, low_open=True)
+  check_one_of("elastic.router.tau_decay", router["tau_decay"], TAU_DECAYS)
+  check_number("elastic.kd_temperature", elastic["kd_temperature"], 0, low_open=True)
   for name in ("ce_weight", "router_loss_weight", "argmax_loss_weight"):
-    _number(f"elastic.{name}", elastic[name], 0)
-  _number("elastic.dead_zone", elastic["dead_zone"], 0, 1, high_open=True)
-  _boolean("elastic.stratified", elastic["stratified"])
-  _one_of("elastic.budget_metric", elastic["budget_metric"], BUDGET_METRICS)
-  _integer("elastic.memory_context", elastic["memory_context"], 1)
+    check_number(f"elastic.{name}", elastic[name], 0)
+  check_number("elastic.dead_zone", elastic["dead_zone"], 0, 1, high_open=True)
+  check_boolean("elastic.stratified", elastic["stratified"])
+  check_one_of("elastic.budget_metric", elastic["budget_metric"], BUDGET_METRICS)
+  check_integer("elastic.memory_context", elastic["memory_context"], 1)
   check_keys(elastic["space"], [*axes.names(), *axes.mode_fields()], "elastic.space")
   if model is not None:
     _wrapped("elastic.space", ElasticSpace.from_dict, elastic["space"], model)
@@ -313,7 +248,7 @@ def _check_elastic(elastic: dict[str, Any], model: ModelConfig | None) -> tuple[
 
 
 def _check_stages(stages: Any, budgets: Sequence[float], grad_accum_steps: int) -> None:
-  stages = _sequence("stages", stages)
+  stages = check_sequence("stages", stages)
   if not stages:
     raise config_error("stages", "is empty", "give at least one stage: name, steps, batch_size, seq_len, "
                        "budget_probs")
@@ -323,69 +258,58 @@ def _check_stages(stages: Any, budgets: Sequence[float], grad_accum_steps: int) 
     missing = [name for name in fields if name not in stage]
     if missing:
       raise config_error(f"{where}.{missing[0]}", "missing", f"a stage sets every one of {', '.join(fields)}")
-    _string(f"{where}.name", stage["name"])
+    check_string(f"{where}.name", stage["name"])
     if not stage["name"] or stage["name"] in names:
       raise config_error(f"{where}.name", f"{stage['name']!r} is empty or repeats an earlier stage's name",
                          "give every stage its own name")
     names.add(stage["name"])
     for name in ("steps", "batch_size", "seq_len"):
-      _integer(f"{where}.{name}", stage[name], 1)
+      check_integer(f"{where}.{name}", stage[name], 1)
     if stage["batch_size"] % grad_accum_steps:
       raise config_error(f"{where}.batch_size", f"{stage['batch_size']} does not split into "
                          f"memory.grad_accum_steps={grad_accum_steps} micro-batches",
                          f"make it a multiple of {grad_accum_steps}")
-    probs = _sequence(f"{where}.budget_probs", stage["budget_probs"])
+    probs = check_sequence(f"{where}.budget_probs", stage["budget_probs"])
     if len(probs) != len(budgets):
       raise config_error(f"{where}.budget_probs", f"has {len(probs)} entries for {len(budgets)} budgets",
                          "give one probability per entry of elastic.budgets")
     for j, p in enumerate(probs):
-      _number(f"{where}.budget_probs[{j}]", p, 0)
+      check_number(f"{where}.budget_probs[{j}]", p, 0)
     if abs(sum(probs) - 1.0) > 1e-6:
       raise config_error(f"{where}.budget_probs", f"{probs} sum to {sum(probs):.6g}", "make them sum to 1")
 
 
-def _check_memory(memory: dict[str, Any]) -> None:
-  remat = memory["remat"]
-  if not _is_mapping(remat):
-    raise config_error("memory.remat", f"{remat!r} is not a dict", "map block kinds to none, full or dots")
-  check_keys(remat, list(BLOCK_KINDS.values()), "memory.remat")
-  for kind, policy in plain(remat).items():
-    _one_of(f"memory.remat.{kind}", policy, REMAT_POLICIES)
-  _integer("memory.grad_accum_steps", memory["grad_accum_steps"], 1)
-  _one_of("memory.teacher_dtype", memory["teacher_dtype"], TEACHER_DTYPES)
-
-
 def _check_mesh(mesh: dict[str, Any]) -> None:
   from elastic_jax.train.sharding import MESH_AXES  # pylint: disable=import-outside-toplevel
-  shape = _sequence("mesh.shape", mesh["shape"])
+  shape = check_sequence("mesh.shape", mesh["shape"])
   if len(shape) > len(MESH_AXES):
     raise config_error("mesh.shape", f"{tuple(shape)} has {len(shape)} axes",
                        f"give at most {len(MESH_AXES)}: {', '.join(MESH_AXES)}")
   for i, size in enumerate(shape):
-    _integer(f"mesh.shape[{i}]", size, 1)
-  for i, rule in enumerate(_sequence("mesh.rules", mesh["rules"])):
+    check_integer(f"mesh.shape[{i}]", size, 1)
+  for i, rule in enumerate(check_sequence("mesh.rules", mesh["rules"])):
     if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
       raise config_error(f"mesh.rules[{i}]", f"{rule!r} is not a (logical name, mesh axes) pair")
     axes = rule[1] if isinstance(rule[1], (list, tuple)) else () if rule[1] is None else (rule[1],)
     for axis in axes:
-      _one_of(f"mesh.rules[{i}]", axis, MESH_AXES)
+      check_one_of(f"mesh.rules[{i}]", axis, MESH_AXES)
 
 
 def _check_data(data: dict[str, Any], inputs: bool) -> None:
-  _one_of("data.kind", data["kind"], SOURCE_KINDS)
+  check_one_of("data.kind", data["kind"], SOURCE_KINDS)
   for name in ("tokenizer", "eos_token"):
-    _string(f"data.{name}", data[name])
+    check_string(f"data.{name}", data[name])
   paths = data["paths"]
-  paths = ([paths] if paths else []) if isinstance(paths, str) else _sequence("data.paths", paths)
-  tasks = _sequence("data.stage_tasks", data["stage_tasks"])
+  paths = ([paths] if paths else []) if isinstance(paths, str) else check_sequence("data.paths", paths)
+  tasks = check_sequence("data.stage_tasks", data["stage_tasks"])
   if data["kind"] == "tasks" and not tasks:
     raise config_error("data.stage_tasks", "is empty", "give the task settings of at least one stage")
   task_fields = [f.name for f in dataclasses.fields(TaskConfig)]
   for where, task in _records("data.stage_tasks", tasks, task_fields):
-    for family in _sequence(f"{where}.families", task.get("families", FAMILIES)):
-      _one_of(f"{where}.families", family, FAMILIES)
-    _integer(f"{where}.difficulty", task.get("difficulty", 1), 1)
-    _integer(f"{where}.distractors", task.get("distractors", 0), 0)
+    for family in check_sequence(f"{where}.families", task.get("families", FAMILIES)):
+      check_one_of(f"{where}.families", family, FAMILIES)
+    check_integer(f"{where}.difficulty", task.get("difficulty", 1), 1)
+    check_integer(f"{where}.distractors", task.get("distractors", 0), 0)
   if not inputs:
     return
   if data["kind"] == "files" and not paths:
@@ -401,25 +325,25 @@ def _check_data(data: dict[str, Any], inputs: bool) -> None:
 
 def _check_eval(evaluation: dict[str, Any]) -> None:
   for name in ("ppl_batches", "batch_size", "seq_len", "examples", "max_new_tokens", "decode_batch"):
-    _integer(f"eval.{name}", evaluation[name], 1)
+    check_integer(f"eval.{name}", evaluation[name], 1)
 
 
 def _check_importance(importance: dict[str, Any]) -> None:
   for name in ("batches", "batch_size", "seq_len", "depth_batches"):
-    _integer(f"importance.{name}", importance[name], 1)
+    check_integer(f"importance.{name}", importance[name], 1)
 
 
 def _check_plan(plan: dict[str, Any]) -> None:
   for name in ("device", "checkpoint_dtype"):
     if plan[name] is not None:
-      _string(f"plan.{name}", plan[name])
+      check_string(f"plan.{name}", plan[name])
   for name in ("num_devices", "devices_per_host", "prompt_len"):
     if plan[name] is not None:
-      _integer(f"plan.{name}", plan[name], 1)
+      check_integer(f"plan.{name}", plan[name], 1)
   if plan["mfu"] is not None:
-    _number("plan.mfu", plan["mfu"], 0, 1, low_open=True)
+    check_number("plan.mfu", plan["mfu"], 0, 1, low_open=True)
   if plan["storage_gb_per_s"] is not None:
-    _number("plan.storage_gb_per_s", plan["storage_gb_per_s"], 0, low_open=True)
+    check_number("plan.storage_gb_per_s", plan["storage_gb_per_s"], 0, low_open=True)
 
 
 def validate_run_config(config: Any, mesh: Any = None, rules: Any = None, *, inputs: bool = True,
@@ -434,14 +358,14 @@ def validate_run_config(config: Any, mesh: Any = None, rules: Any = None, *, inp
   (``<key>: <what> (<fix>)``) at the first problem. Takes seconds: nothing is compiled and no data is read.
   """
   run = _merge(default_config(), config, "")
-  _integer("seed", run["seed"], 0)
-  _integer("checkpoint_every", run["checkpoint_every"], 1)
+  check_integer("seed", run["seed"], 0)
+  check_integer("checkpoint_every", run["checkpoint_every"], 1)
   _check_parent(run["parent"], inputs)
   model = _check_model(run, inputs)
   _check_data(run["data"], inputs)
   _check_importance(run["importance"])
   budgets = _check_elastic(run["elastic"], model)
-  _check_memory(run["memory"])
+  MemoryConfig.from_dict(run["memory"])  # it checks its own values, naming each key
   grad_accum_steps = run["memory"]["grad_accum_steps"]
   pretrains = not run["parent"]["hf_path"] and run["parent"]["pretrain_steps"] > 0
   if pretrains and run["parent"]["batch_size"] % grad_accum_steps:
@@ -506,20 +430,9 @@ def stages_from_config(config: Any) -> tuple[Stage, ...]:
   return tuple(out)
 
 
-@dataclasses.dataclass(frozen=True)
-class MemoryConfig:
-  """``config.memory``: rematerialisation per block kind, gradient accumulation, the teacher's dtype."""
-
-  remat: RematPolicies = ()
-  grad_accum_steps: int = 1
-  teacher_dtype: str = "float32"
-
-
 def memory_from_config(config: Any) -> MemoryConfig:
   """Reads and validates ``config.memory`` (absent: no remat, no accumulation, fp32 teacher)."""
-  memory = section(config, "memory")
-  _check_memory(memory)
-  return MemoryConfig(remat_policies(plain(memory["remat"])), memory["grad_accum_steps"], memory["teacher_dtype"])
+  return MemoryConfig.from_dict(section(config, "memory"))
 
 
 def elastic_setup_from_config(config: Any, model_config: ModelConfig, depth_order: Sequence[int],
@@ -531,11 +444,9 @@ def elastic_setup_from_config(config: Any, model_config: ModelConfig, depth_orde
   setup_router = {field: router.pop(key) for key, field in _ROUTER_SETUP_KEYS.items()}
   space = _wrapped("elastic.space", ElasticSpace.from_dict, elastic["space"], model_config)
   schedule = RouterSchedule(total_steps=total_steps, **router)
-  memory = memory_from_config(config)
   return ElasticSetup(model_config, space, tuple(float(b) for b in elastic["budgets"]),
                       tuple(int(i) for i in depth_order), schedule, **setup_router,
-                      grad_accum_steps=memory.grad_accum_steps, remat=memory.remat,
-                      teacher_dtype=memory.teacher_dtype, **{key: elastic[key] for key in _LOSS_KEYS})
+                      memory=memory_from_config(config), **{key: elastic[key] for key in _LOSS_KEYS})
 
 
 def check_run_shapes(config: Any, mesh: Any, rules: Any) -> None:

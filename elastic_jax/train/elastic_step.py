@@ -7,7 +7,7 @@
   grads: model <- KD only (the router loss does not touch the model); router <- KD + lambda * router loss
 
 Budgets only change mask *values*, so one compilation serves every budget draw and every stage with the same
-shapes; stage probabilities are an input, not a constant. With ``grad_accum_steps`` k the KD part runs as k
+shapes; stage probabilities are an input, not a constant. With ``memory.grad_accum_steps`` k the KD part runs as k
 micro-batches (``train.microbatch``); the routing and budget draws are made once for the global batch.
 """
 
@@ -27,17 +27,16 @@ from elastic_jax.elastic.masks import masks_from_weights
 from elastic_jax.elastic.param_count import expected_memory_bytes, expected_param_count, memory_bytes, param_count
 from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.model import HybridLM, ModelConfig
-from elastic_jax.model.hybrid import RematPolicies, remat_policies
 from elastic_jax.train.lm_step import split_batch
 from elastic_jax.train.losses import cross_entropy, forward_kl, mean_by_group
-from elastic_jax.train.microbatch import (accumulate_gradients, check_grad_accum, check_grad_accum_steps,
+from elastic_jax.train.microbatch import (accumulate_gradients, check_grad_accum,
                                           merge_micro_batches, micro_batches, micro_rows)
+from elastic_jax.train.memory import MemoryConfig
 from elastic_jax.train.sampling import sample_budgets
 from elastic_jax.train.state import TrainState
 
 Array = jax.Array
 Params = Any
-TEACHER_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +46,9 @@ class ElasticSetup:
   budgets: target fractions of the parent's parameter count, one per family member (e.g. (1.0, 0.75, 0.5)).
   depth_order: block indices, most important first (from importance), used by depth masks and counts.
   hard: straight-through binary masks (default, D-5) or soft staircase masks.
-  grad_accum_steps, remat, teacher_dtype: memory levers that leave the step's result unchanged (up to the
-    teacher's rounding in bf16): micro-batches per step, the student's per-block-kind rematerialisation (a dict
-    or ``remat_policies`` pairs; stored as the hashable pairs), and the frozen teacher's storage dtype.
+  memory: the levers that trade compute or precision for memory and leave the step's result unchanged (up to the
+    teacher's rounding in bf16): micro-batches per step, the student's per-block-kind rematerialisation, and the
+    frozen teacher's storage dtype (``train.memory.MemoryConfig``).
   """
 
   config: ModelConfig
@@ -72,17 +71,11 @@ class ElasticSetup:
   # one sequence of memory_context tokens, weights and caches in bf16).
   budget_metric: str = "params"
   memory_context: int = 8192
-  grad_accum_steps: int = 1
-  remat: RematPolicies = ()
-  # "bfloat16" halves the teacher's memory: its params are stored and its forward computed in bf16 (the logits
-  # stay fp32 for the KL). "float32" keeps the params fp32 and computes in the model's compute dtype.
-  teacher_dtype: str = "float32"
+  memory: MemoryConfig = MemoryConfig()
 
   def __post_init__(self):
-    object.__setattr__(self, "remat", remat_policies(self.remat))
-    check_grad_accum_steps(self.grad_accum_steps)
-    if self.teacher_dtype not in TEACHER_DTYPES:
-      raise ValueError(f"teacher_dtype={self.teacher_dtype!r} is not one of {TEACHER_DTYPES}.")
+    if not isinstance(self.memory, MemoryConfig):
+      raise TypeError(f"memory={self.memory!r} is not a MemoryConfig, e.g. MemoryConfig(grad_accum_steps=2).")
     if self.estimator not in router_lib.ESTIMATORS:
       raise ValueError(f"router estimator={self.estimator!r} is not one of {router_lib.ESTIMATORS}.")
     if not self.budgets:
@@ -124,12 +117,12 @@ class ElasticSetup:
 
   @property
   def student(self) -> HybridLM:
-    return HybridLM(self.config, remat=self.remat)
+    return HybridLM(self.config, remat=self.memory.remat)
 
   @property
   def teacher(self) -> HybridLM:
-    """The frozen teacher's module: the model's compute dtype, lowered to bf16 when ``teacher_dtype`` is bf16."""
-    if self.teacher_dtype == "bfloat16":
+    """The frozen teacher's module: the model's compute dtype, lowered to bf16 when ``memory.teacher_dtype`` is bf16."""
+    if self.memory.teacher_dtype == "bfloat16":
       return HybridLM(dataclasses.replace(self.config, dtype="bfloat16"))
     return HybridLM(self.config)
 
@@ -177,7 +170,7 @@ def _distillation_loss(setup: ElasticSetup, params: Params, router_params: Param
   global-batch mean, per-sample loss [b/k])."""
   index, micro_inputs, micro_next = micro
   # The router is tiny: rerouting the global batch and taking this micro-batch's rows keeps the noise global.
-  samples = jax.tree.map(lambda x: micro_rows(x, index, setup.grad_accum_steps), route(router_params))
+  samples = jax.tree.map(lambda x: micro_rows(x, index, setup.memory.grad_accum_steps), route(router_params))
   weights = router_lib.candidate_weights(samples, setup.space, hard=setup.hard, estimator=setup.estimator)
   masks = masks_from_weights(setup.config, setup.space, weights, np.asarray(setup.depth_order, np.int32))
   teacher_logits = jax.lax.stop_gradient(setup.teacher.apply({"params": teacher_params}, micro_inputs))
@@ -191,7 +184,7 @@ def _distillation_loss(setup: ElasticSetup, params: Params, router_params: Param
 def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
                       router_tx: optax.GradientTransformation) -> Callable:
   """``step(state, teacher_params, tokens [b, l+1], budget_probs [n_budgets]) -> (state, metrics)``."""
-  router, num_budgets, k = setup.router, len(setup.budgets), setup.grad_accum_steps
+  router, num_budgets, k = setup.router, len(setup.budgets), setup.memory.grad_accum_steps
 
   def step(state: TrainState, teacher_params: Params, tokens: Array, budget_probs: Array
            ) -> tuple[TrainState, dict[str, Array]]:

@@ -112,7 +112,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   Args:
     setup: the elastic setup (model config, space, budgets, depth order, router schedule, loss options).
     stages: the curriculum, run in order.
-    teacher_params: the frozen parent (never updated); held in its shardings in ``setup.teacher_dtype``.
+    teacher_params: the frozen parent (never updated); held in its shardings in ``setup.memory.teacher_dtype``.
     student_params: the student's starting point (normally the parent itself: the train state gets its own
       sharded copy); ignored when resuming.
     make_data: builds the token iterator of a stage; the loop restores its position when resuming.
@@ -131,7 +131,7 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   """
   for stage in stages:
     stage.validate(len(setup.budgets))
-    check_grad_accum(stage.batch_size, setup.grad_accum_steps, f"stage {stage.name!r}")
+    check_grad_accum(stage.batch_size, setup.memory.grad_accum_steps, f"stage {stage.name!r}")
   total_steps = sum(stage.steps for stage in stages)
   stage_ends = np.cumsum([stage.steps for stage in stages]).tolist()
   router_optimizer = router_optimizer or default_router_optimizer_config()
@@ -265,9 +265,9 @@ def deployed_choice_records(setup: ElasticSetup, router_params: Params) -> list[
 
 
 def place_teacher(setup: ElasticSetup, teacher_params: Params, shardings: Params) -> Params:
-  """The frozen teacher in its shardings and in ``setup.teacher_dtype`` (bf16 halves its memory)."""
+  """The frozen teacher in its shardings and in ``setup.memory.teacher_dtype`` (bf16 halves its memory)."""
   teacher = shard_params(teacher_params, shardings)
-  dtype = jnp.dtype(setup.teacher_dtype)
+  dtype = jnp.dtype(setup.memory.teacher_dtype)
   if all(x.dtype == dtype for x in jax.tree.leaves(teacher)):
     return teacher
   cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
@@ -442,19 +442,15 @@ def _truncate_metrics(path: str, last_step: int) -> None:
   os.replace(temporary, path)
 
 
-_MEMORY_FIELDS = ("remat", "grad_accum_steps", "teacher_dtype")
-
-
 def describe_run(setup: ElasticSetup, stages: Sequence[Stage], optimizer: OptimizerConfig,
                  router_optimizer: OptimizerConfig, seed: int) -> dict[str, Any]:
   """A JSON-able record of everything a resumed run must share with the original (the memory levers included:
   they change how the step computes, so a resume under another setting is refused rather than silently mixed)."""
   elastic = {f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)
-             if f.name not in ("config", "space", "schedule", *_MEMORY_FIELDS)}
+             if f.name not in ("config", "space", "schedule", "memory")}
   elastic["depth_order"] = list(setup.depth_order)
   elastic["budgets"] = list(setup.budgets)
-  memory = {"remat": dict(setup.remat), "grad_accum_steps": setup.grad_accum_steps,
-            "teacher_dtype": setup.teacher_dtype}
+  memory = setup.memory.to_json()
   return json.loads(json.dumps({
       "model": setup.config.to_dict(), "space": setup.space.to_dict(), "elastic": elastic, "memory": memory,
       "router_schedule": dataclasses.asdict(setup.schedule),
