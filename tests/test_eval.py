@@ -13,10 +13,12 @@ import pytest
 from elastic_jax.data.tasks import TaskConfig, generate_examples
 from elastic_jax.data.tokenizer import ByteTokenizer
 from elastic_jax.elastic.masks import choice_masks
+from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
 from elastic_jax.eval import metrics, report
 from elastic_jax.eval.generate import generate
 from elastic_jax.model import HybridLM
+from elastic_jax.train.result import ExtractedModel, FamilyMember, PipelineResult
 from tests.conftest import random_params, small_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -214,3 +216,31 @@ def test_report_without_curves_or_choices(tmp_path):
   paths = report.write_report(tmp_path, [dict(budget="x", params=10)])
   assert set(paths) == {"json", "markdown"}
   assert "| x | 10 | — |" in open(paths["markdown"], encoding="utf-8").read()
+
+
+def test_family_rows_pair_each_child_with_its_baseline_and_measure_in_order():
+  parent_config = small_config("M*-", hidden_size=32, intermediate_size=48)
+  parent_count = param_count(parent_config)
+  choice = Choice.full(parent_config)
+
+  def model(tag: str, count: int) -> ExtractedModel:
+    return ExtractedModel(parent_config, tag, choice, count, f"/w/{tag}")  # params: a tag the fake measure reads
+
+  members = (FamilyMember(1.0, model("child100", parent_count), model("base100", parent_count)),
+             FamilyMember(0.5, model("child50", 500), model("base50", 510)))
+  result = PipelineResult(workdir="/w", config=parent_config, parent="parent", members=members, source=None,
+                          tokenizer=None, mesh=None, rules=())
+  calls = []
+
+  def measure(config, params):
+    calls.append(params)
+    return {"ppl": float(len(calls)), "accuracy_short": 0.5}
+
+  rows = report.family_rows(result, measure)
+  assert calls == ["parent", "child100", "child50", "base50"]  # a full-size member's baseline is not measured
+  assert rows == [
+      {"budget": "parent", "role": "parent", "params": parent_count, "ppl": 1.0, "accuracy_short": 0.5},
+      {"budget": "100pct", "params": parent_count, "ppl": 2.0, "accuracy_short": 0.5, "full_size": True},
+      {"budget": "50pct", "params": 500, "ppl": 3.0, "accuracy_short": 0.5, "baseline_params": 510,
+       "baseline_ppl": 4.0, "baseline_accuracy_short": 0.5}]
+  assert result.metrics_path == os.path.join("/w", "elastic", "metrics.jsonl")

@@ -12,7 +12,7 @@ import pytest
 
 from elastic_jax.elastic.extract import extract
 from elastic_jax.elastic.space import Choice
-from elastic_jax.train.__main__ import evaluate_and_report
+from elastic_jax.eval.report import evaluate_and_report
 from elastic_jax.train.checkpoint import load_model
 from elastic_jax.train.pipeline import run_pipeline
 
@@ -39,7 +39,7 @@ def test_pipeline_runs_every_phase_and_resumes_without_redoing_them(tmp_path, ca
   cfg = _micro_config()
   workdir = str(tmp_path / "run")
   result = run_pipeline(cfg, workdir)
-  files = evaluate_and_report(cfg, workdir, result)
+  files = evaluate_and_report(cfg, result)
   for phase in ("parent/DONE", "importance/rankings.json", "permuted/DONE", "elastic/deployed_choices.json",
                 "elastic/student/DONE",
                 "children/100pct/DONE", "children/60pct/DONE", "baselines/60pct/DONE", "report.md", "report.json"):
@@ -59,8 +59,17 @@ def test_pipeline_runs_every_phase_and_resumes_without_redoing_them(tmp_path, ca
   for record in records:
     name = f"{int(round(100 * record['budget']))}pct"
     _, saved = load_model(os.path.join(workdir, "children", name, "model"))
-    _, sliced = extract(result["config"], student, Choice.from_dict(record["choice"]), depth_order)
+    _, sliced = extract(result.config, student, Choice.from_dict(record["choice"]), depth_order)
     jax.tree.map(np.testing.assert_array_equal, saved, sliced)
+  # The typed result holds, per budget, the deployed choice's child and the baseline, as saved.
+  assert [(m.name, m.budget) for m in result.members] == [("100pct", 1.0), ("60pct", 0.6)]
+  for member, record, row in zip(result.members, records, rows[1:]):
+    assert member.child.choice == Choice.from_dict(record["choice"])
+    assert member.child.path == os.path.join(workdir, "children", member.name)
+    assert member.baseline.path == os.path.join(workdir, "baselines", member.name)
+    assert row["params"] == member.child.param_count == record["params"]
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(member.child.params),
+                 load_model(os.path.join(member.child.path, "model"))[1])
   _, full_child = load_model(os.path.join(workdir, "children", "100pct", "model"))
   trained = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), full_child,
                                          permuted))

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from elastic_jax.train.__main__ import evaluate_and_report
+from elastic_jax.eval.report import evaluate_and_report
 from elastic_jax.train.pipeline import DivergedError, parent_phase, run_pipeline
 from multihost import cpu_env
 from test_pipeline import _micro_config
@@ -38,7 +38,7 @@ def _config(**changes):
 def _run(cfg, workdir: str, capsys, reuse_stale: bool = False) -> tuple[str, dict]:
   """One main-job run (pipeline and evaluation); returns its log and report."""
   capsys.readouterr()
-  evaluate_and_report(cfg, workdir, run_pipeline(cfg, workdir, reuse_stale=reuse_stale))
+  evaluate_and_report(cfg, run_pipeline(cfg, workdir, reuse_stale=reuse_stale))
   with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
     return capsys.readouterr().out, json.load(f)
 

@@ -1,5 +1,9 @@
 """The run's report: a JSON dump, a Markdown table with one verdict per budget, and PNG plots.
 
+:func:`evaluate_and_report` builds it from what the main job produced (``train.result.PipelineResult``): it
+measures the parent and every member's child and pruned baseline (:func:`family_rows`), then writes the files
+(:func:`write_report`). The CLI only calls it.
+
 ``rows`` are plain dicts, one per budget, with these keys (``None`` or absent = not measured):
 
   - ``budget`` (str): the budget's label, e.g. ``"6B"`` or ``"0.5"``.
@@ -28,16 +32,26 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display, no GUI toolkit
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
+import numpy as np  # pylint: disable=wrong-import-position
+
+from elastic_jax.data import tasks  # pylint: disable=wrong-import-position
+from elastic_jax.data.pipeline import data_factory, source_tokenizer  # pylint: disable=wrong-import-position
 from elastic_jax.elastic import axes as axes_lib  # pylint: disable=wrong-import-position
+from elastic_jax.elastic.param_count import param_count  # pylint: disable=wrong-import-position
 from elastic_jax.elastic.space import Choice  # pylint: disable=wrong-import-position
+from elastic_jax.eval.measure import eval_split_batches, measure_model  # pylint: disable=wrong-import-position
 from elastic_jax.model import ModelConfig  # pylint: disable=wrong-import-position
+from elastic_jax.train import distributed  # pylint: disable=wrong-import-position
+from elastic_jax.train.config import section  # pylint: disable=wrong-import-position
+from elastic_jax.train.loop import Stage  # pylint: disable=wrong-import-position
+from elastic_jax.train.result import PipelineResult  # pylint: disable=wrong-import-position
 
 ROW_KEYS = ("budget", "params", "ppl", "accuracy_short", "accuracy_long", "baseline_params", "baseline_ppl",
             "baseline_accuracy_short", "baseline_accuracy_long")
@@ -266,3 +280,64 @@ def write_report(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
   with open(paths["markdown"], "w", encoding="utf-8") as f:
     f.write("\n".join(markdown) + "\n")
   return paths
+
+
+# ------------------------------------------------------------------------------------------------ from a run
+Measure = Callable[[ModelConfig, Any], Mapping[str, Any]]
+
+
+def family_rows(result: PipelineResult, measure: Measure) -> list[dict[str, Any]]:
+  """The report's rows: the parent, then one per family member with its pruned baseline's metrics beside it.
+
+  ``measure(config, params)`` gives a model's metrics (``ppl``, ``accuracy_short``, ``accuracy_long``); it is called
+  for the parent, then for each member's child and, unless the member is full-size, its baseline, in that order.
+  """
+  parent_params = param_count(result.config)
+  rows = [{"budget": "parent", "role": "parent", "params": parent_params, **measure(result.config, result.parent)}]
+  for member in result.members:
+    child, baseline = member.child, member.baseline
+    row = {"budget": member.name, "params": child.param_count, **measure(child.config, child.params)}
+    if baseline.param_count == parent_params:  # nothing pruned: the parent row is the reference
+      row["full_size"] = True
+    else:
+      row["baseline_params"] = baseline.param_count
+      row.update({f"baseline_{k}": v for k, v in measure(baseline.config, baseline.params).items()})
+    rows.append(row)
+  return rows
+
+
+def evaluate_and_report(cfg: Any, result: PipelineResult) -> dict[str, str]:
+  """Perplexity and answer accuracy (short and long tasks) of the parent and of every child and baseline under
+  ``cfg.eval``; writes the report into ``result.workdir`` (:func:`write_report`) and returns its files (empty on
+  every process but process 0)."""
+  eval_cfg = section(cfg, "eval")
+  source = result.source
+  tokenizer = result.tokenizer or source_tokenizer(source)  # the one the data was tokenized with
+  # Every process reads the same full batches and examples; each batch is split over the mesh's data-parallel
+  # devices and the results gathered, so every process computes the same report (process 0 writes it).
+  stage = Stage("eval", 1, eval_cfg["batch_size"], eval_cfg["seq_len"], (1.0,))
+  num_batches = eval_cfg["ppl_batches"]
+  if source.kind == "tasks":  # the tasks' evaluation split: it never shares a prompt with the training split
+    ppl_batches = eval_split_batches(source.stage_tasks[0], int(cfg.seed), tokenizer, batches=num_batches,
+                                     batch_size=stage.batch_size, seq_len=stage.seq_len)
+  else:  # a file corpus has no split of its own: its documents in another order than training's (not held out)
+    other_order = data_factory(source, seed=int(cfg.seed) + 104729, tokenizer=tokenizer,
+                               vocab_size=result.config.vocab_size, process_index=0, process_count=1)
+    ppl_batches = [np.asarray(next(other_order(stage, 0))) for _ in range(num_batches)]
+  n = eval_cfg["examples"]
+  short = tasks.generate_examples(source.stage_tasks[0], int(cfg.seed), "eval", n)
+  long = tasks.generate_examples(source.stage_tasks[-1], int(cfg.seed) + 1, "eval", n)
+
+  def measure(config: ModelConfig, params: Any) -> dict[str, Any]:
+    measured = measure_model(config, params, ppl_batches, {"short": short, "long": long}, tokenizer,
+                             max_new_tokens=eval_cfg["max_new_tokens"], decode_batch=eval_cfg["decode_batch"],
+                             mesh=result.mesh, rules=result.rules)
+    return {"ppl": measured["ppl"],
+            **{f"accuracy_{label}": graded["accuracy"] for label, graded in measured["accuracy"].items()}}
+
+  rows = family_rows(result, measure)
+  router_choices = {member.name: choice_fractions(result.config, member.child.choice) for member in result.members}
+  if not distributed.is_primary():  # the report is written once, by process 0
+    return {}
+  return write_report(result.workdir, rows, result.metrics_path, router_choices, curve_labels=list(router_choices),
+                      stale=result.stale)

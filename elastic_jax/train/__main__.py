@@ -16,20 +16,13 @@ from __future__ import annotations
 import os
 import time
 
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from elastic_jax import cli
-from elastic_jax.data import tasks
-from elastic_jax.data.pipeline import data_factory, source_tokenizer
-from elastic_jax.elastic.param_count import param_count
-from elastic_jax.elastic.space import Choice
-from elastic_jax.eval.measure import eval_split_batches, measure_model
-from elastic_jax.eval.report import choice_fractions, write_report
+from elastic_jax.eval.report import evaluate_and_report
 from elastic_jax.train import distributed
-from elastic_jax.train.config import section, validate_run_config
-from elastic_jax.train.loop import Stage
+from elastic_jax.train.config import validate_run_config
 from elastic_jax.train.pipeline import run_pipeline
 
 # Overrides may set any key of the schema (train.config.default_config), also one the file leaves out; a key the
@@ -40,57 +33,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run (defau
                                "Re-running with the same folder resumes.")
 _REUSE_STALE = flags.DEFINE_bool("reuse-stale", False, "Keep finished phases whose config values changed since they "
                                  "ran (default: rerun them and every later phase); the report lists them.")
-
-
-def evaluate_and_report(cfg, workdir: str, result: dict) -> dict:
-  """Perplexity and answer accuracy (short and long tasks) of every child and baseline; writes the report."""
-  eval_cfg = section(cfg, "eval")
-  source = result["source"]
-  tokenizer = result.get("tokenizer") or source_tokenizer(source)  # the one the data was tokenized with
-  # Every process reads the same full batches and examples; each batch is split over the mesh's data-parallel
-  # devices and the results gathered, so every process computes the same report (process 0 writes it).
-  stage = Stage("eval", 1, eval_cfg["batch_size"], eval_cfg["seq_len"], (1.0,))
-  num_batches = eval_cfg["ppl_batches"]
-  if source.kind == "tasks":  # the tasks' evaluation split: it never shares a prompt with the training split
-    ppl_batches = eval_split_batches(source.stage_tasks[0], int(cfg.seed), tokenizer, batches=num_batches,
-                                     batch_size=stage.batch_size, seq_len=stage.seq_len)
-  else:  # a file corpus has no split of its own: its documents in another order than training's (not held out)
-    other_order = data_factory(source, seed=int(cfg.seed) + 104729, tokenizer=tokenizer,
-                               vocab_size=result["config"].vocab_size, process_index=0, process_count=1)
-    ppl_batches = [np.asarray(next(other_order(stage, 0))) for _ in range(num_batches)]
-  n = eval_cfg["examples"]
-  short = tasks.generate_examples(source.stage_tasks[0], int(cfg.seed), "eval", n)
-  long = tasks.generate_examples(source.stage_tasks[-1], int(cfg.seed) + 1, "eval", n)
-  max_new = eval_cfg["max_new_tokens"]
-
-  def measure(config, params) -> dict:
-    measured = measure_model(config, params, ppl_batches, {"short": short, "long": long}, tokenizer,
-                             max_new_tokens=max_new, decode_batch=eval_cfg["decode_batch"],
-                             mesh=result["mesh"], rules=result["rules"])
-    return {"ppl": measured["ppl"],
-            **{f"accuracy_{label}": graded["accuracy"] for label, graded in measured["accuracy"].items()}}
-
-  parent_metrics = measure(result["config"], result["parent"])
-  rows = [{"budget": "parent", "role": "parent", "params": param_count(result["config"]), **parent_metrics}]
-  by_name = {}
-  for model in result["models"]:
-    by_name.setdefault(model["name"], {})[model["kind"]] = model
-  router_choices = {}
-  for record in result["records"]:
-    name = f"{int(round(100 * record['budget']))}pct"
-    child, baseline = by_name[name]["children"], by_name[name]["baselines"]
-    row = {"budget": name, "params": child["param_count"], **measure(child["config"], child["params"])}
-    if baseline["param_count"] == rows[0]["params"]:  # nothing pruned: the parent row is the reference
-      row["full_size"] = True
-    else:
-      row["baseline_params"] = baseline["param_count"]
-      row.update({f"baseline_{k}": v for k, v in measure(baseline["config"], baseline["params"]).items()})
-    rows.append(row)
-    router_choices[name] = choice_fractions(result["config"], Choice.from_dict(record["choice"]))
-  if not distributed.is_primary():  # the report is written once, by process 0
-    return {}
-  return write_report(workdir, rows, os.path.join(workdir, "elastic", "metrics.jsonl"), router_choices,
-                      curve_labels=list(router_choices), stale=result.get("stale", ()))
 
 
 def main(argv) -> None:
@@ -110,7 +52,7 @@ def main(argv) -> None:
     cfg = validate_run_config(cfg)
     cli.check_writable_dir(workdir, "--workdir")
     result = run_pipeline(cfg, workdir, reuse_stale=_REUSE_STALE.value)
-    files = evaluate_and_report(cfg, workdir, result)
+    files = evaluate_and_report(cfg, result)
   print(f"[elastic_jax] done in {time.perf_counter() - started:.0f} s; report: {files}")
 
 

@@ -48,6 +48,7 @@ from elastic_jax.train.distributed import (agreed_stop, barrier, global_batch, i
                                            process_states)
 from elastic_jax.train.loop import Stage, compiled_lm_step, train_elastic, write_json_atomically
 from elastic_jax.train.optim import OptimizerConfig
+from elastic_jax.train.result import ExtractedModel, FamilyMember, PipelineResult, member_name
 from elastic_jax.train.sharding import LogicalRules, param_shardings
 from elastic_jax.train.microbatch import check_grad_accum
 
@@ -397,15 +398,15 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
 
 def extraction_phase(workdir: str, config: ModelConfig, student: Params, permuted: Params, ranks: Rankings,
                      records: list[dict[str, Any]], space_cfg: Any, mesh: Mesh, rules: LogicalRules,
-                     ledger: PhaseLedger | None = None) -> list[dict[str, Any]]:
+                     ledger: PhaseLedger | None = None) -> tuple[FamilyMember, ...]:
   """Each budget's child: the router's argmax choice sliced from the elastically trained ``student``; and the
   zero-shot pruned baseline of the same size: a choice of that size sliced from the untrained ``permuted`` parent
   (same importance ranking, no training). Each is sliced by one jitted program straight into its own shardings on
-  ``mesh`` and saved by every process (its own shards)."""
+  ``mesh`` and saved by every process (its own shards). Returns one ``FamilyMember`` per record, in order."""
   from elastic_jax.elastic.space import ElasticSpace  # pylint: disable=import-outside-toplevel
   space = ElasticSpace.from_dict(plain(space_cfg), config)
   depth_order = [int(i) for i in ranks.depth]
-  names = [f"{int(round(100 * record['budget']))}pct" for record in records]
+  names = [member_name(record["budget"]) for record in records]
   saved = lambda: sum(os.path.exists(os.path.join(workdir, kind, name, "DONE")) for kind in ("children", "baselines")
                       for name in names)
   if (ledger or PhaseLedger(workdir)).begin("extraction", "children", {}, saved() == 2 * len(names),
@@ -414,22 +415,23 @@ def extraction_phase(workdir: str, config: ModelConfig, student: Params, permute
   else:
     _log(f"extraction: slicing {len(names)} children and their pruned baselines ({saved()} of {2 * len(names)} "
          "saved before)")
-  models = []
+  members = []
   for record in records:
-    name = f"{int(round(100 * record['budget']))}pct"
+    name = member_name(record["budget"])
     choice = Choice.from_dict(record["choice"])
     baseline = select_choice(config, space, record["params"], tolerance=0.02, depth_order=depth_order)
+    extracted = {}
     for kind, pick, source in (("children", choice, student), ("baselines", baseline, permuted)):
       path = os.path.join(workdir, kind, name)
       child_config, child_params = extract_sharded(config, source, pick, depth_order, mesh, rules)
       if not os.path.exists(os.path.join(path, "DONE")):
         _save_output(path, child_config, child_params, {"choice": pick.to_dict(), "budget": record["budget"]})
-      models.append({"kind": kind, "name": name, "budget": record["budget"], "config": child_config,
-                     "params": child_params, "param_count": param_count(child_config)})
-  return models
+      extracted[kind] = ExtractedModel(child_config, child_params, pick, param_count(child_config), path)
+    members.append(FamilyMember(float(record["budget"]), extracted["children"], extracted["baselines"]))
+  return tuple(members)
 
 
-def run_pipeline(cfg: Any, workdir: str, reuse_stale: bool = False) -> dict[str, Any]:
+def run_pipeline(cfg: Any, workdir: str, reuse_stale: bool = False) -> PipelineResult:
   """Runs every phase not already done in ``workdir``, each under the run's mesh; returns what the evaluation needs
   (the models in their shardings, and the mesh) and ``stale``: the finished phases kept although the config changed
   since they ran (``reuse_stale``; without it they run again)."""
@@ -460,8 +462,7 @@ def run_pipeline(cfg: Any, workdir: str, reuse_stale: bool = False) -> dict[str,
   permuted = permutation_phase(workdir, config, params, ranks, mesh, rules, ledger)
   del params  # the unpermuted parent is no longer needed
   records, student = elastic_phase(cfg, workdir, config, permuted, ranks, make_data, mesh, rules, ledger)
-  models = extraction_phase(workdir, config, student, permuted, ranks, records, cfg.elastic.space, mesh, rules,
-                            ledger)
+  members = extraction_phase(workdir, config, student, permuted, ranks, records, cfg.elastic.space, mesh, rules,
+                             ledger)
   _log(f"phases done in {time.perf_counter() - started:.0f} s; evaluation next")
-  return {"config": config, "parent": permuted, "models": models, "records": records, "source": source,
-          "tokenizer": tokenizer, "mesh": mesh, "rules": rules, "stale": ledger.kept_stale}
+  return PipelineResult(workdir, config, permuted, members, source, tokenizer, mesh, rules, tuple(ledger.kept_stale))
