@@ -38,7 +38,7 @@ SEED = int(os.environ.get("ELASTIC_JAX_FAULT_SEED", str(np.random.SeedSequence()
 TIMEOUT_S = 300  # per run: a hang fails the test instead of blocking CI
 # Each phase and the log line that starts it (the report: its first file, see _report_started).
 PHASES = ("parent", "importance", "permutation", "stage1", "stage2", "extraction", "evaluation", "report")
-MARKERS = (("parent", "[elastic_jax] parent: pretraining"), ("parent", "[elastic_jax] parent: resuming"),
+MARKERS = (("parent", "[elastic_jax] parent pretraining: "),
            ("importance", "[elastic_jax] importance: calibrating"),
            ("permutation", "[elastic_jax] permutation: permuting"),
            ("stage1", "[elastic_jax] elastic training: starting at step 0"),

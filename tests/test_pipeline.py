@@ -119,3 +119,9 @@ def test_parent_pretraining_resumes_from_its_checkpoint_exactly(tmp_path):
   assert not os.path.exists(os.path.join(workdir, "parent", "DONE"))
   _, resumed = parent_phase(cfg, workdir, make_data)
   jax.tree.map(np.testing.assert_array_equal, resumed, reference)
+  # The training loop's log reads as one uninterrupted run, and the resume check compares the memory settings' values.
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "parent", "metrics.jsonl"), encoding="utf-8")]
+  assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+  metadata, _ = load_model(os.path.join(workdir, "parent", "checkpoints"))
+  assert metadata["step"] == 6
+  assert metadata["config"]["memory"] == {"remat": {}, "grad_accum_steps": 1, "teacher_dtype": "float32"}

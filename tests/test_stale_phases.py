@@ -93,7 +93,7 @@ def test_a_changed_pretraining_length_reruns_everything(finished, tmp_path, caps
           "every later phase") in log
   for phase in ("importance", "permutation", "elastic training", "extraction"):  # each names the upstream key
     assert f"[elastic_jax] {phase}: made under other config values (parent.pretrain_steps: 6 -> 8)" in log
-  assert "parent: pretraining, 8 steps" in log
+  assert "parent pretraining: starting at step 0 of 8" in log
   assert json.loads(_read(workdir, "parent", "phase_config.json"))["parent.pretrain_steps"] == 8
   log, _ = _run(_config(**{"parent.pretrain_steps": 8}), workdir, capsys)  # and now it is all reused
   assert _reused(log) == set(PHASES)

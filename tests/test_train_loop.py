@@ -26,6 +26,7 @@ from elastic_jax.train.checkpoint import Checkpointer, ConfigMismatchError, abst
 from elastic_jax.train.loop import Stage, train_elastic
 from elastic_jax.train.optim import OptimizerConfig
 from elastic_jax.train.elastic_step import ElasticSetup
+from elastic_jax.train.memory import MemoryConfig
 
 CONFIG = small_config("M-*M", hidden_size=32, intermediate_size=48)
 # Same batch shape in both stages (one compile per test); the stage change still switches data and probabilities.
@@ -91,6 +92,12 @@ def test_resume_under_a_changed_config_is_refused(tmp_path):
   _run(tmp_path, max_steps=2)
   with pytest.raises(ConfigMismatchError, match=r"elastic.kd_temperature: checkpoint has 1.0, current config has 2.0"):
     _run(tmp_path, setup=_setup(kd_temperature=2.0))
+
+
+def test_resume_under_another_memory_setting_is_refused_naming_its_values(tmp_path):
+  _run(tmp_path, max_steps=2)
+  with pytest.raises(ConfigMismatchError, match=r"memory.grad_accum_steps: checkpoint has 1, current config has 2"):
+    _run(tmp_path, setup=_setup(memory=MemoryConfig(grad_accum_steps=2)))
 
 
 NEW_STAGES = (STAGES[0], Stage("stage2", 3, 4, 8, (0.2, 0.3, 0.5)))  # stage 2 draws other budgets

@@ -1,4 +1,6 @@
-"""The elastic training loop: a curriculum of stages over one jitted step, with exact resume and preemption saves.
+"""The training loop (``run_training``), for parent pretraining and elastic training alike, and the elastic
+curriculum on it (``train_elastic``): a sequence of stages over one jitted step, with exact resume and preemption
+saves.
 
 A stage fixes the sequence length, batch size, step count and budget probabilities (spec §6: stage 1 uniform over
 budgets at short context; stage 2 skewed to the full model at long context). Budget probabilities are a step
@@ -86,7 +88,27 @@ class TrainResult:
   preempted: bool
 
 
-def _stage_at(stages: Sequence[Stage], step: int) -> tuple[int, int]:
+class Feed(Protocol):
+  """A segment's data as the loop reads it: the global batch of each step, on the mesh, and a JSON-able position."""
+
+  def batch(self, step: int) -> jax.Array: ...  # ``step``: the global index (0-based) of the step it feeds
+  def get_state(self) -> Any: ...
+  def set_state(self, state: Any) -> None: ...
+
+
+class Segment(NamedTuple):
+  """Consecutive steps sharing one step function and one data source: a curriculum stage, or all of a pretraining
+  run. ``open_data`` builds the data source when the loop enters the segment (it then restores its position when
+  resuming); ``tokens_per_step`` is for the tokens/s readout."""
+
+  name: str
+  steps: int
+  tokens_per_step: int
+  open_data: Callable[[], Feed]
+  step: Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def _stage_at(stages: Sequence[Stage | Segment], step: int) -> tuple[int, int]:
   """Global step -> (stage index, steps already done inside that stage)."""
   start = 0
   for index, stage in enumerate(stages):
@@ -133,113 +155,163 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
     stage.validate(len(setup.budgets))
     check_grad_accum(stage.batch_size, setup.memory.grad_accum_steps, f"stage {stage.name!r}")
   total_steps = sum(stage.steps for stage in stages)
-  stage_ends = np.cumsum([stage.steps for stage in stages]).tolist()
   router_optimizer = router_optimizer or default_router_optimizer_config()
   run_config = dict(run_config) if run_config is not None else describe_run(setup, stages, optimizer,
                                                                             router_optimizer, seed)
-  workdir = os.fspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep_steps=stage_ends)
-
   mesh = mesh or make_mesh()
   training = compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, seed, mesh, rules)
-  step_fn = training.step
   teacher_params = place_teacher(setup, teacher_params, training.state_shardings.params)
-  tokens_sharding = batch_sharding(mesh, rules)
+
+  def segment(index: int, stage: Stage) -> Segment:
+    probs = jnp.asarray(stage.budget_probs, jnp.float32)
+    return Segment(stage.name, stage.steps, stage.batch_size * stage.seq_len,
+                   lambda: StageFeed(make_data(stage, index), stage, training.batch_sharding),
+                   lambda state, tokens: training.step(state, teacher_params, tokens, probs))
+
+  def records(state: TrainState) -> dict[str, Any]:
+    return {**(metadata or {}), "depth_order": list(setup.depth_order),
+            "deployed_choices": deployed_choice_records(setup, state.router_params)}
+
+  # The optimizer states are created beside the sharded params, never on one device first.
+  result = run_training([segment(index, stage) for index, stage in enumerate(stages)], workdir,
+                        "elastic training", training.abstract_state,
+                        lambda: training.init(shard_params(student_params, training.state_shardings.params)),
+                        run_config, checkpoint_every=checkpoint_every, log_every=log_every, max_steps=max_steps,
+                        progress=progress, checkpoint_records=records)
+  if int(result.state.step) == total_steps:
+    choices = deployed_choice_records(setup, result.state.router_params)
+    if distributed.is_primary():
+      write_json_atomically(os.path.join(os.fspath(workdir), "deployed_choices.json"), choices, indent=1)
+    distributed.barrier("deployed_choices_written")  # the other processes read it next
+  return result
+
+
+def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label: str, abstract_state: TrainState,
+                 init_state: Callable[[], TrainState], run_config: Mapping[str, Any], *, checkpoint_every: int,
+                 log_every: int = 10, max_steps: int | None = None, progress: bool = True,
+                 checkpoint_records: Callable[[TrainState], Mapping[str, Any]] | None = None) -> TrainResult:
+  """Runs (or resumes) ``segments`` in order in ``workdir``, for any step function: the one training loop.
+
+  Resume: the newest checkpoint in ``workdir/checkpoints`` that restores (a torn one is set aside) and fits
+  ``run_config`` (``stage_change``: a changed value outside ``run_config["stages"]`` is refused, naming it; a started
+  segment whose ``stages`` entry changed restarts from its start) is restored straight into ``abstract_state``'s
+  shardings, with each process's data position; otherwise ``init_state()`` starts afresh. SIGTERM on any process:
+  every process stops at the same step (agreed at log steps), saves, and the result says ``preempted``.
+  Checkpoints every ``checkpoint_every`` steps and at the end of each segment (kept: the latest two and every
+  segment's end), with ``checkpoint_records(state)`` beside the config, step and data positions.
+  ``workdir/metrics.jsonl`` gets one row per step (host metrics, flushed every ``log_every`` steps and before each
+  checkpoint), and keeps exactly one per step across kills and resumes. ``label`` names the run in its log lines and
+  progress bar; ``max_steps`` stops early (saving), e.g. to split a run.
+  """
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  total_steps = sum(segment.steps for segment in segments)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              keep_steps=np.cumsum([segment.steps for segment in segments]).tolist())
+  # The newest checkpoint that restores and fits the run, straight into its shardings.
+  fits = lambda step, saved: stage_change(saved.get("config", {}), run_config, segments, step, checkpointer.directory)
+  restored = checkpointer.restore_latest(abstract_state, accept=fits)
   data_state = None
-  # The newest checkpoint that restores and fits the run, straight into its shardings; the student is not needed.
-  fits = lambda step, saved: stage_change(saved.get("config", {}), run_config, stages, step, checkpointer.directory)
-  restored = checkpointer.restore_latest(training.abstract_state, accept=fits)
   if restored is not None:
     state, saved = restored
     data_state = distributed.own_state(saved["data_state"], checkpointer.directory)
-  else:  # the optimizer states are created beside the sharded params, never on one device first
-    state = training.init(shard_params(student_params, training.state_shardings.params))
+  else:
+    state = init_state()
   start_step = int(state.step)
   talk = progress and distributed.is_primary()
-  if distributed.is_primary():  # shared files are written by process 0 only
-    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start_step)
   if talk:
-    _log(_resume_message(stages, start_step, restored is not None))
-
+    _log(label, _resume_message(segments, start_step, restored is not None))
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
-  history: list[dict[str, Any]] = []
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
   preempted = False
-  bar = tqdm(total=stop_at, initial=start_step, disable=not progress or not distributed.is_primary(),
-             desc="elastic training", unit="step")
-
-  def flush() -> None:
-    records = [{"step": step, **_to_host(metrics)} for step, metrics in pending]
-    history.extend(records)
-    if distributed.is_primary():
-      with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-    if pending:
-      last = history[-1]
-      bar.set_postfix(loss=f"{last['loss']:.4f}", kd=",".join(f"{x:.3f}" for x in last["kd_per_budget"]),
-                      tau=f"{last['tau']:.3f}")
-    pending.clear()
-
+  bar = tqdm(total=stop_at, initial=start_step, disable=not talk, desc=label, unit="step")
+  log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step, bar)
   last_saved = start_step
 
-  def save(step: int, iterator: "_TrackedIterator") -> None:
+  def save(step: int, index: int, feed: Feed) -> None:
     nonlocal last_saved
     if step != last_saved:
-      flush()  # every step up to a checkpoint is in metrics.jsonl before the checkpoint exists
-      checkpointer.save(step, state, {**(metadata or {}), "config": run_config, "step": step,
-                                      "data_state": distributed.process_states(iterator.get_state()),
-                                      "depth_order": list(setup.depth_order),
-                                      "deployed_choices": deployed_choice_records(setup, state.router_params)})
+      log.flush()  # every step up to a checkpoint is in metrics.jsonl before the checkpoint exists
+      records = checkpoint_records(state) if checkpoint_records is not None else {}
+      position = {"stage": index, "iterator": feed.get_state()}
+      checkpointer.save(step, state, {**records, "config": run_config, "step": step,
+                                      "data_state": distributed.process_states(position)})
       last_saved = step
 
   step = start_step
   try:
     with PreemptionGuard() as guard:
       while step < stop_at and not preempted:
-        stage_index, done_in_stage = _stage_at(stages, step)
-        stage = stages[stage_index]
-        iterator = make_data(stage, stage_index)
-        if data_state is not None and data_state.get("stage") == stage_index:
-          iterator.set_state(data_state["iterator"])
+        index, done_in_segment = _stage_at(segments, step)
+        segment = segments[index]
+        feed = segment.open_data()
+        if data_state is not None and data_state.get("stage") == index:
+          feed.set_state(data_state["iterator"])
         data_state = None
-        tracked = _TrackedIterator(iterator, stage_index)
-        probs = jnp.asarray(stage.budget_probs, jnp.float32)
-        stage_end = min(stop_at, step - done_in_stage + stage.steps)
-        bar.set_description(stage.name)
-        if talk:
-          first = step - done_in_stage + 1
-          _log(f"{stage.name} (stage {stage_index + 1} of {len(stages)}, steps {first}-{first + stage.steps - 1})"
-               + (f" from step {step + 1}" if done_in_stage else ""))
+        segment_end = min(stop_at, step - done_in_segment + segment.steps)
+        bar.set_description(segment.name)
+        if talk and len(segments) > 1:
+          first, last = step - done_in_segment + 1, step - done_in_segment + segment.steps
+          _log(label, f"{segment.name} (stage {index + 1} of {len(segments)}, steps {first}-{last})"
+               + (f" from step {step + 1}" if done_in_segment else ""))
         tic = time.perf_counter()
-        while step < stage_end:
-          tokens = _check_batch(next(iterator), stage, tokens_sharding)
-          state, metrics = step_fn(state, teacher_params, tokens, probs)
+        while step < segment_end:
+          state, metrics = segment.step(state, feed.batch(step))
           step += 1
-          pending.append((step, metrics))
+          log.add(step, metrics)
           bar.update(1)
           if step % log_every == 0:
-            flush()
+            log.flush()
             elapsed = time.perf_counter() - tic
-            bar.set_description(f"{stage.name} {stage.batch_size * stage.seq_len * log_every / elapsed:,.0f} tok/s")
+            bar.set_description(f"{segment.name} {segment.tokens_per_step * log_every / elapsed:,.0f} tok/s")
             tic = time.perf_counter()
           # SIGTERM: save where we are and stop cleanly (all processes at the same step: they agree at log steps).
           if distributed.agreed_stop(guard.requested, sync_now=step % log_every == 0):
             preempted = True
             break
           if step % checkpoint_every == 0:
-            save(step, tracked)
-        save(step, tracked)  # end of the stage (or of this call): always resumable from here
+            save(step, index, feed)
+        save(step, index, feed)  # end of the segment (or of this call): always resumable from here
   finally:  # whatever stops the loop, a save in flight completes before it propagates
-    flush()
+    log.flush()
     bar.close()
     checkpointer.close()
-  if step == total_steps:
-    records = deployed_choice_records(setup, state.router_params)
+  return TrainResult(state, log.history, preempted)
+
+
+class _MetricsLog:
+  """``metrics.jsonl`` of a run: exactly the rows of steps 1..``start_step`` are kept (a resumed run's log reads as
+  one uninterrupted run), then each step's device metrics are held until ``flush`` brings them to the host (the steps
+  never wait for it), appends them (process 0 only: a shared file) and shows the latest on the progress bar."""
+
+  def __init__(self, path: str, start_step: int, bar: tqdm):
+    self.path, self.bar = path, bar
+    self.history: list[dict[str, Any]] = []  # every row flushed in this call
+    self.pending: list[tuple[int, dict[str, jax.Array]]] = []
     if distributed.is_primary():
-      write_json_atomically(os.path.join(workdir, "deployed_choices.json"), records, indent=1)
-    distributed.barrier("deployed_choices_written")  # the other processes read it next
-  return TrainResult(state, history, preempted)
+      _truncate_metrics(path, start_step)
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self) -> None:
+    rows = [{"step": step, **_to_host(metrics)} for step, metrics in self.pending]
+    self.history.extend(rows)
+    if distributed.is_primary():
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    if rows:
+      self.bar.set_postfix(_postfix(rows[-1]))
+    self.pending.clear()
+
+
+def _postfix(row: Mapping[str, Any]) -> dict[str, str]:
+  """The progress bar's readout of a metrics row: the loss, and the elastic step's per-budget KD and temperature."""
+  shown = {"loss": f"{row['loss']:.4f}"}
+  if "kd_per_budget" in row:
+    shown["kd"] = ",".join(f"{x:.3f}" for x in row["kd_per_budget"])
+  if "tau" in row:
+    shown["tau"] = f"{row['tau']:.3f}"
+  return shown
 
 
 def deployed_choice_records(setup: ElasticSetup, router_params: Params) -> list[dict[str, Any]]:
@@ -354,14 +426,21 @@ def compiled_lm_step(config: ModelConfig, optimizer: OptimizerConfig, total_step
   return ShardedTraining(step, init, state_shardings, abstract_state, tokens)
 
 
-class _TrackedIterator:
-  """Wraps an iterator's state with its stage index, the form checkpoints store."""
+class StageFeed:
+  """A stage's token iterator as a ``Feed``: each batch checked against the stage and placed on the mesh."""
 
-  def __init__(self, iterator: TokenIterator, stage_index: int):
-    self._iterator, self._stage = iterator, stage_index
+  def __init__(self, iterator: TokenIterator, stage: Stage, sharding: jax.sharding.Sharding):
+    self._iterator, self._stage, self._sharding = iterator, stage, sharding
+
+  def batch(self, step: int) -> jax.Array:
+    del step  # a stage reads its stream in order
+    return _check_batch(next(self._iterator), self._stage, self._sharding)
 
   def get_state(self) -> dict[str, Any]:
-    return {"stage": self._stage, "iterator": self._iterator.get_state()}
+    return self._iterator.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._iterator.set_state(state)
 
 
 def _check_batch(tokens: Any, stage: Stage, sharding: jax.sharding.Sharding) -> jax.Array:
@@ -375,22 +454,24 @@ def _check_batch(tokens: Any, stage: Stage, sharding: jax.sharding.Sharding) -> 
   return distributed.global_batch(tokens, sharding)
 
 
-def _log(message: str) -> None:
-  print(f"[elastic_jax] elastic training: {message}", flush=True)
+def _log(label: str, message: str) -> None:
+  print(f"[elastic_jax] {label}: {message}", flush=True)
 
 
-def _resume_message(stages: Sequence[Stage], step: int, restored: bool) -> str:
-  total = sum(stage.steps for stage in stages)
+def _resume_message(segments: Sequence[Segment], step: int, restored: bool) -> str:
+  total = sum(segment.steps for segment in segments)
   if not restored:
     return f"starting at step 0 of {total}"
-  index, done_in_stage = _stage_at(stages, step)
-  if index == len(stages):
+  index, done_in_segment = _stage_at(segments, step)
+  if index == len(segments):
     return f"resuming from the checkpoint of step {step} of {total}: every stage is done"
-  where = "at the start of" if done_in_stage == 0 else f"{done_in_stage} steps into"
-  return f"resuming from the checkpoint of step {step} of {total}, {where} {stages[index].name}"
+  if len(segments) == 1:
+    return f"resuming from the checkpoint of step {step} of {total}"
+  where = "at the start of" if done_in_segment == 0 else f"{done_in_segment} steps into"
+  return f"resuming from the checkpoint of step {step} of {total}, {where} {segments[index].name}"
 
 
-def stage_change(saved: Mapping[str, Any], current: Mapping[str, Any], stages: Sequence[Stage], step: int,
+def stage_change(saved: Mapping[str, Any], current: Mapping[str, Any], stages: Sequence[Stage | Segment], step: int,
                  where: str = "checkpoint") -> str | None:
   """Whether a checkpoint written at ``step`` under config ``saved`` fits the run described by ``current``.
 

@@ -4,7 +4,8 @@ Each phase writes its output under the workdir and is skipped when that output e
 command after an interruption resumes (parent pretraining and the elastic phase resume from their own checkpoints
 mid-run; a kill -9 at any moment loses only the steps since the last checkpoint).
 
-  W/parent/        the parent (HF import, or a short pretraining run on the configured data)
+  W/parent/        the parent (HF import, or a short pretraining run on the configured data: checkpoints,
+                   metrics.jsonl)
   W/importance/    rankings.json: importance order of every axis (+ depth order)
   W/permuted/      the parent in importance order (the teacher, and the student's starting point)
   W/elastic/       checkpoints, metrics.jsonl, deployed_choices.json, student/
@@ -28,7 +29,6 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from elastic_jax.data.pipeline import SourceConfig, data_factory, source_tokenizer
 from elastic_jax.data.tokenizer import check_vocab_fits
@@ -40,13 +40,13 @@ from elastic_jax.elastic.space import Choice
 from elastic_jax.model import ModelConfig, param_shapes
 from elastic_jax.model.config import ConfigError
 from elastic_jax.prune import select_choice
-from elastic_jax.train.checkpoint import Checkpointer, PreemptionGuard, check_config, load_model, save_model
+from elastic_jax.train.checkpoint import load_model, save_model
 from elastic_jax.train.config import (elastic_setup_from_config, memory_from_config, mesh_from_config,
                                       optimizers_from_config, plain, section, stages_from_config,
                                       validate_run_config)
-from elastic_jax.train.distributed import (agreed_stop, barrier, global_batch, is_primary, own_state,
-                                           process_states)
-from elastic_jax.train.loop import Stage, compiled_lm_step, train_elastic, write_json_atomically
+from elastic_jax.train.distributed import barrier, global_batch, is_primary
+from elastic_jax.train.loop import (Segment, Stage, TrainResult, compiled_lm_step, run_training,
+                                    train_elastic, write_json_atomically)
 from elastic_jax.train.optim import OptimizerConfig
 from elastic_jax.train.result import ExtractedModel, FamilyMember, PipelineResult, member_name
 from elastic_jax.train.sharding import LogicalRules, param_shardings
@@ -91,16 +91,25 @@ class DivergedError(ConfigError):
   """A training phase produced a non-finite loss: its output is not marked done, and nothing later runs on it."""
 
 
-def _check_finite(losses: Sequence[Any], first_step: int, phase: str, keys: str) -> None:
-  """Raises ``DivergedError`` naming the phase and the first step whose loss is not finite."""
-  if not losses:
+def _check_finite(rows: Sequence[Mapping[str, Any]], phase: str, keys: str) -> None:
+  """Raises ``DivergedError`` naming the phase and the first step whose loss is not finite (``rows``: metrics rows,
+  each with its ``step`` and ``loss``)."""
+  if not rows:
     return
-  values = np.asarray(jax.device_get(losses), np.float64)
+  values = np.asarray([row["loss"] for row in rows], np.float64)
   bad = np.flatnonzero(~np.isfinite(values))
   if bad.size:
-    raise DivergedError(f"{phase}: the loss is {values[bad[0]]} at step {first_step + int(bad[0]) + 1} "
+    raise DivergedError(f"{phase}: the loss is {values[bad[0]]} at step {rows[int(bad[0])]['step']} "
                         f"({bad.size} of {values.size} steps not finite); its result is not kept and no later phase "
                         f"runs on it (check {keys})")
+
+
+LOG_EVERY = 10  # training steps between metric flushes (and between the processes' agreements to stop)
+
+
+def _stop_if_preempted(result: TrainResult) -> None:
+  if result.preempted:
+    raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to resume.")
 
 
 # ------------------------------------------------------------------------------------------------ phase records
@@ -260,55 +269,41 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None 
   training = compiled_lm_step(config, optimizer, steps, mesh, rules, grad_accum_steps=memory.grad_accum_steps,
                               remat=memory.remat)
   # Its own document streams (another seed): the stage-1 task settings, and every long_every-th batch the stage-2
-  # (long-context) settings, so the parent knows both variants before it is elastified (0: short ones only).
-  streams = [make_data(stage, 0), make_data(stage, 1)]
-  long_every = parent_cfg["long_every"]
-  # Checkpoints every checkpoint_every steps and on SIGTERM (train state and both streams' positions): a re-run
-  # resumes pretraining where it stopped, refusing a changed configuration.
-  checkpointer = Checkpointer(os.path.join(path, "checkpoints"))
+  # (long-context) settings, so the parent knows both variants before it is elastified.
+  open_data = lambda: PretrainFeed([make_data(stage, 0), make_data(stage, 1)], parent_cfg["long_every"],
+                                   training.batch_sharding)
+  segment = Segment(stage.name, steps, stage.batch_size * stage.seq_len, open_data, training.step)
+  # A re-run resumes pretraining from its last checkpoint (train state and both streams' positions), refusing a
+  # changed configuration.
   run_config = json.loads(json.dumps({"model": config.to_dict(), "parent": parent_cfg, "seed": int(cfg.seed),
-                                      "memory": str(memory)}))
-  refuse_changed = lambda step, saved: check_config(saved.get("config", {}), run_config, checkpointer.directory)
-  restored = checkpointer.restore_latest(training.abstract_state, accept=refuse_changed)
-  if restored is not None:
-    state, metadata = restored
-    for stream, position in zip(streams, own_state(metadata["data_state"], checkpointer.directory)):
-      stream.set_state(position)
-    _log(f"parent: resuming pretraining from the checkpoint of step {int(state.step)} of {steps}")
-  else:  # params and optimizer state are created directly in their shardings
-    state = training.init(jax.random.key(int(cfg.seed)))
-    _log(f"parent: pretraining, {steps} steps")
-  every = section(cfg, "checkpoint_every")
-
-  def save(step: int) -> None:
-    checkpointer.save(step, state, {"config": run_config, "step": step,
-                                    "data_state": process_states([stream.get_state() for stream in streams])})
-
-  tokens_sharding = training.batch_sharding  # each process's rows of the global batch
-  start = int(state.step)
-  losses = []  # one device scalar per step, read once at the end: the steps never wait for the host
-  bar = tqdm(range(start, steps), initial=start, total=steps, desc="parent pretraining", unit="step",
-             disable=not is_primary())
-  try:
-    with PreemptionGuard() as guard:
-      for i in bar:
-        stream = streams[1] if long_every and i % long_every == long_every - 1 else streams[0]
-        state, metrics = training.step(state, global_batch(next(stream), tokens_sharding))
-        losses.append(metrics["loss"])
-        if i % 20 == 0 or i == steps - 1:
-          bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-        if agreed_stop(guard.requested, sync_now=(i + 1) % 10 == 0):
-          save(i + 1)
-          raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to "
-                           "resume.")
-        if (i + 1) % every == 0 and i + 1 < steps:
-          save(i + 1)
-  finally:  # whatever stops the loop, a save in flight completes before it propagates
-    checkpointer.close()
-  _check_finite(losses, start, "parent pretraining",
+                                      "memory": memory.to_json()}))
+  result = run_training([segment], path, "parent pretraining", training.abstract_state,
+                        lambda: training.init(jax.random.key(int(cfg.seed))), run_config,
+                        checkpoint_every=section(cfg, "checkpoint_every"), log_every=LOG_EVERY)
+  _stop_if_preempted(result)
+  _check_finite(result.history, "parent pretraining",
                 "parent.seq_len, parent.batch_size, parent.learning_rate and the data")
-  _save_output(path, config, state.params, {"pretrain_steps": steps})
-  return config, state.params
+  _save_output(path, config, result.state.params, {"pretrain_steps": steps})
+  return config, result.state.params
+
+
+class PretrainFeed:
+  """Parent pretraining's batches: from the first stream, and every ``long_every``-th step from the second (0: the
+  first only). Its position is both streams' positions."""
+
+  def __init__(self, streams: Sequence[Any], long_every: int, sharding: Any):
+    self._streams, self._long_every, self._sharding = list(streams), long_every, sharding
+
+  def batch(self, step: int) -> jax.Array:
+    long = self._long_every and step % self._long_every == self._long_every - 1
+    return global_batch(next(self._streams[1] if long else self._streams[0]), self._sharding)
+
+  def get_state(self) -> list[Any]:
+    return [stream.get_state() for stream in self._streams]
+
+  def set_state(self, state: list[Any]) -> None:
+    for stream, position in zip(self._streams, state):
+      stream.set_state(position)
 
 
 def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params, make_data: Callable,
@@ -381,16 +376,15 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
   optimizer, router_optimizer = optimizers_from_config(cfg)
   # The teacher is also the student's starting point: the loop copies it into the student's sharded train state.
   result = train_elastic(setup, stages, teacher, teacher, make_data, path, optimizer=optimizer,
-                router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=10,
-                checkpoint_every=section(cfg, "checkpoint_every"),
-                metadata={"rankings": ranks.to_json()}, mesh=mesh, rules=rules)
-  if result.preempted:
-    raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to resume.")
-  metrics_file, losses = os.path.join(path, "metrics.jsonl"), []
-  if os.path.exists(metrics_file):
+                         router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=LOG_EVERY,
+                         checkpoint_every=section(cfg, "checkpoint_every"),
+                         metadata={"rankings": ranks.to_json()}, mesh=mesh, rules=rules)
+  _stop_if_preempted(result)
+  metrics_file, rows = os.path.join(path, "metrics.jsonl"), []
+  if os.path.exists(metrics_file):  # every step's row, also those of earlier runs this one resumed
     with open(metrics_file, encoding="utf-8") as f:
-      losses = [json.loads(line)["loss"] for line in f if line.strip()]
-  _check_finite(losses, 0, "elastic training", "the stages' settings, optimizer.learning_rate and the data")
+      rows = [json.loads(line) for line in f if line.strip()]
+  _check_finite(rows, "elastic training", "the stages' settings, optimizer.learning_rate and the data")
   _save_output(student_path, config, result.state.params,
                {"step": int(result.state.step), "depth_order": [int(i) for i in ranks.depth]})
   return _read_json(choices_file), result.state.params
