@@ -152,7 +152,7 @@ def test_a_batch_the_mesh_cannot_split_is_refused_before_any_phase(tmp_path):
   result = subprocess.run(_command(workdir, "--config.mesh.shape=(4,)", "--config.stages[1].batch_size=6"),
                           env=cpu_env(4), capture_output=True, text=True, timeout=TIMEOUT_S)
   assert result.returncode == 2
-  assert "config error: config.stages[1].batch_size=6 is not divisible by the 4 data-parallel devices of mesh " \
-         "(4,): make it a multiple of 4." in result.stderr
+  assert ("config error: stages[1].batch_size: 6 is not divisible by the 4 data-parallel devices of mesh (4,) "
+          "(make it a multiple of 4)") in result.stderr
   assert "Traceback" not in result.stderr
   assert not (workdir / "parent").exists()  # nothing ran

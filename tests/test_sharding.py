@@ -64,5 +64,5 @@ def test_mesh_and_rules_come_from_the_run_config():
   assert rules == (("batch", ("data",)), ("mlp", None))
   _, default = mesh_from_config(ml_collections.ConfigDict({}))
   assert default == DEFAULT_RULES
-  with pytest.raises(ValueError, match=r"unknown key\(s\) \['axes'\] in config.mesh"):
+  with pytest.raises(ValueError, match=r"mesh\.axes: unknown key \(known keys: rules, shape\)"):
     mesh_from_config(ml_collections.ConfigDict({"mesh": {"axes": 1}}))
