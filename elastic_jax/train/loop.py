@@ -224,13 +224,13 @@ def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label:
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
   preempted = False
   bar = tqdm(total=stop_at, initial=start_step, disable=not talk, desc=label, unit="step")
-  log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step, bar)
+  metrics_log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step, bar)
   last_saved = start_step
 
   def save(step: int, index: int, feed: Feed) -> None:
     nonlocal last_saved
     if step != last_saved:
-      log.flush()  # every step up to a checkpoint is in metrics.jsonl before the checkpoint exists
+      metrics_log.flush()  # every step up to a checkpoint is in metrics.jsonl before the checkpoint exists
       records = checkpoint_records(state) if checkpoint_records is not None else {}
       position = {"stage": index, "iterator": feed.get_state()}
       checkpointer.save(step, state, {**records, "config": run_config, "step": step,
@@ -257,10 +257,10 @@ def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label:
         while step < segment_end:
           state, metrics = segment.step(state, feed.batch(step))
           step += 1
-          log.add(step, metrics)
+          metrics_log.add(step, metrics)
           bar.update(1)
           if step % log_every == 0:
-            log.flush()
+            metrics_log.flush()
             elapsed = time.perf_counter() - tic
             bar.set_description(f"{segment.name} {segment.tokens_per_step * log_every / elapsed:,.0f} tok/s")
             tic = time.perf_counter()
@@ -272,10 +272,10 @@ def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label:
             save(step, index, feed)
         save(step, index, feed)  # end of the segment (or of this call): always resumable from here
   finally:  # whatever stops the loop, a save in flight completes before it propagates
-    log.flush()
+    metrics_log.flush()
     bar.close()
     checkpointer.close()
-  return TrainResult(state, log.history, preempted)
+  return TrainResult(state, metrics_log.history, preempted)
 
 
 class _MetricsLog:
@@ -454,8 +454,13 @@ def _check_batch(tokens: Any, stage: Stage, sharding: jax.sharding.Sharding) -> 
   return distributed.global_batch(tokens, sharding)
 
 
+def log(message: str) -> None:
+  """One line of the run's log."""
+  print(f"[elastic_jax] {message}", flush=True)
+
+
 def _log(label: str, message: str) -> None:
-  print(f"[elastic_jax] {label}: {message}", flush=True)
+  log(f"{label}: {message}")
 
 
 def _resume_message(segments: Sequence[Segment], step: int, restored: bool) -> str:
@@ -491,12 +496,17 @@ def stage_change(saved: Mapping[str, Any], current: Mapping[str, Any], stages: S
   return f"the settings of a stage it had started changed ({'; '.join(diffs)})" if diffs else None
 
 
-def write_json_atomically(path: str, value: Any, **dump_kwargs: Any) -> None:
-  """Writes JSON to a temporary file and renames it into place: readers never see half a file."""
+def _write_atomically(path: str, write: Callable[[Any], Any]) -> None:
+  """``write(file)`` into a temporary file, then renamed into place: readers never see half a file."""
   temporary = f"{path}.tmp"
   with open(temporary, "w", encoding="utf-8") as f:
-    json.dump(value, f, **dump_kwargs)
+    write(f)
   os.replace(temporary, path)
+
+
+def write_json_atomically(path: str, value: Any, **dump_kwargs: Any) -> None:
+  """Writes JSON so that readers never see half a file."""
+  _write_atomically(path, lambda f: json.dump(value, f, **dump_kwargs))
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -515,12 +525,9 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         rows.setdefault(row["step"], line if line.endswith("\n") else line + "\n")
   missing = sorted(set(range(1, last_step + 1)) - set(rows))
   if missing:
-    print(f"[elastic_jax] warning: {path} has no rows for steps {missing[0]}..{missing[-1]} ({len(missing)} "
-          "steps), written before they were saved with every checkpoint", flush=True)
-  temporary = f"{path}.tmp"
-  with open(temporary, "w", encoding="utf-8") as f:
-    f.writelines(rows[step] for step in sorted(rows))
-  os.replace(temporary, path)
+    log(f"warning: {path} has no rows for steps {missing[0]}..{missing[-1]} ({len(missing)} "
+        "steps), written before they were saved with every checkpoint")
+  _write_atomically(path, lambda f: f.writelines(rows[step] for step in sorted(rows)))
 
 
 def describe_run(setup: ElasticSetup, stages: Sequence[Stage], optimizer: OptimizerConfig,

@@ -45,7 +45,7 @@ from elastic_jax.train.config import (elastic_setup_from_config, memory_from_con
                                       optimizers_from_config, plain, section, stages_from_config,
                                       validate_run_config)
 from elastic_jax.train.distributed import barrier, global_batch, is_primary
-from elastic_jax.train.loop import (Segment, Stage, TrainResult, compiled_lm_step, run_training,
+from elastic_jax.train.loop import (Segment, Stage, TrainResult, compiled_lm_step, log, run_training,
                                     train_elastic, write_json_atomically)
 from elastic_jax.train.optim import OptimizerConfig
 from elastic_jax.train.result import ExtractedModel, FamilyMember, PipelineResult, member_name
@@ -53,10 +53,6 @@ from elastic_jax.train.sharding import LogicalRules, param_shardings
 from elastic_jax.train.microbatch import check_grad_accum
 
 Params = Any
-
-
-def _log(message: str) -> None:
-  print(f"[elastic_jax] {message}", flush=True)
 
 
 def _phase(workdir: str, name: str, done_marker: str) -> tuple[str, bool]:
@@ -189,17 +185,17 @@ class PhaseLedger:
       return done
     what = _describe(changes) if stored is not None else changes[0][0]
     if done and self.reuse_stale:
-      _log(f"{phase}: made under other config values ({what}); kept as it is (--reuse-stale), and the report says so")
+      log(f"{phase}: made under other config values ({what}); kept as it is (--reuse-stale), and the report says so")
       self.kept_stale.append({"phase": phase, "changes": [f"{key}: {_short(old)} -> {_short(new)}"
                                                          for key, old, new in changes]})
       self.upstream = stored
       return True
     if stage_keys and stored is not None and all(key.startswith("stages[") for key, _, _ in changes):
-      _log(f"{phase}: made under other stage settings ({what}); it continues from its last checkpoint that fits "
+      log(f"{phase}: made under other stage settings ({what}); it continues from its last checkpoint that fits "
            "them, and every later phase runs again")
     else:
       aside = [self._set_aside(f) for f in present]
-      _log(f"{phase}: made under other config values ({what}); rerunning it and every later phase (previous "
+      log(f"{phase}: made under other config values ({what}); rerunning it and every later phase (previous "
            f"output kept as {', '.join(aside)}" + ("; --reuse-stale would keep using it)" if done else ")"))
     self._write(path, record)
     return False
@@ -253,11 +249,11 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None 
   if parent_cfg["hf_path"]:
     from elastic_jax.interop import hf  # pylint: disable=import-outside-toplevel
     ledger.chain(_parent_values(cfg))
-    _log(f"parent: importing {parent_cfg['hf_path']}")
+    log(f"parent: importing {parent_cfg['hf_path']}")
     return hf.load(parent_cfg["hf_path"], mesh=mesh, rules=rules)
   config = ModelConfig.from_dict(cfg.model)
   if ledger.begin("parent", "parent", _parent_values(cfg), done):
-    _log(f"parent: reusing {path}")
+    log(f"parent: reusing {path}")
     return config, _load(path, config, mesh, rules)
   steps = parent_cfg["pretrain_steps"]
   stage = Stage("pretrain", steps, parent_cfg["batch_size"], parent_cfg["seq_len"], (1.0,))
@@ -312,9 +308,9 @@ def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params
   ledger = ledger or PhaseLedger(workdir)
   own = {"importance": section(cfg, "importance"), "data": section(cfg, "data"), "seed": int(cfg.seed)}
   if ledger.begin("importance", "importance", own, done):
-    _log(f"importance: reusing {path}")
+    log(f"importance: reusing {path}")
     return Rankings.from_json(_read_json(os.path.join(path, "rankings.json")), os.path.join(path, "rankings.json"))
-  _log("importance: calibrating")
+  log("importance: calibrating")
   imp_cfg = section(cfg, "importance")
   stage = Stage("calibration", 1, imp_cfg["batch_size"], imp_cfg["seq_len"], (1.0,))
   data = make_data(stage, 0)
@@ -335,9 +331,9 @@ def permutation_phase(workdir: str, config: ModelConfig, params: Params, ranks: 
                       rules: LogicalRules, ledger: PhaseLedger | None = None) -> Params:
   path, done = _phase(workdir, "permuted", "DONE")
   if (ledger or PhaseLedger(workdir)).begin("permutation", "permuted", {}, done):
-    _log(f"permutation: reusing {path}")
+    log(f"permutation: reusing {path}")
     return _load(path, config, mesh, rules)
-  _log("permutation: permuting the parent into importance order")
+  log("permutation: permuting the parent into importance order")
   permuted = permute_sharded(config, params, ranks, mesh, rules)  # a jitted gather: the shardings are kept
   _save_output(path, config, permuted)
   return permuted
@@ -360,7 +356,7 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
          "router_optimizer": section(cfg, "router_optimizer"), "memory": section(cfg, "memory"),
          "data": section(cfg, "data"), "seed": int(cfg.seed)}
   if (ledger or PhaseLedger(workdir)).begin("elastic training", "elastic", own, done, stage_keys=True):
-    _log(f"elastic training: reusing {path}")
+    log(f"elastic training: reusing {path}")
     return _read_json(choices_file), _load(student_path, config, mesh, rules)
   finished = os.path.exists(os.path.join(student_path, "DONE"))
   barrier("elastic_jax_student_checked")
@@ -405,9 +401,9 @@ def extraction_phase(workdir: str, config: ModelConfig, student: Params, permute
                       for name in names)
   if (ledger or PhaseLedger(workdir)).begin("extraction", "children", {}, saved() == 2 * len(names),
                                             also=("baselines",)):
-    _log("extraction: reusing the saved children and baselines")
+    log("extraction: reusing the saved children and baselines")
   else:
-    _log(f"extraction: slicing {len(names)} children and their pruned baselines ({saved()} of {2 * len(names)} "
+    log(f"extraction: slicing {len(names)} children and their pruned baselines ({saved()} of {2 * len(names)} "
          "saved before)")
   members = []
   for record in records:
@@ -448,7 +444,7 @@ def run_pipeline(cfg: Any, workdir: str, reuse_stale: bool = False) -> PipelineR
   config, params = parent_phase(cfg, workdir, side_data, mesh, rules, ledger)
   if imported_parent:
     check_vocab_fits(tokenizer, config.vocab_size)
-  _log(f"parent: {param_count(config):,} parameters, pattern {config.pattern!r}")
+  log(f"parent: {param_count(config):,} parameters, pattern {config.pattern!r}")
   # Calibration is repeated on every process and must give each the same rankings: all read the same full batches.
   calibration_data = data_factory(source, seed=int(cfg.seed) + 7919, tokenizer=tokenizer, process_index=0,
                                   process_count=1)
@@ -458,5 +454,5 @@ def run_pipeline(cfg: Any, workdir: str, reuse_stale: bool = False) -> PipelineR
   records, student = elastic_phase(cfg, workdir, config, permuted, ranks, make_data, mesh, rules, ledger)
   members = extraction_phase(workdir, config, student, permuted, ranks, records, cfg.elastic.space, mesh, rules,
                              ledger)
-  _log(f"phases done in {time.perf_counter() - started:.0f} s; evaluation next")
+  log(f"phases done in {time.perf_counter() - started:.0f} s; evaluation next")
   return PipelineResult(workdir, config, permuted, members, source, tokenizer, mesh, rules, tuple(ledger.kept_stale))
