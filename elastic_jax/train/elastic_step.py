@@ -28,7 +28,7 @@ from elastic_jax.elastic.param_count import expected_memory_bytes, expected_para
 from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.model import HybridLM, ModelConfig
 from elastic_jax.train.lm_step import split_batch
-from elastic_jax.train.losses import cross_entropy, forward_kl, mean_by_group
+from elastic_jax.train.losses import kd_loss, mean_by_group
 from elastic_jax.train.microbatch import (accumulate_gradients, check_grad_accum,
                                           merge_micro_batches, micro_batches, micro_rows)
 from elastic_jax.train.memory import MemoryConfig
@@ -175,9 +175,8 @@ def _distillation_loss(setup: ElasticSetup, params: Params, router_params: Param
   masks = masks_from_weights(setup.config, setup.space, weights, np.asarray(setup.depth_order, np.int32))
   teacher_logits = jax.lax.stop_gradient(setup.teacher.apply({"params": teacher_params}, micro_inputs))
   logits = setup.student.apply({"params": params}, micro_inputs, masks=masks)
-  kd = forward_kl(logits, teacher_logits, temperature=setup.kd_temperature)  # [b/k]
-  if setup.ce_weight:
-    kd = kd + setup.ce_weight * cross_entropy(logits, micro_next)
+  kd = kd_loss(logits, teacher_logits, micro_next, temperature=setup.kd_temperature,
+               ce_weight=setup.ce_weight)  # [b/k]
   return jnp.sum(kd) / batch, kd
 
 

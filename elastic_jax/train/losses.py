@@ -45,6 +45,17 @@ def cross_entropy(logits: Array, targets: Array, *, token_mask: Array | None = N
   return _token_mean(token_nll(logits, targets), token_mask)
 
 
+def kd_loss(student_logits: Array, teacher_logits: Array, targets: Array, *, temperature: float = 1.0,
+            ce_weight: float = 0.0) -> Array:
+  """The distillation objective per sample, for the elastic step and the distillation of one standalone student
+  alike: forward KL(teacher || student) at ``temperature`` plus ``ce_weight`` x next-token cross-entropy on
+  ``targets`` (left out when 0). [b, l, V] x2, [b, l] -> [b]."""
+  loss = forward_kl(student_logits, teacher_logits, temperature=temperature)
+  if ce_weight:
+    loss = loss + ce_weight * cross_entropy(student_logits, targets)
+  return loss
+
+
 def mean_by_group(values: Array, groups: Array, num_groups: int) -> tuple[Array, Array]:
   """Per-group means of per-sample values (e.g. KD loss per budget): ([b], [b] int) -> ([num_groups], counts).
 
