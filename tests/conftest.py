@@ -54,6 +54,10 @@ def random_params(config: ModelConfig, seed: int = 0):
       value = rng.normal(0.0, 0.4, shape)
     elif name.endswith("embedding"):
       value = rng.normal(0.0, 1.0, shape)
+    elif name.endswith("e_score_correction_bias"):  # MoE router: the size of score gaps, so it changes choices
+      value = rng.normal(0.0, 0.15, shape)
+    elif "/experts/" in name:  # stacked expert kernels [E, in, out]
+      value = rng.normal(0.0, shape[1] ** -0.5, shape)
     else:  # projection kernels [in..., out...]: unit-variance outputs for unit-variance inputs
       fan_in = {"out_proj": shape[0] * shape[1], "o_proj": shape[0] * shape[1]}.get(name.split("/")[-2], shape[0])
       value = rng.normal(0.0, fan_in ** -0.5, shape)

@@ -277,10 +277,6 @@ def test_save_refuses_params_that_do_not_match_config(saved_checkpoint, tmp_path
 
 # ---------------------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("changes, match", [
-    (dict(layers_block_type=["linear_attention", "moe", "full_attention"]),
-     r"layers_block_type\[1\] is 'moe' \(mixture of experts, not supported\)"),
-    (dict(layers_block_type=None, hybrid_override_pattern="ME*"),
-     r"hybrid_override_pattern\[1\] is 'E' \(mixture of experts"),
     (dict(tie_word_embeddings=True), r"tie_word_embeddings is True; only False is supported"),
     (dict(use_bias=True), r"use_bias is True; only False is supported"),
     (dict(mlp_bias=True), r"mlp_bias is True; only False is supported"),

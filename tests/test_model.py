@@ -16,7 +16,7 @@ from elastic_jax.model import ConfigError, HybridLM, ModelConfig, init_cache, pa
 
 # ------------------------------------------------------------------------------------------------ config validation
 @pytest.mark.parametrize("overrides, message", [
-    (dict(pattern="M-E*"), r"unknown block character\(s\) \['E'\].*MoE"),
+    (dict(pattern="M-X*"), r"unknown block character\(s\) \['X'\]; use 'M' \(Mamba\).*'E' \(MoE\)"),
     (dict(pattern=""), "pattern is empty"),
     (dict(mamba_num_heads=6, n_groups=4), r"mamba_num_heads=6 is not a multiple of n_groups=4"),
     (dict(num_attention_heads=6, num_key_value_heads=4), r"num_attention_heads=6 is not a multiple of "

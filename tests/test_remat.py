@@ -68,8 +68,9 @@ def test_remat_policies_are_validated_and_hashable():
   assert remat_policies({"mlp": "dots", "mamba": "full", "attention": "none"}) == (("mamba", "full"),
                                                                                   ("mlp", "dots"))
   hash(HybridLM(CONFIG, remat=remat_policies({"mamba": "full"})))
-  with pytest.raises(ValueError, match=r"remat has block kind 'moe'; the kinds are \('mamba', 'attention', 'mlp'\)"):
-    remat_policies({"moe": "full"})
+  with pytest.raises(ValueError, match=r"remat has block kind 'ssm'; the kinds are \('mamba', 'attention', 'mlp', "
+                     r"'moe'\)"):
+    remat_policies({"ssm": "full"})
   with pytest.raises(ValueError, match=r"remat\['mlp'\]='everything' is not a policy; use one of \('none', 'full', "
                      r"'dots'\)"):
     remat_policies({"mlp": "everything"})

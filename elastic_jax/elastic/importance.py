@@ -51,7 +51,8 @@ from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_shard
 Array = jax.Array
 Params = dict[str, Any]
 
-# Sown statistic of each block kind's mixer, by the name the model sows it under.
+# Sown statistic of each block kind's mixer, by the name the model sows it under. MoE blocks have no elastic axis yet:
+# they sow only the hidden statistic every block sows.
 _MIXER_STATISTIC = {"mlp": "mlp", "attention": "heads", "mamba": "ssm"}
 
 
@@ -177,8 +178,10 @@ def _zero_sums(config: ModelConfig) -> dict[str, dict[int, Array]]:
       shape = (spec.intermediate_size,)
     elif spec.kind == "attention":
       shape = (spec.num_attention_heads, config.head_dim)
-    else:
+    elif spec.kind == "mamba":
       shape = (spec.mamba_num_heads, spec.mamba_head_dim)
+    else:
+      continue
     sums[_MIXER_STATISTIC[spec.kind]][spec.index] = jnp.zeros(shape, jnp.float32)
   return sums
 
@@ -196,9 +199,10 @@ def _accumulate_statistics(config: ModelConfig, sums: dict[str, dict[int, Array]
   new = {name: dict(per_block) for name, per_block in sums.items()}
   for spec in config.block_specs():
     block = sown[f"layers_{spec.index}"]
-    stat = _MIXER_STATISTIC[spec.kind]
     new["hidden"][spec.index] = add(sums["hidden"][spec.index], block["hidden"])
-    new[stat][spec.index] = add(sums[stat][spec.index], block["mixer"][stat])
+    stat = _MIXER_STATISTIC.get(spec.kind)
+    if stat is not None:
+      new[stat][spec.index] = add(sums[stat][spec.index], block["mixer"][stat])
   return new
 
 

@@ -7,7 +7,13 @@ arrays (the router's differentiable expected count). Block kinds:
              d_inner = H·P
 - attention: d·Hq·hd + 2·d·Hkv·hd + Hq·hd·d + d
 - MLP:       2·d·F + d
+- MoE:       d·E + E + E·2·c·I + 2·d·S + 2·d·L + d   (router and its correction bias, E routed experts of width I
+             reading c = L or d dims, the shared expert of width S, the latent projections when L is set)
 - embedding + LM head + final norm: 2·V·d + d
+
+Active parameters (``active_param_count``) are those one token computes with: the same, with only the k =
+num_experts_per_tok routed experts it is sent to in place of all E (router, shared expert and latent projections
+always run).
 
 Every term is a product of *distinct* axes (d, F, Hq, H, P), each appearing at most once, so for independent
 per-axis distributions E[count] is the formula evaluated at each axis' expected size, and a block's expected
@@ -61,11 +67,29 @@ def mlp_param_count(hidden: Number, neurons: Number) -> Number:
   return 2 * hidden * neurons + hidden
 
 
+def moe_param_count(config: ModelConfig, hidden: Number, *, active: bool = False) -> Number:
+  """One MoE block, its pre-norm included; ``active``: with the num_experts_per_tok experts a token uses, not all."""
+  experts = config.num_experts_per_tok if active else config.n_routed_experts
+  latent = config.moe_latent_size
+  expert_input = hidden if latent is None else latent
+  return (hidden * config.n_routed_experts + config.n_routed_experts  # router kernel, e_score_correction_bias
+          + experts * 2 * expert_input * config.moe_intermediate_size  # routed experts' up and down projections
+          + 2 * hidden * config.moe_shared_expert_intermediate_size  # shared expert (0 when absent)
+          + (0 if latent is None else 2 * hidden * latent)  # fc1 / fc2 latent projections
+          + hidden)  # block pre-norm
+
+
 # Each block kind's count formula; a block axis feeds the argument its registry row names (``count_arg``).
 BLOCK_PARAM_COUNTS = {
     "mamba": mamba_param_count,
     "attention": attention_param_count,
     "mlp": lambda config, hidden, neurons: mlp_param_count(hidden, neurons),
+    "moe": lambda config, hidden: moe_param_count(config, hidden),
+}
+# The same per token: only MoE blocks differ (a token runs num_experts_per_tok of the routed experts).
+BLOCK_ACTIVE_PARAM_COUNTS = {
+    **BLOCK_PARAM_COUNTS,
+    "moe": lambda config, hidden: moe_param_count(config, hidden, active=True),
 }
 
 
@@ -74,10 +98,11 @@ def _block_widths(spec: BlockSpec, widths: Mapping[str, list]) -> dict[str, Numb
   return {axis.count_arg: widths[axis.name][spec.kind_index] for axis in axes.block_axes(spec.kind)}
 
 
-def _block_counts(config: ModelConfig, hidden: Number, widths: Mapping[str, list]) -> list:
-  """Per block (pattern order) the formula at ``hidden`` and the block's widths."""
-  return [BLOCK_PARAM_COUNTS[spec.kind](config, hidden, **_block_widths(spec, widths))
-          for spec in config.block_specs()]
+def _block_counts(config: ModelConfig, hidden: Number, widths: Mapping[str, list], formulas=None) -> list:
+  """Per block (pattern order) the formula at ``hidden`` and the block's widths (``formulas``: by kind, default
+  ``BLOCK_PARAM_COUNTS``)."""
+  formulas = BLOCK_PARAM_COUNTS if formulas is None else formulas
+  return [formulas[spec.kind](config, hidden, **_block_widths(spec, widths)) for spec in config.block_specs()]
 
 
 def _parent_widths(config: ModelConfig) -> dict[str, list]:
@@ -89,6 +114,12 @@ def param_count(config: ModelConfig) -> int:
   """Exact number of parameters of ``HybridLM(config)`` (per-layer widths included)."""
   return int(embedding_param_count(config, config.hidden_size) + sum(_block_counts(config, config.hidden_size,
                                                                                    _parent_widths(config))))
+
+
+def active_param_count(config: ModelConfig) -> int:
+  """Exact number of parameters one token computes with (``param_count`` for models without MoE blocks)."""
+  return int(embedding_param_count(config, config.hidden_size)
+             + sum(_block_counts(config, config.hidden_size, _parent_widths(config), BLOCK_ACTIVE_PARAM_COUNTS)))
 
 
 def choice_param_count(config: ModelConfig, choice: Choice, depth_order: Any = None) -> int:
@@ -186,11 +217,12 @@ def mamba_cache_bytes(config: ModelConfig, heads: Number, head_dim: Number, *, c
   return d_inner * config.ssm_state_size * state_bytes + conv * cache_bytes
 
 
-# Each block kind's decode-time cache; arguments as in ``BLOCK_PARAM_COUNTS``. MLP blocks keep nothing.
+# Each block kind's decode-time cache; arguments as in ``BLOCK_PARAM_COUNTS``. MLP and MoE blocks keep nothing.
 BLOCK_CACHE_BYTES = {
     "mamba": mamba_cache_bytes,
     "attention": attention_cache_bytes,
     "mlp": lambda config, neurons=0, **_: 0,
+    "moe": lambda config, **_: 0,
 }
 
 

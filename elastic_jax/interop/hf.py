@@ -15,8 +15,14 @@ Streamed export (``save``): the safetensors header needs only shapes and dtypes,
 checkpoint tensor in turn is gathered from its shards (params may be global arrays over several processes), joined
 by the same tables, appended by process 0 and released. Host memory stays at about one tensor, whatever the model.
 
-Only safetensors files are read (never pickles). Anything this model cannot represent (MoE layers, tied
-embeddings, biases, another activation) is refused with an ``UnsupportedCheckpointError`` naming the config key;
+Mixture-of-experts (``E``) blocks: on disk, as transformers 5.23 saves them, every routed expert is two tensors of
+its own (``mixer.experts.{j}.up_proj.weight`` [I, c], ``...down_proj.weight`` [c, I]); transformers stacks them into
+``mixer.experts.up_proj`` [E, I, c] / ``down_proj`` [E, c, I] in memory, and a file holding the stacked names loads
+as well. Our tree stacks them too (``experts/up_proj`` [E, c, I]): each per-expert tensor is an ``_Entry`` for one
+row of the stacked array (``_Entry.expert``). ``save`` writes the per-expert form.
+
+Only safetensors files are read (never pickles). Anything this model cannot represent (tied embeddings, biases,
+another activation) is refused with an ``UnsupportedCheckpointError`` naming the config key;
 a malformed checkpoint (missing, extra or misshapen tensors, a missing shard) raises a ``CheckpointError`` naming
 the tensor and what was expected.
 
@@ -37,6 +43,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,7 +56,7 @@ import safetensors
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from elastic_jax.model.config import DTYPES, ConfigError, ModelConfig
+from elastic_jax.model.config import DTYPES, KINDS, ConfigError, ModelConfig
 from elastic_jax.train.distributed import barrier
 from elastic_jax.train.sharding import DEFAULT_RULES, LogicalRules, param_shardings
 
@@ -60,10 +67,12 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# HF layer type names <-> our pattern characters.
-_LAYER_TYPE_TO_CHAR = {"linear_attention": "M", "full_attention": "*", "mlp": "-"}
+# HF layer type names <-> our pattern characters (the block-kind table).
+_LAYER_TYPE_TO_CHAR = {kind.hf_layer_type: kind.char for kind in KINDS}
 _CHAR_TO_LAYER_TYPE = {c: t for t, c in _LAYER_TYPE_TO_CHAR.items()}
-_KIND_NAMES = {"M": "Mamba", "*": "attention", "-": "MLP"}
+_KIND_NAMES = {kind.char: kind.title for kind in KINDS}
+# A stacked expert tensor as transformers holds it in memory (``...mixer.experts.up_proj`` [E, out, in]).
+_STACKED_EXPERTS = re.compile(r"^(backbone\.layers\.\d+\.mixer\.experts)\.(up_proj|down_proj)$")
 
 # Keys transformers itself skips when loading (multi-token-prediction heads); we skip them too.
 _IGNORED_KEY_PREFIXES = ("mtp.",)
@@ -88,6 +97,19 @@ _HF_DEFAULTS: dict[str, Any] = {
     "pad_token_id": 0,
     "bos_token_id": 1,
     "eos_token_id": 2,
+}
+# The MoE keys (read and written only for patterns with E blocks), with NemotronHConfig's defaults.
+_HF_MOE_DEFAULTS: dict[str, Any] = {
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 7688,
+    "moe_shared_expert_intermediate_size": 7688,
+    "n_shared_experts": 1,
+    "moe_latent_size": None,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0,
 }
 # Older config.json files use these names; as in transformers, the old name wins when present.
 _LEGACY_NAMES = {
@@ -225,13 +247,21 @@ class _Entry:
   other: int  # size of the non-feature axis (d or K); unused by vectors
   pieces: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]  # (our path, our feature shape)
   where: str  # for messages: "pattern index 3 (Mamba)"
+  # A routed expert's tensor: its pieces are row ``expert`` of our stacked arrays ([E, ...]); None for all others.
+  expert: int | None = None
 
   @property
   def hf_shape(self) -> tuple[int, ...]:
     return self.layout.hf_shape(sum(math.prod(shape) for _, shape in self.pieces), self.other)
 
   def our_shape(self, piece: int) -> tuple[int, ...]:
+    """The shape of what this tensor holds of our array ``pieces[piece]`` (one expert's row of a stacked array)."""
     return self.layout.our_shape(self.pieces[piece][1], self.other)
+
+  def stacked_shape(self, piece: int, config: ModelConfig) -> tuple[int, ...]:
+    """The shape of our whole array ``pieces[piece]``: with the expert axis in front for a routed expert's tensor."""
+    shape = self.our_shape(piece)
+    return shape if self.expert is None else (config.n_routed_experts, *shape)
 
   def read(self, read_hf: Callable[[tuple[slice, ...]], np.ndarray], piece: int,
            box: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
@@ -269,10 +299,10 @@ class _Entry:
 
 
 def _entry(hf_key: str, layout: _Layout, other: int, where: str, our_prefix: tuple[str, ...],
-           pieces: Sequence[tuple[str, tuple[int, ...]]]) -> _Entry:
+           pieces: Sequence[tuple[str, tuple[int, ...]]], expert: int | None = None) -> _Entry:
   """Builds an entry from a table row; our paths are written "z_proj.kernel" relative to ``our_prefix``."""
   return _Entry(hf_key, layout, other,
-                tuple((our_prefix + tuple(path.split(".")), tuple(shape)) for path, shape in pieces), where)
+                tuple((our_prefix + tuple(path.split(".")), tuple(shape)) for path, shape in pieces), where, expert)
 
 
 # ---------------------------------------------------------------------------------------------------- tables
@@ -313,6 +343,26 @@ def _mlp_rows(config: ModelConfig, intermediate_size: int) -> list[tuple]:
   ]
 
 
+def _moe_rows(config: ModelConfig) -> list[tuple]:
+  """The rows of one MoE block; a routed expert's rows carry its index (a 5th element), the others None."""
+  d, e, i = config.hidden_size, config.n_routed_experts, config.moe_intermediate_size
+  c, s = config.expert_input_size, config.moe_shared_expert_intermediate_size
+  rows = [
+      ("gate.weight", _LINEAR_OUT, d, [("gate.kernel", (e,))], None),
+      ("gate.e_score_correction_bias", _VECTOR, 0, [("gate.e_score_correction_bias", (e,))], None),
+  ]
+  for j in range(e):
+    rows += [(f"experts.{j}.up_proj.weight", _LINEAR_OUT, c, [("experts.up_proj", (i,))], j),
+             (f"experts.{j}.down_proj.weight", _LINEAR_IN, c, [("experts.down_proj", (i,))], j)]
+  if s:
+    rows += [("shared_experts.up_proj.weight", _LINEAR_OUT, d, [("shared_experts.up_proj.kernel", (s,))], None),
+             ("shared_experts.down_proj.weight", _LINEAR_IN, d, [("shared_experts.down_proj.kernel", (s,))], None)]
+  if config.moe_latent_size is not None:
+    rows += [("fc1_latent_proj.weight", _LINEAR_OUT, d, [("fc1_latent_proj.kernel", (c,))], None),
+             ("fc2_latent_proj.weight", _LINEAR_IN, d, [("fc2_latent_proj.kernel", (c,))], None)]
+  return rows
+
+
 def _checkpoint_entries(config: ModelConfig) -> list[_Entry]:
   """Every tensor of the checkpoint for ``config``, in checkpoint order, with per-layer widths from block_specs."""
   d, v = config.hidden_size, config.vocab_size
@@ -327,10 +377,13 @@ def _checkpoint_entries(config: ModelConfig) -> list[_Entry]:
       rows = _mamba_rows(config, spec.mamba_num_heads, spec.mamba_head_dim)
     elif char == "*":
       rows = _attention_rows(config, spec.num_attention_heads)
-    else:
+    elif char == "-":
       rows = _mlp_rows(config, spec.intermediate_size)
-    for name, layout, other, pieces in rows:
-      entries.append(_entry(f"backbone.layers.{i}.mixer.{name}", layout, other, where, layer + ("mixer",), pieces))
+    else:
+      rows = _moe_rows(config)
+    for name, layout, other, pieces, *expert in rows:
+      entries.append(_entry(f"backbone.layers.{i}.mixer.{name}", layout, other, where, layer + ("mixer",), pieces,
+                            *expert))
   entries.append(_entry("backbone.norm_f.weight", _VECTOR, 0, "the final norm", (), [("norm_f.scale", (d,))]))
   entries.append(_entry("lm_head.weight", _LINEAR_OUT, d, "the LM head", (), [("lm_head.kernel", (v,))]))
   return entries
@@ -344,9 +397,15 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> Pa
   """
   tensors = _normalize_keys(tensors)
   params: Params = {}
+  expert_rows: dict[tuple[str, ...], dict[int, np.ndarray]] = {}
   for e in _checked_entries({key: np.shape(value) for key, value in tensors.items()}, config):
     for path, array in e.split(np.asarray(tensors[e.hf_key])):
-      _set_path(params, path, array)
+      if e.expert is None:
+        _set_path(params, path, array)
+      else:
+        expert_rows.setdefault(path, {})[e.expert] = array
+  for path, rows in expert_rows.items():
+    _set_path(params, path, np.stack([rows[j] for j in range(len(rows))]))
   return params
 
 
@@ -368,7 +427,7 @@ def _checked_entries(shapes: Mapping[str, tuple[int, ...]], config: ModelConfig)
     more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
     raise CheckpointError(
         f"unexpected tensor {extra[0]}{more} for pattern={config.pattern!r}; a NemotronH checkpoint of this config "
-        "holds only the embedding, per-layer norm and mixer weights, norm_f and lm_head (no biases, no experts).")
+        "holds only the embedding, per-layer norm and mixer weights, norm_f and lm_head (no biases).")
   for e in entries:
     shape = tuple(shapes[e.hf_key])
     if shape != e.hf_shape:
@@ -395,14 +454,14 @@ def _export_plan(params: Mapping[str, Any], config: ModelConfig) -> list[tuple[_
   plan, expected_paths = [], set()
   for e in _checkpoint_entries(config):
     arrays = []
-    for path, shape in e.pieces:
+    for piece, (path, _) in enumerate(e.pieces):
       expected_paths.add(path)
       array = _get_path(params, path, e)
-      want = e.layout.our_shape(shape, e.other)
+      want = e.stacked_shape(piece, config)
       if tuple(array.shape) != want:
         raise CheckpointError(
             f"param {'/'.join(path)} has shape {tuple(array.shape)}, expected {want} for {e.where}.")
-      arrays.append(array)
+      arrays.append(array if e.expert is None else _ExpertRow(array, e.expert))
     plan.append((e, arrays))
   extra = sorted("/".join(p) for p in _leaf_paths(params) if p not in expected_paths)
   if extra:
@@ -412,12 +471,31 @@ def _export_plan(params: Mapping[str, Any], config: ModelConfig) -> list[tuple[_
   return plan
 
 
+@dataclasses.dataclass(frozen=True)
+class _ExpertRow:
+  """Row ``index`` of a stacked expert array, taken only when exported (so a plan holds no copies)."""
+
+  array: Any
+  index: int
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.array.shape[1:])
+
+  @property
+  def dtype(self) -> Any:
+    return self.array.dtype
+
+
 def _to_host(array: Any) -> np.ndarray:
   """One of our arrays, whole, as numpy on this process.
 
   An array spanning devices of other processes is gathered (a collective: every process must ask for the same
-  arrays in the same order); anything else (numpy, an array on this process's devices) is read in place.
+  arrays in the same order); anything else (numpy, an array on this process's devices) is read in place. An
+  ``_ExpertRow`` is its row alone (sliced where the array lives, then brought over).
   """
+  if isinstance(array, _ExpertRow):
+    array = array.array[array.index]
   if isinstance(array, jax.Array) and not array.is_fully_addressable:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
   return np.asarray(array)
@@ -428,10 +506,43 @@ def _normalize_keys(tensors: Mapping[str, Any]) -> dict[str, Any]:
   out: dict[str, Any] = {}
   for key, value in tensors.items():
     name = "backbone." + key[len("model."):] if key.startswith("model.") else key
-    if name in out:
-      raise CheckpointError(f"tensor {name} appears twice (once as {key}).")
-    out[name] = value
+    stacked = _STACKED_EXPERTS.match(name)
+    if stacked:  # transformers' in-memory form: one [E, out, in] tensor per projection -> one per expert
+      rows = {f"{stacked.group(1)}.{j}.{stacked.group(2)}.weight": _ExpertSlice(value, j)
+              for j in range(_shape_of(value)[0])}
+    else:
+      rows = {name: value}
+    for row_name, row in rows.items():
+      if row_name in out:
+        raise CheckpointError(f"tensor {row_name} appears twice (once as {key}).")
+      out[row_name] = row
   return out
+
+
+def _shape_of(tensor: Any) -> tuple[int, ...]:
+  return tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(np.shape(tensor))
+
+
+class _ExpertSlice:
+  """Expert ``index`` of a stacked [E, out, in] tensor (numpy or a safetensors slice), read lazily."""
+
+  def __init__(self, tensor: Any, index: int):
+    self._tensor, self._index = tensor, index
+
+  def get_shape(self) -> list[int]:
+    return list(_shape_of(self._tensor)[1:])
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.get_shape())
+
+  def __getitem__(self, index: Any) -> np.ndarray:
+    index = index if isinstance(index, tuple) else (index,)
+    return np.asarray(self._tensor[(slice(self._index, self._index + 1), *index)])[0]
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    array = self[(slice(None),) * len(self.get_shape())]
+    return array if dtype is None else array.astype(dtype)
 
 
 def _set_path(tree: Params, path: tuple[str, ...], value: Any) -> None:
@@ -491,9 +602,10 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
   head_dim = hf.get("head_dim")
   if head_dim is None:  # older configs name it attention_head_dim
     head_dim = hf.get("attention_head_dim") or _HF_DEFAULTS["head_dim"]
+  pattern = _pattern_from_hf(hf)
   try:
     return ModelConfig(
-        pattern=_pattern_from_hf(hf),
+        pattern=pattern,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         intermediate_size=get("intermediate_size"),
@@ -512,9 +624,32 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         pad_token_id=_first_token_id(hf, "pad_token_id"),
         bos_token_id=_first_token_id(hf, "bos_token_id"),
         eos_token_id=_first_token_id(hf, "eos_token_id"),
+        **(_moe_fields_from_hf(hf) if "E" in pattern else {}),
     )
   except ConfigError as err:
     raise CheckpointError(f"config.json describes an invalid model: {err}") from err
+
+
+def _moe_fields_from_hf(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """Our MoE fields from a config.json with E blocks (NemotronHConfig's defaults for absent keys)."""
+  get = lambda key: hf.get(key, _HF_MOE_DEFAULTS[key])
+  fields = {key: get(key) for key in _HF_MOE_DEFAULTS}
+  # transformers 5.23 always builds the shared expert: a width of 0 (or none) means intermediate_size there, and
+  # n_shared_experts is not read. Our config says "no shared expert" with 0, so take what transformers builds.
+  if not fields["moe_shared_expert_intermediate_size"]:
+    fields["moe_shared_expert_intermediate_size"] = hf.get("intermediate_size") or _HF_DEFAULTS["intermediate_size"]
+  if not fields["n_shared_experts"]:
+    fields["n_shared_experts"] = 1
+  fields["routed_scaling_factor"] = float(fields["routed_scaling_factor"])
+  return fields
+
+
+def _moe_fields_to_hf(config: ModelConfig) -> dict[str, Any]:
+  if not config.moe_shared_expert_intermediate_size:
+    raise CheckpointError(
+        "cannot export MoE blocks without a shared expert (moe_shared_expert_intermediate_size=0): transformers 5.23 "
+        "always builds one (a width of 0 there means intermediate_size), so a NemotronH checkpoint cannot say 'none'.")
+  return {key: getattr(config, key) for key in _HF_MOE_DEFAULTS}
 
 
 def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
@@ -549,6 +684,7 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
       "bos_token_id": config.bos_token_id,
       "eos_token_id": config.eos_token_id,
       **{key: required for key, (required, _) in _REQUIRED_VALUES.items()},
+      **(_moe_fields_to_hf(config) if "E" in config.pattern else {}),
       "dtype": dtype,
   }
 
@@ -562,10 +698,8 @@ def _pattern_from_hf(hf: Mapping[str, Any]) -> str:
     chars = []
     for i, layer_type in enumerate(layer_types):
       if layer_type not in _LAYER_TYPE_TO_CHAR:
-        error = UnsupportedCheckpointError if layer_type == "moe" else CheckpointError
-        raise error(f"config.json {key}[{i}] is {layer_type!r}"
-                    + (" (mixture of experts, not supported)" if layer_type == "moe" else "")
-                    + f"; expected one of {sorted(_LAYER_TYPE_TO_CHAR)}.")
+        raise CheckpointError(f"config.json {key}[{i}] is {layer_type!r}; expected one of "
+                              f"{sorted(_LAYER_TYPE_TO_CHAR)}.")
       chars.append(_LAYER_TYPE_TO_CHAR[layer_type])
     return "".join(chars)
   pattern = hf.get("hybrid_override_pattern")
@@ -574,10 +708,8 @@ def _pattern_from_hf(hf: Mapping[str, Any]) -> str:
                           "of them to give the block pattern.")
   for i, char in enumerate(pattern):
     if char not in _CHAR_TO_LAYER_TYPE:
-      error = UnsupportedCheckpointError if char == "E" else CheckpointError
-      raise error(f"config.json hybrid_override_pattern[{i}] is {char!r}"
-                  + (" (mixture of experts, not supported)" if char == "E" else "")
-                  + "; expected 'M' (Mamba), '*' (attention) or '-' (MLP).")
+      raise CheckpointError(f"config.json hybrid_override_pattern[{i}] is {char!r}; expected "
+                            + ", ".join(f"{c!r} ({title})" for c, title in _KIND_NAMES.items()) + ".")
   return pattern
 
 
@@ -644,7 +776,7 @@ def _homogeneous_widths(config: ModelConfig) -> dict[str, int]:
       widths["intermediate_size"] = spec.intermediate_size
     elif spec.kind == "attention":
       widths["num_attention_heads"] = spec.num_attention_heads
-    else:
+    elif spec.kind == "mamba":
       widths["mamba_num_heads"] = spec.mamba_num_heads
       widths["mamba_head_dim"] = spec.mamba_head_dim
   return widths
@@ -747,22 +879,34 @@ def _load_into_shards(path: pathlib.Path, config: ModelConfig, mesh: Mesh, rules
               for file in dict.fromkeys(files.values())}
     tensors = _normalize_keys({key: opened[file].get_slice(key) for key, file in files.items()})
     entries = _checked_entries({key: tuple(t.get_shape()) for key, t in tensors.items()}, config)
-    params: Params = {}
+    # Each of our arrays with the entries that hold it: one, or one per expert row of a stacked expert array.
+    sources: dict[tuple[str, ...], list[tuple[_Entry, int]]] = {}
     for e in entries:
-      tensor = tensors[e.hf_key]
       for piece, (our_path, _) in enumerate(e.pieces):
-        shape, sharding = e.our_shape(piece), _lookup(shardings, our_path)
-        devices_by_box: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
-        for device, index in sharding.addressable_devices_indices_map(shape).items():
-          devices_by_box.setdefault(_index_box(index, shape), []).append(device)
-        arrays = []
-        for box, devices in devices_by_box.items():
-          block = e.read(tensor.__getitem__, piece, box)
-          arrays.extend(jax.device_put(block, device) for device in devices)
-          del block  # the next box is read only once this one is on its devices
-        array = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
-        del arrays
-        _set_path(params, our_path, array if array.dtype == dtype else _device_cast()(array, dtype))
+        sources.setdefault(our_path, []).append((e, piece))
+    params: Params = {}
+    for our_path, held_by in sources.items():
+      shape, sharding = held_by[0][0].stacked_shape(held_by[0][1], config), _lookup(shardings, our_path)
+      rows = {e.expert: (e, piece) for e, piece in held_by}
+
+      def read(box: tuple[tuple[int, int], ...]) -> np.ndarray:
+        if None in rows:
+          e, piece = rows[None]
+          return e.read(tensors[e.hf_key].__getitem__, piece, box)
+        return np.stack([rows[j][0].read(tensors[rows[j][0].hf_key].__getitem__, rows[j][1], box[1:])
+                         for j in range(*box[0])])
+
+      devices_by_box: dict[tuple[tuple[int, int], ...], list[jax.Device]] = {}
+      for device, index in sharding.addressable_devices_indices_map(shape).items():
+        devices_by_box.setdefault(_index_box(index, shape), []).append(device)
+      arrays = []
+      for box, devices in devices_by_box.items():
+        block = read(box)
+        arrays.extend(jax.device_put(block, device) for device in devices)
+        del block  # the next box is read only once this one is on its devices
+      array = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+      del arrays
+      _set_path(params, our_path, array if array.dtype == dtype else _device_cast()(array, dtype))
   return params
 
 

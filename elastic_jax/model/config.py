@@ -3,11 +3,12 @@
 Field names follow the Hugging Face NemotronH config (``hidden_size``, ``intermediate_size``, ``mamba_num_heads``...)
 so that a reader can map a ``config.json`` onto it line by line. The block pattern is a string of
 
-    ``M`` Mamba-2 mixer,  ``*`` attention,  ``-`` MLP
+    ``M`` Mamba-2 mixer,  ``*`` attention,  ``-`` MLP,  ``E`` mixture of experts (Nemotron 3)
 
-Widths are homogeneous by default. Heterogeneous models (children extracted with per-layer widths) set the optional
-``*_per_layer`` tuples: one entry per block *of that kind*, in pattern order (the i-th ``-`` block uses
-``intermediate_size_per_layer[i]``). A child is therefore the same ``HybridLM`` class with a different config.
+(one row each of ``KINDS``, the block-kind table). Widths are homogeneous by default. Heterogeneous models (children
+extracted with per-layer widths) set the optional ``*_per_layer`` tuples: one entry per block *of that kind*, in
+pattern order (the i-th ``-`` block uses ``intermediate_size_per_layer[i]``). A child is therefore the same
+``HybridLM`` class with a different config.
 """
 
 from __future__ import annotations
@@ -20,8 +21,31 @@ from typing import Any
 from elastic_jax.ops.ssd import IMPLS as SSD_IMPLS
 from elastic_jax.ops.ssd import INTER_CHUNK_MODES
 
-BLOCK_KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
 DTYPES = ("float32", "bfloat16", "float16")
+# How an E block multiplies its tokens by their experts' weights (see elastic_jax.ops.grouped_matmul).
+MOE_IMPLS = ("auto", "ragged_dot", "tiled")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockKind:
+  """One kind of block: its pattern character, its name (``BlockSpec.kind``, remat keys, parameter-count and
+  FLOP tables), its name in messages and transformers' ``layers_block_type`` entry for it."""
+
+  char: str
+  name: str
+  title: str
+  hf_layer_type: str
+
+
+# The block-kind table. A new kind is a row here plus its mixer (``model.hybrid.MIXERS``), its checkpoint rows
+# (``interop.hf``), its parameter count (``elastic.param_count``) and its FLOPs (``train.flops``).
+KINDS: tuple[BlockKind, ...] = (
+    BlockKind("M", "mamba", "Mamba", "linear_attention"),
+    BlockKind("*", "attention", "attention", "full_attention"),
+    BlockKind("-", "mlp", "MLP", "mlp"),
+    BlockKind("E", "moe", "MoE", "moe"),
+)
+BLOCK_KINDS = {kind.char: kind.name for kind in KINDS}  # pattern character -> kind name
 
 
 class ConfigError(ValueError):
@@ -33,7 +57,7 @@ class BlockSpec:
   """The resolved widths of one block (what the module for block ``index`` builds)."""
 
   index: int
-  kind: str  # "mamba" | "attention" | "mlp"
+  kind: str  # a name of KINDS: "mamba" | "attention" | "mlp" | "moe"
   kind_index: int = 0  # position among the blocks of its kind (pattern order): its entry in per-layer tuples
   intermediate_size: int = 0  # MLP
   num_attention_heads: int = 0  # attention
@@ -77,6 +101,25 @@ class ModelConfig:
   pad_token_id: int | None = 0
   bos_token_id: int | None = 1
   eos_token_id: int | None = 2
+  # Mixture-of-experts (E) blocks, named as in transformers' NemotronHConfig. Each token goes to the
+  # num_experts_per_tok routed experts with the highest sigmoid router scores (plus e_score_correction_bias, for the
+  # choice only) among the topk_group best of n_group expert groups; their relu^2 MLP outputs (width
+  # moe_intermediate_size, in moe_latent_size dims when set) are summed with the scores as weights (normalised to
+  # sum 1 when norm_topk_prob, times routed_scaling_factor) and added to one shared relu^2 MLP of width
+  # moe_shared_expert_intermediate_size (0: none). As in transformers 5.23, n_shared_experts does not change the
+  # computation (the shared MLP's width is the whole of it); it is carried for the config's round trip.
+  n_routed_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  moe_shared_expert_intermediate_size: int = 0
+  n_shared_experts: int = 0
+  moe_latent_size: int | None = None
+  n_group: int = 1
+  topk_group: int = 1
+  norm_topk_prob: bool = True
+  routed_scaling_factor: float = 1.0
+  # How tokens meet their experts' weights (see elastic_jax.ops.grouped_matmul).
+  moe_impl: str = "auto"
 
   def __post_init__(self):
     # Normalise list-valued fields (e.g. from JSON / ConfigDict) to tuples so the config stays hashable.
@@ -94,8 +137,8 @@ class ModelConfig:
       raise ConfigError("pattern is empty: give at least one block, e.g. pattern='M-*-'.")
     if unknown:
       raise ConfigError(
-          f"pattern={self.pattern!r} contains unknown block character(s) {unknown}; "
-          "use 'M' (Mamba-2), '*' (attention) or '-' (MLP). MoE 'E' blocks are not supported.")
+          f"pattern={self.pattern!r} contains unknown block character(s) {unknown}; use "
+          + ", ".join(f"{k.char!r} ({k.title})" for k in KINDS) + ".")
     _positive(self, "vocab_size", "hidden_size")
     if self.layer_norm_epsilon <= 0:
       raise ConfigError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0.")
@@ -109,6 +152,8 @@ class ModelConfig:
       raise ConfigError(f"ssd_impl={self.ssd_impl!r} is not one of {SSD_IMPLS}.")
     if self.ssd_inter_chunk not in INTER_CHUNK_MODES:
       raise ConfigError(f"ssd_inter_chunk={self.ssd_inter_chunk!r} is not one of {INTER_CHUNK_MODES}.")
+    if self.moe_impl not in MOE_IMPLS:
+      raise ConfigError(f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}.")
 
     counts = {kind: self.pattern.count(ch) for ch, kind in BLOCK_KINDS.items()}
     per_layer = {
@@ -151,6 +196,45 @@ class ModelConfig:
           raise ConfigError(
               f"Mamba block {spec.index}: mamba_num_heads={spec.mamba_num_heads} is not a multiple of "
               f"n_groups={self.n_groups}; every group needs the same number of heads.")
+    if counts["moe"]:
+      self._validate_moe()
+
+  def _validate_moe(self) -> None:
+    """The E blocks' fields; each message names the field, its value and the fix."""
+    _positive(self, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group")
+    for name in ("moe_shared_expert_intermediate_size", "n_shared_experts"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name}={value!r} must be an integer >= 0 (0: no shared expert).")
+    if (self.n_shared_experts == 0) != (self.moe_shared_expert_intermediate_size == 0):
+      raise ConfigError(
+          f"n_shared_experts={self.n_shared_experts} and moe_shared_expert_intermediate_size="
+          f"{self.moe_shared_expert_intermediate_size} disagree; set both to 0 for no shared expert, or both > 0.")
+    if self.moe_latent_size is not None and (isinstance(self.moe_latent_size, bool)
+                                             or not isinstance(self.moe_latent_size, int)
+                                             or self.moe_latent_size <= 0):
+      raise ConfigError(f"moe_latent_size={self.moe_latent_size!r} must be a positive integer, or None for experts "
+                        "that read the hidden size.")
+    if self.n_routed_experts % self.n_group:
+      raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}; "
+                        "every expert group needs the same number of experts.")
+    per_group = self.n_routed_experts // self.n_group
+    if self.n_group > 1 and per_group < 2:
+      raise ConfigError(f"n_routed_experts={self.n_routed_experts} over n_group={self.n_group} leaves {per_group} "
+                        "expert per group; a group is scored by its two best experts, so give each group >= 2.")
+    if self.topk_group > self.n_group:
+      raise ConfigError(f"topk_group={self.topk_group} is larger than n_group={self.n_group}; use at most "
+                        f"{self.n_group}.")
+    if self.num_experts_per_tok > self.topk_group * per_group:
+      raise ConfigError(
+          f"num_experts_per_tok={self.num_experts_per_tok} is larger than the {self.topk_group * per_group} experts "
+          f"of the topk_group={self.topk_group} chosen groups ({per_group} each); lower num_experts_per_tok or raise "
+          "topk_group.")
+    if not isinstance(self.norm_topk_prob, bool):
+      raise ConfigError(f"norm_topk_prob={self.norm_topk_prob!r} must be True or False.")
+    if not (isinstance(self.routed_scaling_factor, (int, float)) and math.isfinite(self.routed_scaling_factor)
+            and self.routed_scaling_factor > 0):
+      raise ConfigError(f"routed_scaling_factor={self.routed_scaling_factor!r} must be a finite number > 0.")
 
   # ------------------------------------------------------------------------------------------------ derived
   @property
@@ -168,11 +252,18 @@ class ModelConfig:
       elif kind == "attention":
         specs.append(BlockSpec(index, kind, k, num_attention_heads=_pick(self.num_attention_heads_per_layer, k,
                                                                          self.num_attention_heads)))
-      else:
+      elif kind == "mamba":
         specs.append(BlockSpec(index, kind, k,
                                mamba_num_heads=_pick(self.mamba_num_heads_per_layer, k, self.mamba_num_heads),
                                mamba_head_dim=_pick(self.mamba_head_dim_per_layer, k, self.mamba_head_dim)))
+      else:  # moe: its widths are the config's (no per-layer fields yet)
+        specs.append(BlockSpec(index, kind, k))
     return tuple(specs)
+
+  @property
+  def expert_input_size(self) -> int:
+    """What the routed experts read and write: moe_latent_size when set (behind fc1/fc2_latent_proj), else d."""
+    return self.hidden_size if self.moe_latent_size is None else self.moe_latent_size
 
   @property
   def is_homogeneous(self) -> bool:

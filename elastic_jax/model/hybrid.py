@@ -1,4 +1,4 @@
-"""``HybridLM``: embeddings -> pre-norm residual blocks (Mamba-2 / attention / MLP) -> final norm -> LM head.
+"""``HybridLM``: embeddings -> pre-norm residual blocks (Mamba-2 / attention / MLP / MoE) -> final norm -> LM head.
 
 The same class serves the parent and every extracted child: a child is only a smaller ``ModelConfig``.
 
@@ -27,11 +27,28 @@ from elastic_jax.model.config import BLOCK_KINDS, BlockSpec, ModelConfig
 from elastic_jax.model.layers import Embedding, Projection, RMSNorm, constrain, record_importance
 from elastic_jax.model.mamba import Mamba2Mixer, init_mamba_cache
 from elastic_jax.model.mlp import MLP
+from elastic_jax.model.moe import MoE
 
 Array = jax.Array
 # {"position": int32 [], optional "start": int32 [b], "layers_{i}": per-block cache (Mamba and attention blocks)}
 Cache = dict[str, Any]
 RematPolicies = tuple[tuple[str, str], ...]  # ((block kind, policy), ...), sorted: hashable, a static attribute
+
+# Each block kind's mixer: (config, spec, normed input, block cache, block masks, position, start) -> (output, new
+# block cache or None). Stateless kinds (MLP, MoE) keep no cache, so decoding with caches needs nothing from them.
+MIXERS: dict[str, Callable[..., tuple[Array, Any]]] = {
+    "mamba": lambda cfg, spec, x, cache, masks, position, start: Mamba2Mixer(cfg, spec, name="mixer")(
+        x, cache, masks, position, start),
+    "attention": lambda cfg, spec, x, cache, masks, position, start: Attention(cfg, spec, name="mixer")(
+        x, cache, position, masks, start),
+    "mlp": lambda cfg, spec, x, cache, masks, position, start: (MLP(cfg, spec, name="mixer")(x, masks), None),
+    "moe": lambda cfg, spec, x, cache, masks, position, start: (MoE(cfg, spec, name="mixer")(x, masks), None),
+}
+# The decode cache of each stateful kind: (config, spec, batch, max_len) -> its empty cache.
+CACHES: dict[str, Callable[..., Any]] = {
+    "mamba": lambda config, spec, batch, max_len: init_mamba_cache(config, spec, batch),
+    "attention": init_attention_cache,
+}
 
 # What the backward pass keeps of a block's forward. "none": everything (no recomputation); "full": only the
 # block's inputs (the whole block is recomputed); "dots": the outputs of matmuls without batch dimensions (the
@@ -68,10 +85,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, start: Array | Non
   if start is not None:
     cache["start"] = jnp.asarray(start, jnp.int32)
   for spec in config.block_specs():
-    if spec.kind == "mamba":
-      cache[f"layers_{spec.index}"] = init_mamba_cache(config, spec, batch)
-    elif spec.kind == "attention":
-      cache[f"layers_{spec.index}"] = init_attention_cache(config, spec, batch, max_len)
+    if spec.kind in CACHES:
+      cache[f"layers_{spec.index}"] = CACHES[spec.kind](config, spec, batch, max_len)
   return cache
 
 
@@ -128,12 +143,7 @@ class Block(nn.Module):
       normed = RMSNorm(cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm")(
           h, hidden_mask)
       record_importance(self, "hidden", normed)
-      if self.spec.kind == "mamba":
-        out, cache = Mamba2Mixer(cfg, self.spec, name="mixer")(normed, cache, masks, position, start)
-      elif self.spec.kind == "attention":
-        out, cache = Attention(cfg, self.spec, name="mixer")(normed, cache, position, masks, start)
-      else:
-        out = MLP(cfg, self.spec, name="mixer")(normed, masks)
+      out, cache = MIXERS[self.spec.kind](cfg, self.spec, normed, cache, masks, position, start)
       out = out.astype(h.dtype)
       if hidden_mask is not None:
         out = out * hidden_mask

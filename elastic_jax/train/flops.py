@@ -21,7 +21,8 @@ def forward_flops_per_token(config: ModelConfig, length: int) -> dict[str, float
   """Model FLOPs of one forward pass per token (2 per multiply-add), by kind of work.
 
   matmul: 2 x the matmul parameters: every projection kernel of every block (Mamba z, x, B, C, dt and out; attention
-    q, k, v, o; MLP up and down) and the LM head [d, V]. The embedding lookup, norms, conv kernels/biases and the
+    q, k, v, o; MLP up and down; MoE router, the num_experts_per_tok routed experts a token runs, shared expert and
+    latent projections) and the LM head [d, V]. The embedding lookup, norms, conv kernels/biases and the
     per-head SSM scalars (A_log, D, dt_bias) do no matmul and are not counted.
   attention: per attention block, scores Q K^T and outputs P V over all ``length`` keys (the core computes the full
     [l, l] square and masks it): 2 l hd Hq + 2 l hd Hq = 4 l hd Hq per token.
@@ -47,6 +48,11 @@ def forward_flops_per_token(config: ModelConfig, length: int) -> dict[str, float
       hq, hkv, hd = spec.num_attention_heads, config.num_key_value_heads, config.head_dim
       matmul_params += d * hq * hd + 2 * d * hkv * hd + hq * hd * d
       attention += 4 * length * hd * hq
+    elif spec.kind == "moe":
+      k, i, latent = config.num_experts_per_tok, config.moe_intermediate_size, config.moe_latent_size
+      matmul_params += (d * config.n_routed_experts + k * 2 * config.expert_input_size * i
+                        + 2 * d * config.moe_shared_expert_intermediate_size
+                        + (0 if latent is None else 2 * d * latent))
     else:
       h, p, g, n, q = (spec.mamba_num_heads, spec.mamba_head_dim, config.n_groups, config.ssm_state_size,
                        config.chunk_size)

@@ -38,6 +38,12 @@ DEFAULT_RULES: LogicalRules = (
     ("ssm_groups", None),
     ("ssm_state", None),
     ("conv", None),
+    # MoE blocks: the shared expert is an MLP (its neurons over tensor, like mlp); the routed experts and the
+    # latent dims stay whole on every device for now (no expert-parallel mesh axis yet).
+    ("shared_mlp", "tensor"),
+    ("expert", None),
+    ("expert_mlp", None),
+    ("moe_latent", None),
 )
 
 

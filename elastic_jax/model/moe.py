@@ -1,0 +1,189 @@
+"""Nemotron 3's mixture-of-experts block (pattern character ``E``), as transformers 5.23's ``NemotronHMoE`` computes it.
+
+For the T tokens x [T, d] of a batch (E routed experts, k = num_experts_per_tok):
+
+    scores  = sigmoid(x W_gate)                       [T, E], fp32
+    choice  = scores + e_score_correction_bias        used to choose experts only, never as a weight
+    groups  : the E experts form n_group groups of E / n_group; a group scores the sum of its two best choices, and
+              only the experts of the topk_group best groups can be chosen
+    top     = the k experts with the highest choice among those
+    w       = scores[top], / (sum + 1e-20) when norm_topk_prob, x routed_scaling_factor
+    y       = fc2(sum_j w_j expert_{top_j}(fc1(x))) + shared(x),   expert(u) = down(relu(up(u))^2)
+
+fc1 / fc2 are the latent projections d -> moe_latent_size -> d when ``moe_latent_size`` is set (the experts then read
+and write moe_latent_size dims), else the identity; ``shared`` is one relu^2 MLP of width
+``moe_shared_expert_intermediate_size`` on x (absent when 0).
+
+The experts run on the T·k (token, expert) assignments sorted by expert, as two grouped matmuls
+(``ops.grouped_matmul``): static shapes (T·k rows whatever the routing), no token dropped, and a cost that grows with
+k, not with the number of experts. ``dense_experts`` computes every expert for every token and weights the outputs by
+the routing: the independent reference of the tests and of ``benchmarks/moe_forward.py``.
+
+Parameters, with their logical axes (``expert`` for the expert axis; ``expert_mlp`` and ``shared_mlp`` for the
+experts' and the shared MLP's neurons; ``moe_latent`` for the latent dims):
+
+    gate/kernel [d, E], gate/e_score_correction_bias [E]
+    experts/up_proj [E, c, I], experts/down_proj [E, I, c]        c = moe_latent_size or d
+    shared_experts/up_proj/kernel [d, S], shared_experts/down_proj/kernel [S, d]
+    fc1_latent_proj/kernel [d, L], fc2_latent_proj/kernel [L, d]  (with moe_latent_size)
+
+``e_score_correction_bias`` is a buffer in transformers (updated by load balancing, not by gradients): here it only
+chooses experts, so its gradient is zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from elastic_jax.model.config import BlockSpec, ModelConfig
+from elastic_jax.model.layers import Projection, constrain, dtype_of, param
+from elastic_jax.ops.grouped_matmul import grouped_matmul
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------------------------------------------- routing
+def route(config: ModelConfig, x: Array, kernel: Array, correction_bias: Array) -> tuple[Array, Array]:
+  """Top-k routing of tokens x [T, d]: (weights [T, k] fp32, expert indices [T, k] int32), in fp32 throughout."""
+  logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  scores = jax.nn.sigmoid(logits)
+  choice = scores + jax.lax.stop_gradient(correction_bias.astype(jnp.float32))
+  if config.n_group > 1:
+    tokens, experts = choice.shape
+    grouped = choice.reshape(tokens, config.n_group, experts // config.n_group)
+    group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [T, n_group]
+    best_groups = jax.lax.top_k(group_scores, config.topk_group)[1]
+    allowed = jnp.any(best_groups[:, :, None] == jnp.arange(config.n_group), axis=1)  # [T, n_group]
+    allowed = jnp.repeat(allowed, experts // config.n_group, axis=1)
+    choice = jnp.where(allowed, choice, -jnp.inf)
+  indices = jax.lax.top_k(jax.lax.stop_gradient(choice), config.num_experts_per_tok)[1]
+  weights = jnp.take_along_axis(scores, indices, axis=1)
+  if config.norm_topk_prob:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return weights * config.routed_scaling_factor, indices.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------------- experts
+def _relu2(x: Array) -> Array:
+  return jnp.square(jax.nn.relu(x))
+
+
+def sorted_experts(x: Array, up: Array, down: Array, weights: Array, indices: Array, *, impl: str = "auto",
+                   dtype=jnp.float32) -> Array:
+  """sum_j weights[:, j] * expert_{indices[:, j]}(x) for x [T, c], up [E, c, I], down [E, I, c] -> [T, c] fp32.
+
+  The T·k assignments are sorted by expert (stable), gathered into T·k rows, multiplied by two grouped matmuls
+  (``impl``: see ``ops.grouped_matmul``) in ``dtype`` with fp32 accumulation, weighted, and summed back per token.
+  """
+  tokens, k = indices.shape
+  flat = indices.reshape(-1)
+  order = jnp.argsort(flat, stable=True)  # assignment positions, sorted by expert
+  token_of = order // k
+  group_sizes = jnp.zeros((up.shape[0],), jnp.int32).at[flat].add(1)
+  rows = x.astype(dtype)[token_of]  # [T·k, c]
+  with jax.named_scope("up_proj"):
+    hidden = grouped_matmul(rows, up.astype(dtype), group_sizes, impl=impl).astype(dtype)
+  hidden = _relu2(hidden)
+  with jax.named_scope("down_proj"):
+    out = grouped_matmul(hidden, down.astype(dtype), group_sizes, impl=impl)  # fp32
+  out = out * weights.reshape(-1)[order][:, None].astype(jnp.float32)
+  # Back to assignment order (the inverse permutation), then the k assignments of each token summed.
+  position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  return jnp.sum(out[position].reshape(tokens, k, -1), axis=1)
+
+
+def dense_experts(x: Array, up: Array, down: Array, weights: Array, indices: Array, *, dtype=jnp.float32) -> Array:
+  """The same as ``sorted_experts`` by computing every expert for every token ([T, E, I] work): the reference."""
+  hidden = _relu2(jnp.einsum("tc,eci->tei", x.astype(dtype), up.astype(dtype),
+                             preferred_element_type=jnp.float32).astype(dtype))
+  out = jnp.einsum("tei,eic->tec", hidden, down.astype(dtype), preferred_element_type=jnp.float32)
+  combine = jnp.sum(jax.nn.one_hot(indices, up.shape[0], dtype=jnp.float32) * weights[..., None], axis=1)  # [T, E]
+  return jnp.einsum("te,tec->tc", combine, out)
+
+
+# ---------------------------------------------------------------------------------------------------- modules
+class Router(nn.Module):
+  """The gate's parameters: kernel [d, E] and e_score_correction_bias [E] (both fp32 in use)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> tuple[Array, Array]:
+    cfg = self.config
+    pdt = dtype_of(cfg.param_dtype)
+    kernel = param(self, "kernel", nn.initializers.normal(cfg.initializer_range),
+                   (cfg.hidden_size, cfg.n_routed_experts), ("embed", "expert"), pdt)
+    bias = param(self, "e_score_correction_bias", nn.initializers.zeros, (cfg.n_routed_experts,), ("expert",), pdt)
+    return route(cfg, x, kernel, bias)
+
+
+class Experts(nn.Module):
+  """The routed experts' stacked weights, up_proj [E, c, I] and down_proj [E, I, c], applied to routed tokens."""
+
+  config: ModelConfig
+  input_axis: str  # "embed", or "moe_latent" behind the latent projection
+
+  @nn.compact
+  def __call__(self, x: Array, weights: Array, indices: Array) -> Array:
+    cfg = self.config
+    pdt = dtype_of(cfg.param_dtype)
+    e, c, i = cfg.n_routed_experts, cfg.expert_input_size, cfg.moe_intermediate_size
+    up = param(self, "up_proj", nn.initializers.normal(cfg.initializer_range), (e, c, i),
+               ("expert", self.input_axis, "expert_mlp"), pdt)
+    down = param(self, "down_proj", nn.initializers.normal(cfg.initializer_range / math.sqrt(cfg.num_layers)),
+                 (e, i, c), ("expert", "expert_mlp", self.input_axis), pdt)
+    return sorted_experts(x, up, down, weights, indices, impl=cfg.moe_impl, dtype=dtype_of(cfg.dtype))
+
+
+class SharedExpert(nn.Module):
+  """The shared expert: a relu^2 MLP of width ``moe_shared_expert_intermediate_size`` that every token goes through."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, u: Array) -> Array:
+    cfg = self.config
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    hidden = Projection((cfg.moe_shared_expert_intermediate_size,), ("embed",), ("shared_mlp",),
+                        cfg.initializer_range, name="up_proj", **kw)(u)
+    hidden = constrain(_relu2(hidden), ("batch", "length", "shared_mlp"))
+    return Projection((cfg.hidden_size,), ("shared_mlp",), ("embed",),
+                      cfg.initializer_range / math.sqrt(cfg.num_layers), name="down_proj", **kw)(hidden)
+
+
+class MoE(nn.Module):
+  """u [b, l, d] -> [b, l, d] in ``config.dtype``. Stateless per token (no decode cache); no elastic axis yet, so
+  ``masks`` is accepted and unused (hidden channels are masked around the block by ``Block``)."""
+
+  config: ModelConfig
+  spec: BlockSpec
+
+  @nn.compact
+  def __call__(self, u: Array, masks: dict[str, Array] | None = None) -> Array:
+    del masks
+    cfg = self.config
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    b, l, d = u.shape
+    tokens = u.reshape(b * l, d)
+    with jax.named_scope("router"):
+      weights, indices = Router(cfg, name="gate")(tokens)
+    routed_in = tokens
+    latent = cfg.moe_latent_size is not None
+    if latent:
+      routed_in = Projection((cfg.moe_latent_size,), ("embed",), ("moe_latent",), cfg.initializer_range,
+                             name="fc1_latent_proj", **kw)(tokens)
+    with jax.named_scope("experts"):
+      routed = Experts(cfg, "moe_latent" if latent else "embed", name="experts")(routed_in, weights, indices)
+    routed = routed.astype(dtype_of(cfg.dtype))
+    if latent:
+      routed = Projection((d,), ("moe_latent",), ("embed",), cfg.initializer_range / math.sqrt(cfg.num_layers),
+                          name="fc2_latent_proj", **kw)(routed)
+    out = routed.reshape(b, l, d)
+    if cfg.moe_shared_expert_intermediate_size:
+      with jax.named_scope("shared_experts"):
+        out = out + SharedExpert(cfg, name="shared_experts")(u)
+    return out
