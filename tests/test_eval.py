@@ -20,6 +20,7 @@ from elastic_jax.eval.generate import generate
 from elastic_jax.model import HybridLM
 from elastic_jax.train.result import ExtractedModel, FamilyMember, PipelineResult
 from tests.conftest import random_params, small_config
+from tests.test_stats import _wilson_roots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,6 +104,7 @@ def test_answer_accuracy_grades_controlled_generations(monkeypatch):
   assert result["per_family"]["variables"] == {"accuracy": 1.0, "n": families.count("variables")}
   assert result["per_family"]["modular"] == {"accuracy": 0.0, "n": families.count("modular")}
   assert result["accuracy"] == pytest.approx(1 - families.count("modular") / len(examples))
+  assert result["per_problem"] == [family != "modular" for family in families]  # in example order
   # Generations come back in example order, cut at the end-of-document id.
   assert result["generations"][0] == solutions[tuple(tokenizer.encode(examples[0].prompt))]
   # Pad-free batches: each call holds prompts of one length, at most batch_size of them, and one batch size per
@@ -244,3 +246,135 @@ def test_family_rows_pair_each_child_with_its_baseline_and_measure_in_order():
       {"budget": "50pct", "params": 500, "ppl": 3.0, "accuracy_short": 0.5, "baseline_params": 510,
        "baseline_ppl": 4.0, "baseline_accuracy_short": 0.5}]
   assert result.metrics_path == os.path.join("/w", "elastic", "metrics.jsonl")
+
+
+def _right(count: int, offset: int = 0, n: int = 64) -> list[int]:
+  """A per-problem list: problems ``offset`` to ``offset + count - 1`` answered right."""
+  return [int(offset <= i < offset + count) for i in range(n)]
+
+
+def _measured(**values) -> dict:
+  """A row whose accuracies come from per-problem lists given as ``<key>=list``."""
+  row = {}
+  for key, value in values.items():
+    if isinstance(value, list):
+      row[key], row[f"{key}_per_problem"] = sum(value) / len(value), value
+    else:
+      row[key] = value
+  return row
+
+
+PAIRED_ROWS = [
+    _measured(budget="parent", role="parent", params=1000, ppl=1.5, accuracy_short=_right(32),
+              accuracy_long=_right(32, 16)),
+    _measured(budget="100pct", params=1000, ppl=1.5, accuracy_short=_right(32), accuracy_long=_right(32, 16),
+              full_size=True),
+    # 75pct: right on problems 8-39 (short) and 6-29 (long) where its baseline is not, never the other way round.
+    _measured(budget="75pct", params=750, ppl=1.6, accuracy_short=_right(40), accuracy_long=_right(30),
+              baseline_params=740, baseline_ppl=3.0, baseline_accuracy_short=_right(8),
+              baseline_accuracy_long=_right(6)),
+    # 50pct: the same count as its baseline, two problems each way per set.
+    _measured(budget="50pct", params=500, ppl=2.0, accuracy_short=_right(20), accuracy_long=_right(20),
+              baseline_params=505, baseline_ppl=1.9, baseline_accuracy_short=_right(20, 2),
+              baseline_accuracy_long=_right(20, 2)),
+]
+
+
+def _cell(correct: int, n: int = 64) -> str:
+  low, high = _wilson_roots(correct, n, 1.96)
+  return f"{100 * correct / n:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+def test_report_gives_intervals_paired_verdicts_and_retention(tmp_path):
+  paths = report.write_report(tmp_path, PAIRED_ROWS)
+  markdown = open(paths["markdown"], encoding="utf-8").read()
+  table = {line.split(" | ")[0][2:]: line for line in markdown.splitlines() if line.startswith("| ")}
+  assert "| retention |" in table["budget"]
+  assert f"| {_cell(32)} | {_cell(32)} | — |" in table["parent"]
+  assert f"| {_cell(40)} | {_cell(30)} | 109% [" in table["75pct"]  # (40 + 30) / (32 + 32) of the parent's
+  assert f"| {_cell(8)} | {_cell(6)} |" in table["75pct"]
+  assert "| 100% [100, 100] |" in table["100pct"]  # the same answers as the parent: every resample agrees
+
+  saved = {row["budget"]: row for row in json.load(open(paths["json"], encoding="utf-8"))["rows"]}
+  assert saved["75pct"]["accuracy_short_per_problem"] == _right(40)  # the per-problem lists are kept
+  assert saved["75pct"]["accuracy_short_n"] == 64
+  assert saved["75pct"]["accuracy_short_interval"] == pytest.approx(_wilson_roots(40, 64, 1.96))
+  assert saved["75pct"]["baseline_accuracy_long_interval"] == pytest.approx(_wilson_roots(6, 64, 1.96))
+  difference = saved["75pct"]["accuracy_difference"]
+  assert difference["reference"] == "pruned baseline"
+  assert difference["short"]["diff"] == pytest.approx(0.5) and difference["long"]["diff"] == pytest.approx(0.375)
+  pooled = difference["all_sets"]
+  assert pooled["n"] == 128 and pooled["diff"] == pytest.approx(56 / 128) and pooled["verdict"] == "better"
+  # The pooled per-problem differences are 56 ones and 72 zeros: standard error sqrt(p (1 - p) / 128).
+  half = 1.96 * math.sqrt(56 / 128 * 72 / 128 / 128)
+  assert pooled["low"] == pytest.approx(56 / 128 - half, abs=0.02)
+  assert pooled["high"] == pytest.approx(56 / 128 + half, abs=0.02)
+  assert saved["75pct"]["retention"]["ratio"] == pytest.approx(70 / 64)
+  assert saved["75pct"]["baseline_retention"]["ratio"] == pytest.approx(14 / 64)
+  assert saved["50pct"]["accuracy_difference"]["all_sets"]["verdict"] == "not distinguishable"
+  assert saved["100pct"]["accuracy_difference"]["reference"] == "parent"
+  assert saved["100pct"]["accuracy_difference"]["all_sets"] == {"diff": 0.0, "low": 0.0, "high": 0.0,
+                                                                "verdict": "not distinguishable", "n": 128}
+
+  verdicts = [line[2:] for line in markdown.splitlines() if line.startswith("- ")]
+  assert verdicts[0] == f"The parent, the frozen teacher of every child: accuracy short {_cell(32)}, accuracy long " \
+                        f"{_cell(32)}, perplexity 1.500."
+  assert verdicts[1].startswith("Budget 100pct: the full-size member; nothing is pruned at this size, so the parent "
+                                "row is its reference. In accuracy the full-size member and the parent are not "
+                                "distinguishable: member minus parent +0.0 points [+0.0, +0.0] (95% paired-bootstrap "
+                                "interval) over the 128 problems of the short and long sets;")
+  assert verdicts[2].startswith("Budget 75pct: in accuracy the elastic child is better than the pruned baseline: "
+                                "child minus baseline +43.8 points [")
+  assert "; short +50.0 [" in verdicts[2] and ", long +37.5 [" in verdicts[2]
+  assert "In perplexity it is better: 1.600 vs 3.000 (one held-out number each, no interval)." in verdicts[2]
+  assert "It keeps 109% [" in verdicts[2] and "(the pruned baseline 22% [" in verdicts[2]
+  assert verdicts[3].startswith("Budget 50pct: in accuracy the elastic child and the pruned baseline are not "
+                                "distinguishable: child minus baseline +0.0 points [-")
+  assert "In perplexity it is not better: 2.000 vs 1.900" in verdicts[3]
+
+
+def test_accuracy_plot_draws_the_rows_with_their_intervals(tmp_path):
+  rows = report.add_statistics(PAIRED_ROWS)
+  path = str(tmp_path / "accuracy.png")
+  plotted = report.plot_accuracy_vs_params(rows, path)
+  _check_png(path)
+  assert set(plotted) == {"short", "long"}
+  short = plotted["short"]
+  assert short["elastic"]["budgets"] == ["50pct", "75pct", "100pct"]  # in parameter order; the parent on its own
+  assert short["elastic"]["params"] == [500, 750, 1000]
+  assert short["elastic"]["accuracy"] == pytest.approx([20 / 64, 40 / 64, 32 / 64])
+  assert short["elastic"]["low"] == pytest.approx([_wilson_roots(c, 64, 1.96)[0] for c in (20, 40, 32)])
+  assert short["elastic"]["high"] == pytest.approx([_wilson_roots(c, 64, 1.96)[1] for c in (20, 40, 32)])
+  assert short["pruned"]["params"] == [505, 740] and short["pruned"]["accuracy"] == pytest.approx([20 / 64, 8 / 64])
+  assert plotted["long"]["pruned"]["high"][1] == pytest.approx(_wilson_roots(6, 64, 1.96)[1])
+  assert short["parent"] == {"budgets": ["parent"], "params": [1000], "accuracy": [0.5],
+                             "low": [pytest.approx(_wilson_roots(32, 64, 1.96)[0])],
+                             "high": [pytest.approx(_wilson_roots(32, 64, 1.96)[1])]}
+  assert report.plot_accuracy_vs_params([dict(budget="x", params=10)], str(tmp_path / "none.png")) == {}
+  assert not os.path.exists(tmp_path / "none.png")
+
+
+def test_router_plot_shows_each_axis_and_the_dropped_layers(tmp_path):
+  config = small_config("M-*M")  # layers 0 Mamba, 1 MLP, 2 attention, 3 Mamba
+  depth_order = [3, 0, 2, 1]  # most important first: a depth of 3 drops layer 1, the MLP
+  small = Choice(hidden=16, mlp=(24,), attention_heads=(2,), mamba_heads=(2, 4), mamba_head_dim=(4, 8), depth=3)
+  choices = {"full": report.choice_fractions(config, Choice.full(config)),
+             "small": report.choice_fractions(config, small, depth_order)}
+  assert choices["full"]["depth"] == [1.0] * 4
+  assert choices["small"]["depth"] == [1.0, 0.0, 1.0, 1.0]
+  assert "depth" not in report.choice_fractions(config, small)  # which layers are dropped is unknown without order
+
+  path = str(tmp_path / "router.png")
+  plotted = report.plot_router_choices(choices, path, pattern=config.pattern)
+  _check_png(path)
+  # Axes with one value per budget: a bar per budget (the MLP's only block is dropped at "small").
+  assert plotted["hidden"] == {"kind": "bars", "budgets": ["full", "small"], "values": [1.0, 0.5]}
+  assert plotted["mlp"] == {"kind": "bars", "budgets": ["full", "small"], "values": [1.0, None]}
+  assert plotted["attention_heads"] == {"kind": "bars", "budgets": ["full", "small"], "values": [1.0, 0.5]}
+  # Per-block axes: budgets x the blocks of the kind, named by their layer.
+  assert plotted["mamba_heads"] == {"kind": "grid", "budgets": ["full", "small"], "layers": [0, 3],
+                                    "values": [[1.0, 1.0], [0.5, 1.0]]}
+  assert plotted["mamba_head_dim"]["values"] == [[1.0, 1.0], [0.5, 1.0]]
+  assert plotted["depth"] == {"kind": "depth", "budgets": ["full", "small"], "layers": [0, 1, 2, 3],
+                              "kept": [[True] * 4, [True, False, True, True]]}
+  assert report.plot_router_choices({}, str(tmp_path / "none.png")) == {}

@@ -59,8 +59,9 @@ def measure_model(config: ModelConfig, params: Any, ppl_batches: Sequence[np.nda
       the same result); None: one device.
 
   Returns:
-    {"ppl": float or None, "accuracy": {label: {"accuracy", "n", "correct", "per_family": {family: {"accuracy",
-    "n"}}}}}.
+    {"ppl": float or None, "accuracy": {label: {"accuracy", "n", "correct", "per_problem", "per_family": {family:
+    {"accuracy", "n"}}}}}; ``per_problem`` lists, in the set's order, whether each example was answered right (the
+    report pairs a child's list with its baseline's: both are given the same examples).
   """
   ppl = perplexity(config, params, ppl_batches, mesh=mesh, rules=rules) if len(ppl_batches) else None
   accuracy = {label: answer_accuracy(config, params, examples, tokenizer, max_new_tokens=max_new_tokens,

@@ -109,16 +109,22 @@ def generated_texts(prompt_len: int, rows: np.ndarray, tokenizer: Tokenizer) -> 
 
 
 def grade(examples: Sequence[Example], generations: Sequence[str]) -> dict[str, Any]:
-  """Exact match of each generation's extracted answer: {"accuracy", "n", "correct", "per_family": {family: ...}}."""
+  """Exact match of each generation's extracted answer: {"accuracy", "n", "correct", "per_problem": [bool per
+  example, in order], "per_family": {family: {"accuracy", "n"}}}.
+
+  ``per_problem`` lets two models graded on the same examples be compared problem by problem (a paired bootstrap,
+  ``eval.stats.paired_bootstrap``)."""
   if len(examples) != len(generations):
     raise ValueError(f"{len(examples)} examples but {len(generations)} generations.")
+  per_problem = [extract_answer(text) == example.answer for example, text in zip(examples, generations)]
   correct: dict[str, int] = collections.Counter()
   count: dict[str, int] = collections.Counter()
-  for example, text in zip(examples, generations):
+  for example, right in zip(examples, per_problem):
     count[example.family] += 1
-    correct[example.family] += int(extract_answer(text) == example.answer)
-  n = sum(count.values())
-  return {"accuracy": sum(correct.values()) / n if n else 0.0, "n": n, "correct": sum(correct.values()),
+    correct[example.family] += int(right)
+  n = len(per_problem)
+  return {"accuracy": sum(per_problem) / n if n else 0.0, "n": n, "correct": sum(per_problem),
+          "per_problem": per_problem,
           "per_family": {family: {"accuracy": correct[family] / count[family], "n": count[family]}
                          for family in sorted(count)}}
 
@@ -148,8 +154,8 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
       (``batch_size`` must divide over them) and the tokens gathered to every process; ragged decoding only.
 
   Returns:
-    {"accuracy": float, "n": int, "correct": int, "per_family": {family: {"accuracy", "n"}}} and, when asked,
-    "generations": list[str].
+    {"accuracy": float, "n": int, "correct": int, "per_problem": [bool per example, in order], "per_family":
+    {family: {"accuracy", "n"}}} and, when asked, "generations": list[str].
   """
   if batch_size < 1 or max_new_tokens < 1:
     raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1.")
