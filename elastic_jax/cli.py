@@ -104,13 +104,14 @@ def _check_folder(folder: str, flag: str, named: str) -> None:
     raise InputError(f"{flag} {named}: {existing} is not writable (choose a folder you can write to)")
 
 
-def parse_config_flags(argv: list[str]) -> list[str]:
+def parse_config_flags(argv: list[str], flag_values=None) -> list[str]:
   """absl's flag parsing for a CLI with ``--config`` (``app.run(main, flags_parser=parse_config_flags)``): a bad
   flag (an override of the wrong type, or of a section or list entry the config does not have) is refused in one
-  line instead of absl's usage text or a traceback."""
+  line instead of absl's usage text or a traceback. ``flag_values``: the CLI's own ``FlagValues`` (default: absl's
+  global ``FLAGS``), for a command whose ``main`` can be called more than once in a process."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   try:
-    return flags.FLAGS(argv)
+    return (flags.FLAGS if flag_values is None else flag_values)(argv)
   except flags.Error as error:  # e.g. "flag --config.eval.examples=abc: invalid literal for int() ..."
     message = str(error)
     if message.startswith("flag --"):
