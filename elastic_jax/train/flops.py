@@ -71,3 +71,10 @@ def elastic_step_flops(config: ModelConfig, batch: int, length: int) -> float:
   """
   per_token = sum(forward_flops_per_token(config, length).values())
   return (STUDENT_FORWARDS + TEACHER_FORWARDS) * per_token * batch * length
+
+
+def lm_step_flops(config: ModelConfig, batch: int, length: int) -> float:
+  """Model FLOPs of one next-token train step (parent pretraining) over ``batch`` sequences of ``length`` tokens:
+  one model's train pass (3 forwards), no teacher."""
+  per_token = sum(forward_flops_per_token(config, length).values())
+  return STUDENT_FORWARDS * per_token * batch * length

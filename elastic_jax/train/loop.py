@@ -45,9 +45,12 @@ from elastic_jax.elastic.space import Choice
 from elastic_jax.elastic.param_count import choice_param_count, memory_bytes
 from elastic_jax.elastic.deploy import deployed_choices, router_argmax_choices
 from elastic_jax.train.elastic_step import ElasticSetup, check_budget_probs, init_elastic_state, make_elastic_step
+from elastic_jax.train.flops import elastic_step_flops
 from elastic_jax.train.lm_step import make_lm_step
 from elastic_jax.train.microbatch import check_grad_accum
+from elastic_jax.train.result import member_name
 from elastic_jax.train.state import TrainState
+from elastic_jax.train.tensorboard_log import DIRECTORY as TENSORBOARD_DIRECTORY, TensorBoardLog
 
 Params = Any
 
@@ -99,13 +102,15 @@ class Feed(Protocol):
 class Segment(NamedTuple):
   """Consecutive steps sharing one step function and one data source: a curriculum stage, or all of a pretraining
   run. ``open_data`` builds the data source when the loop enters the segment (it then restores its position when
-  resuming); ``tokens_per_step`` is for the tokens/s readout."""
+  resuming); ``tokens_per_step`` and ``flops_per_step`` (the step's model FLOPs, ``train.flops``; 0: unknown, no
+  MFU) are for the speed readout."""
 
   name: str
   steps: int
   tokens_per_step: int
   open_data: Callable[[], Feed]
   step: Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+  flops_per_step: float = 0.0
 
 
 def _stage_at(stages: Sequence[Stage | Segment], step: int) -> tuple[int, int]:
@@ -138,7 +143,8 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
     student_params: the student's starting point (normally the parent itself: the train state gets its own
       sharded copy); ignored when resuming.
     make_data: builds the token iterator of a stage; the loop restores its position when resuming.
-    workdir: checkpoints go to ``workdir/checkpoints`` and metrics to ``workdir/metrics.jsonl``.
+    workdir: checkpoints go to ``workdir/checkpoints``, metrics to ``workdir/metrics.jsonl`` and the same metrics
+      as TensorBoard events to ``workdir/tensorboard``.
     optimizer, router_optimizer: the model's and the router's optimizers (separate states and learning rates).
     seed: PRNG seed of the run (budget draws, Gumbel noise).
     checkpoint_every: steps between periodic checkpoints (one is also written at the end and on SIGTERM).
@@ -166,7 +172,8 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
     probs = jnp.asarray(stage.budget_probs, jnp.float32)
     return Segment(stage.name, stage.steps, stage.batch_size * stage.seq_len,
                    lambda: StageFeed(make_data(stage, index), stage, training.batch_sharding),
-                   lambda state, tokens: training.step(state, teacher_params, tokens, probs))
+                   lambda state, tokens: training.step(state, teacher_params, tokens, probs),
+                   elastic_step_flops(setup.config, stage.batch_size, stage.seq_len))
 
   def records(state: TrainState) -> dict[str, Any]:
     return {**(metadata or {}), "depth_order": list(setup.depth_order),
@@ -177,7 +184,8 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
                         "elastic training", training.abstract_state,
                         lambda: training.init(shard_params(student_params, training.state_shardings.params)),
                         run_config, checkpoint_every=checkpoint_every, log_every=log_every, max_steps=max_steps,
-                        progress=progress, checkpoint_records=records)
+                        progress=progress, checkpoint_records=records,
+                        budget_names=[member_name(budget) for budget in setup.budgets])
   if int(result.state.step) == total_steps:
     choices = deployed_choice_records(setup, result.state.router_params)
     if distributed.is_primary():
@@ -189,7 +197,8 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
 def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label: str, abstract_state: TrainState,
                  init_state: Callable[[], TrainState], run_config: Mapping[str, Any], *, checkpoint_every: int,
                  log_every: int = 10, max_steps: int | None = None, progress: bool = True,
-                 checkpoint_records: Callable[[TrainState], Mapping[str, Any]] | None = None) -> TrainResult:
+                 checkpoint_records: Callable[[TrainState], Mapping[str, Any]] | None = None,
+                 budget_names: Sequence[str] = (), peak_flops: float | None = None) -> TrainResult:
   """Runs (or resumes) ``segments`` in order in ``workdir``, for any step function: the one training loop.
 
   Resume: the newest checkpoint in ``workdir/checkpoints`` that restores (a torn one is set aside) and fits
@@ -200,8 +209,13 @@ def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label:
   Checkpoints every ``checkpoint_every`` steps and at the end of each segment (kept: the latest two and every
   segment's end), with ``checkpoint_records(state)`` beside the config, step and data positions.
   ``workdir/metrics.jsonl`` gets one row per step (host metrics, flushed every ``log_every`` steps and before each
-  checkpoint), and keeps exactly one per step across kills and resumes. ``label`` names the run in its log lines and
-  progress bar; ``max_steps`` stops early (saving), e.g. to split a run.
+  checkpoint), and keeps exactly one per step across kills and resumes. The last row of each flush also holds the
+  speed of the steps since the previous one (``step_time_s``, ``tokens_per_s`` and ``mfu``: model FLOPs per second
+  over ``peak_flops``, by default the planner's peak of the devices' kind times their count; a segment's first step
+  in a call, which compiles, and checkpoint writes are not timed). The same rows go, at each flush, to
+  TensorBoard event files in ``workdir/tensorboard`` (``train.tensorboard_log``; per-budget metrics named by
+  ``budget_names``), process 0 only; a resumed run's points replace those of steps it runs again. ``label`` names the
+  run in its log lines and progress bar; ``max_steps`` stops early (saving), e.g. to split a run.
   """
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -224,7 +238,9 @@ def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label:
   stop_at = total_steps if max_steps is None else min(max_steps, total_steps)
   preempted = False
   bar = tqdm(total=stop_at, initial=start_step, disable=not talk, desc=label, unit="step")
-  metrics_log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step, bar)
+  metrics_log = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), start_step, bar,
+                            os.path.join(workdir, TENSORBOARD_DIRECTORY), budget_names)
+  peak_flops = devices_peak_flops() if peak_flops is None else peak_flops
   last_saved = start_step
 
   def save(step: int, index: int, feed: Feed) -> None:
@@ -236,6 +252,7 @@ def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label:
       checkpointer.save(step, state, {**records, "config": run_config, "step": step,
                                       "data_state": distributed.process_states(position)})
       last_saved = step
+      metrics_log.restart_timing()  # the next speed readout times steps, not the checkpoint's write
 
   step = start_step
   try:
@@ -253,17 +270,18 @@ def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label:
           first, last = step - done_in_segment + 1, step - done_in_segment + segment.steps
           _log(label, f"{segment.name} (stage {index + 1} of {len(segments)}, steps {first}-{last})"
                + (f" from step {step + 1}" if done_in_segment else ""))
-        tic = time.perf_counter()
+        timed = False
         while step < segment_end:
           state, metrics = segment.step(state, feed.batch(step))
           step += 1
           metrics_log.add(step, metrics)
+          if not timed:  # the segment's first step in this call compiles: the speed is timed from its end
+            jax.block_until_ready(metrics)
+            metrics_log.time_segment(segment, peak_flops)
+            timed = True
           bar.update(1)
           if step % log_every == 0:
             metrics_log.flush()
-            elapsed = time.perf_counter() - tic
-            bar.set_description(f"{segment.name} {segment.tokens_per_step * log_every / elapsed:,.0f} tok/s")
-            tic = time.perf_counter()
           # SIGTERM: save where we are and stop cleanly (all processes at the same step: they agree at log steps).
           if distributed.agreed_stop(guard.requested, sync_now=step % log_every == 0):
             preempted = True
@@ -273,6 +291,7 @@ def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label:
         save(step, index, feed)  # end of the segment (or of this call): always resumable from here
   finally:  # whatever stops the loop, a save in flight completes before it propagates
     metrics_log.flush()
+    metrics_log.close()
     bar.close()
     checkpointer.close()
   return TrainResult(state, metrics_log.history, preempted)
@@ -281,27 +300,90 @@ def run_training(segments: Sequence[Segment], workdir: str | os.PathLike, label:
 class _MetricsLog:
   """``metrics.jsonl`` of a run: exactly the rows of steps 1..``start_step`` are kept (a resumed run's log reads as
   one uninterrupted run), then each step's device metrics are held until ``flush`` brings them to the host (the steps
-  never wait for it), appends them (process 0 only: a shared file) and shows the latest on the progress bar."""
+  never wait for it), appends them (process 0 only: a shared file) and shows the latest on the progress bar. The
+  same rows go to TensorBoard events in ``tensorboard_dir`` (process 0; the file is opened at the first rows), and
+  the last row of a flush gets the speed of the steps timed since the previous flush (``_Speed``)."""
 
-  def __init__(self, path: str, start_step: int, bar: tqdm):
-    self.path, self.bar = path, bar
+  def __init__(self, path: str, start_step: int, bar: tqdm, tensorboard_dir: str, budget_names: Sequence[str]):
+    self.path, self.bar, self.start_step = path, bar, start_step
     self.history: list[dict[str, Any]] = []  # every row flushed in this call
     self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self.speed: _Speed | None = None
+    self.tensorboard_dir, self.budget_names = tensorboard_dir, tuple(budget_names)
+    self.tensorboard: TensorBoardLog | None = None
     if distributed.is_primary():
       _truncate_metrics(path, start_step)
 
+  def time_segment(self, segment: Segment, peak_flops: float | None) -> None:
+    """Times the steps of ``segment`` added from now on (the device has finished every step before)."""
+    self.speed = _Speed(segment.name, segment.tokens_per_step, segment.flops_per_step, peak_flops)
+
+  def restart_timing(self) -> None:
+    if self.speed is not None:
+      self.speed.restart()
+
   def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
     self.pending.append((step, metrics))
+    if self.speed is not None:
+      self.speed.steps += 1
 
   def flush(self) -> None:
-    rows = [{"step": step, **_to_host(metrics)} for step, metrics in self.pending]
+    rows = [{"step": step, **_to_host(metrics)} for step, metrics in self.pending]  # waits for the steps
+    if rows and self.speed is not None and self.speed.steps:
+      rows[-1].update(self.speed.readout())
+      self.bar.set_description(f"{self.speed.name} {rows[-1]['tokens_per_s']:,.0f} tok/s")
+    if self.speed is not None:
+      self.speed.restart()
     self.history.extend(rows)
-    if distributed.is_primary():
+    if distributed.is_primary() and rows:
       with open(self.path, "a", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+      if self.tensorboard is None:
+        self.tensorboard = TensorBoardLog(self.tensorboard_dir, self.start_step, self.budget_names)
+      self.tensorboard.write(rows)
+      self.tensorboard.flush()  # on disk before any checkpoint that follows, like the rows above
     if rows:
       self.bar.set_postfix(_postfix(rows[-1]))
     self.pending.clear()
+
+  def close(self) -> None:
+    if self.tensorboard is not None:
+      self.tensorboard.close()
+      self.tensorboard = None
+
+
+class _Speed:
+  """The speed of a segment's steps over a window of consecutive steps: from a moment the device had finished every
+  step before the window (the end of the previous flush or checkpoint, or of the segment's first step in this call,
+  which compiles and is not timed) to the flush that waits for the window's last step."""
+
+  def __init__(self, name: str, tokens_per_step: int, flops_per_step: float, peak_flops: float | None):
+    self.name, self.tokens_per_step, self.flops_per_step, self.peak_flops = (name, tokens_per_step, flops_per_step,
+                                                                             peak_flops)
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.steps = time.perf_counter(), 0
+
+  def readout(self) -> dict[str, float]:
+    """``step_time_s`` (seconds per step), ``tokens_per_s`` and, where the step's FLOPs and the devices' peak are
+    known, ``mfu`` (model FLOPs per second over the peak)."""
+    seconds = time.perf_counter() - self.start
+    speed = {"step_time_s": seconds / self.steps, "tokens_per_s": self.tokens_per_step * self.steps / seconds}
+    if self.flops_per_step and self.peak_flops:
+      speed["mfu"] = self.flops_per_step * self.steps / seconds / self.peak_flops
+    return speed
+
+
+def devices_peak_flops() -> float | None:
+  """The dense bf16 peak FLOP/s of all the run's devices together: the planner's figure for the devices' kind
+  (``plan.DEVICES``; on CPU a nominal 1e11 each) times their count; None for a kind with no known peak."""
+  from elastic_jax import plan  # pylint: disable=import-outside-toplevel  (plan imports this module)
+  try:
+    kind = plan.detect_device()
+  except ValueError:
+    return None
+  return plan.DEVICES[kind].peak_flops * jax.device_count()
 
 
 def _postfix(row: Mapping[str, Any]) -> dict[str, str]:

@@ -5,10 +5,10 @@ command after an interruption resumes (parent pretraining and the elastic phase 
 mid-run; a kill -9 at any moment loses only the steps since the last checkpoint).
 
   W/parent/        the parent (HF import, or a short pretraining run on the configured data: checkpoints,
-                   metrics.jsonl)
+                   metrics.jsonl, tensorboard/)
   W/importance/    rankings.json: importance order of every axis (+ depth order)
   W/permuted/      the parent in importance order (the teacher, and the student's starting point)
-  W/elastic/       checkpoints, metrics.jsonl, deployed_choices.json, student/
+  W/elastic/       checkpoints, metrics.jsonl, tensorboard/, deployed_choices.json, student/
   W/children/<b>/  each budget's extracted child; W/baselines/<b>/ the zero-shot pruned model of the same size
   W/report.*       the evaluation report (evaluation runs again on every run: it stores nothing to reuse)
 
@@ -45,6 +45,7 @@ from elastic_jax.train.config import (elastic_setup_from_config, memory_from_con
                                       optimizers_from_config, plain, section, stages_from_config,
                                       validate_run_config)
 from elastic_jax.train.distributed import barrier, global_batch, is_primary
+from elastic_jax.train.flops import lm_step_flops
 from elastic_jax.train.loop import (Segment, Stage, TrainResult, compiled_lm_step, log, run_training,
                                     train_elastic, write_json_atomically)
 from elastic_jax.train.optim import OptimizerConfig
@@ -268,7 +269,8 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None 
   # (long-context) settings, so the parent knows both variants before it is elastified.
   open_data = lambda: PretrainFeed([make_data(stage, 0), make_data(stage, 1)], parent_cfg["long_every"],
                                    training.batch_sharding)
-  segment = Segment(stage.name, steps, stage.batch_size * stage.seq_len, open_data, training.step)
+  segment = Segment(stage.name, steps, stage.batch_size * stage.seq_len, open_data, training.step,
+                    lm_step_flops(config, stage.batch_size, stage.seq_len))
   # A re-run resumes pretraining from its last checkpoint (train state and both streams' positions), refusing a
   # changed configuration.
   run_config = json.loads(json.dumps({"model": config.to_dict(), "parent": parent_cfg, "seed": int(cfg.seed),
