@@ -119,7 +119,7 @@ from elastic_jax.train.flops import elastic_step_flops, forward_flops_per_token
 from elastic_jax.train.loop import ShardedTraining, Stage, abstract_boxed_state, compiled_elastic_step
 from elastic_jax.train.memory import MemoryConfig
 from elastic_jax.train.optim import make_optimizer
-from elastic_jax.train.elastic_step import ElasticSetup
+from elastic_jax.train.elastic_step import ElasticSetup, Pins
 
 GB = 1e9
 _EMBED = ("batch", "length", "embed")
@@ -881,11 +881,13 @@ class JittedStep:
   replicated: Any
 
   def abstract_inputs(self, stage: Stage) -> tuple:
-    """Every argument of the step for ``stage`` as shapes: (state, teacher, tokens [b, l+1], budget probs)."""
+    """Every argument of the step for ``stage`` as shapes: (state, teacher, tokens [b, l+1], budget probs, pins)."""
     tokens = jax.ShapeDtypeStruct((stage.batch_size, stage.seq_len + 1), jnp.int32,
                                   sharding=self.training.batch_sharding)
     probs = jax.ShapeDtypeStruct((len(self.setup.budgets),), jnp.float32, sharding=self.replicated)
-    return self.training.abstract_state, self.abstract_teacher, tokens, probs
+    pins = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated),
+                        Pins.off(self.setup))
+    return self.training.abstract_state, self.abstract_teacher, tokens, probs, pins
 
   def lower(self, stage: Stage):
     return self.training.step.lower(*self.abstract_inputs(stage))

@@ -13,8 +13,12 @@ from elastic_jax.elastic.param_count import choice_param_count
 from elastic_jax.elastic.router import RouterSchedule
 from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.train.optim import OptimizerConfig, make_optimizer
-from elastic_jax.elastic.deploy import choice_from_indices, deployed_choices, router_argmax_choices
-from elastic_jax.train.elastic_step import ElasticSetup, check_budget_probs, init_elastic_state, make_elastic_step
+from elastic_jax.elastic.deploy import choice_from_indices, deployed_choices, pinned_indices, router_argmax_choices
+from elastic_jax.elastic.extract import extract
+from elastic_jax.elastic.space import Choice
+from elastic_jax.model import HybridLM
+from elastic_jax.train.elastic_step import (ElasticSetup, Pins, check_budget_probs, init_elastic_state,
+                                            make_elastic_step)
 
 CONFIG = small_config("M-*M-", hidden_size=32, intermediate_size=64, mamba_num_heads=4, n_groups=2)
 
@@ -190,3 +194,64 @@ def test_a_parent_above_two_billion_parameters_traces():
   probs = jax.ShapeDtypeStruct((2,), jnp.float32)
   _, metrics = jax.eval_shape(make_elastic_step(setup, tx, router_tx), state, state.params, tokens, probs)
   assert metrics["expected_size_per_budget"].shape == (2,)
+
+
+def _numpy_kl(student_logits, teacher_logits):
+  """Mean over tokens of KL(teacher || student), per sample, in float64."""
+  def log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+  t, s = log_softmax(teacher_logits), log_softmax(student_logits)
+  return (np.exp(t) * (t - s)).sum(-1).mean(-1)
+
+
+def test_a_pinned_step_trains_each_budgets_pinned_choice_and_leaves_the_router_unchanged():
+  setup = _setup()
+  tx, router_tx = _optimizers()
+  teacher = random_params(CONFIG, seed=0)
+  student = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(5), x.shape, x.dtype), teacher)
+  state = init_elastic_state(setup, student, tx, router_tx, seed=0)
+  # Two choices the router is unlikely to sample at initialisation: the smallest and a mixed one.
+  space = setup.space
+  choices = [Choice.full(CONFIG),
+             choice_from_indices(CONFIG, space, {"hidden": [2], "mlp": [3], "attention_heads": [0],
+                                                 "mamba_heads": [1], "mamba_head_dim": [1], "depth": [1]}),
+             choice_from_indices(CONFIG, space, {"hidden": [0], "mlp": [0], "attention_heads": [0],
+                                                 "mamba_heads": [0], "mamba_head_dim": [0], "depth": [0]})]
+  pins = Pins({k: jnp.asarray(v) for k, v in pinned_indices(setup, choices).items()}, jnp.asarray(True))
+  step = jax.jit(make_elastic_step(setup, tx, router_tx))
+  tokens = _tokens(3)
+  inputs = np.asarray(tokens[:, :-1])
+  teacher_logits = HybridLM(CONFIG).apply({"params": teacher}, inputs)
+  for budget, choice in enumerate(choices):
+    probs = jnp.asarray(np.eye(3)[budget], jnp.float32)  # every sample draws this budget
+    new_state, metrics = step(state, teacher, tokens, probs, pins)
+    # The step's KD is the extracted child's, computed by slicing, not masking.
+    child_config, child_params = extract(CONFIG, jax.tree.map(np.asarray, student), choice, setup.depth_order)
+    reference = _numpy_kl(HybridLM(child_config).apply({"params": child_params}, inputs), teacher_logits)
+    np.testing.assert_allclose(float(metrics["kd_per_budget"][budget]), reference.mean(), rtol=1e-4, atol=1e-6)
+    expected = choice_param_count(CONFIG, choice, setup.depth_order) / setup.parent_params
+    np.testing.assert_allclose(float(metrics["expected_size_per_budget"][budget]), expected, rtol=1e-5)
+    assert int(metrics["pinned"]) == 1
+    for new, old in zip(jax.tree.leaves((new_state.router_params, new_state.router_opt_state)),
+                        jax.tree.leaves((state.router_params, state.router_opt_state))):
+      np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+    assert float(metrics["grad_norm"]) > 0  # the pinned sub-network does learn
+
+
+def test_inactive_pins_change_nothing():
+  setup = _setup()
+  tx, router_tx = _optimizers()
+  teacher = random_params(CONFIG, seed=0)
+  state = init_elastic_state(setup, jax.tree.map(jnp.copy, teacher), tx, router_tx, seed=0)
+  step = jax.jit(make_elastic_step(setup, tx, router_tx))
+  probs = jnp.asarray([1 / 3] * 3)
+  plain_state, plain_metrics = step(state, teacher, _tokens(4), probs)
+  off_state, off_metrics = step(state, teacher, _tokens(4), probs, Pins.off(setup))
+  assert int(off_metrics["pinned"]) == 0
+  for a, b in zip(jax.tree.leaves(plain_state), jax.tree.leaves(off_state)):
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+                                             else a), np.asarray(jax.random.key_data(b)
+                                             if jnp.issubdtype(b.dtype, jax.dtypes.prng_key) else b))
+  np.testing.assert_array_equal(np.asarray(plain_metrics["kd_per_budget"]), np.asarray(off_metrics["kd_per_budget"]))

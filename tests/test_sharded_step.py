@@ -27,7 +27,7 @@ _SCRIPT = textwrap.dedent("""
     from elastic_jax.train.loop import compiled_elastic_step, compiled_lm_step
     from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_config, make_optimizer
     from elastic_jax.train.sharding import DEFAULT_RULES, make_mesh, shard_params
-    from elastic_jax.train.elastic_step import ElasticSetup, init_elastic_state, make_elastic_step
+    from elastic_jax.train.elastic_step import ElasticSetup, Pins, init_elastic_state, make_elastic_step
     from elastic_jax.train.lm_step import make_lm_step
     from elastic_jax.train.state import TrainState
 
@@ -68,9 +68,9 @@ _SCRIPT = textwrap.dedent("""
 
     def run_steps(step, state, teacher_params):
       # The state after the first step, and both steps' metrics (the second's loss sees the first's update).
-      first, metrics = step(state, teacher_params, batches[0], probs)
+      first, metrics = step(state, teacher_params, batches[0], probs, Pins.off(setup))
       after_first = jax.tree.map(np.asarray, first)
-      _, second_metrics = step(first, teacher_params, batches[1], probs)
+      _, second_metrics = step(first, teacher_params, batches[1], probs, Pins.off(setup))
       return after_first, [metrics, second_metrics]
 
     # The single-device reference.

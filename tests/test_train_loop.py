@@ -81,6 +81,29 @@ def test_resume_continues_exactly(tmp_path):
     assert record["params"] == choice_param_count(CONFIG, choice, (0, 2, 1, 3))
 
 
+PINNED = (STAGES[0], Stage("stage2", 3, 4, 8, (0.5, 0.3, 0.2), pinned=True))
+
+
+def test_a_pinned_stage_trains_the_deployed_choices_with_the_router_frozen_and_resumes_exactly(tmp_path):
+  routed = _run(tmp_path / "routed", stages=PINNED[:1])  # stage 1 alone: the router the pinned stage starts from
+  full = _run(tmp_path / "full", stages=PINNED)
+  assert _losses(full.history)[:4] == _losses(routed.history)
+  assert [h["pinned"] for h in full.history] == [0] * 4 + [1] * 3
+  # Frozen: the router after the pinned steps is the router before them.
+  for a, b in zip(jax.tree.leaves(routed.state.router_params), jax.tree.leaves(full.state.router_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Each pinned step's per-budget size is exactly its deployed choice's, which extraction cuts.
+  records = json.loads((tmp_path / "full" / "deployed_choices.json").read_text())
+  for row in full.history[4:]:
+    for b, (count, record) in enumerate(zip(row["samples_per_budget"], records)):
+      if count:
+        assert row["expected_size_per_budget"][b] == pytest.approx(record["fraction"], rel=1e-5)
+  # Stopped inside the pinned stage and resumed: the same choices are pinned again, the run continues exactly.
+  _run(tmp_path / "split", stages=PINNED, max_steps=5)
+  second = _run(tmp_path / "split", stages=PINNED)
+  assert _losses(second.history) == _losses(full.history)[5:]
+
+
 def test_resume_at_a_stage_boundary(tmp_path):
   full = _run(tmp_path / "full")
   _run(tmp_path / "split", max_steps=4)

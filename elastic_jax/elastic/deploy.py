@@ -38,6 +38,28 @@ def choice_from_indices(config: ModelConfig, space: ElasticSpace, indices: dict[
   return Choice(**fields)
 
 
+def choice_indices(config: ModelConfig, space: ElasticSpace, choice: Choice) -> dict[str, np.ndarray]:
+  """The inverse of ``choice_from_indices``: per routed axis, the candidate index of the choice's size in each of
+  the router's rows for that axis ([1] for a homogeneous axis, [num_layers] for a heterogeneous one)."""
+  indices = {}
+  for axis in router_lib.router_axes(space, config):
+    candidates, value = space.candidates(axis.name), getattr(choice, axis.name)
+    sizes = (value,) if isinstance(value, int) else tuple(value)[:axis.num_layers]
+    try:
+      indices[axis.name] = np.asarray([candidates.index(size) for size in sizes], np.int32)
+    except ValueError:
+      raise ValueError(f"choice {choice} has {axis.name}={value}, not among the space's candidates "
+                       f"{candidates}.") from None
+  return indices
+
+
+def pinned_indices(setup: ElasticSetup, choices: list[Choice]) -> dict[str, np.ndarray]:
+  """Each budget's choice (in budget order) as per-axis candidate indices [n_budgets, rows]: what the elastic step
+  trains when its choices are pinned."""
+  rows = [choice_indices(setup.config, setup.space, choice) for choice in choices]
+  return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+
+
 def _budget_logits(setup: ElasticSetup, router_params: Params) -> dict[str, np.ndarray]:
   """Per routed axis the router's logits for every budget, [n_budgets, num_layers, num_choices]."""
   return {name: np.asarray(l) for name, l in

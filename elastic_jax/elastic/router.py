@@ -130,6 +130,20 @@ def route(key: Array, logits: dict[str, Array], tau: Array | float, scale: Array
   return {name: gumbel_softmax(k, logits[name], tau, scale) for k, name in zip(keys, sorted(logits))}
 
 
+def pin(samples: dict[str, AxisSample], pinned: dict[str, Array], budget_ids: Array, active: Array
+        ) -> dict[str, AxisSample]:
+  """Where ``active``, every sample takes its budget's pinned choice (``pinned[axis]``: candidate indices
+  [n_budgets, num_layers]) as a constant one-hot: the masks are that choice's, and no gradient reaches the router.
+  Elsewhere the samples pass unchanged (one program serves pinned and routed steps)."""
+  out = {}
+  for name, s in samples.items():
+    index = jnp.where(active, jnp.asarray(pinned[name], jnp.int32)[budget_ids], s.index)
+    probs = jnp.where(active, jax.nn.one_hot(index, s.probs.shape[-1], dtype=s.probs.dtype), s.probs)
+    chosen = jnp.take_along_axis(probs, index[..., None], axis=-1)[..., 0]
+    out[name] = AxisSample(probs, index, chosen / jax.lax.stop_gradient(chosen))
+  return out
+
+
 def deterministic_choice(logits: dict[str, Array]) -> dict[str, Array]:
   """The deployed choice: argmax of the logits per axis and layer (no noise), [b, L] indices."""
   return {name: jnp.argmax(l, axis=-1).astype(jnp.int32) for name, l in logits.items()}

@@ -253,11 +253,15 @@ def _check_stages(stages: Any, budgets: Sequence[float], grad_accum_steps: int) 
     raise config_error("stages", "is empty", "give at least one stage: name, steps, batch_size, seq_len, "
                        "budget_probs")
   fields = [f.name for f in dataclasses.fields(Stage)]
+  required = [f.name for f in dataclasses.fields(Stage) if f.default is dataclasses.MISSING]
   names = set()
   for where, stage in _records("stages", stages, fields):
-    missing = [name for name in fields if name not in stage]
+    missing = [name for name in required if name not in stage]
     if missing:
-      raise config_error(f"{where}.{missing[0]}", "missing", f"a stage sets every one of {', '.join(fields)}")
+      raise config_error(f"{where}.{missing[0]}", "missing", f"a stage sets every one of {', '.join(required)}")
+    if not isinstance(stage.get("pinned", False), bool):
+      raise config_error(f"{where}.pinned", f"{stage['pinned']!r} is not a bool",
+                         "true freezes the router and trains each budget's deployed choice; false routes")
     check_string(f"{where}.name", stage["name"])
     if not stage["name"] or stage["name"] in names:
       raise config_error(f"{where}.name", f"{stage['name']!r} is empty or repeats an earlier stage's name",

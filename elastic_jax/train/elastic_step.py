@@ -7,7 +7,8 @@
   grads: model <- KD only (the router loss does not touch the model); router <- KD + lambda * router loss
 
 Budgets only change mask *values*, so one compilation serves every budget draw and every stage with the same
-shapes; stage probabilities are an input, not a constant. With ``memory.grad_accum_steps`` k the KD part runs as k
+shapes; stage probabilities are an input, not a constant. So are ``Pins``: in a pinned stage every sample trains its
+budget's fixed choice (the one deployment extracts) and the router stays as it is. With ``memory.grad_accum_steps`` k the KD part runs as k
 micro-batches (``train.microbatch``); the routing and budget draws are made once for the global batch.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,21 @@ class ElasticSetup:
     return {axis.name: axis.num_choices - 1 for axis in self.router.axes}
 
 
+class Pins(NamedTuple):
+  """Fixed choices for the step: ``indices[axis]`` int32 [n_budgets, num_layers] (``deploy.pinned_indices``), used
+  where ``active`` (a bool scalar) is true. Pinned steps train each budget's pinned sub-network and leave the router
+  and its optimizer state unchanged."""
+
+  indices: dict[str, Array]
+  active: Array
+
+  @classmethod
+  def off(cls, setup: "ElasticSetup") -> "Pins":
+    """No pinning (every sample routed), in the shapes a pinned stage passes: the same compiled step serves both."""
+    return cls({axis.name: jnp.zeros((len(setup.budgets), axis.num_layers), jnp.int32) for axis in setup.router.axes},
+               jnp.asarray(False))
+
+
 def check_budget_probs(probs: Sequence[float], num_budgets: int, where: str = "budget_probs") -> np.ndarray:
   probs = np.asarray(probs, np.float64)
   if probs.shape != (num_budgets,):
@@ -182,10 +198,11 @@ def _distillation_loss(setup: ElasticSetup, params: Params, router_params: Param
 
 def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
                       router_tx: optax.GradientTransformation) -> Callable:
-  """``step(state, teacher_params, tokens [b, l+1], budget_probs [n_budgets]) -> (state, metrics)``."""
+  """``step(state, teacher_params, tokens [b, l+1], budget_probs [n_budgets], pins=None) -> (state, metrics)``;
+  ``pins`` (``Pins``) fixes each budget's choice where active."""
   router, num_budgets, k = setup.router, len(setup.budgets), setup.memory.grad_accum_steps
 
-  def step(state: TrainState, teacher_params: Params, tokens: Array, budget_probs: Array
+  def step(state: TrainState, teacher_params: Params, tokens: Array, budget_probs: Array, pins: Pins | None = None
            ) -> tuple[TrainState, dict[str, Array]]:
     inputs, next_tokens = split_batch(tokens)
     batch = inputs.shape[0]
@@ -196,7 +213,8 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
 
     def route(router_params):
       # The whole global batch's routing, with one draw of Gumbel noise whatever the micro-batch split.
-      return router_lib.route(route_key, router.apply({"params": router_params}, budget_ids), tau, scale)
+      samples = router_lib.route(route_key, router.apply({"params": router_params}, budget_ids), tau, scale)
+      return samples if pins is None else router_lib.pin(samples, pins.indices, budget_ids, pins.active)
 
     (router_term, (router_loss, expected, argmax_size)), router_loss_grads = jax.value_and_grad(
         lambda rp: _router_loss(setup, rp, route, budget_ids, scale), has_aux=True)(state.router_params)
@@ -219,10 +237,15 @@ def make_elastic_step(setup: ElasticSetup, tx: optax.GradientTransformation,
         "tau": tau, "logit_scale": scale,
         "grad_norm": optax.tree.norm(grads),
     }
+    router_params = optax.apply_updates(state.router_params, router_updates)
+    if pins is not None:  # a pinned step leaves the router and its moments as they are
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(pins.active, o, n), new, old)
+      router_params = keep(router_params, state.router_params)
+      router_opt_state = keep(router_opt_state, state.router_opt_state)
+      metrics["pinned"] = jnp.asarray(pins.active, jnp.int32)
     new_state = state.replace(
         step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-        router_params=optax.apply_updates(state.router_params, router_updates), router_opt_state=router_opt_state,
-        rng=jax.random.key_data(key))
+        router_params=router_params, router_opt_state=router_opt_state, rng=jax.random.key_data(key))
     return new_state, metrics
 
   return step

@@ -43,8 +43,9 @@ from elastic_jax.train.optim import OptimizerConfig, default_router_optimizer_co
 from elastic_jax.elastic.extract import child_config
 from elastic_jax.elastic.space import Choice
 from elastic_jax.elastic.param_count import choice_param_count, memory_bytes
-from elastic_jax.elastic.deploy import deployed_choices, router_argmax_choices
-from elastic_jax.train.elastic_step import ElasticSetup, check_budget_probs, init_elastic_state, make_elastic_step
+from elastic_jax.elastic.deploy import deployed_choices, pinned_indices, router_argmax_choices
+from elastic_jax.train.elastic_step import (ElasticSetup, Pins, check_budget_probs, init_elastic_state,
+                                            make_elastic_step)
 from elastic_jax.train.flops import elastic_step_flops
 from elastic_jax.train.lm_step import make_lm_step
 from elastic_jax.train.microbatch import check_grad_accum
@@ -64,6 +65,9 @@ class Stage:
   batch_size: int
   seq_len: int
   budget_probs: tuple[float, ...]
+  # Pinned: the router is frozen and each sample trains its budget's deployed choice (``deploy.deployed_choices`` at
+  # the stage's start), so the sub-networks extraction cuts are the ones the last steps trained.
+  pinned: bool = False
 
   def validate(self, num_budgets: int) -> None:
     for field in ("steps", "batch_size", "seq_len"):
@@ -168,11 +172,23 @@ def train_elastic(setup: ElasticSetup, stages: Sequence[Stage], teacher_params: 
   training = compiled_elastic_step(setup, optimizer, router_optimizer, total_steps, seed, mesh, rules)
   teacher_params = place_teacher(setup, teacher_params, training.state_shardings.params)
 
+  unpinned = Pins.off(setup)
+
   def segment(index: int, stage: Stage) -> Segment:
     probs = jnp.asarray(stage.budget_probs, jnp.float32)
+    pins = {}  # a pinned stage's choices, fixed at its first step
+
+    def step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+      if stage.pinned and not pins:
+        # The router is frozen inside the stage, so a resumed stage pins the same choices.
+        choices = deployed_choices(setup, state.router_params)
+        pins["pins"] = Pins({name: jnp.asarray(value) for name, value in pinned_indices(setup, choices).items()},
+                            jnp.asarray(True))
+        _log("elastic training", f"stage {stage.name!r}: router frozen; each budget trains its deployed choice")
+      return training.step(state, teacher_params, tokens, probs, pins.get("pins", unpinned))
+
     return Segment(stage.name, stage.steps, stage.batch_size * stage.seq_len,
-                   lambda: StageFeed(make_data(stage, index), stage, training.batch_sharding),
-                   lambda state, tokens: training.step(state, teacher_params, tokens, probs),
+                   lambda: StageFeed(make_data(stage, index), stage, training.batch_sharding), step,
                    elastic_step_flops(setup.config, stage.batch_size, stage.seq_len))
 
   def records(state: TrainState) -> dict[str, Any]:
@@ -473,7 +489,8 @@ def compiled_elastic_step(setup: ElasticSetup, optimizer: OptimizerConfig, route
   state_shardings, abstract_state = _with_shardings(abstract_boxed_state(setup, tx, router_tx, seed), mesh, rules)
   tokens = batch_sharding(mesh, rules)
   step = sharded_jit(make_elastic_step(setup, tx, router_tx), mesh, rules,
-                     in_shardings=(state_shardings, state_shardings.params, tokens, replicated(mesh)),
+                     in_shardings=(state_shardings, state_shardings.params, tokens, replicated(mesh),
+                                   replicated(mesh)),
                      out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
   init = sharded_jit(lambda params: init_elastic_state(setup, params, tx, router_tx, seed), mesh, rules,
                      in_shardings=(state_shardings.params,), out_shardings=state_shardings)
