@@ -12,6 +12,8 @@ import shutil
 
 import pytest
 
+from elastic_jax.study.arms import ARMS as ARM_TABLE
+from elastic_jax.study.arms import scaled_stages, stage_tokens
 from elastic_jax.study.cli import main
 from test_pipeline import _micro_config
 
@@ -149,6 +151,22 @@ def test_a_changed_value_reruns_the_arms_that_depend_on_it(study, tmp_path, caps
   assert all(member["accuracy_short_n"] == 3 for member in members.values())
 
 
+def test_the_arms_curricula_against_hand_counted_tokens():
+  stages = [dict(name="stage1", steps=400, batch_size=12, seq_len=128, budget_probs=[1 / 3] * 3),
+            dict(name="stage2", steps=80, batch_size=6, seq_len=256, budget_probs=[0.5, 0.3, 0.2]),
+            dict(name="tail", steps=60, batch_size=6, seq_len=256, budget_probs=[0.5, 0.3, 0.2], pinned=True)]
+  assert stage_tokens(stages) == 400 * 1536 + 140 * 1536
+  # Stage 2 off: stage 1 alone for the same tokens, 540 of its steps; every later stage off.
+  assert ARM_TABLE["elastic_stage1_only"].curriculum(stages, "study.arms") == [dict(stages[0], steps=540)]
+  # Uniform stage 2: every stage after the first, the pinned tail included (and still pinned).
+  uniform = ARM_TABLE["elastic_uniform"].curriculum(stages, "study.arms")
+  assert uniform[0] == stages[0] and [s["budget_probs"] for s in uniform[1:]] == [[1 / 3] * 3] * 2
+  assert uniform[2]["pinned"] and [s["steps"] for s in uniform] == [400, 80, 60]
+  # Equal total over two smaller members: half of every stage's steps each.
+  assert [s["steps"] for s in scaled_stages(stages, ARM_TABLE["sequential_equal"].member_share(2))] == [200, 40, 30]
+  assert ARM_TABLE["sequential_full"].member_share(2) == ARM_TABLE["scratch"].member_share(2) == 1.0
+
+
 UNIFORM_STAGE2 = [STAGES[0], dict(STAGES[1], budget_probs=[1 / 3, 1 / 3, 1 / 3])]
 
 
@@ -159,7 +177,7 @@ UNIFORM_STAGE2 = [STAGES[0], dict(STAGES[1], budget_probs=[1 / 3, 1 / 3, 1 / 3])
     (["--config.study.seeds=(0, 0)"], STAGES, "config error: study.seeds[1]: 0 repeats study.seeds[0]"),
     (["--config.study.sedes=(1,)"], STAGES, "config error: study.sedes: unknown key (did you mean seeds?)"),
     (["--config.study.arms=('elastic', 'elastic_uniform')"], UNIFORM_STAGE2,
-     "config error: study.arms: elastic_uniform: stages[1].budget_probs"),
+     "config error: study.arms: elastic_uniform: the budget_probs of the stages after the first"),
     (["--config.parent.seq_len=0"], STAGES, "config error: parent.seq_len: 0 must be an integer >= 1"),
 ], ids=["unknown arm", "no elastic arm", "repeated seed", "typo", "uniform already", "run config"])
 def test_bad_input_is_refused_in_one_line_before_anything_is_written(args, stages, expected, tmp_path, capsys):

@@ -5,8 +5,9 @@ and the smaller members are the budgets below 100% (n - 1 of them in a family of
 
   elastic               the elastic family from one run of T tokens: the main job with the config's curriculum
                         (stage 1 uniform over budgets, stage 2 long context weighted toward the full-size model)
-  elastic_stage1_only   the same with stage 2 off: only the first stage, lengthened to the same T tokens
-  elastic_uniform       the same with the last stage's budget probabilities uniform
+  elastic_stage1_only   the same with stage 2 off: only the first stage, lengthened to the same T tokens (every
+                        later stage off, a pinned tail of stage 2 included)
+  elastic_uniform       the same with uniform budget probabilities in stage 2 (every stage after the first)
   sequential_equal      Minitron-style sequential compression: each smaller member's zero-shot pruned model (the
                         elastic arm's pruned baseline: same importance ranking, the size of the elastic child)
                         distilled alone from the same teacher (the permuted parent) on T / (n - 1) tokens, so
@@ -39,8 +40,8 @@ def same_curriculum(stages: Stages, where: str) -> Stages:
 
 
 def stage1_only(stages: Stages, where: str) -> Stages:
-  """Stage 2 (and any later stage) off: the first stage alone, its steps lengthened so that it spends the same
-  tokens as the whole curriculum (rounded to whole steps)."""
+  """Stage 2 off: the first stage alone, its steps lengthened so that it spends the same tokens as the whole
+  curriculum (rounded to whole steps). Every later stage is off, a pinned tail of stage 2 included."""
   if len(stages) < 2:
     raise config_error(where, f"elastic_stage1_only compares stage 2 on and off, but stages has {len(stages)} stage",
                        "give stages a second stage or drop this arm")
@@ -50,19 +51,19 @@ def stage1_only(stages: Stages, where: str) -> Stages:
   return [first]
 
 
-def uniform_last_stage(stages: Stages, where: str) -> Stages:
-  """The last stage's budget probabilities made uniform (the others unchanged)."""
+def uniform_after_first(stages: Stages, where: str) -> Stages:
+  """Stage 2 with uniform budget probabilities: every stage after the first (stage 2 and, when the curriculum has
+  one, its pinned tail) samples the budgets uniformly; the first stage is unchanged."""
   if len(stages) < 2:
     raise config_error(where, f"elastic_uniform compares stage-2 sampling, but stages has {len(stages)} stage",
                        "give stages a second stage or drop this arm")
-  last = dict(stages[-1])
-  probs = [float(p) for p in last["budget_probs"]]
-  if max(probs) - min(probs) < 1e-9:
-    raise config_error(where, f"elastic_uniform: stages[{len(stages) - 1}].budget_probs {probs} are uniform already, "
-                       "so this arm would repeat the elastic arm",
-                       "weight the last stage toward the full-size member, e.g. [0.5, 0.3, 0.2], or drop this arm")
-  last["budget_probs"] = [1.0 / len(probs)] * len(probs)
-  return [*(dict(stage) for stage in stages[:-1]), last]
+  later = [[float(p) for p in stage["budget_probs"]] for stage in stages[1:]]
+  if all(max(probs) - min(probs) < 1e-9 for probs in later):
+    raise config_error(where, f"elastic_uniform: the budget_probs of the stages after the first, {later}, are uniform "
+                       "already, so this arm would repeat the elastic arm",
+                       "weight stage 2 toward the full-size member, e.g. [0.5, 0.3, 0.2], or drop this arm")
+  return [dict(stages[0]), *(dict(stage, budget_probs=[1.0 / len(probs)] * len(probs))
+                             for stage, probs in zip(stages[1:], later))]
 
 
 def stage_tokens(stages: Sequence[Mapping[str, Any]]) -> int:
@@ -100,8 +101,8 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("elastic", ELASTIC, "the elastic family from one run of T tokens (the config's curriculum)"),
     Arm("elastic_stage1_only", ELASTIC, "the elastic run with stage 2 off: stage 1 alone, lengthened to T tokens",
         curriculum=stage1_only),
-    Arm("elastic_uniform", ELASTIC, "the elastic run with uniform budget probabilities in the last stage",
-        curriculum=uniform_last_stage),
+    Arm("elastic_uniform", ELASTIC, "the elastic run with uniform budget probabilities in stage 2 (every stage "
+        "after the first)", curriculum=uniform_after_first),
     Arm("sequential_equal", DISTILLED, "each smaller member pruned with the same ranking, then distilled alone from "
         "the same teacher on T/(n-1) tokens (equal total)", token_share="equal"),
     Arm("sequential_full", DISTILLED, "each smaller member pruned with the same ranking, then distilled alone from "

@@ -53,8 +53,8 @@ from elastic_jax.train.loop import (Segment, Stage, StageFeed, compiled_lm_step,
 from elastic_jax.train.optim import OptimizerConfig
 # The main job's own phase helpers, so that a standalone member is saved, loaded and checked exactly like a phase
 # of the main job.
-from elastic_jax.train.pipeline import (LOG_EVERY, RECORD_FILE, PhaseLedger, _check_finite,  # pylint: disable=protected-access
-                                        _load, _save_output, _stop_if_preempted, run_pipeline)
+from elastic_jax.train.pipeline import (  # pylint: disable=protected-access
+    LOG_EVERY, RECORD_FILE, PhaseLedger, _check_finite, _load, _save_output, _stop_if_preempted, run_pipeline)
 from elastic_jax.train.result import ExtractedModel, FamilyMember, PipelineResult
 from elastic_jax.train.sharding import param_shardings, shard_params
 
@@ -299,7 +299,8 @@ def _write_curves(path: str, members: Sequence[Sequence[Mapping[str, Any]]], dis
       by_step.setdefault(int(row["step"]), [None] * len(members))[index] = float(row["loss"])
   key = "kd_per_budget" if distillation else "loss_per_member"
   records = [{"step": step, key: [0.0 if v is None else v for v in losses],
-              "samples_per_budget": [0 if v is None else 1 for v in losses]} for step, losses in sorted(by_step.items())]
+              "samples_per_budget": [0 if v is None else 1 for v in losses]}
+             for step, losses in sorted(by_step.items())]
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     f.writelines(json.dumps(record) + "\n" for record in records)

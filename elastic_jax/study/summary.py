@@ -26,8 +26,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
-from elastic_jax.eval.stats import (NOT_DISTINGUISHABLE, difference_verdict, mean_interval,  # pylint: disable=wrong-import-position
-                                    paired_bootstrap, wilson_interval)
+from elastic_jax.eval.stats import (  # pylint: disable=wrong-import-position
+    NOT_DISTINGUISHABLE, difference_verdict, mean_interval, paired_bootstrap, wilson_interval)
 from elastic_jax.study.arms import ARMS  # pylint: disable=wrong-import-position
 from elastic_jax.study.config import StudyConfig  # pylint: disable=wrong-import-position
 from elastic_jax.study.run import ARM_FILE, RECORD_FOLDER, seed_folder  # pylint: disable=wrong-import-position
@@ -293,6 +293,15 @@ def _tokens(value: float | None) -> str:
   return "—" if value is None else f"{value:,.0f}"
 
 
+def _curriculum(by_seed: Mapping[int, Mapping[str, Any]]) -> str:
+  """An arm's stages as its record lists them (per member for the standalone arms), e.g. ``stage1 400x12x128``."""
+  stages = next((run["stages"] for run in by_seed.values() if run.get("stages")), None)
+  if not stages:
+    return "—"
+  return ", ".join(f"{s['name']} {s['steps']}x{s['batch_size']}x{s['seq_len']}"
+                   + (" (pinned)" if s.get("pinned") else "") for s in stages)
+
+
 def _findings(entries: Sequence[Mapping[str, Any]], arm: str, reference: str) -> str:
   """One sentence: how the verdicts of one comparison fall."""
   counts = {f"{arm} better": [], f"{reference} better": [], NOT_DISTINGUISHABLE: []}
@@ -328,18 +337,19 @@ def markdown(study: StudyConfig, runs: Mapping[str, Any], summary: Mapping[str, 
              if len(runs.get(arm, {})) < len(study.seeds)]
   if missing:
     lines += [f"**Unfinished**: {', '.join(missing)}: their numbers are over the seeds finished so far.", ""]
-  lines += ["## Arms", "", "| arm | what it is | training tokens per seed | x elastic | wall time per seed (s) |",
-            "|---|---|---|---|---|"]
+  lines += ["## Arms", "", "| arm | what it is | curriculum (steps x batch x length) | training tokens per seed | "
+            "x elastic | wall time per seed (s) |", "|---|---|---|---|---|---|"]
   for arm in arms:
     what = ARMS[arm].description if arm in ARMS else REFERENCE_ARMS[arm]
+    what += f" | {_curriculum(runs[arm])}"
     wall = summary[arm]["wall_s"]
     ratio = tokens["ratio_to_elastic"].get(arm)
     ratio_text = "—" if ratio is None else f"{ratio:.2f}"
     wall_text = "—" if wall is None else f"{wall['mean']:.0f}"
     lines.append(f"| `{arm}` | {what} | {_tokens(summary[arm]['tokens'])} | {ratio_text} | {wall_text} |")
-  lines += ["", "The parent's row counts its pretraining tokens (shared by every arm of a seed, in none of their totals) "
-            "and the time of the shared phases (parent, importance, permutation), which the elastic arm's wall time "
-            "includes.", ""]
+  lines += ["", "The parent's row counts its pretraining tokens (shared by every arm of a seed, in none of their "
+            "totals) and the time of the shared phases (parent, importance, permutation), which the elastic arm's wall "
+            "time includes.", ""]
   for metric in (*METRICS, "params"):
     lines += [f"## {METRICS.get(metric, 'parameters (mean over seeds)').capitalize()}", "",
               "| arm | " + " | ".join(members) + " |", "|---|" + "---|" * len(members)]
@@ -357,7 +367,8 @@ def markdown(study: StudyConfig, runs: Mapping[str, Any], summary: Mapping[str, 
         continue
       lines += [f"### ({section_id}) {spec.title}: `{spec.arm}` vs `{spec.reference}`", "",
                 f"Paper: {spec.paper}.", "",
-                "| member | metric | difference [95%] | verdict | paper's direction | agrees |", "|---|---|---|---|---|---|"]
+                "| member | metric | difference [95%] | verdict | paper's direction | agrees |",
+                "|---|---|---|---|---|---|"]
       for e in chosen:
         lines.append(f"| {e['member']} | {e['metric'].replace('_', ' ')} | {_difference(e)} | {e['verdict']} | "
                      f"{e['paper_direction'] or '—'} | {e['agrees_with_paper'] or '—'} |")
@@ -394,7 +405,8 @@ def plot_accuracy_vs_params(summary: Mapping[str, Any], path: str) -> bool:
       # Arms of (nearly) the same sizes side by side rather than on top of each other: a shift of 0.6% per arm.
       x = [p * (1 + 0.006 * (index - (len(summary) - 1) / 2)) for p, _ in points]
       y = [m["mean"] for _, m in points]
-      errors = [[max(0.0, m["mean"] - m["low"]) for _, m in points], [max(0.0, m["high"] - m["mean"]) for _, m in points]]
+      errors = [[max(0.0, m["mean"] - m["low"]) for _, m in points],
+                [max(0.0, m["high"] - m["mean"]) for _, m in points]]
       style = "*" if arm == PARENT else markers[index % len(markers)]
       panel.errorbar(x, y, yerr=errors, fmt=f"-{style}" if len(x) > 1 else style, capsize=3, label=arm,
                      markersize=10 if arm == PARENT else 6)
