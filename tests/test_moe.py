@@ -500,3 +500,37 @@ def test_importance_and_permutation_run_on_moe_patterns():
     assert not np.array_equal(order.hidden, np.arange(config.hidden_size))
     np.testing.assert_allclose(our_logits(config, permute_params(config, params, order), tokens),
                                our_logits(config, params, tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_the_router_not_the_correction_bias_and_remat_keeps_them():
+  """Training through E blocks: the router kernel learns through the routing weights, the correction bias (a buffer
+  that only chooses experts) gets a zero gradient, and rematerialising the MoE blocks changes no gradient."""
+  from elastic_jax.model.hybrid import remat_policies  # pylint: disable=import-outside-toplevel
+  config = moe_config("ME*E")
+  params = random_params(config, seed=15)
+  tokens = random_tokens(config.vocab_size, seed=16, shape=(2, 8))
+
+  def loss(params, model):
+    logits = model.apply({"params": params}, tokens[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], axis=-1))
+
+  grads = jax.jit(jax.grad(lambda p: loss(p, HybridLM(config))))(params)
+  gate = grads["layers_1"]["mixer"]["gate"]
+  assert float(jnp.max(jnp.abs(gate["kernel"]))) > 1e-4
+  assert float(jnp.max(jnp.abs(gate["e_score_correction_bias"]))) == 0.0
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  for policy in ("full", "dots"):
+    remat = HybridLM(config, remat=remat_policies({"moe": policy}))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                 jax.jit(jax.grad(lambda p, m=remat: loss(p, m)))(params), grads)
+
+
+def test_bf16_compute_tracks_fp32():
+  """bf16 matmuls with the router in fp32: the logits stay close to the fp32 model's."""
+  config = moe_config("ME*E")
+  params = random_params(config, seed=17)
+  tokens = random_tokens(config.vocab_size, seed=18)
+  full = our_logits(config, params, tokens)
+  half = our_logits(config.replace(dtype="bfloat16"), params, tokens)
+  assert half.dtype == np.float32 and np.all(np.isfinite(half))
+  assert float(np.corrcoef(full.ravel(), half.ravel())[0, 1]) > 0.99
