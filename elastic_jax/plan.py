@@ -790,7 +790,8 @@ class Plan:
         "num_devices": hw.num_devices, "mesh": hw.axis_sizes, "mfu": hw.mfu,
         "devices_per_host": hw.devices_per_host, "num_hosts": hw.num_hosts,
         "storage_bytes_per_s": hw.storage_bytes_per_s,
-        "memory_settings": {**self.memory_config.to_json(), "remat": self.memory_config.policies()},
+        "memory_settings": {**self.memory_config.to_json(),
+                            "remat": self.memory_config.policies(self.config.pattern)},
         "phase_settings": None if self.phase_settings is None else dataclasses.asdict(self.phase_settings),
         "fits": self.fits,
         "peak_phase": self.peak.name if self.phases else None,
@@ -1045,8 +1046,8 @@ def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None =
       f"on {hw.num_devices} x {hw.device.description} ({format_bytes(hw.device.hbm_bytes)} each, "
       f"{hw.usable_fraction:.0%} usable = {format_bytes(hw.device.hbm_bytes * hw.usable_fraction)}), mesh "
       + " ".join(f"{k}={v}" for k, v in hw.axis_sizes.items()),
-      f"memory: remat {', '.join(f'{k}={v}' for k, v in levers.policies().items())}; grad_accum_steps "
-      f"{levers.grad_accum_steps}; teacher {levers.teacher_dtype}",
+      f"memory: remat {', '.join(f'{k}={v}' for k, v in levers.policies(plan.config.pattern).items())}; "
+      f"grad_accum_steps {levers.grad_accum_steps}; teacher {levers.teacher_dtype}",
       f"forward FLOPs per token at seq {plan.stages[0].seq_len}: "
       + ", ".join(f"{k} {v / 1e9:.3g} G" for k, v in flops_model.items()),
       "",

@@ -49,7 +49,8 @@ def test_builds_the_engine_objects():
     ("elastic", dict(budgets=[1.0, 1.2]), r"budget 1.2 is outside \(0, 1\]"),
     ("elastic", dict(space=dict(mlp=[24, 100])), r"mlp candidate 100 is larger than the parent"),
     ("memory", dict(remat=dict(mamba="full"), checkpointing=True), r"memory.checkpointing: unknown key"),
-    ("memory", dict(remat=dict(ssm="full")), r"memory.remat.ssm: unknown key \(known keys: attention, mamba, mlp\)"),
+    ("memory", dict(remat=dict(ssm="full")),
+     r"memory.remat.ssm: unknown key \(known keys: attention, mamba, mlp, moe\)"),
     ("memory", dict(remat=dict(mlp="some")), r"memory.remat.mlp: 'some' is not one of none, full, dots"),
     ("memory", dict(grad_accum_steps=0), r"memory.grad_accum_steps: 0 must be an integer >= 1"),
     ("memory", dict(teacher_dtype="float16"),
@@ -91,7 +92,8 @@ def test_memory_config_is_the_one_type_of_the_levers():
   memory = MemoryConfig(remat={"mlp": "dots", "mamba": "none"}, grad_accum_steps=4)
   assert memory.remat == (("mlp", "dots"),)  # hashable pairs of the kinds rematerialised; "none" is left out
   assert [memory.policy(kind) for kind in ("mamba", "attention", "mlp")] == ["none", "none", "dots"]
-  assert memory.policies() == {"mamba": "none", "attention": "none", "mlp": "dots"}
+  assert memory.policies() == {"mamba": "none", "attention": "none", "mlp": "dots", "moe": "none"}
+  assert memory.policies("M-M") == {"mamba": "none", "mlp": "dots"}  # the kinds of a pattern
   assert MemoryConfig(remat=memory.remat, grad_accum_steps=4) == memory  # the stored pairs read back the same
   hash(memory)  # a static field of ElasticSetup
   # The constructor and the config section refuse bad values with the same one-line errors.

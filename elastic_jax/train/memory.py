@@ -63,9 +63,9 @@ class MemoryConfig:
     """The remat policy of block kind ``kind`` ("none" for a kind not listed)."""
     return dict(self.remat).get(kind, "none")
 
-  def policies(self) -> dict[str, str]:
-    """Every block kind's remat policy, in ``BLOCK_KINDS`` order."""
-    return {kind: self.policy(kind) for kind in BLOCK_KINDS.values()}
+  def policies(self, pattern: str | None = None) -> dict[str, str]:
+    """Every block kind's remat policy, in ``BLOCK_KINDS`` order (only the kinds in ``pattern`` when given)."""
+    return {kind: self.policy(kind) for char, kind in BLOCK_KINDS.items() if pattern is None or char in pattern}
 
   def to_json(self) -> dict[str, Any]:
     """The levers as a run's record holds them (remat: only the kinds rematerialised)."""
