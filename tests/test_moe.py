@@ -381,6 +381,10 @@ def test_stacked_expert_tensors_load_too(hf_checkpoints, tmp_path):
   _, stacked = hf.load(tmp_path / "stacked")
   _, per_expert = hf.load(path)
   jax.tree.map(np.testing.assert_array_equal, stacked, per_expert)
+  # The mesh loader reads each expert's rows through a slice of the stacked tensor.
+  from elastic_jax.train.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+  _, sharded = hf.load(tmp_path / "stacked", mesh=make_mesh((1,), devices=jax.devices()[:1]))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), sharded, per_expert)
 
 
 def test_sharded_import_of_experts(hf_checkpoints):
@@ -390,6 +394,48 @@ def test_sharded_import_of_experts(hf_checkpoints):
   _, host = hf.load(path)
   _, sharded = hf.load(path, mesh=make_mesh((1,), devices=jax.devices()[:1]))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), sharded, host)
+
+
+_EIGHT_DEVICE_IMPORT = """
+import json, sys
+import jax, numpy as np
+from elastic_jax.interop import hf
+from elastic_jax.train.sharding import make_mesh
+assert jax.device_count() == 8
+# The expert axis and the expert rows split over devices (the default rules keep experts whole): every box reads
+# its experts' rows from their own tensors (per-expert file) or from slices of the stacked ones.
+rules = (("expert", "fsdp"), ("embed", "tensor"), ("expert_mlp", "data"), ("moe_latent", "tensor"),
+         ("shared_mlp", "fsdp"), ("vocab", "fsdp"), ("heads", "fsdp"), ("kv_heads", "fsdp"), ("ssm_heads", "fsdp"))
+for path in json.loads(sys.argv[1]):
+  _, want = hf.load(path)
+  for shape in [(2, 2, 2), (1, 4, 2), (1, 8, 1)]:
+    _, got = hf.load(path, mesh=make_mesh(shape), rules=rules)
+    split = 0
+    for (key, leaf), expected in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+      assert np.array_equal(np.asarray(leaf), expected), (path, shape, jax.tree_util.keystr(key))
+      for shard in leaf.addressable_shards:
+        assert np.array_equal(np.asarray(shard.data), expected[shard.index]), (path, shape, shard.index)
+      split += "experts" in jax.tree_util.keystr(key) and leaf.addressable_shards[0].data.shape[0] < leaf.shape[0]
+    assert split >= 2, (path, shape, split)
+print("OK")
+"""
+
+
+def test_sharded_import_splits_the_expert_axis_on_eight_devices(hf_checkpoints, tmp_path):
+  """Experts split over devices (per-expert and stacked files) load as the host load gives them, box by box."""
+  import subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  from multihost import cpu_env  # pylint: disable=import-outside-toplevel
+  path, model = hf_checkpoints["E*ME"]
+  stacked = tmp_path / "stacked"
+  stacked.mkdir()
+  (stacked / "config.json").write_text((path / "config.json").read_text())
+  save_file({key: value.numpy() for key, value in model.state_dict().items()}, str(stacked / "model.safetensors"),
+            metadata={"format": "pt"})
+  script = tmp_path / "eight.py"
+  script.write_text(_EIGHT_DEVICE_IMPORT)
+  proc = subprocess.run([sys.executable, str(script), json.dumps([str(path), str(stacked)])], capture_output=True,
+                        text=True, env=cpu_env(8), timeout=300)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-6000:]
 
 
 def test_config_round_trip_and_transformers_defaults():
