@@ -533,6 +533,22 @@ def test_full_choice_extracts_the_parent_and_narrower_hidden_matches_the_masked_
     assert param_count(small_cfg) == sum(np.size(x) for x in jax.tree.leaves(small))
 
 
+def test_expected_param_count_of_one_hot_choices_on_moe_patterns():
+  """The router's differentiable count, at one-hot probabilities, is the exact count of that choice's child."""
+  from elastic_jax.elastic.param_count import choice_param_count, expected_param_count  # pylint: disable=C0415
+  from elastic_jax.elastic.space import ElasticSpace  # pylint: disable=import-outside-toplevel
+  config = moe_config("ME*-E", moe_latent_size=12)
+  space = ElasticSpace.from_fractions(config, (0.5, 1.0))
+  order = [4, 0, 1, 2, 3]
+  for pick in (0, 1):
+    probs = {axis: np.eye(len(space.candidates(axis)))[min(pick, len(space.candidates(axis)) - 1)]
+             for axis in ("hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim")}
+    sizes = {axis: space.candidates(axis)[int(np.argmax(p))] for axis, p in probs.items()}
+    choice = Choice.homogeneous(config, **sizes)
+    assert float(expected_param_count(config, space, probs, order)) == pytest.approx(
+        choice_param_count(config, choice, order), rel=1e-6)
+
+
 def test_importance_and_permutation_run_on_moe_patterns():
   """Calibration scores the other blocks' axes and the hidden channels MoE blocks read; permuting into that order
   (the hidden axis reorders the router, experts, shared expert and latent projections' d side) keeps the logits."""
