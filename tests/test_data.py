@@ -50,9 +50,24 @@ def test_checkers_on_hand_worked_prompts():
   # 4821 + 397: columns 1+7=8, 2+9=11 (carry), 8+3+1=12 (carry), 4+0+1=5 -> 5218.
   assert tasks._check_arithmetic("Q: 4821+397=?\nA:") == "5218"
   assert tasks._check_arithmetic("Q: 1000-1=?\nA:") == "999"
+  assert tasks._check_arithmetic("Q: note: lamp river 12\nnote: tiger stone 7\n58+64=?\nA:") == "122"
   # x: (3*5+2)%7 = 17%7 = 3, then (3*2+6)%7 = 12%7 = 5; the y update is a distractor.
   assert tasks._check_modular("Q: x=3; y=1; x=(x*5+2)%7; y=(y*2+1)%7; x=(x*2+6)%7. What is x?\nA:") == "5"
   assert tasks._check_variables("Q: Track the variables.\na=5\nnote: x\nb=a\na=7\nWhat is b?\nA:") == "5"
+
+
+def test_arithmetic_distractors_are_notes_before_the_same_problem():
+  short = tasks.generate_examples(tasks.TaskConfig(families=("arithmetic",)), seed=3, split="train", count=20)
+  long = tasks.generate_examples(tasks.TaskConfig(families=("arithmetic",), distractors=6), seed=3, split="train",
+                                 count=20)
+  for example in long:
+    lines = example.prompt.split("\n")
+    assert len(lines) == 8 and all(line.startswith("note: ") for line in lines[1:6])
+    assert lines[0].startswith("Q: note: ") and lines[-1] == "A:"
+  # The problems themselves are drawn as without distractors (the notes come after them from the same stream), so
+  # wherever both land in the same split the problem line and solution are the same.
+  same = [(a, b) for a, b in zip(short, long) if a.prompt.split("\n")[0][3:] == b.prompt.split("\n")[-2]]
+  assert len(same) >= 10 and all(a.solution == b.solution for a, b in same)
 
 
 def test_examples_are_deterministic_and_seed_dependent():

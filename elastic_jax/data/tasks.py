@@ -4,7 +4,8 @@ Every example reads ``Q: <problem>\\nA: <steps> #### <answer>\\n``; the prompt i
 ``A:``, so a model is evaluated by feeding the prompt, generating, and reading the number after ``####``
 (:func:`extract_answer`). Three families:
 
-- ``arithmetic``: multi-digit addition / subtraction, one column at a time with carries or borrows written out.
+- ``arithmetic``: multi-digit addition / subtraction, one column at a time with carries or borrows written out;
+  distractors are filler notes before the problem.
 - ``modular``: chained updates ``x=(x*a+b)%m``, each step evaluated; distractor updates of ``y`` interleaved.
 - ``variables``: constants and copies between variables, filler lines in between, then "What is q?"; the solution
   follows the chain of copies backwards to a constant.
@@ -129,7 +130,9 @@ def _arithmetic(rng: np.random.Generator, config: TaskConfig) -> Example:
   if subtract and second > first:
     first, second = second, first
   operator = "-" if subtract else "+"
-  prompt = f"Q: {first}{operator}{second}=?\nA:"
+  # Distractors: filler notes (with numbers of their own) before the problem, which the answer must look past.
+  notes = [_filler_note(rng) + "\n" for _ in range(config.distractors)]
+  prompt = f"Q: {''.join(notes)}{first}{operator}{second}=?\nA:"
   # Column steps right to left on the decimal strings, as written by hand.
   top, bottom = str(first)[::-1], str(second)[::-1]
   steps, written, carry = [], [], 0
@@ -156,8 +159,13 @@ def _arithmetic(rng: np.random.Generator, config: TaskConfig) -> Example:
   return Example("arithmetic", prompt, f" {', '.join(steps)}; so {answer} {ANSWER_MARK} {answer}\n", answer)
 
 
+def _filler_note(rng: np.random.Generator) -> str:
+  words = rng.choice(_FILLER_WORDS, 2)
+  return f"note: {words[0]} {words[1]} {int(rng.integers(100))}"
+
+
 def _check_arithmetic(prompt: str) -> str:
-  match = re.fullmatch(r"Q: (\d+)([+-])(\d+)=\?\nA:", prompt)
+  match = re.fullmatch(r"Q: (?:note: [a-z]+ [a-z]+ \d+\n)*(\d+)([+-])(\d+)=\?\nA:", prompt)
   if match is None:
     raise ValueError(f"not an arithmetic prompt: {prompt!r}")
   first, operator, second = int(match.group(1)), match.group(2), int(match.group(3))
@@ -227,8 +235,7 @@ def _variables(rng: np.random.Generator, config: TaskConfig) -> Example:
   # Distractors go between the operations: filler sentences and writes to names the chain never reads.
   for _ in range(config.distractors):
     if rng.random() < 0.5:
-      words = rng.choice(_FILLER_WORDS, 2)
-      line = f"note: {words[0]} {words[1]} {int(rng.integers(100))}"
+      line = _filler_note(rng)
     else:
       reads = [str(rng.choice(_DISTRACTOR_NAMES)), str(int(rng.integers(100)))]
       line = f"{rng.choice(_DISTRACTOR_NAMES)}={reads[int(rng.integers(2))]}"
