@@ -21,10 +21,10 @@ from jax.sharding import Mesh
 
 from elastic_jax.model import HybridLM, ModelConfig
 from elastic_jax.model.hybrid import init_boxed_params, remat_policies
-from elastic_jax.train.lm_step import split_batch
+from elastic_jax.train.lm_step import make_supervised_step
 from elastic_jax.train.loop import ShardedTraining, _with_shardings  # pylint: disable=protected-access
 from elastic_jax.train.losses import kd_loss
-from elastic_jax.train.microbatch import accumulate_gradients, check_grad_accum, check_grad_accum_steps, micro_batches
+from elastic_jax.train.microbatch import check_grad_accum_steps
 from elastic_jax.train.optim import OptimizerConfig, make_optimizer
 from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_sharding, param_shardings, replicated,
                                         sharded_jit)
@@ -44,28 +44,18 @@ def make_kd_step(config: ModelConfig, teacher_config: ModelConfig, tx: optax.Gra
   student's per-block-kind rematerialisation (``remat_policies``).
   """
   check_grad_accum_steps(grad_accum_steps)
-  k = grad_accum_steps
   student, teacher = HybridLM(config, remat=remat_policies(remat)), HybridLM(teacher_config)
 
+  def per_sample_loss(params, teacher_params: Params, inputs: Array, targets: Array) -> Array:
+    teacher_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, inputs))
+    return kd_loss(student.apply({"params": params}, inputs), teacher_logits, targets, temperature=temperature,
+                   ce_weight=ce_weight)
+
+  supervised = make_supervised_step(per_sample_loss, tx, grad_accum_steps, "the distillation step's batch")
+
   def step(state: TrainState, teacher_params: Params, tokens: Array) -> tuple[TrainState, dict[str, Array]]:
-    inputs, targets = split_batch(tokens)
-    batch = inputs.shape[0]
-    check_grad_accum(batch, k, "the distillation step's batch")
-
-    def micro_loss(params, micro):
-      micro_inputs, micro_targets = micro
-      teacher_logits = jax.lax.stop_gradient(teacher.apply({"params": teacher_params}, micro_inputs))
-      per_sample = kd_loss(student.apply({"params": params}, micro_inputs), teacher_logits, micro_targets,
-                           temperature=temperature, ce_weight=ce_weight)
-      return jnp.sum(per_sample) / batch, ()  # this micro-batch's share of the global-batch mean
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    loss, grads, _ = accumulate_gradients(lambda micro: grad_fn(state.params, micro),
-                                          (micro_batches(inputs, k), micro_batches(targets, k)), state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "kd": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    state, metrics = supervised(state, teacher_params, tokens)
+    return state, {"loss": metrics["loss"], "kd": metrics["loss"], "grad_norm": metrics["grad_norm"]}
 
   return step
 

@@ -31,17 +31,35 @@ def make_lm_step(config: ModelConfig, tx: optax.GradientTransformation, grad_acc
   (``remat_policies``), e.g. ``{"mamba": "full"}``.
   """
   check_grad_accum_steps(grad_accum_steps)
-  k = grad_accum_steps
   model = HybridLM(config, remat=remat_policies(remat))
 
-  def step(state: TrainState, tokens: Array) -> tuple[TrainState, dict[str, Array]]:
+  def per_sample_loss(params, inputs: Array, targets: Array) -> Array:
+    return cross_entropy(model.apply({"params": params}, inputs), targets)
+
+  return make_supervised_step(per_sample_loss, tx, grad_accum_steps, "the LM step's batch")
+
+
+def make_supervised_step(per_sample_loss: Callable[..., Array], tx: optax.GradientTransformation,
+                         grad_accum_steps: int, what: str) -> Callable:
+  """The step of any per-sequence loss: ``step(state, *extra, tokens [b, l+1]) -> (state, metrics)``.
+
+  ``per_sample_loss(params, *extra, inputs [b', l], targets [b', l]) -> [b']`` scores one micro-batch; ``extra`` are
+  the step's arguments between the state and the tokens (e.g. a frozen teacher's params), passed through as they
+  are. The step splits the batch into ``grad_accum_steps`` micro-batches (``what`` names the batch in the error when
+  b does not divide), accumulates the gradient of the global-batch mean and applies ``tx``; metrics: ``loss`` (that
+  mean) and ``grad_norm``.
+  """
+  k = grad_accum_steps
+
+  def step(state: TrainState, *args: Any) -> tuple[TrainState, dict[str, Array]]:
+    *extra, tokens = args
     inputs, targets = split_batch(tokens)
     batch = inputs.shape[0]
-    check_grad_accum(batch, k, "the LM step's batch")
+    check_grad_accum(batch, k, what)
 
     def micro_loss(params, micro):
       micro_inputs, micro_targets = micro
-      per_sample = cross_entropy(model.apply({"params": params}, micro_inputs), micro_targets)
+      per_sample = per_sample_loss(params, *extra, micro_inputs, micro_targets)
       return jnp.sum(per_sample) / batch, ()  # this micro-batch's share of the global-batch mean
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
