@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timing import median_seconds, tiny_config  # pylint: disable=wrong-import-order
+from timing import tiny_config, wall_seconds  # pylint: disable=wrong-import-order
 
 from elastic_jax.elastic.extract import extract, extract_params
 from elastic_jax.elastic.param_count import param_count
@@ -66,7 +66,7 @@ def benchmark_extraction(name: str, config: ModelConfig, reps: int, real: bool) 
   start = time.perf_counter()
   abstract = abstract_fn()
   cold_s = time.perf_counter() - start
-  warm_s = median_seconds(abstract_fn, reps, warmup=False)
+  warm_s = wall_seconds(abstract_fn, reps, warmup=False)
   child_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
   parent_n = param_count(config)
   child_n = sum(leaf.size for leaf in jax.tree.leaves(abstract))
@@ -110,17 +110,17 @@ def benchmark_importance(batch: int, length: int, n_batches: int, reps: int) -> 
   def statistics_pass():
     return estimate_importance(config, params, batches, depth=False, progress=False).hidden
 
-  forward_s = median_seconds(plain, reps)
-  importance_s = median_seconds(statistics_pass, reps)
+  forward_s = wall_seconds(plain, reps)
+  importance_s = wall_seconds(statistics_pass, reps)
   print(f"\nimportance vs forward, tiny parent ({config.pattern}, d={config.hidden_size}), {n_batches} batches of "
         f"{batch} x {length} tokens, median of {reps}:")
   print(f"  plain forward:            {tokens / forward_s:,.0f} tokens/s ({forward_s * 1e3:.1f} ms)")
   print(f"  importance statistics:    {tokens / importance_s:,.0f} tokens/s ({importance_s * 1e3:.1f} ms); "
         f"ratio {forward_s / importance_s:.2f} (target >= 0.5)")
   one = batches[:1]
-  depth_s = median_seconds(lambda: estimate_importance(config, params, one, depth=True, progress=False).depth_order,
-                           1)
-  stats_one = median_seconds(lambda: estimate_importance(config, params, one, depth=False, progress=False).hidden, 1)
+  depth_s = wall_seconds(lambda: estimate_importance(config, params, one, depth=True, progress=False).depth_order,
+                         1)
+  stats_one = wall_seconds(lambda: estimate_importance(config, params, one, depth=False, progress=False).hidden, 1)
   num_layers = config.num_layers
   forwards = num_layers + num_layers * (num_layers + 1) // 2
   print(f"  depth ranking (1 batch):  {(depth_s - stats_one) * 1e3:.0f} ms for {forwards} forwards "

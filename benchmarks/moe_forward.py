@@ -22,27 +22,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from timing import wall_seconds  # pylint: disable=wrong-import-order
+
 from elastic_jax.model.config import BlockSpec, ModelConfig
 from elastic_jax.model.moe import MoE, dense_experts, route
-
-
-def fastest_seconds(fn: Callable[[], object], reps: int) -> float:
-  """The fastest of ``reps`` runs of ``fn()``, after one run that compiles and warms up."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def block_config(experts: int, top_k: int, hidden: int, width: int, impl: str = "auto") -> ModelConfig:
@@ -91,13 +80,13 @@ def main() -> None:
       ours = jax.jit(lambda p, x, c=config: MoE(c, spec).apply({"params": p}, x))
       dense = jax.jit(lambda p, x, c=config: dense_block(c, p, x))
       np.testing.assert_allclose(ours(params, u), dense(params, u), atol=1e-4, rtol=1e-4)  # the same block
-      ours_s = fastest_seconds(lambda: ours(params, u), args.reps)
-      dense_s = fastest_seconds(lambda: dense(params, u), args.reps)
+      ours_s = wall_seconds(lambda: ours(params, u), args.reps, statistic=min)
+      dense_s = wall_seconds(lambda: dense(params, u), args.reps, statistic=min)
       ragged_s = None
       if top_k <= args.ragged_dot_max_k:
         ragged_cfg = block_config(experts, top_k, args.hidden, args.width, impl="ragged_dot")
         ragged = jax.jit(lambda p, x, c=ragged_cfg: MoE(c, spec).apply({"params": p}, x))
-        ragged_s = fastest_seconds(lambda: ragged(params, u), args.reps)
+        ragged_s = wall_seconds(lambda: ragged(params, u), args.reps, statistic=min)
       rows.append((experts, top_k, ours_s, dense_s))
       print(f"{experts:>4} {top_k:>3} {ours_s * 1e3:>9.2f} {dense_s * 1e3:>9.2f} {dense_s / ours_s:>9.2f}x "
             f"{'-' if ragged_s is None else f'{ragged_s * 1e3:.2f}':>14}", flush=True)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timing import median_seconds  # pylint: disable=wrong-import-order
+from timing import wall_seconds  # pylint: disable=wrong-import-order
 
 from elastic_jax.ops.ssd import ssd
 
@@ -64,7 +64,7 @@ def benchmark_ssd(lengths: list[int], reps: int, b: int, h: int, p: int, g: int,
   print(header)
   for l in lengths:
     inputs = ssd_inputs(b, l, h, p, g, n)
-    seconds = {name: median_seconds(functools.partial(forward_backward(chunk_size, options), inputs), reps)
+    seconds = {name: wall_seconds(functools.partial(forward_backward(chunk_size, options), inputs), reps)
                for name, options in IMPLEMENTATIONS.items()}
     cells = [f"{1e3 * seconds[name]:9.1f} ms ({seconds['oracle'] / seconds[name]:5.1f}x)" for name in IMPLEMENTATIONS]
     print(f"{l:>6}  " + "  ".join(f"{cell:>24}" for cell in cells), flush=True)
@@ -91,7 +91,7 @@ def benchmark_model(batch: int, lengths: list[int], reps: int) -> None:
       model = HybridLM(ModelConfig(**TINY_MODEL, ssd_impl=ssd_impl))
       params = jax.jit(model.init)(jax.random.key(0), tokens)["params"]
       forward = jax.jit(lambda params, tokens, model=model: model.apply({"params": params}, tokens))
-      seconds = median_seconds(functools.partial(forward, params, tokens), reps)
+      seconds = wall_seconds(functools.partial(forward, params, tokens), reps)
       cells.append(f"{batch * l / seconds:12,.0f} tokens/s")
     print(f"{f'{batch} x {l}':>12}  " + "  ".join(f"{cell:>24}" for cell in cells), flush=True)
 
@@ -154,7 +154,7 @@ def benchmark_kernel_vs_chunked(b: int, l: int, reps: int, peak_tflops: float) -
       # How far apart the two are at this shape: outputs and final state, or every gradient.
       difference = max(jax.tree.leaves(jax.tree.map(_relative_difference, fns["pallas"](inputs),
                                                     fns["chunked"](inputs))))
-      seconds = {impl: median_seconds(functools.partial(fn, inputs), reps) for impl, fn in fns.items()}
+      seconds = {impl: wall_seconds(functools.partial(fn, inputs), reps) for impl, fn in fns.items()}
       cells = []
       for impl in ("pallas", "chunked"):
         tflops = flops / seconds[impl] / 1e12

@@ -22,8 +22,10 @@ def tiny_config() -> ModelConfig:
   return ModelConfig.from_dict(module.get_config().model)
 
 
-def median_seconds(fn: Callable[[], object], reps: int, warmup: bool = True) -> float:
-  """Median wall time of ``fn()`` over ``reps`` runs (after one warm-up run, which also compiles, by default)."""
+def wall_seconds(fn: Callable[[], object], reps: int, warmup: bool = True,
+                 statistic: Callable[[list[float]], float] = statistics.median) -> float:
+  """Wall time of ``fn()`` over ``reps`` runs (after one warm-up run, which also compiles, by default): their median,
+  or another ``statistic`` of the times, e.g. ``min`` for the run least disturbed by other jobs on a shared machine."""
   if warmup:
     jax.block_until_ready(fn())
   times = []
@@ -31,4 +33,4 @@ def median_seconds(fn: Callable[[], object], reps: int, warmup: bool = True) -> 
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistic(times)
