@@ -38,16 +38,21 @@ HF_CONFIGS = {
                    hidden_size=40, intermediate_size=24, num_attention_heads=4, num_key_value_heads=4, head_dim=12,
                    mamba_num_heads=8, mamba_head_dim=4, n_groups=4, ssm_state_size=6, conv_kernel=3, chunk_size=4),
 }
+# The keys that every config above shares (a config may override them).
+HF_BASE = dict(vocab_size=96, conv_kernel=4, layer_norm_epsilon=1e-5, use_cache=False)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def make_hf_model(name: str, seed: int = 0, dt_bias_range: tuple[float, float] = (-4.0, 1.0), **overrides):
   """A transformers NemotronH with every weight random (not at its init value), float32, eval mode."""
-  kwargs = dict(vocab_size=96, conv_kernel=4, layer_norm_epsilon=1e-5, use_cache=False)
-  kwargs.update(HF_CONFIGS[name])
-  kwargs.update(overrides)
+  return random_hf_model({**HF_BASE, **HF_CONFIGS[name], **overrides}, seed, dt_bias_range)
+
+
+def random_hf_model(config: dict, seed: int = 0, dt_bias_range: tuple[float, float] = (-4.0, 1.0)):
+  """A transformers NemotronH of ``config`` (transformers' keys), float32, eval mode, with every weight and buffer
+  random in a realistic range (the MoE routers' correction biases included)."""
   torch.manual_seed(seed)
-  model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**kwargs)).float().eval()
+  model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**config)).float().eval()
   gen = torch.Generator().manual_seed(seed + 1)
 
   def uniform(shape, low, high):
@@ -65,8 +70,11 @@ def make_hf_model(name: str, seed: int = 0, dt_bias_range: tuple[float, float] =
         p.copy_(uniform(p.shape, 0.6, 1.4))
       elif key.endswith("conv1d.bias"):
         p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-      else:  # weights: unit-variance activations so every block moves the residual stream
+      else:  # weights [.., out, in]: unit-variance outputs for unit-variance inputs, so every block moves the residual
         p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    for key, b in model.named_buffers():
+      if key.endswith("e_score_correction_bias"):  # the size of score gaps, so that it changes choices
+        b.copy_(0.15 * torch.randn(b.shape, generator=gen))
   return model
 
 

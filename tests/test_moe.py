@@ -31,6 +31,7 @@ from elastic_jax.train.flops import forward_flops_per_token
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
+from test_hf_interop import random_hf_model, set_hf_dt_limit  # noqa: E402
 
 LOGIT_ATOL = 1e-4
 BATCH, SEQ_LEN = 2, 13
@@ -59,34 +60,8 @@ HF_COMMON = dict(vocab_size=80, hidden_size=24, intermediate_size=28, num_attent
 # ---------------------------------------------------------------------------------------------------- helpers
 def make_hf_moe_model(name: str, seed: int = 0, **overrides):
   """A transformers NemotronH with every weight and buffer random (router correction biases included), fp32."""
-  kwargs = {**HF_COMMON, **HF_MOE_CONFIGS[name], **overrides}
-  torch.manual_seed(seed)
-  model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**kwargs)).float().eval()
-  gen = torch.Generator().manual_seed(seed + 1)
-
-  def uniform(shape, low, high):
-    return low + (high - low) * torch.rand(shape, generator=gen)
-
-  with torch.no_grad():
-    for key, p in model.named_parameters():
-      if key.endswith("A_log"):
-        p.copy_(torch.log(uniform(p.shape, 0.5, 8.0)))
-      elif key.endswith(".D"):
-        p.copy_(uniform(p.shape, 0.5, 1.5))
-      elif key.endswith("dt_bias"):
-        p.copy_(uniform(p.shape, -4.0, 1.0))
-      elif key.endswith("norm.weight") or key.endswith("norm_f.weight"):
-        p.copy_(uniform(p.shape, 0.6, 1.4))
-      elif key.endswith("conv1d.bias"):
-        p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-      else:  # weights [.., out, in]: unit-variance outputs for unit-variance inputs
-        p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
-    for key, b in model.named_buffers():
-      if key.endswith("e_score_correction_bias"):  # the size of score gaps, so that it changes choices
-        b.copy_(0.15 * torch.randn(b.shape, generator=gen))
-  for layer in model.model.layers:  # transformers clamps dt at time_step_min; NVIDIA's kernels and ours do not
-    if layer.block_type == "linear_attention":
-      layer.mixer.time_step_limit = (0.0, float("inf"))
+  model = random_hf_model({**HF_COMMON, **HF_MOE_CONFIGS[name], **overrides}, seed)
+  set_hf_dt_limit(model, (0.0, math.inf))
   return model
 
 
@@ -348,9 +323,7 @@ def test_export_loads_in_transformers_with_the_same_logits(hf_checkpoints, tmp_p
     assert exported[key] == HF_MOE_CONFIGS["E*ME"][key], key
   assert exported["hybrid_override_pattern"] == "E*ME"
   reloaded = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "ours").float().eval()
-  for layer in reloaded.model.layers:
-    if layer.block_type == "linear_attention":
-      layer.mixer.time_step_limit = (0.0, float("inf"))
+  set_hf_dt_limit(reloaded, (0.0, math.inf))
   tokens = random_tokens(config.vocab_size, seed=8)
   assert_close(hf_logits(reloaded, tokens), our_logits(config, params, tokens), "E*ME exported")
   assert hf.load(tmp_path / "ours")[0] == config
@@ -363,9 +336,7 @@ def test_our_own_model_exports_and_matches_transformers(tmp_path):
   params = jax.tree.map(np.asarray, random_params(config, seed=9))
   hf.save(tmp_path / "ours", config, params)
   model = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "ours").float().eval()
-  for layer in model.model.layers:
-    if layer.block_type == "linear_attention":
-      layer.mixer.time_step_limit = (0.0, float("inf"))
+  set_hf_dt_limit(model, (0.0, math.inf))
   tokens = random_tokens(config.vocab_size, seed=10)
   assert_close(hf_logits(model, tokens), our_logits(config, params, tokens), "our ME*-E exported")
 
