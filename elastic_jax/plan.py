@@ -83,9 +83,9 @@ and the per-hop accumulators and K/V blocks, the sharded SSD's all-gathered end 
 the real train step, a depth-ranking forward and a perplexity forward and prints XLA's memory analysis next to the
 estimates. ``--compile-for TARGET`` (``elastic_jax.aot``: "v5p:2x2x1", "h100:1x1x8", ...) compiles every stage's
 real train step for that target's compile-only devices, without the hardware, in a worker process (a compiler abort
-becomes a one-line error); the target names the device kind and its device count must equal the mesh's. Where a
-stage is compiled, its verdict and margin (and the training phase's) use XLA's per-device total instead of the
-estimate.
+becomes a one-line error; stages of one batch and length share one compile, as they share one step in training);
+the target names the device kind and its device count must equal the mesh's. Where a stage is compiled, its verdict
+and margin (and the training phase's) use XLA's per-device total instead of the estimate.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ import math
 import os
 import sys
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -973,8 +973,9 @@ def target_device_count(target: str) -> int:
 
 def compiled_for_target(config: Any, target: str, timeout: float = 1800.0) -> dict[str, dict[str, float]]:
   """Compiles every stage's real elastic step (``aot.programs.elastic_step``, the step ``jit_elastic_step`` builds)
-  under the config's mesh for ``target``'s compile-only devices, one worker process per stage, and returns per
-  stage XLA's memory analysis in bytes per device, with the worker's ``lower_seconds`` and ``compile_seconds``.
+  under the config's mesh for ``target``'s compile-only devices, one worker process per distinct stage shape
+  (``once_per_shape``), and returns per stage XLA's memory analysis in bytes per device, with the worker's
+  ``lower_seconds`` and ``compile_seconds`` for the stage that compiled.
 
   Raises:
     aot.TargetError: an unknown target name.
@@ -989,14 +990,30 @@ def compiled_for_target(config: Any, target: str, timeout: float = 1800.0) -> di
     raise ValueError(f"--compile-for {name}: the target has {count} devices but the mesh {shape} spans "
                      f"{hardware.num_devices}; pick a topology of {hardware.num_devices} device(s), or set "
                      f"--config.mesh.shape and --config.plan.num_devices to span {count}.")
-  out = {}
-  for index, stage in enumerate(stages_from_config(config)):
+  def compile_stage(index: int, stage: Stage) -> dict[str, float]:
     try:
       result = aot.compile_in_subprocess("elastic_step", name, timeout=timeout, config=config.to_dict(), stage=index)
     except aot.CompileFailed as error:
       raise aot.CompileFailed(f"{stage.name}: {error}", error.reason, error.log) from None
-    out[stage.name] = {**result.memory, "lower_seconds": result.lower_seconds,
-                       "compile_seconds": result.compile_seconds}
+    return {**result.memory, "lower_seconds": result.lower_seconds, "compile_seconds": result.compile_seconds}
+
+  return once_per_shape(stages_from_config(config), compile_stage)
+
+
+def once_per_shape(stages: Sequence[Stage], compile_stage: Callable[[int, Stage], dict[str, float]]
+                   ) -> dict[str, dict[str, float]]:
+  """``compile_stage(index, stage)`` by stage name, called once per distinct (batch_size, seq_len): the step's
+  program depends only on those (budget probabilities and pins are inputs), as in training, where stages of one
+  shape run one compiled step. A later stage of an earlier one's shape gets its memory figures without the compile
+  times, which belong to the stage that compiled."""
+  compiled: dict[tuple[int, int], dict[str, float]] = {}
+  out = {}
+  for index, stage in enumerate(stages):
+    shape = (stage.batch_size, stage.seq_len)
+    if shape in compiled:
+      out[stage.name] = {k: v for k, v in compiled[shape].items() if k not in ("lower_seconds", "compile_seconds")}
+    else:
+      out[stage.name] = compiled[shape] = compile_stage(index, stage)
   return out
 
 
@@ -1076,7 +1093,8 @@ def format_plan(plan: Plan, compiled: Mapping[str, Mapping[str, float]] | None =
     lines.append(row("  planned total / XLA total", [f"{st.memory['total'] / st.xla_total:.2f}x"
                                                      if st.xla_total else "-" for st in stages]))
     if any("compile_seconds" in figures for figures in xla.values()):
-      seconds = {name: figures["lower_seconds"] + figures["compile_seconds"] for name, figures in xla.items()}
+      seconds = {name: figures["lower_seconds"] + figures["compile_seconds"] for name, figures in xla.items()
+                 if "compile_seconds" in figures}  # a stage sharing an earlier one's compile: "-"
       lines.append(row("  XLA lower + compile", [f"{seconds[st.name]:,.0f} s" if st.name in seconds else "-"
                                                  for st in stages]))
   lines.append(row("  usable HBM", [format_bytes(st.capacity) for st in stages]))
@@ -1221,7 +1239,7 @@ def _cli() -> None:
             f"(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count={plan.hardware.num_devices}).",
             file=sys.stderr)
     elif compile_.value:
-      compiled = {stage.name: compiled_memory(cfg, index) for index, stage in enumerate(plan.stages)}
+      compiled = once_per_shape(stages_from_config(cfg), lambda index, _: compiled_memory(cfg, index))
       compiled.update({f"phase:{phase}": compiled_phase_memory(cfg, phase) for phase in FORWARD_PHASES})
     if compiled is not None:
       with_compiled(plan, compiled)

@@ -374,23 +374,47 @@ def test_compile_for_a_target_whose_devices_the_mesh_does_not_span_is_refused():
           "1 device(s), or set --config.mesh.shape and --config.plan.num_devices to span 4.") in result.stderr
 
 
+def test_stages_of_one_shape_are_compiled_once():
+  """Budget probabilities and pins are inputs of the step: a pinned tail of stage 2 reuses stage 2's compile, and
+  only the stage that compiled carries compile times."""
+  stages = [plan_lib.Stage("stage1", 4, 12, 128, (0.5, 0.5)), plan_lib.Stage("stage2", 3, 8, 256, (0.7, 0.3)),
+            plan_lib.Stage("tail", 2, 8, 256, (0.7, 0.3), pinned=True), plan_lib.Stage("long", 2, 8, 512, (1, 0))]
+  calls = []
+
+  def compile_stage(index, stage):
+    calls.append(index)
+    return {"total": float(stage.batch_size * stage.seq_len), "compile_seconds": 1.0, "lower_seconds": 1.0}
+
+  out = plan_lib.once_per_shape(stages, compile_stage)
+  assert calls == [0, 1, 3]
+  assert out["stage2"] == {"total": 8 * 256.0, "compile_seconds": 1.0, "lower_seconds": 1.0}
+  assert out["tail"] == {"total": 8 * 256.0}
+  assert [out[name]["total"] for name in ("stage1", "long")] == [12 * 128.0, 8 * 512.0]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(aot.unavailable_reason("v5p") is not None,
                     reason=f"compile-only v5p devices need libtpu: {aot.unavailable_reason('v5p')}")
 def test_compile_for_v5p_prints_xla_beside_the_plan_within_25_percent():
-  """``--compile-for v5p:2x2x1`` compiles both stages of the tiny run for 4 compile-only v5p chips (mesh (4,);
-  stage 2's batch raised from 6 to 8 so that it splits over them) and prints libtpu's per-device memory analysis
-  beside the plan; the planned per-device total is within 0.8-1.25x of XLA's for each stage (its [32, 32] SSD tiles
-  and 32-wide heads are where TPU tile padding counts)."""
+  """``--compile-for v5p:2x2x1`` compiles the tiny run's stages for 4 compile-only v5p chips (mesh (4,); stage 1 at
+  12 x 128, the later stages at 8 x 256 so that they split over the chips: two shapes, two compiles, the third stage
+  sharing the second's) and prints libtpu's per-device memory analysis beside the plan; the planned per-device
+  total is within 0.8-1.25x of XLA's for each stage (its [32, 32] SSD tiles and 32-wide heads are where TPU tile
+  padding counts)."""
+  shapes = [f"--config.stages[{i}].{key}={value}" for i, (batch, length) in enumerate([(12, 128), (8, 256), (8, 256)])
+            for key, value in (("batch_size", batch), ("seq_len", length))]
   result = _plan_cli("--config", "configs/tiny.py", "--compile-for", "v5p:2x2x1", "--config.mesh.shape=(4,)",
-                     "--config.stages[1].batch_size=8", timeout=1200)
+                     *shapes, timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert "on 4 x TPU v5p chip" in out and "compiled for v5p:2x2x1 without the hardware" in out, out
   assert any(line.startswith("  verdict (XLA total)") for line in out.splitlines()), out
   planned, xla = _row_bytes(out, "total"), _row_bytes(out, "XLA total (args+out-alias+temp)")
   arguments = _row_bytes(out, "XLA arguments")
-  assert len(planned) == len(xla) == len(arguments) == 2, out
+  assert len(planned) == len(xla) == len(arguments) == 3, out
+  assert xla[2] == xla[1] and arguments[2] == arguments[1], out  # one program for one shape
+  seconds = next(line for line in out.splitlines() if line.startswith("  XLA lower + compile")).split()[4:]
+  assert seconds[-1] == "-" and len(seconds) == 5, out  # "12 s 10 s -": the third stage compiled nothing
   for stage, (plan_bytes, xla_bytes, argument_bytes) in enumerate(zip(planned, xla, arguments)):
     assert 0 < argument_bytes < xla_bytes, out
     ratio = plan_bytes / xla_bytes
