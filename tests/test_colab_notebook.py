@@ -23,6 +23,7 @@ OVERRIDES = {
     "elastic.budgets": BUDGETS,
     "stages.0.batch_size": 2, "stages.0.seq_len": 32, "stages.0.budget_probs": [0.5, 0.5],
     "stages.1.batch_size": 2, "stages.1.seq_len": 32, "stages.1.budget_probs": [0.7, 0.3],
+    "stages.2.batch_size": 2, "stages.2.seq_len": 32,  # its budget_probs: the notebook copies stage 2's
     "optimizer.warmup_steps": 1, "router_optimizer.warmup_steps": 1,
     "eval.ppl_batches": 1, "eval.batch_size": 2, "eval.seq_len": 32, "eval.max_new_tokens": 8,
     "eval.decode_batch": 2,
@@ -64,7 +65,8 @@ def test_notebook_runs_top_to_bottom_and_writes_the_report(tmp_path):
              JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "elastic_jax_test_xla_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
              ELASTIC_JAX_REPO=str(ROOT), ELASTIC_JAX_NB_WORKDIR=str(workdir), ELASTIC_JAX_NB_PARENT_STEPS="4",
-             ELASTIC_JAX_NB_STAGE1_STEPS="3", ELASTIC_JAX_NB_STAGE2_STEPS="2", ELASTIC_JAX_NB_EVAL_EXAMPLES="2",
+             ELASTIC_JAX_NB_STAGE1_STEPS="3", ELASTIC_JAX_NB_STAGE2_STEPS="2", ELASTIC_JAX_NB_PINNED_STEPS="2",
+             ELASTIC_JAX_NB_EVAL_EXAMPLES="2",
              ELASTIC_JAX_NB_OVERRIDES=json.dumps(OVERRIDES))
   result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=400)
@@ -78,7 +80,9 @@ def test_notebook_runs_top_to_bottom_and_writes_the_report(tmp_path):
   assert [row["budget"] for row in rows] == ["parent"] + budget_names
   table = (workdir / "report.md").read_text()
   assert all(f"| {name} " in table for name in budget_names)
-  # The step counts came from the notebook's settings: stage 1 + stage 2 steps of elastic training.
+  # The step counts came from the notebook's settings: stage 1 + stage 2 + its pinned tail's steps of elastic
+  # training. The tail ran pinned, with stage 2's two budget probabilities (tiny's three would have been refused).
   steps = [json.loads(line)["step"] for line in (workdir / "elastic" / "metrics.jsonl").read_text().splitlines()]
-  assert steps == [1, 2, 3, 4, 5]
+  assert steps == [1, 2, 3, 4, 5, 6, 7]
+  assert "(stage 3 of 3, steps 6-7)" in result.stdout and "router frozen" in result.stdout
   assert "'budget': '50pct'" in result.stdout  # the last cell printed the rows

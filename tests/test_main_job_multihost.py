@@ -25,8 +25,10 @@ TIMEOUT_S = 600  # per run: a hang (one process waiting on a collective) fails t
 # The tiny config, shortened: a few steps of every phase, batches that divide over 4 devices, checkpoints mid-stage.
 SHORT = ["--config.parent.pretrain_steps=12", "--config.parent.seq_len=64", "--config.parent.long_every=3",
          "--config.importance.batches=2", "--config.importance.seq_len=64", "--config.importance.depth_batches=1",
-         "--config.stages[0].steps=4", "--config.stages[0].seq_len=64",  # both stages of one shape: one compile
+         # every stage of one shape: one compile
+         "--config.stages[0].steps=4", "--config.stages[0].batch_size=12", "--config.stages[0].seq_len=64",
          "--config.stages[1].steps=3", "--config.stages[1].batch_size=12", "--config.stages[1].seq_len=64",
+         "--config.stages[2].steps=2", "--config.stages[2].batch_size=12", "--config.stages[2].seq_len=64",
          "--config.eval.examples=8", "--config.eval.max_new_tokens=12", "--config.eval.ppl_batches=1",
          "--config.eval.seq_len=64", "--config.eval.decode_batch=8", "--config.checkpoint_every=5"]
 
