@@ -91,6 +91,7 @@ CASES = [
     ("stages[1].budget_probs", [1.2, -0.2, 0.0], "stages[1].budget_probs[1]: -0.2 must be >= 0"),
     ("stages[1].seq_len", 0, "stages[1].seq_len: 0 must be an integer >= 1"),
     ("stages[1].pinned", "yes", "stages[1].pinned: 'yes' is not a bool"),
+    ("stages[0].pinned", True, "stages[0].pinned: true in the first stage would pin the untrained router's choices"),
     ("stages[1].name", "stage1", "stages[1].name: 'stage1' is empty or repeats an earlier stage's name"),
     ("stages", [], "stages: is empty"),
     ("optimizer.schedule", "cosin", "optimizer.schedule: 'cosin' is not one of cosine, constant (did you mean "

@@ -50,7 +50,7 @@ class TaskConfig:
   """What to generate: which families, how hard, and how many irrelevant lines per problem."""
   families: tuple[str, ...] = FAMILIES
   difficulty: int = 1  # >= 1: arithmetic has 2 + difficulty digits; chains grow by 2 per level
-  distractors: int = 0  # irrelevant lines per modular / variables problem (long context)
+  distractors: int = 0  # irrelevant lines per problem, every family (long context)
 
   def __post_init__(self):
     unknown = sorted(set(self.families) - set(FAMILIES))

@@ -75,7 +75,7 @@ from elastic_jax.eval.measure import eval_split_batches, measure_model  # pylint
 from elastic_jax.eval.stats import (difference_verdict, paired_bootstrap,  # pylint: disable=wrong-import-position
                                     paired_ratio_bootstrap, wilson_interval)
 from elastic_jax.model import ModelConfig  # pylint: disable=wrong-import-position
-from elastic_jax.model.config import BLOCK_KINDS  # pylint: disable=wrong-import-position
+from elastic_jax.model.config import BLOCK_KINDS, KINDS  # pylint: disable=wrong-import-position
 from elastic_jax.train import distributed  # pylint: disable=wrong-import-position
 from elastic_jax.train.config import section  # pylint: disable=wrong-import-position
 from elastic_jax.train.loop import Stage  # pylint: disable=wrong-import-position
@@ -554,7 +554,8 @@ def _depth_panel(panel: Any, budgets: Sequence[str], kept: Sequence[Sequence[boo
         panel.text(j, i, "×", ha="center", va="center", fontsize=12, color="tab:red")
   kinds = pattern is not None and len(pattern) == length
   _cell_grid(panel, budgets, [f"{j}\n{pattern[j]}" if kinds else str(j) for j in range(length)])
-  panel.set_xlabel("parent layer" + (" and its block kind (M Mamba, * attention, - MLP)" if kinds else ""))
+  legend = ", ".join(f"{kind.char} {kind.title}" for kind in KINDS if kind.char in (pattern or ""))
+  panel.set_xlabel("parent layer" + (f" and its block kind ({legend})" if kinds else ""))
   panel.set_title("depth: kept layers (blue), dropped layers (×): "
                   + ", ".join(f"{b} keeps {sum(row)} of {length}" for b, row in zip(budgets, kept)))
 

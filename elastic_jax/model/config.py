@@ -18,12 +18,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+# How an E block multiplies its tokens by their experts' weights (see elastic_jax.ops.grouped_matmul).
+from elastic_jax.ops.grouped_matmul import IMPLS as MOE_IMPLS
 from elastic_jax.ops.ssd import IMPLS as SSD_IMPLS
 from elastic_jax.ops.ssd import INTER_CHUNK_MODES
 
 DTYPES = ("float32", "bfloat16", "float16")
-# How an E block multiplies its tokens by their experts' weights (see elastic_jax.ops.grouped_matmul).
-MOE_IMPLS = ("auto", "ragged_dot", "tiled")
 
 
 @dataclasses.dataclass(frozen=True)

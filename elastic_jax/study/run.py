@@ -53,8 +53,8 @@ from elastic_jax.train.loop import (Segment, Stage, StageFeed, compiled_lm_step,
 from elastic_jax.train.optim import OptimizerConfig
 # The main job's own phase helpers, so that a standalone member is saved, loaded and checked exactly like a phase
 # of the main job.
-from elastic_jax.train.pipeline import (  # pylint: disable=protected-access
-    LOG_EVERY, RECORD_FILE, PhaseLedger, _check_finite, _load, _save_output, _stop_if_preempted, run_pipeline)
+from elastic_jax.train.pipeline import (LOG_EVERY, RECORD_FILE, PhaseLedger, check_finite, load_output, run_pipeline,
+                                        save_output, stop_if_preempted)
 from elastic_jax.train.result import ExtractedModel, FamilyMember, PipelineResult
 from elastic_jax.train.sharding import param_shardings, shard_params
 
@@ -223,7 +223,7 @@ class Study:
     label = f"{arm.name} {member.name}"
     if ledger.begin(label, phase, own, os.path.exists(os.path.join(path, "DONE"))):
       log(f"{label}: reusing {path}")
-      params = _load(path, config, base.mesh, base.rules)
+      params = load_output(path, config, base.mesh, base.rules)
     else:
       params = self._train(label, path, config, start.params if arm.kind == DISTILLED else None, stages, make_data,
                            base, cfg, seed, optimizer, loss, own)
@@ -270,11 +270,11 @@ class Study:
     result = run_training([segment(i, stage) for i, stage in enumerate(curriculum)], path, label,
                           training.abstract_state, init, run_config,
                           checkpoint_every=section(cfg, "checkpoint_every"), log_every=LOG_EVERY)
-    _stop_if_preempted(result)
-    _check_finite(_metrics_rows(os.path.join(path, "metrics.jsonl")), label,
-                  "optimizer.learning_rate (distilled) or parent.learning_rate (scratch), and the stages")
-    _save_output(path, config, result.state.params, {"steps": total, "study_member": own["standalone"]["member"],
-                                                     "arm": own["standalone"]["arm"]})
+    stop_if_preempted(result)
+    check_finite(_metrics_rows(os.path.join(path, "metrics.jsonl")), label,
+                 "optimizer.learning_rate (distilled) or parent.learning_rate (scratch), and the stages")
+    save_output(path, config, result.state.params, {"steps": total, "study_member": own["standalone"]["member"],
+                                                    "arm": own["standalone"]["arm"]})
     return result.state.params
 
 

@@ -262,6 +262,9 @@ def _check_stages(stages: Any, budgets: Sequence[float], grad_accum_steps: int) 
     if not isinstance(stage.get("pinned", False), bool):
       raise config_error(f"{where}.pinned", f"{stage['pinned']!r} is not a bool",
                          "true freezes the router and trains each budget's deployed choice; false routes")
+    if stage.get("pinned", False) and where == "stages[0]":
+      raise config_error(f"{where}.pinned", "true in the first stage would pin the untrained router's choices",
+                         "route at least one stage before a pinned one")
     check_string(f"{where}.name", stage["name"])
     if not stage["name"] or stage["name"] in names:
       raise config_error(f"{where}.name", f"{stage['name']!r} is empty or repeats an earlier stage's name",

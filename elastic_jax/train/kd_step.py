@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from elastic_jax.model import HybridLM, ModelConfig
 from elastic_jax.model.hybrid import init_boxed_params, remat_policies
 from elastic_jax.train.lm_step import make_supervised_step
-from elastic_jax.train.loop import ShardedTraining, _with_shardings  # pylint: disable=protected-access
+from elastic_jax.train.loop import ShardedTraining, with_shardings
 from elastic_jax.train.losses import kd_loss
 from elastic_jax.train.microbatch import check_grad_accum_steps
 from elastic_jax.train.optim import OptimizerConfig, make_optimizer
@@ -75,7 +75,7 @@ def compiled_kd_step(config: ModelConfig, teacher_config: ModelConfig, optimizer
   creates the optimizer state beside them. ``remat`` must be hashable (``remat_policies`` pairs)."""
   tx = make_optimizer(optimizer, total_steps)
   boxed_state = jax.eval_shape(lambda: init_kd_state(init_boxed_params(config, jax.random.key(0)), tx))
-  state_shardings, abstract_state = _with_shardings(boxed_state, mesh, rules)
+  state_shardings, abstract_state = with_shardings(boxed_state, mesh, rules)
   tokens = batch_sharding(mesh, rules)
   step = sharded_jit(make_kd_step(config, teacher_config, tx, temperature=temperature, ce_weight=ce_weight,
                                   grad_accum_steps=grad_accum_steps, remat=remat), mesh, rules,

@@ -460,7 +460,7 @@ class ShardedTraining(NamedTuple):
   batch_sharding: Any
 
 
-def _with_shardings(abstract_boxed: Any, mesh: Mesh, rules: LogicalRules) -> tuple[Any, Any]:
+def with_shardings(abstract_boxed: Any, mesh: Mesh, rules: LogicalRules) -> tuple[Any, Any]:
   """(shardings, abstract unboxed tree with those shardings) of an abstract tree with logical-axis boxes."""
   shardings = logical_shardings(abstract_boxed, mesh, rules)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -486,7 +486,7 @@ def compiled_elastic_step(setup: ElasticSetup, optimizer: OptimizerConfig, route
   states and the router beside them.
   """
   tx, router_tx = make_optimizer(optimizer, total_steps), make_optimizer(router_optimizer, total_steps)
-  state_shardings, abstract_state = _with_shardings(abstract_boxed_state(setup, tx, router_tx, seed), mesh, rules)
+  state_shardings, abstract_state = with_shardings(abstract_boxed_state(setup, tx, router_tx, seed), mesh, rules)
   tokens = batch_sharding(mesh, rules)
   step = sharded_jit(make_elastic_step(setup, tx, router_tx), mesh, rules,
                      in_shardings=(state_shardings, state_shardings.params, tokens, replicated(mesh),
@@ -515,7 +515,7 @@ def compiled_lm_step(config: ModelConfig, optimizer: OptimizerConfig, total_step
   """
   tx = make_optimizer(optimizer, total_steps)
   boxed_state = jax.eval_shape(lambda: init_lm_state(config, tx, jax.random.key(0)))
-  state_shardings, abstract_state = _with_shardings(boxed_state, mesh, rules)
+  state_shardings, abstract_state = with_shardings(boxed_state, mesh, rules)
   tokens = batch_sharding(mesh, rules)
   step = sharded_jit(make_lm_step(config, tx, grad_accum_steps, remat), mesh, rules,
                      in_shardings=(state_shardings, tokens), out_shardings=(state_shardings, replicated(mesh)),

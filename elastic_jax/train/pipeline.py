@@ -74,7 +74,7 @@ def _mark_done(path: str) -> None:
       f.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
 
-def _save_output(path: str, config: ModelConfig, params: Params, metadata: Mapping[str, Any] | None = None) -> None:
+def save_output(path: str, config: ModelConfig, params: Params, metadata: Mapping[str, Any] | None = None) -> None:
   """Saves a phase's model to ``path/model`` and marks ``path`` done. What an interrupted save left there (no DONE
   marker: never used) is removed first."""
   if is_primary() and os.path.exists(os.path.join(path, "model")):
@@ -88,7 +88,7 @@ class DivergedError(ConfigError):
   """A training phase produced a non-finite loss: its output is not marked done, and nothing later runs on it."""
 
 
-def _check_finite(rows: Sequence[Mapping[str, Any]], phase: str, keys: str) -> None:
+def check_finite(rows: Sequence[Mapping[str, Any]], phase: str, keys: str) -> None:
   """Raises ``DivergedError`` naming the phase and the first step whose loss is not finite (``rows``: metrics rows,
   each with its ``step`` and ``loss``)."""
   if not rows:
@@ -104,7 +104,7 @@ def _check_finite(rows: Sequence[Mapping[str, Any]], phase: str, keys: str) -> N
 LOG_EVERY = 10  # training steps between metric flushes (and between the processes' agreements to stop)
 
 
-def _stop_if_preempted(result: TrainResult) -> None:
+def stop_if_preempted(result: TrainResult) -> None:
   if result.preempted:
     raise SystemExit("[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to resume.")
 
@@ -227,7 +227,7 @@ def _parent_values(cfg: Any) -> dict[str, Any]:
           "memory": section(cfg, "memory")}
 
 
-def _load(path: str, config: ModelConfig, mesh: Mesh, rules: LogicalRules) -> Params:
+def load_output(path: str, config: ModelConfig, mesh: Mesh, rules: LogicalRules) -> Params:
   """A saved model restored straight into its shardings on ``mesh``: each process reads only its devices' shards."""
   abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                           param_shapes(config), param_shardings(config, mesh, rules))
@@ -255,7 +255,7 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None 
   config = ModelConfig.from_dict(cfg.model)
   if ledger.begin("parent", "parent", _parent_values(cfg), done):
     log(f"parent: reusing {path}")
-    return config, _load(path, config, mesh, rules)
+    return config, load_output(path, config, mesh, rules)
   steps = parent_cfg["pretrain_steps"]
   stage = Stage("pretrain", steps, parent_cfg["batch_size"], parent_cfg["seq_len"], (1.0,))
   optimizer = OptimizerConfig(learning_rate=float(parent_cfg["learning_rate"]),
@@ -278,10 +278,10 @@ def parent_phase(cfg: Any, workdir: str, make_data: Callable, mesh: Mesh | None 
   result = run_training([segment], path, "parent pretraining", training.abstract_state,
                         lambda: training.init(jax.random.key(int(cfg.seed))), run_config,
                         checkpoint_every=section(cfg, "checkpoint_every"), log_every=LOG_EVERY)
-  _stop_if_preempted(result)
-  _check_finite(result.history, "parent pretraining",
-                "parent.seq_len, parent.batch_size, parent.learning_rate and the data")
-  _save_output(path, config, result.state.params, {"pretrain_steps": steps})
+  stop_if_preempted(result)
+  check_finite(result.history, "parent pretraining",
+               "parent.seq_len, parent.batch_size, parent.learning_rate and the data")
+  save_output(path, config, result.state.params, {"pretrain_steps": steps})
   return config, result.state.params
 
 
@@ -334,10 +334,10 @@ def permutation_phase(workdir: str, config: ModelConfig, params: Params, ranks: 
   path, done = _phase(workdir, "permuted", "DONE")
   if (ledger or PhaseLedger(workdir)).begin("permutation", "permuted", {}, done):
     log(f"permutation: reusing {path}")
-    return _load(path, config, mesh, rules)
+    return load_output(path, config, mesh, rules)
   log("permutation: permuting the parent into importance order")
   permuted = permute_sharded(config, params, ranks, mesh, rules)  # a jitted gather: the shardings are kept
-  _save_output(path, config, permuted)
+  save_output(path, config, permuted)
   return permuted
 
 
@@ -359,7 +359,7 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
          "data": section(cfg, "data"), "seed": int(cfg.seed)}
   if (ledger or PhaseLedger(workdir)).begin("elastic training", "elastic", own, done, stage_keys=True):
     log(f"elastic training: reusing {path}")
-    return _read_json(choices_file), _load(student_path, config, mesh, rules)
+    return _read_json(choices_file), load_output(student_path, config, mesh, rules)
   finished = os.path.exists(os.path.join(student_path, "DONE"))
   barrier("elastic_jax_student_checked")
   if finished:  # its stages changed after it finished: trained again from the last checkpoint that fits them
@@ -377,14 +377,14 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
                          router_optimizer=router_optimizer, seed=int(cfg.seed), log_every=LOG_EVERY,
                          checkpoint_every=section(cfg, "checkpoint_every"),
                          metadata={"rankings": ranks.to_json()}, mesh=mesh, rules=rules)
-  _stop_if_preempted(result)
+  stop_if_preempted(result)
   metrics_file, rows = os.path.join(path, "metrics.jsonl"), []
   if os.path.exists(metrics_file):  # every step's row, also those of earlier runs this one resumed
     with open(metrics_file, encoding="utf-8") as f:
       rows = [json.loads(line) for line in f if line.strip()]
-  _check_finite(rows, "elastic training", "the stages' settings, optimizer.learning_rate and the data")
-  _save_output(student_path, config, result.state.params,
-               {"step": int(result.state.step), "depth_order": [int(i) for i in ranks.depth]})
+  check_finite(rows, "elastic training", "the stages' settings, optimizer.learning_rate and the data")
+  save_output(student_path, config, result.state.params,
+              {"step": int(result.state.step), "depth_order": [int(i) for i in ranks.depth]})
   return _read_json(choices_file), result.state.params
 
 
@@ -417,7 +417,7 @@ def extraction_phase(workdir: str, config: ModelConfig, student: Params, permute
       path = os.path.join(workdir, kind, name)
       child_config, child_params = extract_sharded(config, source, pick, depth_order, mesh, rules)
       if not os.path.exists(os.path.join(path, "DONE")):
-        _save_output(path, child_config, child_params, {"choice": pick.to_dict(), "budget": record["budget"]})
+        save_output(path, child_config, child_params, {"choice": pick.to_dict(), "budget": record["budget"]})
       extracted[kind] = ExtractedModel(child_config, child_params, pick, param_count(child_config), path)
     members.append(FamilyMember(float(record["budget"]), extracted["children"], extracted["baselines"]))
   return tuple(members)
