@@ -78,7 +78,7 @@ from elastic_jax.model import ModelConfig  # pylint: disable=wrong-import-positi
 from elastic_jax.model.config import BLOCK_KINDS, KINDS  # pylint: disable=wrong-import-position
 from elastic_jax.train import distributed  # pylint: disable=wrong-import-position
 from elastic_jax.train.config import section  # pylint: disable=wrong-import-position
-from elastic_jax.train.loop import Stage  # pylint: disable=wrong-import-position
+from elastic_jax.train.loop import Stage, read_metrics_rows  # pylint: disable=wrong-import-position
 from elastic_jax.train.result import PipelineResult  # pylint: disable=wrong-import-position
 
 ROW_KEYS = ("budget", "params", "ppl", "accuracy_short", "accuracy_long", "baseline_params", "baseline_ppl",
@@ -360,8 +360,7 @@ _TABLE_NOTE = ("Accuracy: exact match of the final answer, with its 95% Wilson i
 def read_metrics(curves: str | os.PathLike | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """The training records from a ``metrics.jsonl`` path, or the given records as a list."""
   if isinstance(curves, (str, os.PathLike)):
-    with open(curves, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
+    return read_metrics_rows(curves)
   return [dict(record) for record in curves]
 
 

@@ -37,7 +37,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from elastic_jax.data.pipeline import data_factory
 from elastic_jax.elastic.param_count import param_count
@@ -46,10 +45,11 @@ from elastic_jax.model import ModelConfig
 from elastic_jax.study.arms import ARMS, DISTILLED, ELASTIC, Arm, scaled_stages, stage_tokens
 from elastic_jax.study.config import StudyConfig, recorded_values
 from elastic_jax.train import distributed
-from elastic_jax.train.config import memory_from_config, plain, section, stages_from_config
+from elastic_jax.train.config import memory_from_config, plain, section
 from elastic_jax.train.kd_step import compiled_kd_step
-from elastic_jax.train.loop import (Segment, Stage, StageFeed, compiled_lm_step, log, run_training,
-                                    write_json_atomically)
+from elastic_jax.train.loop import (Segment, Stage, StageFeed, compiled_lm_step, log, place_frozen, read_json,
+                                    read_metrics_rows, run_training, write_atomically, write_json_atomically)
+from elastic_jax.train.memory import teacher_config
 from elastic_jax.train.optim import OptimizerConfig
 # The main job's own phase helpers, so that a standalone member is saved, loaded and checked exactly like a phase
 # of the main job.
@@ -98,18 +98,6 @@ def share_phases(source: str, folder: str) -> None:
         continue
       os.symlink(os.path.relpath(os.path.join(source, name), folder), link)
   distributed.barrier(f"elastic_jax_study_links:{folder}")
-
-
-def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _metrics_rows(path: str) -> list[dict[str, Any]]:
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 class Study:
@@ -190,12 +178,12 @@ class Study:
     ledger = PhaseLedger(seed_dir)
     # Each member builds on the elastic arm's models: its extraction record (every value upstream of the pruned
     # baselines and children) comes first in each member's record, so a change there reruns the member.
-    ledger.chain(_read_json(os.path.join(base.workdir, "children", RECORD_FILE)))
+    ledger.chain(read_json(os.path.join(base.workdir, "children", RECORD_FILE)))
     trained, curves = [], []
     for member in members:
       model = self._standalone_member(arm, cfg, seed, member, stages, make_data, base, ledger)
       trained.append(FamilyMember(member.budget, model, member.baseline))
-      curves.append(_metrics_rows(os.path.join(model.path, "metrics.jsonl")))
+      curves.append(read_metrics_rows(os.path.join(model.path, "metrics.jsonl")))
     curves_path = os.path.join(folder, CURVES_FILE)
     if distributed.is_primary():
       _write_curves(curves_path, curves, arm.kind == DISTILLED)
@@ -249,8 +237,8 @@ class Study:
     total = sum(stage.steps for stage in curriculum)
     mesh, rules = base.mesh, base.rules
     if loss["kind"] == "kd":
-      teacher_config, teacher = _teacher(base, memory.teacher_dtype)
-      training = compiled_kd_step(config, teacher_config, optimizer, total, mesh, rules,
+      frozen_config, teacher = _teacher(base, memory.teacher_dtype)
+      training = compiled_kd_step(config, frozen_config, optimizer, total, mesh, rules,
                                   temperature=loss["temperature"], ce_weight=loss["ce_weight"],
                                   grad_accum_steps=memory.grad_accum_steps, remat=memory.remat)
       step = lambda state, tokens: training.step(state, teacher, tokens)
@@ -271,7 +259,7 @@ class Study:
                           training.abstract_state, init, run_config,
                           checkpoint_every=section(cfg, "checkpoint_every"), log_every=LOG_EVERY)
     stop_if_preempted(result)
-    check_finite(_metrics_rows(os.path.join(path, "metrics.jsonl")), label,
+    check_finite(read_metrics_rows(os.path.join(path, "metrics.jsonl")), label,
                  "optimizer.learning_rate (distilled) or parent.learning_rate (scratch), and the stages")
     save_output(path, config, result.state.params, {"steps": total, "study_member": own["standalone"]["member"],
                                                     "arm": own["standalone"]["arm"]})
@@ -281,12 +269,8 @@ class Study:
 def _teacher(base: PipelineResult, teacher_dtype: str) -> tuple[ModelConfig, Any]:
   """The frozen teacher (the permuted parent) in its shardings, in ``memory.teacher_dtype`` as in the elastic
   arm."""
-  config = base.config
-  teacher = shard_params(base.parent, param_shardings(config, base.mesh, base.rules))
-  if teacher_dtype == "bfloat16":
-    config = dataclasses.replace(config, dtype="bfloat16")
-    teacher = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, teacher)
-  return config, teacher
+  shardings = param_shardings(base.config, base.mesh, base.rules)
+  return teacher_config(base.config, teacher_dtype), place_frozen(base.parent, shardings, teacher_dtype)
 
 
 def _write_curves(path: str, members: Sequence[Sequence[Mapping[str, Any]]], distillation: bool) -> None:
@@ -302,6 +286,4 @@ def _write_curves(path: str, members: Sequence[Sequence[Mapping[str, Any]]], dis
               "samples_per_budget": [0 if v is None else 1 for v in losses]}
              for step, losses in sorted(by_step.items())]
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(record) + "\n" for record in records)
-  os.replace(path + ".tmp", path)
+  write_atomically(path, lambda f: f.writelines(json.dumps(record) + "\n" for record in records))

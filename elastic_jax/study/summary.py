@@ -15,7 +15,6 @@ problem (a paired bootstrap over that seed's problems) and said so.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,8 @@ from elastic_jax.study.arms import ARMS  # pylint: disable=wrong-import-position
 from elastic_jax.study.config import StudyConfig  # pylint: disable=wrong-import-position
 from elastic_jax.study.run import ARM_FILE, RECORD_FOLDER, seed_folder  # pylint: disable=wrong-import-position
 from elastic_jax.train.config import section  # pylint: disable=wrong-import-position
+from elastic_jax.train.loop import (read_json, write_atomically,  # pylint: disable=wrong-import-position
+                                    write_json_atomically)
 from elastic_jax.train.result import member_name  # pylint: disable=wrong-import-position
 
 ACCURACY_KEYS = ("accuracy_short", "accuracy_long")
@@ -88,11 +89,6 @@ COMPARISONS = (
 
 
 # ------------------------------------------------------------------------------------------------ reading the arms
-def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
 def _measurement(row: Mapping[str, Any], prefix: str, examples: int) -> dict[str, Any]:
   """One model's numbers from a report row (``prefix`` "baseline_" for the pruned baseline beside a child), with each
   accuracy's problem count, correct count and 95% Wilson interval, and the per-problem results when the report has
@@ -131,7 +127,7 @@ def collect_runs(study: StudyConfig, workdir: str) -> dict[str, dict[int, dict[s
       record_path, report_path = os.path.join(folder, RECORD_FOLDER, ARM_FILE), os.path.join(folder, "report.json")
       if not (os.path.exists(record_path) and os.path.exists(report_path)):
         continue
-      record, report = _read_json(record_path), _read_json(report_path)
+      record, report = read_json(record_path), read_json(report_path)
       rows = report["rows"] if isinstance(report, Mapping) else report
       members, pruned, parent_row = {}, {}, None
       for row in rows:
@@ -468,9 +464,7 @@ def write_summary(study: StudyConfig, workdir: str, config_name: str = "study") 
   }
   _write_json(files["json"], record)
   text = markdown(study, runs, summary, entries, tokens, plots, config_name)
-  with open(files["markdown"] + ".tmp", "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(files["markdown"] + ".tmp", files["markdown"])
+  write_atomically(files["markdown"], lambda f: f.write(text))
   return files
 
 
@@ -483,6 +477,4 @@ def _write_json(path: str, value: Any) -> None:
     if isinstance(x, (list, tuple)):
       return [clean(v) for v in x]
     return x
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(clean(value), f, indent=1)
-  os.replace(path + ".tmp", path)
+  write_json_atomically(path, clean(value), indent=1)

@@ -32,7 +32,7 @@ from elastic_jax.train.lm_step import split_batch
 from elastic_jax.train.losses import kd_loss, mean_by_group
 from elastic_jax.train.microbatch import (accumulate_gradients, check_grad_accum,
                                           merge_micro_batches, micro_batches, micro_rows)
-from elastic_jax.train.memory import MemoryConfig
+from elastic_jax.train.memory import MemoryConfig, teacher_config
 from elastic_jax.train.sampling import sample_budgets
 from elastic_jax.train.state import TrainState
 
@@ -123,9 +123,7 @@ class ElasticSetup:
   @property
   def teacher(self) -> HybridLM:
     """The frozen teacher's module: the model's compute dtype, lowered to bf16 when ``memory.teacher_dtype`` is bf16."""
-    if self.memory.teacher_dtype == "bfloat16":
-      return HybridLM(dataclasses.replace(self.config, dtype="bfloat16"))
-    return HybridLM(self.config)
+    return HybridLM(teacher_config(self.config, self.memory.teacher_dtype))
 
   def full_index(self) -> dict[str, int]:
     """Per routed axis, the index of the parent's (largest) size: the anchor of the 100% budget."""

@@ -436,8 +436,13 @@ def deployed_choice_records(setup: ElasticSetup, router_params: Params) -> list[
 
 def place_teacher(setup: ElasticSetup, teacher_params: Params, shardings: Params) -> Params:
   """The frozen teacher in its shardings and in ``setup.memory.teacher_dtype`` (bf16 halves its memory)."""
-  teacher = shard_params(teacher_params, shardings)
-  dtype = jnp.dtype(setup.memory.teacher_dtype)
+  return place_frozen(teacher_params, shardings, setup.memory.teacher_dtype)
+
+
+def place_frozen(params: Params, shardings: Params, dtype: str) -> Params:
+  """Frozen params (a teacher) in their shardings, their floating leaves in ``dtype``, cast on the devices."""
+  teacher = shard_params(params, shardings)
+  dtype = jnp.dtype(dtype)
   if all(x.dtype == dtype for x in jax.tree.leaves(teacher)):
     return teacher
   cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
@@ -595,7 +600,7 @@ def stage_change(saved: Mapping[str, Any], current: Mapping[str, Any], stages: S
   return f"the settings of a stage it had started changed ({'; '.join(diffs)})" if diffs else None
 
 
-def _write_atomically(path: str, write: Callable[[Any], Any]) -> None:
+def write_atomically(path: str, write: Callable[[Any], Any]) -> None:
   """``write(file)`` into a temporary file, then renamed into place: readers never see half a file."""
   temporary = f"{path}.tmp"
   with open(temporary, "w", encoding="utf-8") as f:
@@ -605,7 +610,20 @@ def _write_atomically(path: str, write: Callable[[Any], Any]) -> None:
 
 def write_json_atomically(path: str, value: Any, **dump_kwargs: Any) -> None:
   """Writes JSON so that readers never see half a file."""
-  _write_atomically(path, lambda f: json.dump(value, f, **dump_kwargs))
+  write_atomically(path, lambda f: json.dump(value, f, **dump_kwargs))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def read_metrics_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """Every row of a run's ``metrics.jsonl`` (one per step), or none when the run has not logged yet."""
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
@@ -626,7 +644,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
   if missing:
     log(f"warning: {path} has no rows for steps {missing[0]}..{missing[-1]} ({len(missing)} "
         "steps), written before they were saved with every checkpoint")
-  _write_atomically(path, lambda f: f.writelines(rows[step] for step in sorted(rows)))
+  write_atomically(path, lambda f: f.writelines(rows[step] for step in sorted(rows)))
 
 
 def describe_run(setup: ElasticSetup, stages: Sequence[Stage], optimizer: OptimizerConfig,

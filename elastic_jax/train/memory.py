@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from elastic_jax.model.config import BLOCK_KINDS
+from elastic_jax.model.config import BLOCK_KINDS, ModelConfig
 from elastic_jax.model.hybrid import REMAT_POLICIES, RematPolicies, remat_policies
 from elastic_jax.train.config_checks import check_integer, check_keys, check_one_of, config_error
 
@@ -70,3 +70,9 @@ class MemoryConfig:
   def to_json(self) -> dict[str, Any]:
     """The levers as a run's record holds them (remat: only the kinds rematerialised)."""
     return {"remat": dict(self.remat), "grad_accum_steps": self.grad_accum_steps, "teacher_dtype": self.teacher_dtype}
+
+
+def teacher_config(config: ModelConfig, teacher_dtype: str) -> ModelConfig:
+  """The frozen teacher's model config: the model's compute dtype, lowered to bf16 when the teacher is stored in
+  bf16 (``MemoryConfig.teacher_dtype``)."""
+  return dataclasses.replace(config, dtype="bfloat16") if teacher_dtype == "bfloat16" else config

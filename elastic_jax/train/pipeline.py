@@ -46,8 +46,8 @@ from elastic_jax.train.config import (elastic_setup_from_config, memory_from_con
                                       validate_run_config)
 from elastic_jax.train.distributed import barrier, global_batch, is_primary
 from elastic_jax.train.flops import lm_step_flops
-from elastic_jax.train.loop import (Segment, Stage, TrainResult, compiled_lm_step, log, run_training,
-                                    train_elastic, write_json_atomically)
+from elastic_jax.train.loop import (Segment, Stage, TrainResult, compiled_lm_step, log, read_json, read_metrics_rows,
+                                    run_training, train_elastic, write_json_atomically)
 from elastic_jax.train.optim import OptimizerConfig
 from elastic_jax.train.result import ExtractedModel, FamilyMember, PipelineResult, member_name
 from elastic_jax.train.sharding import LogicalRules, param_shardings
@@ -60,10 +60,6 @@ def _phase(workdir: str, name: str, done_marker: str) -> tuple[str, bool]:
   path = os.path.join(workdir, name)
   return path, os.path.exists(os.path.join(path, done_marker))
 
-
-def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
 
 
 def _mark_done(path: str) -> None:
@@ -170,7 +166,7 @@ class PhaseLedger:
     """
     path = os.path.join(self.workdir, folder)
     record = {**self.upstream, **_flat(json.loads(json.dumps(own)))}
-    stored = _read_json(os.path.join(path, RECORD_FILE)) if os.path.exists(os.path.join(path, RECORD_FILE)) else None
+    stored = read_json(os.path.join(path, RECORD_FILE)) if os.path.exists(os.path.join(path, RECORD_FILE)) else None
     present = [f for f in (folder, *also) if os.path.exists(os.path.join(self.workdir, f))]
     barrier(f"elastic_jax_record_read:{path}")  # every process decides on the same files before any is changed
     if stored is None and not present:
@@ -311,7 +307,7 @@ def importance_phase(cfg: Any, workdir: str, config: ModelConfig, params: Params
   own = {"importance": section(cfg, "importance"), "data": section(cfg, "data"), "seed": int(cfg.seed)}
   if ledger.begin("importance", "importance", own, done):
     log(f"importance: reusing {path}")
-    return Rankings.from_json(_read_json(os.path.join(path, "rankings.json")), os.path.join(path, "rankings.json"))
+    return Rankings.from_json(read_json(os.path.join(path, "rankings.json")), os.path.join(path, "rankings.json"))
   log("importance: calibrating")
   imp_cfg = section(cfg, "importance")
   stage = Stage("calibration", 1, imp_cfg["batch_size"], imp_cfg["seq_len"], (1.0,))
@@ -359,7 +355,7 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
          "data": section(cfg, "data"), "seed": int(cfg.seed)}
   if (ledger or PhaseLedger(workdir)).begin("elastic training", "elastic", own, done, stage_keys=True):
     log(f"elastic training: reusing {path}")
-    return _read_json(choices_file), load_output(student_path, config, mesh, rules)
+    return read_json(choices_file), load_output(student_path, config, mesh, rules)
   finished = os.path.exists(os.path.join(student_path, "DONE"))
   barrier("elastic_jax_student_checked")
   if finished:  # its stages changed after it finished: trained again from the last checkpoint that fits them
@@ -378,14 +374,12 @@ def elastic_phase(cfg: Any, workdir: str, config: ModelConfig, teacher: Params, 
                          checkpoint_every=section(cfg, "checkpoint_every"),
                          metadata={"rankings": ranks.to_json()}, mesh=mesh, rules=rules)
   stop_if_preempted(result)
-  metrics_file, rows = os.path.join(path, "metrics.jsonl"), []
-  if os.path.exists(metrics_file):  # every step's row, also those of earlier runs this one resumed
-    with open(metrics_file, encoding="utf-8") as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+  # Every step's row, also those of earlier runs this one resumed.
+  rows = read_metrics_rows(os.path.join(path, "metrics.jsonl"))
   check_finite(rows, "elastic training", "the stages' settings, optimizer.learning_rate and the data")
   save_output(student_path, config, result.state.params,
               {"step": int(result.state.step), "depth_order": [int(i) for i in ranks.depth]})
-  return _read_json(choices_file), result.state.params
+  return read_json(choices_file), result.state.params
 
 
 def extraction_phase(workdir: str, config: ModelConfig, student: Params, permuted: Params, ranks: Rankings,
