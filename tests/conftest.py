@@ -18,9 +18,12 @@ import pytest  # pylint: disable=wrong-import-position
 from elastic_jax.model import ModelConfig, param_shapes
 
 # Many tests compile the same programs (same model, same step) in different closures: a persistent compilation
-# cache shared by the whole run turns those recompiles into cache hits.
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "elastic_jax_test_xla_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# cache shared by the whole run turns those recompiles into cache hits. Opt-in (ELASTIC_JAX_TEST_XLA_CACHE=1): with
+# jax 0.10.2 on CPU, writing one elastic step's executable into it crashed the whole run (SIGSEGV / SIGABRT inside
+# the cache write, in test_stale_phases, late in a full run), twice out of three full runs.
+if os.environ.get("ELASTIC_JAX_TEST_XLA_CACHE") == "1":
+  jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "elastic_jax_test_xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def small_config(pattern: str = "M-*M", **overrides) -> ModelConfig:
