@@ -1,5 +1,6 @@
 """Data wing: task answers against independent checkers, split disjointness, exact packing, resume, sharding, errors."""
 
+import dataclasses
 import json
 import types
 
@@ -42,7 +43,7 @@ def test_every_answer_matches_the_independent_checker(family):
 def test_checker_rejects_a_wrong_answer(family):
   example = tasks.generate_example(tasks.TaskConfig(families=(family,)), seed=0, split="train", index=3)
   wrong = str(int(example.answer) + 1)
-  tampered = tasks.Example(family, example.prompt, example.solution.replace(example.answer, wrong), wrong)
+  tampered = dataclasses.replace(example, solution=example.solution.replace(example.answer, wrong), answer=wrong)
   assert not tasks.verify(tampered)
 
 
@@ -84,10 +85,40 @@ def test_training_and_evaluation_splits_never_overlap():
   held_out = [e.prompt for e in tasks.generate_examples(config, seed=0, split="eval", count=1000)]
   assert len(train) > 3900 and len(set(held_out)) > 950
   assert not train & set(held_out)
-  assert all(tasks.split_of_prompt(prompt) == "eval" for prompt in held_out)
+  assert all(tasks.split_of_problem(e.problem) == "eval"
+             for e in tasks.generate_examples(config, seed=0, split="eval", count=50))
   # The partition is by prompt text, so even another seed's training set stays out of the held-out set.
   other_train = {e.prompt for e in tasks.generate_examples(config, seed=5, split="train", count=2000)}
   assert not other_train & set(held_out)
+
+
+def _problem_of_prompt(family: str, prompt: str) -> str:
+  """The problem a prompt poses, its distractors removed, read off the prompt's text (not the generator's)."""
+  body = prompt[len("Q: "):-len("\nA:")]
+  if family == "arithmetic":  # the last line: "<a><op><b>=?"
+    return body.split("\n")[-1].removesuffix("=?")
+  if family == "modular":  # x's start and updates; the y lines are the distractors
+    return "; ".join(s for s in body.removesuffix(". What is x?").split("; ") if s.startswith("x"))
+  lines = body.split("\n")[1:]  # variables: the lines that write the core names, then the query
+  return "\n".join(line for line in lines[:-1] if line[0] in "abcdefghijkm") + "\n" + lines[-1][len("What is "):]
+
+
+@pytest.mark.parametrize("family", tasks.FAMILIES)
+def test_a_held_out_problem_is_never_trained_on_behind_distractors(family):
+  """The long-context evaluation set holds the short one's kind of problems behind distractor lines: none of its
+  problems may reach training with other distractors (or none), and none of the short set's either."""
+  short, long = (tasks.TaskConfig(families=(family,), distractors=d) for d in (0, 8))
+  held_out = {_problem_of_prompt(family, e.prompt)
+              for config, seed in ((short, 0), (long, 1)) for e in tasks.generate_examples(config, seed, "eval", 400)}
+  trained = [_problem_of_prompt(family, e.prompt)
+             for config in (short, long) for e in tasks.generate_examples(config, 0, "train", 3000)]
+  assert not held_out & set(trained)
+  # The check has power: the problem space is small enough that training problems repeat across distractor
+  # counts, so a split by the whole prompt would let held-out problems through.
+  if family == "arithmetic":
+    assert len(set(trained[:3000]) & set(trained[3000:])) > 100
+  generated = tasks.generate_examples(long, 1, "eval", 20)
+  assert all(e.problem == _problem_of_prompt(family, e.prompt) for e in generated)
 
 
 def test_extract_answer_and_score():
@@ -281,6 +312,23 @@ def test_the_global_batch_is_the_same_for_any_process_count(kind, tmp_path):
   task_share.documents.text = lambda position: read.append(position) or original(position)
   next(task_share)
   assert read and all(position % 12 in (4, 5, 6, 7) for position in read)
+
+
+def test_a_stage_reads_the_task_settings_it_names():
+  source = pipeline.SourceConfig(stage_tasks=(tasks.TaskConfig(families=("arithmetic",)),
+                                              tasks.TaskConfig(families=("arithmetic",), distractors=8)))
+  shape = types.SimpleNamespace(batch_size=2, seq_len=512)
+  def notes(stage, index):
+    return ByteTokenizer().decode(next(pipeline.make_stage_data(source, stage, index, seed=0))[0]).count("note: ")
+  # By position: stage 0 the short settings, stage 1 and later stages the last (long) ones.
+  assert notes(shape, 0) == 0 and notes(shape, 1) > 0 and notes(shape, 2) > 0
+  # A stage that names entry 0 reads the short settings wherever it stands, from its own position's stream.
+  named = types.SimpleNamespace(batch_size=2, seq_len=512, tasks=0)
+  assert notes(named, 2) == 0
+  assert not np.array_equal(next(pipeline.make_stage_data(source, named, 2, seed=0)),
+                            next(pipeline.make_stage_data(source, shape, 0, seed=0)))
+  with pytest.raises(ValueError, match=r"stage tasks=2 is not an index of stage_tasks \(2 entries\)"):
+    pipeline.make_stage_data(source, types.SimpleNamespace(batch_size=2, seq_len=8, tasks=2), 0, seed=0)
 
 
 def test_bad_sources_fail_clearly(tmp_path):

@@ -13,10 +13,12 @@ Every example reads ``Q: <problem>\\nA: <steps> #### <answer>\\n``; the prompt i
 ``TaskConfig.difficulty`` scales digits and chain lengths; ``TaskConfig.distractors`` adds irrelevant lines (the
 long-context variants for stage 2). An example depends only on ``(config, seed, split, index)``.
 
-Splits never overlap *by construction*: a prompt belongs to the evaluation split exactly when a stable hash of its
-text falls in one of ``EVAL_BUCKETS`` buckets, and the generator redraws (from a stream keyed by split and index)
-until the prompt lands in the requested split. Distinct seed streams alone would not suffice: small problem spaces
-(two-digit sums) repeat.
+Splits never overlap *by construction*: an example belongs to the evaluation split exactly when a stable hash of
+its problem (``Example.problem``: the prompt's problem without its distractors) falls in one of ``EVAL_BUCKETS``
+buckets, and the generator redraws (from a stream keyed by split and index) until the example lands in the requested
+split. Distinct seed streams alone would not suffice: small problem spaces (two-digit sums) repeat. Hashing the
+problem rather than the whole prompt keeps a held-out problem out of training at every distractor count: the
+long-context set's problems are never trained on behind other notes.
 
 Each family has a checker, :func:`verify`, that recomputes the answer from the prompt by another route than the
 generator's (Python integer arithmetic instead of column steps; forward simulation instead of a backward chain).
@@ -62,20 +64,22 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One problem: ``text == prompt + solution``, and ``answer`` is what follows ``####`` in it."""
+  """One problem: ``text == prompt + solution``, and ``answer`` is what follows ``####`` in it. ``problem`` is the
+  problem alone, without the distractors, in a canonical text: what decides the split."""
   family: str
   prompt: str
   solution: str
   answer: str
+  problem: str
 
   @property
   def text(self) -> str:
     return self.prompt + self.solution
 
 
-def split_of_prompt(prompt: str) -> str:
-  """The split a prompt belongs to, from a hash stable across runs and machines."""
-  digest = hashlib.blake2b(prompt.encode("utf-8"), digest_size=8).digest()
+def split_of_problem(problem: str) -> str:
+  """The split a problem (``Example.problem``) belongs to, from a hash stable across runs and machines."""
+  digest = hashlib.blake2b(problem.encode("utf-8"), digest_size=8).digest()
   return "eval" if int.from_bytes(digest, "little") % HASH_BUCKETS < EVAL_BUCKETS else "train"
 
 
@@ -88,7 +92,7 @@ def generate_example(config: TaskConfig, seed: int, split: str, index: int) -> E
   for attempt in range(_MAX_ATTEMPTS):
     rng = np.random.default_rng([seed, SPLITS.index(split), FAMILIES.index(family), index, attempt])
     example = make(rng, config)
-    if split_of_prompt(example.prompt) == split:
+    if split_of_problem(example.problem) == split:
       return example
   raise RuntimeError(f"no {family} prompt of split {split!r} in {_MAX_ATTEMPTS} draws; the problem space is too "
                      "small for this difficulty.")
@@ -156,7 +160,8 @@ def _arithmetic(rng: np.random.Generator, config: TaskConfig) -> Example:
   if carry and not subtract:
     written.append(carry)
   answer = "".join(str(d) for d in reversed(written)).lstrip("0") or "0"
-  return Example("arithmetic", prompt, f" {', '.join(steps)}; so {answer} {ANSWER_MARK} {answer}\n", answer)
+  return Example("arithmetic", prompt, f" {', '.join(steps)}; so {answer} {ANSWER_MARK} {answer}\n", answer,
+                 problem=f"{first}{operator}{second}")
 
 
 def _filler_note(rng: np.random.Generator) -> str:
@@ -193,7 +198,9 @@ def _modular(rng: np.random.Generator, config: TaskConfig) -> Example:
       x = raw % modulus
   prompt = "Q: " + "; ".join(statements) + ". What is x?\nA:"
   solution = f" x={statements[0][2:]}; " + "; ".join(steps) + f" {ANSWER_MARK} {x}\n"
-  return Example("modular", prompt, solution, str(x))
+  # The problem: x's start and updates in order (the y lines are the distractors).
+  problem = "; ".join(statement for statement in statements if statement.startswith("x"))
+  return Example("modular", prompt, solution, str(x), problem=problem)
 
 
 def _check_modular(prompt: str) -> str:
@@ -232,6 +239,7 @@ def _variables(rng: np.random.Generator, config: TaskConfig) -> Example:
       defined.append(destination)
   query = operations[-1][0]
   lines = [f"{destination}={source}" for destination, source in operations]
+  problem = "\n".join(lines) + f"\n{query}?"
   # Distractors go between the operations: filler sentences and writes to names the chain never reads.
   for _ in range(config.distractors):
     if rng.random() < 0.5:
@@ -252,7 +260,8 @@ def _variables(rng: np.random.Generator, config: TaskConfig) -> Example:
     if source.isdigit():
       break
     name = source
-  return Example("variables", prompt, " " + ", ".join(steps) + f" {ANSWER_MARK} {source}\n", source)
+  return Example("variables", prompt, " " + ", ".join(steps) + f" {ANSWER_MARK} {source}\n", source,
+                 problem=problem)
 
 
 def _check_variables(prompt: str) -> str:

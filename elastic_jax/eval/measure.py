@@ -23,8 +23,8 @@ class EvalSplitDocuments:
   """The synthetic tasks' evaluation split as an endless document stream (``elastic_jax.data.pipeline``'s
   ``DocumentStream``): document ``i`` is the text of ``tasks.generate_example(config, seed, "eval", i)``.
 
-  The evaluation split never shares a prompt with the training split (``tasks.split_of_prompt``), so perplexity on
-  these documents is held out whatever seed the training used.
+  The evaluation split never shares a problem with the training split, at any distractor count
+  (``tasks.split_of_problem``), so perplexity on these documents is held out whatever seed the training used.
   """
 
   def __init__(self, config: tasks.TaskConfig, seed: int):
