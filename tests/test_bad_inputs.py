@@ -93,6 +93,7 @@ CASES = [
     ("stages[1].pinned", "yes", "stages[1].pinned: 'yes' is not a bool"),
     ("stages[0].pinned", True, "stages[0].pinned: true in the first stage would pin the untrained router's choices"),
     ("stages[1].name", "stage1", "stages[1].name: 'stage1' is empty or repeats an earlier stage's name"),
+    ("stages[1].tasks", 2, "stages[1].tasks: 2 is not an index of data.stage_tasks (2 entries) (give 0..1"),
     ("stages", [], "stages: is empty"),
     ("optimizer.schedule", "cosin", "optimizer.schedule: 'cosin' is not one of cosine, constant (did you mean "
                                     "cosine?)"),

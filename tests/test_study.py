@@ -157,9 +157,9 @@ def test_the_arms_curricula_against_hand_counted_tokens():
             dict(name="tail", steps=60, batch_size=6, seq_len=256, budget_probs=[0.5, 0.3, 0.2], pinned=True)]
   assert stage_tokens(stages) == 400 * 1536 + 140 * 1536
   # Stage 2 off: stage 1 for the routed stages' tokens (400 + 80 of its steps), then the pinned tail at stage 1's
-  # settings for the tail's 60 x 1536 tokens.
+  # settings (its task settings included: no long-context data) for the tail's 60 x 1536 tokens.
   assert ARM_TABLE["elastic_stage1_only"].curriculum(stages, "study.arms") == [
-      dict(stages[0], steps=480), dict(stages[0], name="tail", steps=60, pinned=True)]
+      dict(stages[0], steps=480), dict(stages[0], name="tail", steps=60, pinned=True, tasks=0)]
   # Uniform stage 2: every stage after the first, the pinned tail included (and still pinned).
   uniform = ARM_TABLE["elastic_uniform"].curriculum(stages, "study.arms")
   assert uniform[0] == stages[0] and [s["budget_probs"] for s in uniform[1:]] == [[1 / 3] * 3] * 2

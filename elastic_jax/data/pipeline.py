@@ -45,7 +45,8 @@ class SourceConfig:
     kind: "tasks" (the synthetic reasoning corpus) or "files".
     paths: for "files": ``.jsonl`` files (one JSON object with a ``text`` field per line), other files (each one
       document), or directories (their ``.txt`` and ``.jsonl`` files, sorted).
-    stage_tasks: for "tasks": the task settings of stage ``i`` are ``stage_tasks[min(i, len - 1)]``; the default
+    stage_tasks: for "tasks": the task settings of stage ``i`` are ``stage_tasks[min(i, len - 1)]`` (a stage's own
+      ``tasks`` index overrides it); the default
       makes stage 2 harder and long-context (many distractor lines).
     tokenizer: a Hugging Face ``tokenizer.json`` (or a directory holding one); empty: UTF-8 bytes (vocab 256).
     eos_token: the tokenizer's end-of-document token; empty: the first of the usual names it has.
@@ -254,7 +255,8 @@ def make_stage_data(source_config: SourceConfig | Mapping[str, Any], stage: _Sta
 
   Args:
     source_config: a SourceConfig or its fields as a mapping.
-    stage: anything with ``batch_size`` and ``seq_len`` (the loop's Stage).
+    stage: anything with ``batch_size`` and ``seq_len`` (the loop's Stage); its ``tasks``, when it has one that is
+      not None, picks the entry of ``stage_tasks`` it reads instead of its position's.
     stage_index: position of the stage in the curriculum; stages draw from different document orders.
     seed: the run's data seed.
     tokenizer: defaults to ``source_config.tokenizer`` (the byte tokenizer when that is empty).
@@ -276,7 +278,13 @@ def make_stage_data(source_config: SourceConfig | Mapping[str, Any], stage: _Sta
                      f"processes: make it a multiple of {process_count}.")
   stage_seed = int(np.random.SeedSequence([seed, stage_index]).generate_state(1)[0])
   if source_config.kind == "tasks":
-    task_config = source_config.stage_tasks[min(stage_index, len(source_config.stage_tasks) - 1)]
+    task_index = getattr(stage, "tasks", None)
+    if task_index is None:
+      task_index = min(stage_index, len(source_config.stage_tasks) - 1)
+    elif not 0 <= task_index < len(source_config.stage_tasks):
+      raise ValueError(f"stage tasks={task_index} is not an index of stage_tasks ({len(source_config.stage_tasks)} "
+                       "entries).")
+    task_config = source_config.stage_tasks[task_index]
     stream = TaskDocuments(task_config, stage_seed)
   else:
     if documents is None:

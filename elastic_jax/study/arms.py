@@ -6,7 +6,8 @@ and the smaller members are the budgets below 100% (n - 1 of them in a family of
   elastic               the elastic family from one run of T tokens: the main job with the config's curriculum
                         (stage 1 uniform over budgets, stage 2 long context weighted toward the full-size model)
   elastic_stage1_only   the same with stage 2 off: stage 1 lengthened by the routed stages' tokens, and a pinned
-                        tail kept at stage 1's settings for its tokens (same T)
+                        tail kept at stage 1's settings (batch, length, probabilities, task settings) for its
+                        tokens (same T)
   elastic_uniform       the same with uniform budget probabilities in stage 2 (every stage after the first)
   sequential_equal      Minitron-style sequential compression: each smaller member's zero-shot pruned model (the
                         elastic arm's pruned baseline: same importance ranking, the size of the elastic child)
@@ -41,8 +42,8 @@ def same_curriculum(stages: Stages, where: str) -> Stages:
 
 def stage1_only(stages: Stages, where: str) -> Stages:
   """Stage 2 off: every routed stage after the first becomes more of stage 1 (same tokens, rounded to whole steps),
-  and a pinned tail stays a pinned tail, at stage 1's batch, length and probabilities for the same tokens: only the
-  long-context part is switched off, not the training of the deployed choices."""
+  and a pinned tail stays a pinned tail, at stage 1's batch, length, probabilities and task settings for the same
+  tokens: only the long-context part is switched off, not the training of the deployed choices."""
   if len(stages) < 2:
     raise config_error(where, f"elastic_stage1_only compares stage 2 on and off, but stages has {len(stages)} stage",
                        "give stages a second stage or drop this arm")
@@ -50,8 +51,10 @@ def stage1_only(stages: Stages, where: str) -> Stages:
   per_step = first["batch_size"] * first["seq_len"]
   routed = [stage for stage in stages if not stage.get("pinned", False)]
   pinned = [stage for stage in stages[1:] if stage.get("pinned", False)]
-  tails = [dict(first, name=stage["name"], pinned=True, steps=max(1, round(stage_tokens([stage]) / per_step)))
-           for stage in pinned]
+  # The tails read stage 1's task settings too (``tasks``), at their own position's data stream.
+  first_tasks = 0 if first.get("tasks") is None else first["tasks"]
+  tails = [dict(first, name=stage["name"], pinned=True, tasks=first_tasks,
+                steps=max(1, round(stage_tokens([stage]) / per_step))) for stage in pinned]
   first["steps"] = max(1, round(stage_tokens(routed) / per_step))
   return [first, *tails]
 

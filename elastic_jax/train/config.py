@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
@@ -247,7 +248,7 @@ def _check_elastic(elastic: dict[str, Any], model: ModelConfig | None) -> tuple[
   return tuple(float(b) for b in budgets)
 
 
-def _check_stages(stages: Any, budgets: Sequence[float], grad_accum_steps: int) -> None:
+def _check_stages(stages: Any, budgets: Sequence[float], grad_accum_steps: int, task_settings: int) -> None:
   stages = check_sequence("stages", stages)
   if not stages:
     raise config_error("stages", "is empty", "give at least one stage: name, steps, batch_size, seq_len, "
@@ -265,6 +266,12 @@ def _check_stages(stages: Any, budgets: Sequence[float], grad_accum_steps: int) 
     if stage.get("pinned", False) and where == "stages[0]":
       raise config_error(f"{where}.pinned", "true in the first stage would pin the untrained router's choices",
                          "route at least one stage before a pinned one")
+    task_index = stage.get("tasks")
+    if task_index is not None and (isinstance(task_index, bool) or not isinstance(task_index, numbers.Integral)
+                                   or not 0 <= task_index < task_settings):
+      raise config_error(f"{where}.tasks", f"{task_index!r} is not an index of data.stage_tasks "
+                         f"({task_settings} entries)", "give 0.."
+                         f"{task_settings - 1} to read that entry's task settings, or None for this stage's own")
     check_string(f"{where}.name", stage["name"])
     if not stage["name"] or stage["name"] in names:
       raise config_error(f"{where}.name", f"{stage['name']!r} is empty or repeats an earlier stage's name",
@@ -379,7 +386,7 @@ def validate_run_config(config: Any, mesh: Any = None, rules: Any = None, *, inp
     raise config_error("parent.batch_size", f"{run['parent']['batch_size']} does not split into "
                        f"memory.grad_accum_steps={grad_accum_steps} micro-batches",
                        f"make it a multiple of {grad_accum_steps}")
-  _check_stages(run["stages"], budgets, grad_accum_steps)
+  _check_stages(run["stages"], budgets, grad_accum_steps, len(run["data"]["stage_tasks"]))
   for name in ("optimizer", "router_optimizer"):
     _check_optimizer(name, run[name])
   _check_mesh(run["mesh"])

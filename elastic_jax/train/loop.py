@@ -68,6 +68,9 @@ class Stage:
   # Pinned: the router is frozen and each sample trains its budget's deployed choice (``deploy.deployed_choices`` at
   # the stage's start), so the sub-networks extraction cuts are the ones the last steps trained.
   pinned: bool = False
+  # The task settings this stage reads: ``data.stage_tasks[tasks]``; None reads its own position's (the last entry
+  # for stages past the end). Lets a later stage train on an earlier stage's settings (e.g. stage 2 switched off).
+  tasks: int | None = None
 
   def validate(self, num_budgets: int) -> None:
     for field in ("steps", "batch_size", "seq_len"):
