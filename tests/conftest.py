@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 
@@ -24,6 +25,18 @@ from elastic_jax.model import ModelConfig, param_shapes
 if os.environ.get("ELASTIC_JAX_TEST_XLA_CACHE") == "1":
   jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "elastic_jax_test_xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops every compiled program after each test module. Library-level jitted functions live for the whole run,
+  and each keeps one CPU executable per shape and static argument it met; every executable holds a few memory
+  mappings of JIT code. A full run kept enough of them to reach the kernel's limit on mappings per process
+  (vm.max_map_count, 65,530 by default), after which XLA's compiler crashed (SIGSEGV) and unrelated code failed.
+  Programs shared within a module (module-scoped fixtures) are kept; across modules they are recompiled."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 def small_config(pattern: str = "M-*M", **overrides) -> ModelConfig:
