@@ -32,8 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   # Data: the synthetic reasoning tasks (kind="files", paths=[...] for your own text/JSONL). tokenizer: an HF
   # tokenizer.json (or a folder holding one) whose ids fit model.vocab_size; "" reads UTF-8 bytes.
-  # stage_tasks[i]: the task settings of stage i (the last one also serves later stages); the evaluation's "short"
-  # and "long" sets are the first and the last. Multi-digit arithmetic, and for the long-context stage the same
+  # stage_tasks[i]: the task settings of stage i (the last one also serves later stages; a stage's own `tasks`
+  # index picks another entry); the evaluation's "short" and "long" sets are the first and the last. Multi-digit arithmetic, and for the long-context stage the same
   # problems after 8 filler notes. The other families need more than a few CPU minutes at this size: after 1500
   # pretraining steps on "variables" alone this parent answers 5% of them ("modular" needs memorised products).
   config.data = ml_collections.ConfigDict(dict(
