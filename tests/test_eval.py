@@ -61,9 +61,14 @@ def test_perplexity_with_masks_evaluates_the_masked_child():
 
 
 def _examples():
+  """Every family, a few long prompts, and three prompts of one length (a full batch of two and a partial one)."""
   short = generate_examples(TaskConfig(), seed=0, split="eval", count=9)
   long = generate_examples(TaskConfig(families=("variables",), distractors=2), seed=0, split="eval", count=3)
-  return short + long
+  length = len(short[0].prompt)
+  missing = 3 - sum(len(e.prompt) == length for e in short + long)
+  same = [e for e in generate_examples(TaskConfig(families=("arithmetic",)), seed=1, split="eval", count=60)
+          if len(e.prompt) == length]
+  return short + long + same[:max(missing, 0)]
 
 
 def _fake_generate(solutions: dict[tuple[int, ...], str], calls: list[tuple[int, int]]):
