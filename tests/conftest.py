@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import tempfile
 
@@ -17,6 +16,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 from elastic_jax.model import ModelConfig, param_shapes
+from elastic_jax.train.loop import release_compiled_programs
 
 # Many tests compile the same programs (same model, same step) in different closures: a persistent compilation
 # cache shared by the whole run turns those recompiles into cache hits. Opt-in (ELASTIC_JAX_TEST_XLA_CACHE=1): with
@@ -29,14 +29,12 @@ if os.environ.get("ELASTIC_JAX_TEST_XLA_CACHE") == "1":
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-  """Drops every compiled program after each test module. Library-level jitted functions live for the whole run,
-  and each keeps one CPU executable per shape and static argument it met; every executable holds a few memory
-  mappings of JIT code. A full run kept enough of them to reach the kernel's limit on mappings per process
-  (vm.max_map_count, 65,530 by default), after which XLA's compiler crashed (SIGSEGV) and unrelated code failed.
-  Programs shared within a module (module-scoped fixtures) are kept; across modules they are recompiled."""
+  """Drops every compiled program after each test module (``loop.release_compiled_programs``): a whole run kept
+  about 90,000 memory mappings' worth of executables (summed growth per test), past the kernel's limit of 65,530 per
+  process, and XLA's compiler crashed (SIGSEGV) late in the run while unrelated tests failed. Programs shared within
+  a module (module-scoped fixtures) are kept; across modules they are compiled again."""
   yield
-  jax.clear_caches()
-  gc.collect()
+  release_compiled_programs()
 
 
 def small_config(pattern: str = "M-*M", **overrides) -> ModelConfig:

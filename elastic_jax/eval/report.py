@@ -727,7 +727,7 @@ def evaluate_and_report(cfg: Any, result: PipelineResult) -> dict[str, str]:
   # devices and the results gathered, so every process computes the same report (process 0 writes it).
   stage = Stage("eval", 1, eval_cfg["batch_size"], eval_cfg["seq_len"], (1.0,))
   num_batches = eval_cfg["ppl_batches"]
-  if source.kind == "tasks":  # the tasks' evaluation split: it never shares a prompt with the training split
+  if source.kind == "tasks":  # the tasks' evaluation split: it never shares a problem with the training split
     ppl_batches = eval_split_batches(source.stage_tasks[0], int(cfg.seed), tokenizer, batches=num_batches,
                                      batch_size=stage.batch_size, seq_len=stage.seq_len)
   else:  # a file corpus has no split of its own: its documents in another order than training's (not held out)

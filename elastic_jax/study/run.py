@@ -48,7 +48,8 @@ from elastic_jax.train import distributed
 from elastic_jax.train.config import memory_from_config, plain, section
 from elastic_jax.train.kd_step import compiled_kd_step
 from elastic_jax.train.loop import (Segment, Stage, StageFeed, compiled_lm_step, log, place_frozen, read_json,
-                                    read_metrics_rows, run_training, write_atomically, write_json_atomically)
+                                    read_metrics_rows, release_compiled_programs, run_training, write_atomically,
+                                    write_json_atomically)
 from elastic_jax.train.memory import teacher_config
 from elastic_jax.train.optim import OptimizerConfig
 # The main job's own phase helpers, so that a standalone member is saved, loaded and checked exactly like a phase
@@ -139,6 +140,7 @@ class Study:
       write_json_atomically(os.path.join(seed_dir, record_folder, ARM_FILE), record, indent=1)
     distributed.barrier(f"elastic_jax_study_arm:{folder}")
     log(f"study: {where}: done in {record['wall_s']:.0f} s, {record['tokens']:,} training tokens")
+    release_compiled_programs()  # one arm's programs would otherwise stay for the whole study
 
   # ---------------------------------------------------------------------------------------------- elastic arms
   def _elastic_arm(self, arm: Arm, cfg: Any, seed: int, folder: str, started: float) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import os
 import time
@@ -440,6 +441,18 @@ def deployed_choice_records(setup: ElasticSetup, router_params: Params) -> list[
 def place_teacher(setup: ElasticSetup, teacher_params: Params, shardings: Params) -> Params:
   """The frozen teacher in its shardings and in ``setup.memory.teacher_dtype`` (bf16 halves its memory)."""
   return place_frozen(teacher_params, shardings, setup.memory.teacher_dtype)
+
+
+def release_compiled_programs() -> None:
+  """Drops every program JAX has compiled in this process (``jax.clear_caches``) and collects the garbage.
+
+  Library-level jitted functions keep one executable per shape and static argument they meet, for the life of the
+  process, and each executable holds a few memory mappings of JIT code. A process that compiles many programs (the
+  study's arms, each with its evaluation's decode programs per model and prompt length; a whole test run) reaches
+  the kernel's limit on mappings per process (``vm.max_map_count``, 65,530 by default), after which XLA's compiler
+  crashes. Call it between independent pieces of work; what runs next compiles again what it needs."""
+  jax.clear_caches()
+  gc.collect()
 
 
 def place_frozen(params: Params, shardings: Params, dtype: str) -> Params:
