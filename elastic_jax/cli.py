@@ -63,6 +63,15 @@ def refuse(error: BaseException, show_traceback: bool = False) -> int:
   return EXIT_REFUSED
 
 
+def exit_status(stop: SystemExit) -> int:
+  """The exit status of a ``SystemExit`` caught by a ``main`` that returns one (callable in-process), as Python would
+  give it: its integer code, 0 for none, else 1 after printing the code (e.g. "stopped by SIGTERM ...") on stderr."""
+  if stop.code is None or isinstance(stop.code, int):
+    return int(stop.code or 0)
+  print(stop.code, file=sys.stderr, flush=True)
+  return 1
+
+
 @contextlib.contextmanager
 def refusals(argv: Sequence[str] | None = None) -> Iterator[None]:
   """Turns a refused input raised inside into one line and ``SystemExit(2)``; bugs propagate unchanged."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import types
 
 import pytest
 
@@ -189,3 +190,17 @@ def test_bad_input_is_refused_in_one_line_before_anything_is_written(args, stage
   err = capsys.readouterr().err.strip().splitlines()
   assert err and err[-1].startswith(expected), err
   assert not workdir.exists()
+
+
+def test_a_study_stopped_by_sigterm_exits_1_with_the_resume_line(tmp_path, capsys, monkeypatch):
+  """The main job's preemption stop (a checkpoint saved, then SystemExit with a message) inside an arm: the study's
+  main returns 1 and prints that line, as the process would, instead of failing on the message."""
+  from elastic_jax.study import run as study_run  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.pipeline import stop_if_preempted  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(study_run, "run_pipeline",
+                      lambda cfg, folder: stop_if_preempted(types.SimpleNamespace(preempted=True)))
+  config = _config_file(str(tmp_path), STAGES)
+  capsys.readouterr()
+  assert main(["--config", config, "--workdir", str(tmp_path / "run"), "--config.study.seeds=(0,)"]) == 1
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      "[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to resume.")

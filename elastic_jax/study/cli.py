@@ -44,8 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    flag_values=flag_values)
   try:
     cli.parse_config_flags([PROGRAM, *argv], flag_values)
-  except SystemExit as refused:
-    return int(refused.code or 0)
+  except SystemExit as stop:
+    return cli.exit_status(stop)
   logging.set_verbosity(logging.INFO if verbosity.value >= 1 else logging.WARNING)  # Orbax logs every save at INFO
   try:
     with cli.refusals(argv):  # a bad config value or input file: one line and exit 2, whenever it is found
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       log(f"study: {len(study.arms)} arms x {len(study.seeds)} seeds into {workdir}")
       Study(study, workdir).run(after_seed=lambda seed: summarize())
       files = summarize()
-  except SystemExit as refused:
-    return int(refused.code or 0)
+  except SystemExit as stop:
+    return cli.exit_status(stop)
   log(f"study: done in {time.perf_counter() - started:.0f} s; {files.get('markdown', '')}")
   return 0
