@@ -8,12 +8,10 @@ the study follows it: any task family and difficulty (``--config.data.stage_task
 (``--config.parent.hf_path=/path/to/nemotron-h`` with a ``model`` section and ``elastic.space`` that fit it, as for
 the main job). See docs/study.md for what each arm is.
 
-Time on 2 cores (estimated from the main job's timing, 8 min 35 s per run of configs/tiny.py: the parent's 1500
-pretraining steps 5 min 15 s, the 540 elastic steps 2 min 14 s, evaluation 48 s): per seed the shared parent
-(~5.5 min), three elastic runs (~3 min each with their evaluation), sequential compression at T/2 and at T tokens
-per member (~2 and ~3 min: a distillation step of a child costs about 0.65 of a parent pretraining step) and
-training from scratch (~2.5 min), 256 problems per set in every arm's evaluation: about 25 minutes per seed, 1 h 15
-min for the 3 seeds. A longer parent or curriculum in configs/tiny.py lengthens the study in proportion.
+Time on 2 cores (measured 2026-12-05, docs/study.md): about 74 minutes for the 3 seeds. That is about 25 min per
+seed: the elastic arm with the shared parent 9.4 min, the other elastic arms 2.7 and 3.3 min, sequential compression
+at T/2 and T tokens per member 2.2 and 3.3 min, scratch 3.3 min. A longer parent or curriculum in configs/tiny.py
+lengthens the study in proportion.
 """
 
 import importlib.util
