@@ -12,7 +12,6 @@ import pathlib
 import stat
 import subprocess
 import sys
-import time
 
 import jax
 import pytest
@@ -122,12 +121,10 @@ CASES = [
 def test_bad_config_is_refused_naming_the_key(path, value, message):
   cfg = _tiny()
   _set(cfg, path, value)
-  started = time.perf_counter()
   with pytest.raises(ConfigError) as error:
     validate_run_config(cfg)
   assert str(error.value).startswith(message), str(error.value)
   assert "\n" not in str(error.value)
-  assert time.perf_counter() - started < 10
 
 
 def test_a_stage_batch_the_mesh_cannot_split_is_refused_with_the_other_checks():
@@ -205,19 +202,18 @@ def test_a_truncated_safetensors_file_is_named(hf_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ real CLIs
-def _cli(module: str, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float]:
-  started = time.perf_counter()
-  done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
+def _cli(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120,
                         cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
-  return done, time.perf_counter() - started
 
 
-def _refused(done: subprocess.CompletedProcess, seconds: float, expected: str) -> None:
+def _refused(done: subprocess.CompletedProcess, expected: str) -> None:
+  """Exit 2 with one line naming the problem, no traceback (that it comes before any work is checked by what the
+  caller finds unwritten, not by the time it took)."""
   lines = [line for line in done.stderr.splitlines() if "error" in line]
   assert done.returncode == 2, done.stderr[-3000:]
   assert "Traceback" not in done.stderr, done.stderr[-3000:]
   assert lines and expected in lines[-1], done.stderr[-3000:]
-  assert seconds < 10, f"refused after {seconds:.1f} s"
 
 
 @pytest.fixture()
@@ -240,53 +236,53 @@ def not_a_folder(tmp_path) -> pathlib.Path:
 ], ids=["typo", "section typo", "parent seq_len", "wrong type", "budget", "stage batch vs mesh"])
 def test_the_main_job_refuses_bad_config_before_any_phase(args, env, expected, tmp_path):
   workdir = tmp_path / "run"
-  done, seconds = _cli("elastic_jax.train", "--config", TINY, *args, "--workdir", str(workdir), env=env)
-  _refused(done, seconds, expected)
+  done = _cli("elastic_jax.train", "--config", TINY, *args, "--workdir", str(workdir), env=env)
+  _refused(done, expected)
   assert not workdir.exists()  # nothing written: refused before the first phase
 
 
 def test_the_main_job_refuses_an_unwritable_workdir_and_bad_data(not_a_folder, tmp_path):
   workdir = not_a_folder / "run"
-  done, seconds = _cli("elastic_jax.train", "--config", TINY, "--workdir", str(workdir))
-  _refused(done, seconds, f"error: --workdir {workdir}: {not_a_folder} is a file, not a folder")
+  done = _cli("elastic_jax.train", "--config", TINY, "--workdir", str(workdir))
+  _refused(done, f"error: --workdir {workdir}: {not_a_folder} is a file, not a folder")
 
   binary = tmp_path / "corpus.txt"
   binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(128, 256)))
   workdir = tmp_path / "run"
-  done, seconds = _cli("elastic_jax.train", "--config", TINY, "--config.data.kind=files",
-                       f"--config.data.paths={binary}", "--workdir", str(workdir))
-  _refused(done, seconds, f"error: data file {binary} is not UTF-8 text: byte offset 8 (0x80)")
+  done = _cli("elastic_jax.train", "--config", TINY, "--config.data.kind=files",
+              f"--config.data.paths={binary}", "--workdir", str(workdir))
+  _refused(done, f"error: data file {binary} is not UTF-8 text: byte offset 8 (0x80)")
   assert not (workdir / "parent").exists() and not list(workdir.rglob("metrics.jsonl"))
 
 
 def test_verbosity_1_adds_the_traceback(tmp_path):
-  done, _ = _cli("elastic_jax.train", "--config", TINY, "--config.parent.seq_len=0", "--verbosity=1",
-                 "--workdir", str(tmp_path / "run"))
+  done = _cli("elastic_jax.train", "--config", TINY, "--config.parent.seq_len=0", "--verbosity=1",
+              "--workdir", str(tmp_path / "run"))
   assert done.returncode == 2 and "Traceback" in done.stderr
   assert done.stderr.rstrip().endswith("config error: parent.seq_len: 0 must be an integer >= 1")
 
 
 def test_the_other_clis_name_the_bad_file_before_any_work(hf_model, not_a_folder, tmp_path):
   out = str(not_a_folder / "x.json")
-  done, seconds = _cli("elastic_jax.evaluate", "--model", str(hf_model), "--json", out)
-  _refused(done, seconds, f"error: --json {out}: {not_a_folder} is a file, not a folder")
+  done = _cli("elastic_jax.evaluate", "--model", str(hf_model), "--json", out)
+  _refused(done, f"error: --json {out}: {not_a_folder} is a file, not a folder")
 
   broken = tmp_path / "broken"
   broken.mkdir()
   (broken / hf.CONFIG_FILE).write_bytes((hf_model / hf.CONFIG_FILE).read_bytes())
   (broken / hf.SINGLE_FILE).write_bytes((hf_model / hf.SINGLE_FILE).read_bytes()[:100])
-  done, seconds = _cli("elastic_jax.evaluate", "--model", str(broken))
-  _refused(done, seconds, f"error: {broken / hf.SINGLE_FILE} is not a readable safetensors file")
+  done = _cli("elastic_jax.evaluate", "--model", str(broken))
+  _refused(done, f"error: {broken / hf.SINGLE_FILE} is not a readable safetensors file")
 
   orbax = tmp_path / "orbax" / "model"
   (orbax / "0").mkdir(parents=True)
   (orbax / "0" / "_CHECKPOINT_METADATA").write_text("{not json")
-  done, seconds = _cli("elastic_jax.evaluate", "--model", str(orbax.parent))
-  _refused(done, seconds, f"error: {orbax}: cannot read this Orbax checkpoint")
+  done = _cli("elastic_jax.evaluate", "--model", str(orbax.parent))
+  _refused(done, f"error: {orbax}: cannot read this Orbax checkpoint")
 
   out = str(not_a_folder / "child")
-  done, seconds = _cli("elastic_jax.extract", "--workdir", str(tmp_path), "--budget", "50pct", "--out", out)
-  _refused(done, seconds, f"error: --out {out}: {not_a_folder} is a file, not a folder")
+  done = _cli("elastic_jax.extract", "--workdir", str(tmp_path), "--budget", "50pct", "--out", out)
+  _refused(done, f"error: --out {out}: {not_a_folder} is a file, not a folder")
 
-  done, seconds = _cli("elastic_jax.plan", "--config", TINY, "--config.eval.exampels=4")
-  _refused(done, seconds, "config error: eval.exampels: unknown key (did you mean examples?)")
+  done = _cli("elastic_jax.plan", "--config", TINY, "--config.eval.exampels=4")
+  _refused(done, "config error: eval.exampels: unknown key (did you mean examples?)")
