@@ -204,3 +204,21 @@ def test_a_study_stopped_by_sigterm_exits_1_with_the_resume_line(tmp_path, capsy
   assert main(["--config", config, "--workdir", str(tmp_path / "run"), "--config.study.seeds=(0,)"]) == 1
   assert capsys.readouterr().err.strip().splitlines()[-1] == (
       "[elastic_jax] stopped by SIGTERM after saving a checkpoint; run the same command to resume.")
+
+
+def test_accuracy_intervals_over_seeds_stay_within_0_and_100_percent():
+  from elastic_jax.study.summary import summarize
+  import numpy as np
+  accuracies, ppls = [0.99, 0.28, 1.0], [1.30, 1.35, 1.29]
+  runs = {"elastic": {seed: {"members": {"50pct": {"params": 1000, "accuracy_short": a, "ppl": p}}}
+                      for seed, (a, p) in enumerate(zip(accuracies, ppls))}}
+  entry = summarize(runs)["elastic"]["members"]["50pct"]
+  # By hand: mean 0.7567, s = 0.4128, t(0.975, 2) = 4.3027 -> half width 1.0255: [-0.269, 1.782] before clipping.
+  half = 4.302652729749464 * np.std(accuracies, ddof=1) / np.sqrt(3)
+  assert entry["accuracy_short"]["mean"] == pytest.approx(np.mean(accuracies))
+  assert (entry["accuracy_short"]["low"], entry["accuracy_short"]["high"]) == (0.0, 1.0)
+  assert np.mean(accuracies) - half < 0 and np.mean(accuracies) + half > 1  # the clip did something
+  # Perplexity has no upper bound: its interval stays the t interval.
+  ppl_half = 4.302652729749464 * np.std(ppls, ddof=1) / np.sqrt(3)
+  assert entry["ppl"]["low"] == pytest.approx(np.mean(ppls) - ppl_half)
+  assert entry["ppl"]["high"] == pytest.approx(np.mean(ppls) + ppl_half)

@@ -153,8 +153,12 @@ def _public(measurement: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ statistics
-def _interval(values: Sequence[float]) -> dict[str, Any]:
+def _interval(values: Sequence[float], bounds: tuple[float, float] | None = None) -> dict[str, Any]:
+  """Mean and 95% t interval over seeds; ``bounds`` clips the interval to the metric's range (an accuracy's t
+  interval over three seeds can reach past 0 or 100%, which no accuracy can)."""
   mean, low, high = mean_interval(values)
+  if bounds is not None:
+    low, high = max(low, bounds[0]), min(high, bounds[1])
   return {"mean": mean, "low": low, "high": high, "n_seeds": len(values)}
 
 
@@ -169,7 +173,7 @@ def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[str, 
         values = [float(run["members"][name][key]) for run in by_seed.values()
                   if name in run["members"] and run["members"][name].get(key) is not None]
         if values:
-          entry[key] = _interval(values)
+          entry[key] = _interval(values, (0.0, 1.0) if key in ACCURACY_KEYS else None)
       if entry:
         members[name] = entry
     tokens = [run["tokens"] for run in by_seed.values() if run.get("tokens") is not None]
