@@ -14,8 +14,9 @@ is the "staircase" mask; with a one-hot ``w`` it is the hard mask of that candid
 stop_gradient(p)`` gives the straight-through estimator) — all through the same prefix masks.
 
 Masks dict (see ``HybridLM``): ``{"hidden": [b, d], "depth": [b, L], "layers_{i}": {"mlp": [b, F]} |
-{"heads": [b, Hq]} | {"ssm_heads": [b, H], "mamba_head_dim": [b, P]}}``, float32: each axis' mask sits where its
-registry row says (``ElasticAxis.mask_key``).
+{"heads": [b, Hq]} | {"ssm_heads": [b, H], "mamba_head_dim": [b, P]} | {"expert": [b, E], "expert_mlp": [b, I],
+"shared_mlp": [b, S]}}``, float32: each axis' mask sits where its registry row says (``ElasticAxis.mask_key``).
+Routed experts are grouped like Mamba heads: n_group contiguous groups, each keeping ``count / n_group``.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def masks_from_counts(config: ModelConfig, counts: Mapping[str, Any], depth_orde
 
   Args:
     config: the parent.
-    counts: axis name (``hidden``, ``mlp``, ``attention_heads``, ``mamba_heads``, ``mamba_head_dim``, ``depth``)
+    counts: axis name (``hidden``, ``depth`` and the block axes: ``mlp``, ``attention_heads``, ``mamba_heads``...)
       -> count, a Python int or integer array ``[]`` / ``[b]``; per-layer axes also take ``[b, n]``, one column per
       block of that kind in pattern order. An absent axis gets no mask (stays full). Counts of grouped axes must be
       multiples of the group count (checked when concrete; traced counts round down per group).
