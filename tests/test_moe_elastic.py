@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -318,3 +319,31 @@ def test_choices_without_moe_axes_still_load():
     Choice.from_dict({**stored, "mlp": (48,), "mamba_heads": (4,), "mamba_head_dim": (8,),
                       "attention_heads": ()}).validate(moe_parent("plain"))
   assert child_config(config, Choice.full(config)) == config
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def test_the_elastic_step_routes_the_moe_axes_with_one_compile():
+  """The train step on an MoE parent, per-layer MoE axes, budgets in active parameters: one compile serves every
+  budget draw, losses stay finite, and with no router loss the router's MoE logits still learn, from the KD loss
+  alone (the chosen experts' weights carry the straight-through mask)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.elastic_step import init_elastic_state, make_elastic_step  # pylint: disable=C0415
+  config = moe_parent("shared_latent")
+  space = ElasticSpace.from_dict(dict(moe_experts=[6, 9, 12], moe_expert_dim=[6, 12], moe_shared_dim=[8, 16],
+                                      moe_mode="heterogeneous"), config)
+  setup = ElasticSetup(config, space, (1.0, 0.6), (0, 1, 2, 3), RouterSchedule(total_steps=10), router_width=16,
+                       budget_metric="active_params", router_loss_weight=0.0)
+  tx, router_tx = optax.sgd(1e-3), optax.sgd(1.0)
+  teacher = jax.tree.map(jnp.asarray, parent_params("shared_latent"))
+  state = init_elastic_state(setup, jax.tree.map(jnp.copy, teacher), tx, router_tx, seed=0)
+  before = state.router_params
+  step = jax.jit(make_elastic_step(setup, tx, router_tx))
+  for i in range(3):
+    tokens = jax.random.randint(jax.random.key(i), (4, 10), 0, config.vocab_size)
+    state, metrics = step(state, teacher, tokens, jnp.asarray([0.5, 0.5]))
+    assert np.isfinite(float(metrics["loss"]))
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  for axis in ("moe_experts", "moe_expert_dim", "moe_shared_dim"):
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                         state.router_params[axis], before[axis])
+    assert max(jax.tree.leaves(moved)) > 0, axis
