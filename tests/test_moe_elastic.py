@@ -296,6 +296,8 @@ def test_spaces_and_choices_the_routing_rules_forbid_are_refused():
     ElasticSpace.from_dict({"moe_experts": [3, 12]}, config)
   with pytest.raises(SpaceError, match=r"Choice.moe_experts\[1\] 3 is below 6"):
     Choice(**{**Choice.full(config).to_dict(), "moe_experts": (12, 3)}).validate(config)
+  with pytest.raises(SpaceError, match="moe_experts count 3 for layers_3 is below 6"):
+    masks_lib.masks_from_counts(config, {"moe_experts": np.array([[12, 3]])})
   with pytest.raises(SpaceError, match="moe_expert_dim candidate 13 is larger than the parent's"):
     ElasticSpace.from_dict({"moe_expert_dim": [13]}, config)
   # One expert per group cannot be scored by its two best; k=3 cannot come from 2 groups of 1 either.

@@ -109,10 +109,11 @@ class Rankings:
 
   ``Rankings(hidden=..., mlp=..., attention_heads=..., mamba_heads=..., mamba_head_dim=..., depth=None)``: one
   keyword per axis of the registry that reorders parameters (every axis with a logical axis; a block axis left out
-  is empty, for a parent without such blocks), read back as attributes. Per-block entries are dicts keyed by block index. attention_heads and mamba_heads reorder heads only
-  within their KV group / Mamba group (each group's slice of positions holds that group's heads). mamba_head_dim is
-  shared by all heads of its block. depth is an order over blocks used by depth masks; blocks never move.
-  A pytree whose leaves are the orders, in registry order.
+  is empty, for a parent without such blocks), read back as attributes. Per-block entries are dicts keyed by block
+  index. attention_heads, mamba_heads and moe_experts reorder heads / experts only within their KV group / Mamba
+  group / expert group (each group's slice of positions holds that group's own). mamba_head_dim is shared by all
+  heads of its block, moe_expert_dim by all experts of its block. depth is an order over blocks used by depth
+  masks; blocks never move. A pytree whose leaves are the orders, in registry order.
   """
 
   __slots__ = ("_orders",)
@@ -200,9 +201,10 @@ def _zero_sums(config: ModelConfig) -> dict[str, dict[int, Array]]:
   sums.update({name: {} for stats in _MIXER_STATISTICS.values() for name in stats})
   for spec in config.block_specs():
     sums["hidden"][spec.index] = jnp.zeros((config.hidden_size,), jnp.float32)
-    for name, shape in _MIXER_STATISTICS.get(spec.kind, {}).items():
-      if all(shape(config, spec)):
-        sums[name][spec.index] = jnp.zeros(shape(config, spec), jnp.float32)
+    for name, shape_of in _MIXER_STATISTICS.get(spec.kind, {}).items():
+      shape = shape_of(config, spec)
+      if all(shape):
+        sums[name][spec.index] = jnp.zeros(shape, jnp.float32)
   return sums
 
 

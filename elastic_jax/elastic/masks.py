@@ -78,7 +78,8 @@ def _is_concrete(x: Any) -> bool:
 
 
 def _check_counts(config: ModelConfig, axis: ElasticAxis, counts: Any, size: int, where: str) -> None:
-  """Concrete counts only (traced ones cannot be inspected): in [0, size] and whole groups."""
+  """Concrete counts only (traced ones cannot be inspected): in [0, size], whole groups, and none of them, but 0,
+  below the axis' smallest size."""
   if not _is_concrete(counts):
     return
   values = np.asarray(counts)
@@ -91,6 +92,11 @@ def _check_counts(config: ModelConfig, axis: ElasticAxis, counts: Any, size: int
   if step > 1 and values.size and np.any(values % step):
     bad = int(values[values % step != 0].flat[0])
     raise SpaceError(f"{axis.name} count {bad} for {where} is not a multiple of {axis.group_rule(config)}.")
+  minimum, rule = axis.min_size(config)
+  short = values[(values > 0) & (values < minimum)] if values.size else values
+  if short.size:
+    raise SpaceError(f"{axis.name} count {int(short.flat[0])} for {where} is below {minimum}, the fewest "
+                     f"{axis.unit}s a {axis.kind} block can keep ({rule}).")
 
 
 def _check_depth_order(depth_order: Any, num_layers: int) -> None:

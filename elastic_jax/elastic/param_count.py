@@ -8,8 +8,8 @@ arrays (the router's differentiable expected count). Block kinds:
 - attention: d·Hq·hd + 2·d·Hkv·hd + Hq·hd·d + d
 - MLP:       2·d·F + d
 - MoE:       d·E + E + E·2·c·I + 2·d·S + 2·d·L + d   (router and its correction bias, E routed experts of width I
-             reading c = L or d dims, the shared expert of width S, the latent projections when L is set); E, I and
-             S are the block's elastic sizes (``moe_experts``, ``moe_expert_dim``, ``moe_shared_dim``)
+             reading c = L or d dims, the shared expert of width S, the latent projections when L is set); E, I
+             and S are the block's elastic sizes (``moe_experts``, ``moe_expert_dim``, ``moe_shared_dim``)
 - embedding + LM head + final norm: 2·V·d + d
 
 Active parameters (``active_param_count``) are those one token computes with: the same, with only the k =

@@ -126,7 +126,9 @@ class ModelConfig:
   # moe_intermediate_size, in moe_latent_size dims when set) are summed with the scores as weights (normalised to
   # sum 1 when norm_topk_prob, times routed_scaling_factor) and added to one shared relu^2 MLP of width
   # moe_shared_expert_intermediate_size (0: none). As in transformers 5.23, n_shared_experts does not change the
-  # computation (the shared MLP's width is the whole of it); it is carried for the config's round trip.
+  # computation (the shared MLP's width is the whole of it); it is carried for the config's round trip. A
+  # heterogeneous child gives each E block its own n_routed_experts, moe_intermediate_size and shared width through
+  # the *_per_layer fields above; routing (num_experts_per_tok, n_group, topk_group) is the same in every block.
   n_routed_experts: int = 0
   num_experts_per_tok: int = 0
   moe_intermediate_size: int = 0
