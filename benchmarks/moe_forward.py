@@ -30,7 +30,7 @@ import numpy as np
 
 from timing import wall_seconds  # pylint: disable=wrong-import-order
 
-from elastic_jax.model.config import BlockSpec, ModelConfig
+from elastic_jax.model.config import ModelConfig
 from elastic_jax.model.moe import MoE, dense_experts, route
 
 
@@ -73,7 +73,7 @@ def main() -> None:
       if top_k > experts:
         continue
       config = block_config(experts, top_k, args.hidden, args.width)
-      spec = BlockSpec(0, "moe")
+      spec = config.block_specs()[0]
       params = nn.meta.unbox(MoE(config, spec).init(jax.random.key(experts), u)["params"])
       # Unit-variance weights (fan-in scaled), so that outputs are O(1) and the check below is meaningful.
       params = jax.tree.map(lambda p: p / jnp.std(p) / np.sqrt(p.shape[-2]) if p.ndim >= 2 else p, params)

@@ -24,13 +24,16 @@ from elastic_jax.elastic.param_count import BLOCK_PARAM_COUNTS, choice_param_cou
 from elastic_jax.elastic.permute import permute_params
 from elastic_jax.elastic.router import router_axes
 from elastic_jax.elastic.space import Choice, ElasticSpace, SpaceError
-from elastic_jax.model.config import BlockSpec, ModelConfig
+from elastic_jax.model.config import KINDS, BlockSpec, ModelConfig
 from elastic_jax.model import param_shapes
 from elastic_jax.model.hybrid import HybridLM, param_logical_axes
 
 CONFIG = small_config("M-*M-*", hidden_size=32, intermediate_size=48, num_attention_heads=4)
 TOY = axes.ElasticAxis("attention_head_dim", "attention", "head_dim", logical_axis="head_dim", count_arg="head_dim",
-                       prune_rank=6, unit="channel")
+                       prune_rank=9, unit="channel")
+# Every block kind, for the rows of every kind.
+ALL_KINDS = small_config("M-*E", n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=12,
+                         moe_shared_expert_intermediate_size=16, n_shared_experts=1, n_group=2, topk_group=1)
 
 
 def _logical_names(config: ModelConfig) -> set[str]:
@@ -47,12 +50,11 @@ def test_every_row_resolves_against_the_model(axis):
   if axis.per_layer:
     assert axis.per_layer_field in fields and axis.config_field in BlockSpec.__dataclass_fields__
     assert axis.count_arg in inspect.signature(BLOCK_PARAM_COUNTS[axis.kind]).parameters
-    assert len(axis.parent_sizes(CONFIG)) == CONFIG.pattern.count({"mamba": "M", "attention": "*", "mlp": "-"}[
-        axis.kind])
+    assert len(axis.parent_sizes(ALL_KINDS)) == ALL_KINDS.pattern.count({k.name: k.char for k in KINDS}[axis.kind])
   if axis.logical_axis:
-    assert axis.logical_axis in _logical_names(CONFIG)
+    assert axis.logical_axis in _logical_names(ALL_KINDS)
   if axis.group_field:
-    assert all(size % axis.groups(CONFIG) == 0 for size in axis.parent_sizes(CONFIG))
+    assert all(size % axis.groups(ALL_KINDS) == 0 for size in axis.parent_sizes(ALL_KINDS))
   assert axes.names().count(axis.name) == 1
   assert sorted(a.prune_rank for a in axes.AXES) == list(range(len(axes.AXES)))
 

@@ -83,8 +83,8 @@ CASES = [
     ("elastic.router.estimator", "gumbel", "elastic.router.estimator: 'gumbel' is not one of chosen, softmax"),
     ("elastic.router.tau_end", 0.0, "elastic.router.tau_end: 0.0 must be > 0"),
     ("elastic.kd_temperature", 0, "elastic.kd_temperature: 0 must be > 0"),
-    ("elastic.budget_metric", "param", "elastic.budget_metric: 'param' is not one of params, memory (did you "
-                                       "mean params?)"),
+    ("elastic.budget_metric", "param", "elastic.budget_metric: 'param' is not one of params, active_params, memory "
+                                       "(did you mean params?)"),
     ("stages[0].budget_probs", [0.5, 0.5], "stages[0].budget_probs: has 2 entries for 3 budgets"),
     ("stages[1].budget_probs", [0.6, 0.3, 0.3], "stages[1].budget_probs: [0.6, 0.3, 0.3] sum to 1.2"),
     ("stages[1].budget_probs", [1.2, -0.2, 0.0], "stages[1].budget_probs[1]: -0.2 must be >= 0"),

@@ -481,8 +481,8 @@ def test_flops_count_the_active_experts():
 
 # ---------------------------------------------------------------------------------------------------- elastic
 def test_full_choice_extracts_the_parent_and_narrower_hidden_matches_the_masked_parent():
-  """E blocks have no elastic axis yet: a full choice keeps them whole, and a choice of fewer hidden channels (the
-  global axis every block reads) gives a child whose logits equal the masked parent's."""
+  """A full choice keeps E blocks whole, and a choice of fewer hidden channels (the global axis every block reads)
+  gives a child whose logits equal the masked parent's (the MoE axes themselves: test_moe_elastic.py)."""
   config = moe_config("ME*-E", moe_latent_size=10)
   params = jax.tree.map(np.asarray, random_params(config, seed=11))
   full = Choice.full(config)
@@ -502,6 +502,23 @@ def test_full_choice_extracts_the_parent_and_narrower_hidden_matches_the_masked_
     assert small_cfg.pattern == "".join(config.pattern[i] for i in sorted(order[:choice.depth]))
     np.testing.assert_allclose(our_logits(small_cfg, small, tokens), masked, atol=1e-4, rtol=0)
     assert param_count(small_cfg) == sum(np.size(x) for x in jax.tree.leaves(small))
+
+
+def test_a_child_with_fewer_narrower_experts_loads_in_transformers(hf_checkpoints, tmp_path):
+  """Slicing the MoE axes gives a stock NemotronH checkpoint: transformers' logits for the child equal our masked
+  parent's (group-limited routing, 2 of 4 groups, over the 8 kept experts of 16)."""
+  path, _ = hf_checkpoints["E*ME"]
+  config, params = hf.load(path)
+  choice = Choice.homogeneous(config, moe_experts=8, moe_expert_dim=4, moe_shared_dim=7, hidden=20)
+  child_cfg, child = extract(config, params, choice)
+  assert (child_cfg.n_routed_experts, child_cfg.moe_intermediate_size) == (8, 4)
+  hf.save(tmp_path / "child", child_cfg, jax.tree.map(np.asarray, child))
+  model = transformers.NemotronHForCausalLM.from_pretrained(tmp_path / "child").float().eval()
+  set_hf_dt_limit(model, (0.0, math.inf))
+  tokens = random_tokens(config.vocab_size, seed=15)
+  masks = masks_lib.choice_masks(config, [choice] * tokens.shape[0])
+  masked = np.asarray(jax.jit(lambda p, t, m: HybridLM(config).apply({"params": p}, t, masks=m))(params, tokens, masks))
+  assert_close(hf_logits(model, tokens), masked, "E*ME child with 8 of 16 experts")
 
 
 def test_expected_param_count_of_one_hot_choices_on_moe_patterns():

@@ -17,6 +17,15 @@ row also says where the axis lives in the model:
 - ``count_arg``: the argument of its block kind's parameter-count formula (``elastic.param_count``) this axis'
   size feeds.
 - ``prune_rank``: the order in which the pruning baseline (``elastic_jax.prune``) shrinks axes, smallest first.
+- ``minimum``: the ``ModelConfig`` method giving the smallest size a block may keep on this axis, and why, when
+  that is more than one group (routed experts: ``ModelConfig.min_routed_experts``); ``None``: one group.
+
+MoE blocks have three axes: the routed experts kept (``moe_experts``; the router's kernel columns, its correction
+bias and the expert stacks, ranked within each of the n_group expert groups), the routed experts' width
+(``moe_expert_dim``: one neuron order shared by every expert of a block, as Mamba head channels are shared by every
+head) and the shared expert's width (``moe_shared_dim``, its own row: the shared expert is an MLP of its own width,
+and one row per width keeps masks, slicing and counting generic; an E block without shared expert has no such
+axis).
 
 Adding an axis is one row here plus its model code: the modules that apply its mask and name its logical axis, the
 formula term in ``param_count`` and its importance score. Space, masks, permutation, extraction, parameter
@@ -46,6 +55,7 @@ class ElasticAxis:
   # What one index of the axis is, and what one group is, in error messages.
   unit: str = "unit"
   group_unit: str = "group"
+  minimum: str | None = None
 
   @property
   def per_layer(self) -> bool:
@@ -69,6 +79,13 @@ class ElasticAxis:
   def group_rule(self, config: ModelConfig) -> str:
     return f"{self.group_field}={self.groups(config)}"
 
+  def min_size(self, config: ModelConfig) -> tuple[int, str]:
+    """The smallest size a sub-network may keep on this axis and the rule behind it (one group, unless the row
+    names a ``ModelConfig`` method that says more)."""
+    if self.minimum:
+      return getattr(config, self.minimum)()
+    return self.groups(config), (f"one {self.group_unit}" if self.group_field else f"one {self.unit}")
+
   def block_size(self, config: ModelConfig, spec: BlockSpec) -> int:
     """The parent's size of this block axis in block ``spec``: the ``BlockSpec`` width where the axis has a
     per-layer field, else the config's single value."""
@@ -82,18 +99,26 @@ class ElasticAxis:
 
 
 AXES: tuple[ElasticAxis, ...] = (
-    ElasticAxis("hidden", None, "hidden_size", logical_axis="embed", count_arg="hidden", prune_rank=2,
+    ElasticAxis("hidden", None, "hidden_size", logical_axis="embed", count_arg="hidden", prune_rank=4,
                 unit="hidden channel"),
     ElasticAxis("mlp", "mlp", "intermediate_size", "intermediate_size_per_layer", logical_axis="mlp",
                 count_arg="neurons", prune_rank=0, unit="neuron"),
     ElasticAxis("attention_heads", "attention", "num_attention_heads", "num_attention_heads_per_layer",
-                group_field="num_key_value_heads", logical_axis="heads", count_arg="heads", prune_rank=3,
+                group_field="num_key_value_heads", logical_axis="heads", count_arg="heads", prune_rank=6,
                 unit="query head", group_unit="KV group"),
     ElasticAxis("mamba_heads", "mamba", "mamba_num_heads", "mamba_num_heads_per_layer", group_field="n_groups",
-                logical_axis="ssm_heads", count_arg="heads", prune_rank=1, unit="head", group_unit="group"),
+                logical_axis="ssm_heads", count_arg="heads", prune_rank=3, unit="head", group_unit="group"),
     ElasticAxis("mamba_head_dim", "mamba", "mamba_head_dim", "mamba_head_dim_per_layer",
-                logical_axis="mamba_head_dim", count_arg="head_dim", prune_rank=4, unit="channel"),
-    ElasticAxis("depth", None, "num_layers", prune_rank=5, unit="block"),
+                logical_axis="mamba_head_dim", count_arg="head_dim", prune_rank=7, unit="channel"),
+    ElasticAxis("moe_experts", "moe", "n_routed_experts", "n_routed_experts_per_layer", group_field="n_group",
+                logical_axis="expert", count_arg="experts", prune_rank=5, unit="routed expert",
+                group_unit="expert group", minimum="min_routed_experts"),
+    ElasticAxis("moe_expert_dim", "moe", "moe_intermediate_size", "moe_intermediate_size_per_layer",
+                logical_axis="expert_mlp", count_arg="expert_width", prune_rank=1, unit="expert neuron"),
+    ElasticAxis("moe_shared_dim", "moe", "moe_shared_expert_intermediate_size",
+                "moe_shared_expert_intermediate_size_per_layer", logical_axis="shared_mlp", count_arg="shared_width",
+                prune_rank=2, unit="shared expert neuron"),
+    ElasticAxis("depth", None, "num_layers", prune_rank=8, unit="block"),
 )
 
 
@@ -136,8 +161,17 @@ def kind_count(config: ModelConfig, kind: str) -> int:
 
 
 def present(config: ModelConfig, axis: ElasticAxis) -> bool:
-  """Global axes always; block axes when the pattern has a block of their kind."""
-  return not axis.per_layer or kind_count(config, axis.kind) > 0
+  """Global axes always; block axes when the pattern has a block of their kind and those blocks have the axis (an
+  E block's shared expert may be absent: width 0)."""
+  return not axis.per_layer or (kind_count(config, axis.kind) > 0 and min(axis.parent_sizes(config)) > 0)
+
+
+def keys_fit(found: Iterable[str], expected: Iterable[str]) -> bool:
+  """Whether stored per-axis keys (a choice, rankings) can be read as ``expected``: no unknown key and every global
+  axis there. Block axes may be absent (a file written before the axis existed); they are then empty, which only a
+  parent without such blocks accepts."""
+  found, expected = set(found), set(expected)
+  return found <= expected and all(n in found for n in expected - {a.name for a in block_axes()})
 
 
 def rename_hint(found: Iterable[str], expected: Iterable[str], what: str) -> str:

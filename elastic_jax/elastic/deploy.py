@@ -27,7 +27,7 @@ def choice_from_indices(config: ModelConfig, space: ElasticSpace, indices: dict[
   """Per routed axis, candidate indices [num_layers] (one entry for homogeneous axes) -> the ``Choice``."""
   fields = {}
   for axis in axes.AXES:
-    if axis.name not in indices:  # a block kind absent from the pattern
+    if axis.name not in indices or not space.candidates(axis.name):  # not in the parent (``axes.present``)
       fields[axis.name] = ()
       continue
     value = tuple(space.candidates(axis.name)[int(i)] for i in indices[axis.name])

@@ -4,7 +4,9 @@ Every tensor is sliced on every elastic axis it carries, found by its *logical* 
 sharding rules use; each axis' row in ``elastic.axes`` names its logical axis): ``embed`` (hidden channels:
 embedding, every norm, every projection's input or output side, the LM head), ``mlp`` (neurons: up columns, down
 rows), ``heads`` (query heads: q and o), ``ssm_heads`` (Mamba heads: z, x, dt, conv_x, A_log, D, dt_bias, norm,
-out_proj) and ``mamba_head_dim`` (channels of every kept Mamba head). B/C (``ssm_groups``, ``ssm_state``), KV heads
+out_proj), ``mamba_head_dim`` (channels of every kept Mamba head), ``expert`` (routed experts: router kernel
+columns, e_score_correction_bias, both expert stacks), ``expert_mlp`` (every kept expert's neurons) and
+``shared_mlp`` (the shared expert's neurons). B/C (``ssm_groups``, ``ssm_state``), KV heads
 and the attention head dim are never touched. Blocks outside the kept depth are dropped and the rest renumbered in
 pattern order.
 
@@ -64,8 +66,8 @@ def child_config(config: ModelConfig, choice: Choice, depth_order: Any = None) -
         changes[per_layer_field] = None
       if values:
         changes[field] = values[0]
-      elif getattr(config, field) <= 0:  # no block of this kind survives; any valid scalar will do
-        changes[field] = max(getattr(choice, axis.name), default=1)
+      elif getattr(config, field) <= 0 and axes.present(config, axis):  # no block of this kind survives; any
+        changes[field] = max(getattr(choice, axis.name))  # valid scalar will do
   return config.replace(**changes)
 
 

@@ -4,6 +4,11 @@ Calibration runs forward passes only (spec §4). The model sows, per block and p
 
     ``hidden`` the block's normed input [d]         ``mlp``   the up-projection output [F] (D-3)
     ``heads``  per-head attention output [Hq, hd]    ``ssm``   the x slice of in_proj [H, P]
+    ``expert`` a routed expert's output norm [E]    ``expert_mlp`` its up-projection output [E, I]
+    ``shared_mlp`` the shared expert's up-projection output [S]
+
+(for the routed experts a token not sent to an expert counts 0 there, so ``mean_t`` of the output norm is the
+expert's routing frequency times its mean output norm over the tokens it gets)
 
 into the "importance" collection. Here each statistic is squared, summed over samples and batches (fp32) and square
 rooted; the axis scores derive from those aggregates:
@@ -13,6 +18,9 @@ rooted; the axis scores derive from those aggregates:
     attention head   L2 over head_dim of aggregated ``heads``                      [Hq]  per attention block
     Mamba channel    L2 over heads of aggregated ``ssm``                           [P]   per Mamba block
     Mamba head       L2 over channels of aggregated ``ssm``                        [H]   per Mamba block
+    routed expert    aggregated ``expert``                                         [E]   per MoE block
+    expert neuron    L2 over experts of aggregated ``expert_mlp``                  [I]   per MoE block
+    shared neuron    aggregated ``shared_mlp``                                     [S]   per MoE block
     depth            iterative normalized logit MSE of removing blocks (below)
 
 Mamba head scores use *all* channels. The spec's "L2 over the kept channels" comes from one-shot pruning
@@ -20,6 +28,12 @@ Mamba head scores use *all* channels. The spec's "L2 over the kept channels" com
 channel prefix, and nesting needs one head order shared by all of them; scoring over all channels is the only
 choice that favours no budget. The aggregated [H, P] matrix is kept (``mamba_activations``) for anyone who wants
 head scores over a channel prefix.
+
+Routed experts are scored by routing frequency x mean output norm (the expert's output before its routing weight):
+an expert few tokens reach, or one whose output is small, changes the block's output least when dropped; the
+routing weight is left out because dropping an expert renormalises the others' weights over the kept ones. Expert
+neurons share one order per block (every expert keeps the same neuron prefix, so one ranking must serve them all);
+the L2 over experts weighs each expert by how much of the data it sees.
 
 Usage::
 
@@ -51,14 +65,21 @@ from elastic_jax.train.sharding import (DEFAULT_RULES, LogicalRules, batch_shard
 Array = jax.Array
 Params = dict[str, Any]
 
-# Sown statistic of each block kind's mixer, by the name the model sows it under. MoE blocks have no elastic axis yet:
-# they sow only the hidden statistic every block sows.
-_MIXER_STATISTIC = {"mlp": "mlp", "attention": "heads", "mamba": "ssm"}
+# The statistics each block kind's mixer sows, by the name the model sows them under: their shape in a block.
+_MIXER_STATISTICS: dict[str, dict[str, Callable[[ModelConfig, Any], tuple[int, ...]]]] = {
+    "mlp": {"mlp": lambda config, spec: (spec.intermediate_size,)},
+    "attention": {"heads": lambda config, spec: (spec.num_attention_heads, config.head_dim)},
+    "mamba": {"ssm": lambda config, spec: (spec.mamba_num_heads, spec.mamba_head_dim)},
+    "moe": {"expert": lambda config, spec: (spec.n_routed_experts,),
+            "expert_mlp": lambda config, spec: (spec.n_routed_experts, spec.moe_intermediate_size),
+            "shared_mlp": lambda config, spec: (spec.moe_shared_expert_intermediate_size,)},
+}
 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim",
-                                "mamba_activations", "depth_scores", "depth_order"],
+                                "mamba_activations", "depth_scores", "depth_order", "moe_experts", "moe_expert_dim",
+                                "moe_shared_dim"],
                    meta_fields=["num_samples"])
 @dataclasses.dataclass(frozen=True)
 class Importance:
@@ -77,6 +98,9 @@ class Importance:
   mamba_activations: dict[int, np.ndarray]  # Mamba block -> [H, P] aggregated x statistic
   depth_scores: np.ndarray | None  # [num_layers]
   depth_order: np.ndarray | None  # [num_layers] block indices, most important first
+  moe_experts: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # MoE block -> [E]
+  moe_expert_dim: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # MoE block -> [I]
+  moe_shared_dim: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # MoE block -> [S]
   num_samples: int = 0
 
 
@@ -84,20 +108,21 @@ class Rankings:
   """Permutation indices per elastic axis: ``order[new_position] = old_index``, most important first.
 
   ``Rankings(hidden=..., mlp=..., attention_heads=..., mamba_heads=..., mamba_head_dim=..., depth=None)``: one
-  keyword per axis of the registry that reorders parameters (every axis with a logical axis), read back as
-  attributes. Per-block entries are dicts keyed by block index. attention_heads and mamba_heads reorder heads only
-  within their KV group / Mamba group (each group's slice of positions holds that group's heads). mamba_head_dim is
-  shared by all heads of its block. depth is an order over blocks used by depth masks; blocks never move.
-  A pytree whose leaves are the orders, in registry order.
+  keyword per axis of the registry that reorders parameters (every axis with a logical axis; a block axis left out
+  is empty, for a parent without such blocks), read back as attributes. Per-block entries are dicts keyed by block
+  index. attention_heads, mamba_heads and moe_experts reorder heads / experts only within their KV group / Mamba
+  group / expert group (each group's slice of positions holds that group's own). mamba_head_dim is shared by all
+  heads of its block, moe_expert_dim by all experts of its block. depth is an order over blocks used by depth
+  masks; blocks never move. A pytree whose leaves are the orders, in registry order.
   """
 
   __slots__ = ("_orders",)
 
   def __init__(self, *, depth: np.ndarray | None = None, **orders: Any):
     names = ranked_axis_names()
-    if set(orders) != set(names):
+    if not axes.keys_fit(orders, names):
       raise TypeError(axes.rename_hint(orders, names, "Rankings() fields (depth aside)"))
-    object.__setattr__(self, "_orders", {**{name: orders[name] for name in names}, "depth": depth})
+    object.__setattr__(self, "_orders", {**{name: orders.get(name, {}) for name in names}, "depth": depth})
 
   def __getattr__(self, name: str) -> Any:
     if name.startswith("_"):
@@ -124,7 +149,7 @@ class Rankings:
     for axis in ranked_axes():
       if axis.per_layer:
         orders[axis.name] = {s.index: np.arange(axis.block_size(config, s)) for s in config.block_specs()
-                             if s.kind == axis.kind}
+                             if s.kind == axis.kind and axes.present(config, axis)}
       else:
         orders[axis.name] = np.arange(getattr(config, axis.config_field))
     return cls(**orders, depth=np.arange(config.num_layers))
@@ -144,11 +169,11 @@ class Rankings:
     """The inverse of ``to_json``. Keys that are not the axis names (a file written before the axis names were
     unified) raise a ``ValueError`` that says which key to rename."""
     names = ranked_axis_names()
-    if set(values) != {*names, "depth"}:
+    if not axes.keys_fit(values, (*names, "depth")):
       raise ValueError(axes.rename_hint(values, (*names, "depth"), where))
     orders = {}
     for axis in ranked_axes():
-      value = values[axis.name]
+      value = values.get(axis.name, {})
       orders[axis.name] = ({int(k): np.asarray(v) for k, v in value.items()} if axis.per_layer
                            else np.asarray(value))
     return cls(**orders, depth=None if values["depth"] is None else np.asarray(values["depth"]))
@@ -170,19 +195,16 @@ jax.tree_util.register_pytree_node(
 
 # ------------------------------------------------------------------------------------------------ statistics
 def _zero_sums(config: ModelConfig) -> dict[str, dict[int, Array]]:
-  """fp32 accumulators of Σ_samples stat²: {"hidden": {i: [d]}, "mlp"|"heads"|"ssm": {i: [...]}}."""
-  sums: dict[str, dict[int, Array]] = {"hidden": {}, "mlp": {}, "heads": {}, "ssm": {}}
+  """fp32 accumulators of Σ_samples stat²: {"hidden": {i: [d]}, statistic: {i: [...]}} (a block's entry absent
+  where the statistic is empty, e.g. no shared expert)."""
+  sums: dict[str, dict[int, Array]] = {"hidden": {}}
+  sums.update({name: {} for stats in _MIXER_STATISTICS.values() for name in stats})
   for spec in config.block_specs():
     sums["hidden"][spec.index] = jnp.zeros((config.hidden_size,), jnp.float32)
-    if spec.kind == "mlp":
-      shape = (spec.intermediate_size,)
-    elif spec.kind == "attention":
-      shape = (spec.num_attention_heads, config.head_dim)
-    elif spec.kind == "mamba":
-      shape = (spec.mamba_num_heads, spec.mamba_head_dim)
-    else:
-      continue
-    sums[_MIXER_STATISTIC[spec.kind]][spec.index] = jnp.zeros(shape, jnp.float32)
+    for name, shape_of in _MIXER_STATISTICS.get(spec.kind, {}).items():
+      shape = shape_of(config, spec)
+      if all(shape):
+        sums[name][spec.index] = jnp.zeros(shape, jnp.float32)
   return sums
 
 
@@ -200,9 +222,9 @@ def _accumulate_statistics(config: ModelConfig, sums: dict[str, dict[int, Array]
   for spec in config.block_specs():
     block = sown[f"layers_{spec.index}"]
     new["hidden"][spec.index] = add(sums["hidden"][spec.index], block["hidden"])
-    stat = _MIXER_STATISTIC.get(spec.kind)
-    if stat is not None:
-      new[stat][spec.index] = add(sums[stat][spec.index], block["mixer"][stat])
+    for name in _MIXER_STATISTICS.get(spec.kind, {}):
+      if spec.index in sums[name]:
+        new[name][spec.index] = add(sums[name][spec.index], block["mixer"][name])
   return new
 
 
@@ -324,6 +346,7 @@ def estimate_importance(config: ModelConfig, params: Params, batches: Iterable[A
   attention_heads = {i: np.linalg.norm(a, axis=-1) for i, a in aggregated["heads"].items()}
   mamba_heads = {i: np.linalg.norm(a, axis=1) for i, a in aggregated["ssm"].items()}
   mamba_head_dim = {i: np.linalg.norm(a, axis=0) for i, a in aggregated["ssm"].items()}
+  moe_expert_dim = {i: np.linalg.norm(a, axis=0) for i, a in aggregated["expert_mlp"].items()}
 
   depth_scores = depth_order = None
   if depth:
@@ -332,7 +355,8 @@ def estimate_importance(config: ModelConfig, params: Params, batches: Iterable[A
   return Importance(hidden=hidden, mlp=dict(aggregated["mlp"]), attention_heads=attention_heads,
                     mamba_heads=mamba_heads, mamba_head_dim=mamba_head_dim,
                     mamba_activations=dict(aggregated["ssm"]), depth_scores=depth_scores, depth_order=depth_order,
-                    num_samples=num_samples)
+                    moe_experts=dict(aggregated["expert"]), moe_expert_dim=moe_expert_dim,
+                    moe_shared_dim=dict(aggregated["shared_mlp"]), num_samples=num_samples)
 
 
 def descending_order(scores: np.ndarray) -> np.ndarray:
@@ -354,14 +378,16 @@ def descending_order_within_groups(scores: np.ndarray, num_groups: int) -> np.nd
 def rankings(importance: Importance, config: ModelConfig) -> Rankings:
   """Permutation indices that sort every axis of ``config`` by ``importance``, most important first.
 
-  Mamba heads are ranked within each of the n_groups groups (spec §3), query heads within each KV group (D-1).
+  Mamba heads are ranked within each of the n_groups groups (spec §3), query heads within each KV group (D-1),
+  routed experts within each of the n_group expert groups (group-limited routing picks groups by position).
   """
   orders: dict[str, Any] = {}
   for axis in ranked_axes():
     scores, groups = getattr(importance, axis.name), axis.groups(config)
     rank = descending_order if groups == 1 else functools.partial(descending_order_within_groups, num_groups=groups)
     if axis.per_layer:
-      orders[axis.name] = {s.index: rank(scores[s.index]) for s in config.block_specs() if s.kind == axis.kind}
+      orders[axis.name] = {s.index: rank(scores[s.index]) for s in config.block_specs()
+                           if s.kind == axis.kind and axes.present(config, axis)}
     else:
       orders[axis.name] = rank(scores)
   return Rankings(**orders, depth=None if importance.depth_order is None else np.asarray(importance.depth_order))

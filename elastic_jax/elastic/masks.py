@@ -14,8 +14,9 @@ is the "staircase" mask; with a one-hot ``w`` it is the hard mask of that candid
 stop_gradient(p)`` gives the straight-through estimator) — all through the same prefix masks.
 
 Masks dict (see ``HybridLM``): ``{"hidden": [b, d], "depth": [b, L], "layers_{i}": {"mlp": [b, F]} |
-{"heads": [b, Hq]} | {"ssm_heads": [b, H], "mamba_head_dim": [b, P]}}``, float32: each axis' mask sits where its
-registry row says (``ElasticAxis.mask_key``).
+{"heads": [b, Hq]} | {"ssm_heads": [b, H], "mamba_head_dim": [b, P]} | {"expert": [b, E], "expert_mlp": [b, I],
+"shared_mlp": [b, S]}}``, float32: each axis' mask sits where its registry row says (``ElasticAxis.mask_key``).
+Routed experts are grouped like Mamba heads: n_group contiguous groups, each keeping ``count / n_group``.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def _is_concrete(x: Any) -> bool:
 
 
 def _check_counts(config: ModelConfig, axis: ElasticAxis, counts: Any, size: int, where: str) -> None:
-  """Concrete counts only (traced ones cannot be inspected): in [0, size] and whole groups."""
+  """Concrete counts only (traced ones cannot be inspected): in [0, size], whole groups, and none of them, but 0,
+  below the axis' smallest size."""
   if not _is_concrete(counts):
     return
   values = np.asarray(counts)
@@ -90,6 +92,11 @@ def _check_counts(config: ModelConfig, axis: ElasticAxis, counts: Any, size: int
   if step > 1 and values.size and np.any(values % step):
     bad = int(values[values % step != 0].flat[0])
     raise SpaceError(f"{axis.name} count {bad} for {where} is not a multiple of {axis.group_rule(config)}.")
+  minimum, rule = axis.min_size(config)
+  short = values[(values > 0) & (values < minimum)] if values.size else values
+  if short.size:
+    raise SpaceError(f"{axis.name} count {int(short.flat[0])} for {where} is below {minimum}, the fewest "
+                     f"{axis.unit}s a {axis.kind} block can keep ({rule}).")
 
 
 def _check_depth_order(depth_order: Any, num_layers: int) -> None:
@@ -125,7 +132,7 @@ def masks_from_counts(config: ModelConfig, counts: Mapping[str, Any], depth_orde
 
   Args:
     config: the parent.
-    counts: axis name (``hidden``, ``mlp``, ``attention_heads``, ``mamba_heads``, ``mamba_head_dim``, ``depth``)
+    counts: axis name (``hidden``, ``depth`` and the block axes: ``mlp``, ``attention_heads``, ``mamba_heads``...)
       -> count, a Python int or integer array ``[]`` / ``[b]``; per-layer axes also take ``[b, n]``, one column per
       block of that kind in pattern order. An absent axis gets no mask (stays full). Counts of grouped axes must be
       multiples of the group count (checked when concrete; traced counts round down per group).

@@ -8,20 +8,22 @@ arrays (the router's differentiable expected count). Block kinds:
 - attention: d·Hq·hd + 2·d·Hkv·hd + Hq·hd·d + d
 - MLP:       2·d·F + d
 - MoE:       d·E + E + E·2·c·I + 2·d·S + 2·d·L + d   (router and its correction bias, E routed experts of width I
-             reading c = L or d dims, the shared expert of width S, the latent projections when L is set)
+             reading c = L or d dims, the shared expert of width S, the latent projections when L is set); E, I
+             and S are the block's elastic sizes (``moe_experts``, ``moe_expert_dim``, ``moe_shared_dim``)
 - embedding + LM head + final norm: 2·V·d + d
 
 Active parameters (``active_param_count``) are those one token computes with: the same, with only the k =
 num_experts_per_tok routed experts it is sent to in place of all E (router, shared expert and latent projections
 always run).
 
-Every term is a product of *distinct* axes (d, F, Hq, H, P), each appearing at most once, so for independent
+Every term is a product of *distinct* axes (d, F, Hq, H, P, E, I, S), each appearing at most once, so for independent
 per-axis distributions E[count] is the formula evaluated at each axis' expected size, and a block's expected
 contribution is scaled by its probability of being kept. That is what ``expected_param_count`` computes.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,14 +69,17 @@ def mlp_param_count(hidden: Number, neurons: Number) -> Number:
   return 2 * hidden * neurons + hidden
 
 
-def moe_param_count(config: ModelConfig, hidden: Number, *, active: bool = False) -> Number:
-  """One MoE block, its pre-norm included; ``active``: with the num_experts_per_tok experts a token uses, not all."""
-  experts = config.num_experts_per_tok if active else config.n_routed_experts
+def moe_param_count(config: ModelConfig, hidden: Number, experts: Number, expert_width: Number,
+                    shared_width: Number, *, active: bool = False) -> Number:
+  """One MoE block of ``experts`` routed experts of ``expert_width`` neurons and a shared expert of
+  ``shared_width`` (0: none), its pre-norm included; ``active``: with the num_experts_per_tok experts a token
+  uses, not all (the router scores all of them)."""
+  used = config.num_experts_per_tok if active else experts
   latent = config.moe_latent_size
   expert_input = hidden if latent is None else latent
-  return (hidden * config.n_routed_experts + config.n_routed_experts  # router kernel, e_score_correction_bias
-          + experts * 2 * expert_input * config.moe_intermediate_size  # routed experts' up and down projections
-          + 2 * hidden * config.moe_shared_expert_intermediate_size  # shared expert (0 when absent)
+  return (hidden * experts + experts  # router kernel, e_score_correction_bias
+          + used * 2 * expert_input * expert_width  # routed experts' up and down projections
+          + 2 * hidden * shared_width  # shared expert (0 when absent)
           + (0 if latent is None else 2 * hidden * latent)  # fc1 / fc2 latent projections
           + hidden)  # block pre-norm
 
@@ -84,12 +89,12 @@ BLOCK_PARAM_COUNTS = {
     "mamba": mamba_param_count,
     "attention": attention_param_count,
     "mlp": lambda config, hidden, neurons: mlp_param_count(hidden, neurons),
-    "moe": lambda config, hidden: moe_param_count(config, hidden),
+    "moe": moe_param_count,
 }
 # The same per token: only MoE blocks differ (a token runs num_experts_per_tok of the routed experts).
 BLOCK_ACTIVE_PARAM_COUNTS = {
     **BLOCK_PARAM_COUNTS,
-    "moe": lambda config, hidden: moe_param_count(config, hidden, active=True),
+    "moe": functools.partial(moe_param_count, active=True),
 }
 
 
@@ -122,13 +127,15 @@ def active_param_count(config: ModelConfig) -> int:
              + sum(_block_counts(config, config.hidden_size, _parent_widths(config), BLOCK_ACTIVE_PARAM_COUNTS)))
 
 
-def choice_param_count(config: ModelConfig, choice: Choice, depth_order: Any = None) -> int:
-  """Exact parameter count of the sub-network ``choice`` of ``config`` (== that of its extracted child).
+def choice_param_count(config: ModelConfig, choice: Choice, depth_order: Any = None, *, active: bool = False) -> int:
+  """Exact parameter count of the sub-network ``choice`` of ``config`` (== that of its extracted child);
+  ``active``: its ``active_param_count``.
 
   ``depth_order`` (block indices, most important first) is needed when ``choice.depth`` drops blocks: which kinds
   of blocks go depends on it.
   """
-  return param_count(child_config(config, choice, depth_order))
+  child = child_config(config, choice, depth_order)
+  return active_param_count(child) if active else param_count(child)
 
 
 # ---------------------------------------------------------------------------------------------------- expected
@@ -166,7 +173,7 @@ def expected_sizes(config: ModelConfig, space: ElasticSpace, probs: Mapping[str,
 
 
 def expected_param_count(config: ModelConfig, space: ElasticSpace, probs: Mapping[str, Any],
-                         depth_order: Any = None) -> Array:
+                         depth_order: Any = None, *, active: bool = False) -> Array:
   """Differentiable expected parameter count under independent per-axis distributions over candidates.
 
   Args:
@@ -176,13 +183,14 @@ def expected_param_count(config: ModelConfig, space: ElasticSpace, probs: Mappin
       dims (e.g. a batch of budgets) are kept. Absent axes are at the parent's size.
     depth_order: block indices, most important first; required with ``depth`` probabilities. A block's expected
       contribution is scaled by its probability of being kept, Σ_i π_i · [rank(block) < depth_candidate_i].
+    active: count the parameters a token computes with (``active_param_count``) instead of all.
 
   Returns:
-    float32 ``[...]``. With one-hot probs it equals ``choice_param_count`` of that choice.
+    float32 ``[...]``. With one-hot probs it equals ``choice_param_count`` of that choice (same ``active``).
   """
   sizes = expected_sizes(config, space, probs)
   hidden = sizes["hidden"]
-  blocks = _block_counts(config, hidden, sizes)
+  blocks = _block_counts(config, hidden, sizes, BLOCK_ACTIVE_PARAM_COUNTS if active else None)
   if "depth" in probs:
     if depth_order is None:
       raise SpaceError("depth probabilities need depth_order (block indices, most important first).")

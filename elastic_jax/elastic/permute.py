@@ -16,6 +16,10 @@ tensor that names an axis is permuted with it and a new tensor needs no entry he
     ``ssm_heads``       rankings.mamba_heads[i]      z/x/dt projections, conv_x, A_log, D, dt_bias, norm, out_proj
     ``mamba_head_dim``  rankings.mamba_head_dim[i]   z/x projections, conv_x, norm, out_proj (never B/C:
                                                      ``ssm_state``)
+    ``expert``          rankings.moe_experts[i]      router kernel columns, e_score_correction_bias, both expert
+                                                     stacks (within each of the n_group expert groups)
+    ``expert_mlp``      rankings.moe_expert_dim[i]   every routed expert's up columns and down rows
+    ``shared_mlp``      rankings.moe_shared_dim[i]   the shared expert's up columns and down rows
 
 Depth is not a weight permutation: blocks stay in place and the depth order only drives depth masks.
 """
@@ -46,12 +50,14 @@ def check_rankings(config: ModelConfig, rankings: Rankings) -> None:
   """Raises ``RankingError`` unless every ranking is a permutation of its axis that respects the group structure.
 
   Mamba heads may only be reordered within their group (group g owns heads [g*H/G, (g+1)*H/G)); query heads only
-  within their KV group (head h reads KV head h // (Hq/Hkv)). Moving a head across groups would change which B/C
-  group or KV head it reads, i.e. change the function.
+  within their KV group (head h reads KV head h // (Hq/Hkv)); routed experts only within their expert group.
+  Moving a head across groups would change which B/C group or KV head it reads, and an expert across groups which
+  group it is chosen with, i.e. change the function.
   """
   _check_permutation("hidden", rankings.hidden, config.hidden_size)
   for axis in axes.block_axes():
-    sizes = {spec.index: axis.block_size(config, spec) for spec in config.block_specs() if spec.kind == axis.kind}
+    sizes = {spec.index: axis.block_size(config, spec) for spec in config.block_specs()
+             if spec.kind == axis.kind and axes.present(config, axis)}
     given = getattr(rankings, axis.name)
     if set(given) != set(sizes):
       raise RankingError(f"rankings.{axis.name} has entries for blocks {sorted(given)} but pattern "

@@ -1,11 +1,14 @@
 """The elastic search space (candidate sizes per axis) and one point in it, a ``Choice`` (one sub-network).
 
-Axes (spec §3): hidden channels, MLP neurons, attention query heads, Mamba heads, Mamba head channels and depth
-(the number of blocks kept, taken from the top of the depth ranking). Mamba groups, SSM state, B/C, KV heads and
-the attention head dim are never elastic.
+Axes (spec §3): hidden channels, MLP neurons, attention query heads, Mamba heads, Mamba head channels, MoE routed
+experts, routed-expert neurons and shared-expert neurons, and depth (the number of blocks kept, taken from the top
+of the depth ranking). Mamba groups, SSM state, B/C, KV heads, the attention head dim, num_experts_per_tok and the
+MoE latent size are never elastic.
 
-Granularity: Mamba head counts are multiples of ``n_groups`` (each group keeps the same number of its own heads)
-and query head counts are multiples of ``num_key_value_heads`` (each KV group keeps the same number, D-1).
+Granularity: Mamba head counts are multiples of ``n_groups`` (each group keeps the same number of its own heads),
+query head counts multiples of ``num_key_value_heads`` (each KV group keeps the same number, D-1) and routed expert
+counts multiples of ``n_group``, at least ``ModelConfig.min_routed_experts`` (group-limited routing scores a group
+by its two best experts and draws num_experts_per_tok experts from topk_group groups).
 
 ``homogeneous`` mode gives every block of a kind the same size; ``heterogeneous`` mode lets each block pick its
 own candidate (the router then has one set of logits per block of that kind). Hidden and depth are global.
@@ -44,6 +47,10 @@ def _check_size(config: ModelConfig, axis: ElasticAxis, value: Any, what: str, l
     raise SpaceError(f"{what} {value} must be positive (use depth to remove whole blocks).")
   if value % axis.groups(config):
     raise SpaceError(f"{what} {value} is not a multiple of {axis.group_rule(config)}.")
+  minimum, rule = axis.min_size(config)
+  if value < minimum:
+    raise SpaceError(f"{what} {value} is below {minimum}, the fewest {axis.unit}s a {axis.kind} block can keep "
+                     f"({rule}).")
   if value > limit:
     raise SpaceError(f"{what} {value} is larger than the parent's {limit_name}={limit}.")
 
@@ -54,6 +61,13 @@ def _limit(config: ModelConfig, axis: ElasticAxis) -> tuple[int, str]:
   if len(set(widths)) > 1:
     return min(widths), f"smallest per-layer {axis.config_field}"
   return widths[0], axis.config_field
+
+
+def _absence(config: ModelConfig, axis: ElasticAxis) -> str:
+  """Why a block axis is absent from ``config`` (see ``axes.present``), for messages."""
+  if axes.kind_count(config, axis.kind) == 0:
+    return f"pattern={config.pattern!r} has no {axis.kind} blocks"
+  return f"the parent's {axis.kind} blocks have {axis.config_field}=0 (none)"
 
 
 def _sizes(value: Any, what: str) -> tuple:
@@ -147,8 +161,8 @@ class ElasticSpace(_AxisRecord):
       values = self.candidates(axis.name)
       if not axes.present(config, axis):
         if values:
-          raise SpaceError(f"{axis.name} has candidates {list(values)} but pattern={config.pattern!r} has no "
-                           f"{axis.kind} blocks; leave it empty.")
+          raise SpaceError(f"{axis.name} has candidates {list(values)} but {_absence(config, axis)}; leave it "
+                           "empty.")
         continue
       if not values:
         raise SpaceError(f"{axis.name} candidate list is empty; give at least one size (the parent's size keeps "
@@ -204,7 +218,8 @@ class ElasticSpace(_AxisRecord):
     """A space whose candidates on ``axis_names`` (default: every axis but depth) are ``fraction * parent size``,
     rounded down to the axis granularity.
 
-    Other axes keep the parent's size only. Fractions that round to zero or to the same size are dropped.
+    Other axes keep the parent's size only. Fractions that round below the axis' smallest size (``min_size``) or to
+    the same size are dropped.
     """
     names = [a for a in axes.names() if a != "depth"] if axis_names is None else axis_names
     values: dict[str, Any] = dict(modes)
@@ -213,9 +228,9 @@ class ElasticSpace(_AxisRecord):
       if not axes.present(config, axis):
         continue
       parent = min(axis.parent_sizes(config))
-      step = axis.groups(config)
+      step, minimum = axis.groups(config), axis.min_size(config)[0]
       sizes = {int(f * parent) // step * step for f in fractions}
-      values[name] = sorted(s for s in sizes if 0 < s <= parent)
+      values[name] = sorted(s for s in sizes if minimum <= s <= parent)
     return cls.from_dict(values, config)
 
   def to_json(self) -> str:
@@ -227,7 +242,8 @@ class Choice(_AxisRecord):
   """One sub-network: a size per axis, per block of each kind (pattern order), and the number of blocks kept.
 
   ``Choice(hidden=..., mlp=(...), attention_heads=(...), mamba_heads=(...), mamba_head_dim=(...), depth=...)``,
-  one keyword per axis of the registry. ``mlp[i]`` is the neuron count of the i-th MLP block,
+  one keyword per axis of the registry (a block axis may be left out when the parent has no such blocks: it is
+  then ``()``). ``mlp[i]`` is the neuron count of the i-th MLP block,
   ``attention_heads[i]`` the total query heads kept by the i-th attention block, ``mamba_heads[i]`` /
   ``mamba_head_dim[i]`` the heads and channels per head kept by the i-th Mamba block. ``depth`` counts blocks kept
   from the top of a depth ranking; the sizes of blocks it drops are ignored. Homogeneous choices repeat one value
@@ -238,10 +254,10 @@ class Choice(_AxisRecord):
 
   def __init__(self, **sizes: Any):
     names = axes.names()
-    _check_fields("Choice", list(sizes), names, names)
+    _check_fields("Choice", list(sizes), names, [a.name for a in axes.AXES if not a.per_layer])
     items = {}
     for axis in axes.AXES:
-      value = sizes[axis.name]
+      value = sizes.get(axis.name, ())
       if axis.per_layer:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
           raise SpaceError(f"Choice.{axis.name} must be a sequence with one size per block of its kind, got "
@@ -290,6 +306,9 @@ class Choice(_AxisRecord):
       elif not axis.per_layer:
         _check_size(config, axis, value, f"Choice.{axis.name}", getattr(config, axis.config_field),
                     axis.config_field)
+      elif not axes.present(config, axis):
+        if value not in ((), axis.parent_sizes(config)):
+          raise SpaceError(f"Choice.{axis.name} is {list(value)} but {_absence(config, axis)}; leave it empty.")
       else:
         parents = axis.parent_sizes(config)
         if len(value) != len(parents):
@@ -313,7 +332,8 @@ class Choice(_AxisRecord):
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "Choice":
-    """A choice from its ``to_dict`` (e.g. a run's ``deployed_choices.json``); the keys must be the axis names."""
-    if set(values) != set(axes.names()):
+    """A choice from its ``to_dict`` (e.g. a run's ``deployed_choices.json``); the keys must be the axis names (block
+    axes of kinds the parent lacks may be absent: a file written before those axes existed)."""
+    if not axes.keys_fit(values, axes.names()):
       raise SpaceError(axes.rename_hint(values, axes.names(), "Choice keys"))
     return cls(**values)

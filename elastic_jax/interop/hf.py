@@ -56,7 +56,7 @@ import safetensors
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from elastic_jax.model.config import DTYPES, KINDS, ConfigError, ModelConfig
+from elastic_jax.model.config import DTYPES, KINDS, PER_LAYER_FIELDS, ConfigError, ModelConfig
 from elastic_jax.train.distributed import barrier
 from elastic_jax.train.sharding import DEFAULT_RULES, LogicalRules, param_shardings
 
@@ -758,13 +758,11 @@ def _first_token_id(hf: Mapping[str, Any], key: str) -> int | None:
 
 def _check_exportable(config: ModelConfig) -> None:
   if not config.is_homogeneous:
+    differing = {name: getattr(config, name) for name in PER_LAYER_FIELDS if getattr(config, name) is not None}
     raise CheckpointError(
         "cannot export a heterogeneous config (per-layer widths differ within a block kind: "
-        f"intermediate_size_per_layer={config.intermediate_size_per_layer}, "
-        f"num_attention_heads_per_layer={config.num_attention_heads_per_layer}, "
-        f"mamba_num_heads_per_layer={config.mamba_num_heads_per_layer}, "
-        f"mamba_head_dim_per_layer={config.mamba_head_dim_per_layer}); a stock NemotronH config.json has one "
-        "intermediate_size, num_attention_heads, mamba_num_heads and mamba_head_dim for all layers.")
+        + ", ".join(f"{name}={value}" for name, value in differing.items()) + "); a stock NemotronH config.json has "
+        "one width per field (" + ", ".join(field for _, field in PER_LAYER_FIELDS.values()) + ") for all layers.")
 
 
 def _homogeneous_widths(config: ModelConfig) -> dict[str, int]:

@@ -48,6 +48,19 @@ KINDS: tuple[BlockKind, ...] = (
 BLOCK_KINDS = {kind.char: kind.name for kind in KINDS}  # pattern character -> kind name
 
 
+# Every per-layer width: the ``*_per_layer`` field -> (its block kind, the scalar field and ``BlockSpec`` field it
+# overrides block by block).
+PER_LAYER_FIELDS = {
+    "intermediate_size_per_layer": ("mlp", "intermediate_size"),
+    "num_attention_heads_per_layer": ("attention", "num_attention_heads"),
+    "mamba_num_heads_per_layer": ("mamba", "mamba_num_heads"),
+    "mamba_head_dim_per_layer": ("mamba", "mamba_head_dim"),
+    "n_routed_experts_per_layer": ("moe", "n_routed_experts"),
+    "moe_intermediate_size_per_layer": ("moe", "moe_intermediate_size"),
+    "moe_shared_expert_intermediate_size_per_layer": ("moe", "moe_shared_expert_intermediate_size"),
+}
+
+
 class ConfigError(ValueError):
   """A configuration value is invalid; the message names the field, the value and the fix."""
 
@@ -63,6 +76,9 @@ class BlockSpec:
   num_attention_heads: int = 0  # attention
   mamba_num_heads: int = 0  # Mamba
   mamba_head_dim: int = 0  # Mamba
+  n_routed_experts: int = 0  # MoE
+  moe_intermediate_size: int = 0  # MoE: each routed expert's width
+  moe_shared_expert_intermediate_size: int = 0  # MoE: the shared expert's width (0: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +107,9 @@ class ModelConfig:
   num_attention_heads_per_layer: tuple[int, ...] | None = None
   mamba_num_heads_per_layer: tuple[int, ...] | None = None
   mamba_head_dim_per_layer: tuple[int, ...] | None = None
+  n_routed_experts_per_layer: tuple[int, ...] | None = None
+  moe_intermediate_size_per_layer: tuple[int, ...] | None = None
+  moe_shared_expert_intermediate_size_per_layer: tuple[int, ...] | None = None
   # Numerics: params are stored in param_dtype; matmuls run in dtype; norms, softmax and SSD decays in fp32.
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -107,7 +126,9 @@ class ModelConfig:
   # moe_intermediate_size, in moe_latent_size dims when set) are summed with the scores as weights (normalised to
   # sum 1 when norm_topk_prob, times routed_scaling_factor) and added to one shared relu^2 MLP of width
   # moe_shared_expert_intermediate_size (0: none). As in transformers 5.23, n_shared_experts does not change the
-  # computation (the shared MLP's width is the whole of it); it is carried for the config's round trip.
+  # computation (the shared MLP's width is the whole of it); it is carried for the config's round trip. A
+  # heterogeneous child gives each E block its own n_routed_experts, moe_intermediate_size and shared width through
+  # the *_per_layer fields above; routing (num_experts_per_tok, n_group, topk_group) is the same in every block.
   n_routed_experts: int = 0
   num_experts_per_tok: int = 0
   moe_intermediate_size: int = 0
@@ -123,8 +144,7 @@ class ModelConfig:
 
   def __post_init__(self):
     # Normalise list-valued fields (e.g. from JSON / ConfigDict) to tuples so the config stays hashable.
-    for name in ("time_step_limit", "intermediate_size_per_layer", "num_attention_heads_per_layer",
-                 "mamba_num_heads_per_layer", "mamba_head_dim_per_layer"):
+    for name in ("time_step_limit", *PER_LAYER_FIELDS):
       value = getattr(self, name)
       if value is not None and not isinstance(value, tuple):
         object.__setattr__(self, name, tuple(value))
@@ -156,13 +176,7 @@ class ModelConfig:
       raise ConfigError(f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}.")
 
     counts = {kind: self.pattern.count(ch) for ch, kind in BLOCK_KINDS.items()}
-    per_layer = {
-        "intermediate_size_per_layer": "mlp",
-        "num_attention_heads_per_layer": "attention",
-        "mamba_num_heads_per_layer": "mamba",
-        "mamba_head_dim_per_layer": "mamba",
-    }
-    for name, kind in per_layer.items():
+    for name, (kind, _) in PER_LAYER_FIELDS.items():
       values = getattr(self, name)
       if values is None:
         continue
@@ -200,41 +214,61 @@ class ModelConfig:
       self._validate_moe()
 
   def _validate_moe(self) -> None:
-    """The E blocks' fields; each message names the field, its value and the fix."""
-    _positive(self, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group")
+    """The E blocks' fields; each message names the field, its value and the fix. Widths are checked per E block
+    (``*_per_layer`` fields may give each its own), prefixed with the block where they may differ."""
+    _positive(self, "num_experts_per_tok", "n_group", "topk_group")
     for name in ("moe_shared_expert_intermediate_size", "n_shared_experts"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{name}={value!r} must be an integer >= 0 (0: no shared expert).")
-    if (self.n_shared_experts == 0) != (self.moe_shared_expert_intermediate_size == 0):
-      raise ConfigError(
-          f"n_shared_experts={self.n_shared_experts} and moe_shared_expert_intermediate_size="
-          f"{self.moe_shared_expert_intermediate_size} disagree; set both to 0 for no shared expert, or both > 0.")
+    if self.topk_group > self.n_group:
+      raise ConfigError(f"topk_group={self.topk_group} is larger than n_group={self.n_group}; use at most "
+                        f"{self.n_group}.")
     if self.moe_latent_size is not None and (isinstance(self.moe_latent_size, bool)
                                              or not isinstance(self.moe_latent_size, int)
                                              or self.moe_latent_size <= 0):
       raise ConfigError(f"moe_latent_size={self.moe_latent_size!r} must be a positive integer, or None for experts "
                         "that read the hidden size.")
-    if self.n_routed_experts % self.n_group:
-      raise ConfigError(f"n_routed_experts={self.n_routed_experts} is not a multiple of n_group={self.n_group}; "
-                        "every expert group needs the same number of experts.")
-    per_group = self.n_routed_experts // self.n_group
-    if self.n_group > 1 and per_group < 2:
-      raise ConfigError(f"n_routed_experts={self.n_routed_experts} over n_group={self.n_group} leaves {per_group} "
-                        "expert per group; a group is scored by its two best experts, so give each group >= 2.")
-    if self.topk_group > self.n_group:
-      raise ConfigError(f"topk_group={self.topk_group} is larger than n_group={self.n_group}; use at most "
-                        f"{self.n_group}.")
-    if self.num_experts_per_tok > self.topk_group * per_group:
-      raise ConfigError(
-          f"num_experts_per_tok={self.num_experts_per_tok} is larger than the {self.topk_group * per_group} experts "
-          f"of the topk_group={self.topk_group} chosen groups ({per_group} each); lower num_experts_per_tok or raise "
-          "topk_group.")
     if not isinstance(self.norm_topk_prob, bool):
       raise ConfigError(f"norm_topk_prob={self.norm_topk_prob!r} must be True or False.")
     if not (isinstance(self.routed_scaling_factor, (int, float)) and math.isfinite(self.routed_scaling_factor)
             and self.routed_scaling_factor > 0):
       raise ConfigError(f"routed_scaling_factor={self.routed_scaling_factor!r} must be a finite number > 0.")
+    heterogeneous = any(getattr(self, f) is not None for f, (kind, _) in PER_LAYER_FIELDS.items() if kind == "moe")
+    for spec in self.block_specs():
+      if spec.kind == "moe":
+        where = f"MoE block {spec.index}: " if heterogeneous else ""
+        _positive(spec, "n_routed_experts", "moe_intermediate_size", where=where, pattern=self.pattern)
+        self._validate_moe_widths(spec, where)
+
+  def _validate_moe_widths(self, spec: BlockSpec, where: str) -> None:
+    experts, shared = spec.n_routed_experts, spec.moe_shared_expert_intermediate_size
+    if (self.n_shared_experts == 0) != (shared == 0):
+      raise ConfigError(
+          f"{where}n_shared_experts={self.n_shared_experts} and moe_shared_expert_intermediate_size={shared} "
+          "disagree; set both to 0 for no shared expert, or both > 0.")
+    if experts % self.n_group:
+      raise ConfigError(f"{where}n_routed_experts={experts} is not a multiple of n_group={self.n_group}; "
+                        "every expert group needs the same number of experts.")
+    per_group = experts // self.n_group
+    if self.n_group > 1 and per_group < 2:
+      raise ConfigError(f"{where}n_routed_experts={experts} over n_group={self.n_group} leaves {per_group} "
+                        "expert per group; a group is scored by its two best experts, so give each group >= 2.")
+    if self.num_experts_per_tok > self.topk_group * per_group:
+      raise ConfigError(
+          f"{where}num_experts_per_tok={self.num_experts_per_tok} is larger than the {self.topk_group * per_group} "
+          f"experts of the topk_group={self.topk_group} chosen groups ({per_group} each); lower num_experts_per_tok "
+          "or raise topk_group.")
+
+  def min_routed_experts(self) -> tuple[int, str]:
+    """The fewest routed experts an E block can have under the rules ``validate`` checks (a multiple of n_group,
+    >= 2 per group when n_group > 1, num_experts_per_tok of them in the topk_group chosen groups), and that rule in
+    words."""
+    per_group = max(2 if self.n_group > 1 else 1, -(-self.num_experts_per_tok // self.topk_group))
+    return self.n_group * per_group, (
+        f"each of n_group={self.n_group} expert groups keeps {per_group}: "
+        + ("a group is scored by its two best experts, and " if self.n_group > 1 else "")
+        + f"the topk_group={self.topk_group} chosen groups must hold num_experts_per_tok={self.num_experts_per_tok}")
 
   # ------------------------------------------------------------------------------------------------ derived
   @property
@@ -246,18 +280,9 @@ class ModelConfig:
     specs = []
     for index, ch in enumerate(self.pattern):
       kind, k = BLOCK_KINDS[ch], self.pattern.count(ch, 0, index)
-      if kind == "mlp":
-        specs.append(BlockSpec(index, kind, k, intermediate_size=_pick(self.intermediate_size_per_layer, k,
-                                                                       self.intermediate_size)))
-      elif kind == "attention":
-        specs.append(BlockSpec(index, kind, k, num_attention_heads=_pick(self.num_attention_heads_per_layer, k,
-                                                                         self.num_attention_heads)))
-      elif kind == "mamba":
-        specs.append(BlockSpec(index, kind, k,
-                               mamba_num_heads=_pick(self.mamba_num_heads_per_layer, k, self.mamba_num_heads),
-                               mamba_head_dim=_pick(self.mamba_head_dim_per_layer, k, self.mamba_head_dim)))
-      else:  # moe: its widths are the config's (no per-layer fields yet)
-        specs.append(BlockSpec(index, kind, k))
+      widths = {field: _pick(getattr(self, per_layer), k, getattr(self, field))
+                for per_layer, (owner, field) in PER_LAYER_FIELDS.items() if owner == kind}
+      specs.append(BlockSpec(index, kind, k, **widths))
     return tuple(specs)
 
   @property
@@ -269,9 +294,7 @@ class ModelConfig:
   def is_homogeneous(self) -> bool:
     """True when every block of a kind has the same widths (exportable as a stock HF NemotronH config)."""
     specs = self.block_specs()
-    return all(len({getattr(s, f) for s in specs if s.kind == kind}) <= 1
-               for kind, f in (("mlp", "intermediate_size"), ("attention", "num_attention_heads"),
-                               ("mamba", "mamba_num_heads"), ("mamba", "mamba_head_dim")))
+    return all(len({getattr(s, f) for s in specs if s.kind == kind}) <= 1 for kind, f in PER_LAYER_FIELDS.values())
 
   def replace(self, **changes: Any) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
@@ -302,8 +325,9 @@ def _pick(per_layer: tuple[int, ...] | None, k: int, default: int) -> int:
   return default if per_layer is None else per_layer[k]
 
 
-def _positive(config: ModelConfig, *names: str) -> None:
+def _positive(config: ModelConfig | BlockSpec, *names: str, where: str = "", pattern: str | None = None) -> None:
   for name in names:
     value = getattr(config, name)
     if not isinstance(value, int) or value <= 0:
-      raise ConfigError(f"{name}={value!r} must be a positive integer for pattern={config.pattern!r}.")
+      raise ConfigError(f"{where}{name}={value!r} must be a positive integer for pattern="
+                        f"{config.pattern if pattern is None else pattern!r}.")

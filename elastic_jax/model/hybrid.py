@@ -157,7 +157,8 @@ class HybridLM(nn.Module):
 
   ``masks`` (optional) selects a nested sub-network per sample, with a leading batch axis so every row of a batch
   can run a different budget: ``{"hidden": [b, d], "depth": [b, num_layers], "layers_{i}": {...}}`` where a block's
-  entry is ``{"mlp": [b, F]}``, ``{"heads": [b, Hq]}`` or ``{"ssm_heads": [b, H], "mamba_head_dim": [b, P]}``. Any
+  entry is ``{"mlp": [b, F]}``, ``{"heads": [b, Hq]}``, ``{"ssm_heads": [b, H], "mamba_head_dim": [b, P]}`` or
+  ``{"expert": [b, E], "expert_mlp": [b, I], "shared_mlp": [b, S]}``. Any
   entry may be absent (that axis stays full). Values are 1/0, or fractional for soft masks. Build them with
   ``elastic_jax.elastic.masks``.
   """

@@ -29,7 +29,13 @@ def record_importance(module: nn.Module, name: str, activation: Array) -> None:
   Only computed when that collection is mutable (calibration passes); otherwise the value is dead code under jit.
   """
   if module.is_mutable_collection("importance"):
-    module.sow("importance", name, jnp.mean(jnp.abs(activation.astype(jnp.float32)), axis=1))
+    record_statistic(module, name, jnp.mean(jnp.abs(activation.astype(jnp.float32)), axis=1))
+
+
+def record_statistic(module: nn.Module, name: str, per_sample: Array) -> None:
+  """Sows an importance statistic already reduced to one value per sample ([b, *c]), when calibrating."""
+  if module.is_mutable_collection("importance"):
+    module.sow("importance", name, per_sample)
 
 
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:

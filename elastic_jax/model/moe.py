@@ -29,29 +29,48 @@ experts' and the shared MLP's neurons; ``moe_latent`` for the latent dims):
 
 ``e_score_correction_bias`` is a buffer in transformers (updated by load balancing, not by gradients): here it only
 chooses experts, so its gradient is zero.
+
+Elastic masks (``masks`` of ``MoE``, one row per sample; ``elastic.axes`` rows ``moe_experts``, ``moe_expert_dim``,
+``moe_shared_dim``):
+
+    expert [b, E]      a dropped expert's choice is -inf *before* group scoring and top-k, so tokens choose among
+                       the kept experts exactly as a child holding only those experts does (each group keeps the
+                       same number, >= 2 when n_group > 1, so every group's two best are kept experts and group
+                       scores match the child's); the chosen experts' weights are multiplied by their mask value
+                       (1 in a hard mask, the straight-through gradient's path to the router)
+    expert_mlp [b, I]  every routed expert's up-projection output (the same neuron prefix for all experts)
+    shared_mlp [b, S]  the shared expert's up-projection output
+
+Widths come from the block's ``BlockSpec`` (a heterogeneous child gives each E block its own).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from elastic_jax.model.config import BlockSpec, ModelConfig
-from elastic_jax.model.layers import Projection, constrain, dtype_of, param
+from elastic_jax.model.layers import Projection, constrain, dtype_of, param, record_importance, record_statistic
 from elastic_jax.ops.grouped_matmul import grouped_matmul
 
 Array = jax.Array
 
 
 # ---------------------------------------------------------------------------------------------------- routing
-def route(config: ModelConfig, x: Array, kernel: Array, correction_bias: Array) -> tuple[Array, Array]:
-  """Top-k routing of tokens x [T, d]: (weights [T, k] fp32, expert indices [T, k] int32), in fp32 throughout."""
+def route(config: ModelConfig, x: Array, kernel: Array, correction_bias: Array,
+          expert_mask: Array | None = None) -> tuple[Array, Array]:
+  """Top-k routing of tokens x [T, d]: (weights [T, k] fp32, expert indices [T, k] int32), in fp32 throughout.
+
+  expert_mask: optional [T, E], > 0 for the experts a token may choose (see the module docstring)."""
   logits = jnp.dot(x.astype(jnp.float32), kernel.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
   scores = jax.nn.sigmoid(logits)
   choice = scores + jax.lax.stop_gradient(correction_bias.astype(jnp.float32))
+  if expert_mask is not None:
+    choice = jnp.where(expert_mask > 0, choice, -jnp.inf)
   if config.n_group > 1:
     tokens, experts = choice.shape
     grouped = choice.reshape(tokens, config.n_group, experts // config.n_group)
@@ -64,6 +83,8 @@ def route(config: ModelConfig, x: Array, kernel: Array, correction_bias: Array) 
   weights = jnp.take_along_axis(scores, indices, axis=1)
   if config.norm_topk_prob:
     weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  if expert_mask is not None:
+    weights = weights * jnp.take_along_axis(expert_mask.astype(jnp.float32), indices, axis=1)
   return weights * config.routed_scaling_factor, indices.astype(jnp.int32)
 
 
@@ -72,12 +93,23 @@ def _relu2(x: Array) -> Array:
   return jnp.square(jax.nn.relu(x))
 
 
+class ExpertRows(NamedTuple):
+  """The T·k (token, expert) assignments in expert order, as ``sorted_experts`` computes them."""
+
+  token: Array  # [T·k] int: the token of each row
+  expert: Array  # [T·k] int: its expert
+  hidden: Array  # [T·k, I] the up-projection output (masked)
+  out: Array  # [T·k, c] fp32: the expert's output, before its routing weight
+
+
 def sorted_experts(x: Array, up: Array, down: Array, weights: Array, indices: Array, *, impl: str = "auto",
-                   dtype=jnp.float32) -> Array:
+                   dtype=jnp.float32, neuron_mask: Array | None = None, return_rows: bool = False
+                   ) -> Array | tuple[Array, ExpertRows]:
   """sum_j weights[:, j] * expert_{indices[:, j]}(x) for x [T, c], up [E, c, I], down [E, I, c] -> [T, c] fp32.
 
   The T·k assignments are sorted by expert (stable), gathered into T·k rows, multiplied by two grouped matmuls
   (``impl``: see ``ops.grouped_matmul``) in ``dtype`` with fp32 accumulation, weighted, and summed back per token.
+  neuron_mask: optional [T, I], multiplies each token's up-projection output. return_rows: also the rows.
   """
   tokens, k = indices.shape
   flat = indices.reshape(-1)
@@ -87,13 +119,28 @@ def sorted_experts(x: Array, up: Array, down: Array, weights: Array, indices: Ar
   rows = x.astype(dtype)[token_of]  # [T·k, c]
   with jax.named_scope("up_proj"):
     hidden = grouped_matmul(rows, up.astype(dtype), group_sizes, impl=impl).astype(dtype)
-  hidden = _relu2(hidden)
+  if neuron_mask is not None:
+    hidden = hidden * neuron_mask[token_of].astype(dtype)
   with jax.named_scope("down_proj"):
-    out = grouped_matmul(hidden, down.astype(dtype), group_sizes, impl=impl)  # fp32
-  out = out * weights.reshape(-1)[order][:, None].astype(jnp.float32)
+    expert_out = grouped_matmul(_relu2(hidden), down.astype(dtype), group_sizes, impl=impl)  # fp32
+  out = expert_out * weights.reshape(-1)[order][:, None].astype(jnp.float32)
   # Back to assignment order (the inverse permutation), then the k assignments of each token summed.
   position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-  return jnp.sum(out[position].reshape(tokens, k, -1), axis=1)
+  y = jnp.sum(out[position].reshape(tokens, k, -1), axis=1)
+  return (y, ExpertRows(token_of, flat[order], hidden, expert_out)) if return_rows else y
+
+
+def expert_statistics(rows: ExpertRows, batch: int, length: int, experts: int) -> dict[str, Array]:
+  """The routed experts' importance statistics per sample, for rows of ``batch`` x ``length`` tokens (sample-major):
+  ``mean_t`` over a sample's tokens of each expert's output norm ([b, E]; 0 where a token does not use the expert,
+  so this is routing frequency x mean output norm) and of its |up-projection output| ([b, E, I])."""
+  segment = rows.token // length * experts + rows.expert
+
+  def mean(values: Array) -> Array:
+    sums = jax.ops.segment_sum(values.astype(jnp.float32), segment, num_segments=batch * experts)
+    return sums.reshape(batch, experts, *values.shape[1:]) / length
+
+  return {"expert": mean(jnp.linalg.norm(rows.out, axis=-1)), "expert_mlp": mean(jnp.abs(rows.hidden))}
 
 
 def dense_experts(x: Array, up: Array, down: Array, weights: Array, indices: Array, *, dtype=jnp.float32) -> Array:
@@ -110,80 +157,97 @@ class Router(nn.Module):
   """The gate's parameters: kernel [d, E] and e_score_correction_bias [E] (both fp32 in use)."""
 
   config: ModelConfig
+  spec: BlockSpec
 
   @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, Array]:
-    cfg = self.config
+  def __call__(self, x: Array, expert_mask: Array | None = None) -> tuple[Array, Array]:
+    cfg, e = self.config, self.spec.n_routed_experts
     pdt = dtype_of(cfg.param_dtype)
-    kernel = param(self, "kernel", nn.initializers.normal(cfg.initializer_range),
-                   (cfg.hidden_size, cfg.n_routed_experts), ("embed", "expert"), pdt)
-    bias = param(self, "e_score_correction_bias", nn.initializers.zeros, (cfg.n_routed_experts,), ("expert",), pdt)
-    return route(cfg, x, kernel, bias)
+    kernel = param(self, "kernel", nn.initializers.normal(cfg.initializer_range), (cfg.hidden_size, e),
+                   ("embed", "expert"), pdt)
+    bias = param(self, "e_score_correction_bias", nn.initializers.zeros, (e,), ("expert",), pdt)
+    return route(cfg, x, kernel, bias, expert_mask)
 
 
 class Experts(nn.Module):
   """The routed experts' stacked weights, up_proj [E, c, I] and down_proj [E, I, c], applied to routed tokens."""
 
   config: ModelConfig
+  spec: BlockSpec
   input_axis: str  # "embed", or "moe_latent" behind the latent projection
 
   @nn.compact
-  def __call__(self, x: Array, weights: Array, indices: Array) -> Array:
+  def __call__(self, x: Array, weights: Array, indices: Array, neuron_mask: Array | None = None
+               ) -> tuple[Array, ExpertRows]:
+    """-> (the weighted sum of each token's experts [T, c] fp32, the rows it was computed from)."""
     cfg = self.config
     pdt = dtype_of(cfg.param_dtype)
-    e, c, i = cfg.n_routed_experts, cfg.expert_input_size, cfg.moe_intermediate_size
+    e, c, i = self.spec.n_routed_experts, cfg.expert_input_size, self.spec.moe_intermediate_size
     up = param(self, "up_proj", nn.initializers.normal(cfg.initializer_range), (e, c, i),
                ("expert", self.input_axis, "expert_mlp"), pdt)
     down = param(self, "down_proj", nn.initializers.normal(cfg.initializer_range / math.sqrt(cfg.num_layers)),
                  (e, i, c), ("expert", "expert_mlp", self.input_axis), pdt)
-    return sorted_experts(x, up, down, weights, indices, impl=cfg.moe_impl, dtype=dtype_of(cfg.dtype))
+    return sorted_experts(x, up, down, weights, indices, impl=cfg.moe_impl, dtype=dtype_of(cfg.dtype),
+                          neuron_mask=neuron_mask, return_rows=True)
 
 
 class SharedExpert(nn.Module):
   """The shared expert: a relu^2 MLP of width ``moe_shared_expert_intermediate_size`` that every token goes through."""
 
   config: ModelConfig
+  spec: BlockSpec
 
   @nn.compact
-  def __call__(self, u: Array) -> Array:
+  def __call__(self, u: Array, mask: Array | None = None) -> tuple[Array, Array]:
+    """u [b, l, d], mask [b, S] -> (output [b, l, d], the up-projection output [b, l, S] for importance)."""
     cfg = self.config
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    hidden = Projection((cfg.moe_shared_expert_intermediate_size,), ("embed",), ("shared_mlp",),
-                        cfg.initializer_range, name="up_proj", **kw)(u)
+    up = Projection((self.spec.moe_shared_expert_intermediate_size,), ("embed",), ("shared_mlp",),
+                    cfg.initializer_range, name="up_proj", **kw)(u)
+    hidden = up if mask is None else up * mask[:, None, :].astype(up.dtype)
     hidden = constrain(_relu2(hidden), ("batch", "length", "shared_mlp"))
     return Projection((cfg.hidden_size,), ("shared_mlp",), ("embed",),
-                      cfg.initializer_range / math.sqrt(cfg.num_layers), name="down_proj", **kw)(hidden)
+                      cfg.initializer_range / math.sqrt(cfg.num_layers), name="down_proj", **kw)(hidden), up
 
 
 class MoE(nn.Module):
-  """u [b, l, d] -> [b, l, d] in ``config.dtype``. Stateless per token (no decode cache); no elastic axis yet, so
-  ``masks`` is accepted and unused (hidden channels are masked around the block by ``Block``)."""
+  """u [b, l, d] -> [b, l, d] in ``config.dtype``. Stateless per token (no decode cache). ``masks``: optional
+  {"expert": [b, E], "expert_mlp": [b, I], "shared_mlp": [b, S]} (module docstring); hidden channels are masked
+  around the block by ``Block``. Calibration passes sow the ``expert``, ``expert_mlp`` and ``shared_mlp``
+  statistics (``elastic.importance``)."""
 
   config: ModelConfig
   spec: BlockSpec
 
   @nn.compact
   def __call__(self, u: Array, masks: dict[str, Array] | None = None) -> Array:
-    del masks
-    cfg = self.config
+    cfg, spec = self.config, self.spec
+    masks = masks or {}
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     b, l, d = u.shape
     tokens = u.reshape(b * l, d)
+    per_token = lambda name: None if masks.get(name) is None else jnp.repeat(masks[name], l, axis=0)
     with jax.named_scope("router"):
-      weights, indices = Router(cfg, name="gate")(tokens)
+      weights, indices = Router(cfg, spec, name="gate")(tokens, per_token("expert"))
     routed_in = tokens
     latent = cfg.moe_latent_size is not None
     if latent:
       routed_in = Projection((cfg.moe_latent_size,), ("embed",), ("moe_latent",), cfg.initializer_range,
                              name="fc1_latent_proj", **kw)(tokens)
     with jax.named_scope("experts"):
-      routed = Experts(cfg, "moe_latent" if latent else "embed", name="experts")(routed_in, weights, indices)
+      routed, rows = Experts(cfg, spec, "moe_latent" if latent else "embed", name="experts")(
+          routed_in, weights, indices, per_token("expert_mlp"))
+    if self.is_mutable_collection("importance"):
+      for name, value in expert_statistics(rows, b, l, spec.n_routed_experts).items():
+        record_statistic(self, name, value)
     routed = routed.astype(dtype_of(cfg.dtype))
     if latent:
       routed = Projection((d,), ("moe_latent",), ("embed",), cfg.initializer_range / math.sqrt(cfg.num_layers),
                           name="fc2_latent_proj", **kw)(routed)
     out = routed.reshape(b, l, d)
-    if cfg.moe_shared_expert_intermediate_size:
+    if spec.moe_shared_expert_intermediate_size:
       with jax.named_scope("shared_experts"):
-        out = out + SharedExpert(cfg, name="shared_experts")(u)
+        shared, up = SharedExpert(cfg, spec, name="shared_experts")(u, masks.get("shared_mlp"))
+      record_importance(self, "shared_mlp", up)  # ranked like MLP neurons: the up-projection output (D-3)
+      out = out + shared
     return out

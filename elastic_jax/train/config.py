@@ -14,7 +14,8 @@ Layout of the training part of a config (see ``configs/tiny.py``)::
                   tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0, tau_decay="exponential"),
       kd_temperature=1.0, ce_weight=0.0, router_loss_weight=1.0, argmax_loss_weight=0.0, dead_zone=0.02,
       stratified=False,
-      budget_metric="params",  # or "memory": weights + KV cache + SSM state at memory_context tokens
+      budget_metric="params",  # or "active_params" (MoE: the experts a token uses), or "memory": weights + KV
+                               # cache + SSM state at memory_context tokens
       memory_context=8192)
   config.stages = [dict(name="stage1", steps=..., batch_size=..., seq_len=..., budget_probs=[...]), ...]
   config.optimizer = dict(learning_rate=9e-5, warmup_steps=60, ...)        # OptimizerConfig
@@ -44,7 +45,7 @@ from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.model.config import ConfigError, ModelConfig
 from elastic_jax.train.config_checks import (check_boolean, check_integer, check_keys, check_number, check_one_of,
                                              check_sequence, check_string, config_error, key_path)
-from elastic_jax.train.elastic_step import ElasticSetup
+from elastic_jax.train.elastic_step import BUDGET_METRICS, ElasticSetup
 from elastic_jax.train.memory import MemoryConfig
 from elastic_jax.train.loop import Stage
 from elastic_jax.train.optim import SCHEDULES, OptimizerConfig, default_router_optimizer_config
@@ -54,7 +55,6 @@ T = TypeVar("T")
 _LOSS_KEYS = ("kd_temperature", "ce_weight", "router_loss_weight", "argmax_loss_weight", "dead_zone", "stratified",
               "budget_metric", "memory_context")
 _ROUTER_SETUP_KEYS = {"width": "router_width", "hard": "hard", "estimator": "estimator"}
-BUDGET_METRICS = ("params", "memory")
 TAU_DECAYS = ("exponential", "linear")
 
 

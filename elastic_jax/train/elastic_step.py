@@ -25,7 +25,8 @@ import optax
 
 from elastic_jax.elastic import router as router_lib
 from elastic_jax.elastic.masks import masks_from_weights
-from elastic_jax.elastic.param_count import expected_memory_bytes, expected_param_count, memory_bytes, param_count
+from elastic_jax.elastic.param_count import (active_param_count, expected_memory_bytes, expected_param_count,
+                                             memory_bytes, param_count)
 from elastic_jax.elastic.space import ElasticSpace
 from elastic_jax.model import HybridLM, ModelConfig
 from elastic_jax.train.lm_step import split_batch
@@ -38,6 +39,8 @@ from elastic_jax.train.state import TrainState
 
 Array = jax.Array
 Params = Any
+# What a budget is a fraction of (see ``ElasticSetup.budget_metric``).
+BUDGET_METRICS = ("params", "active_params", "memory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +71,9 @@ class ElasticSetup:
   argmax_loss_weight: float = 0.0
   dead_zone: float = 0.02
   stratified: bool = False
-  # What a budget is a fraction of: "params" (the paper) or "memory" (weights + KV cache + SSM state when serving
-  # one sequence of memory_context tokens, weights and caches in bf16).
+  # What a budget is a fraction of (BUDGET_METRICS): "params" (the paper: every parameter), "active_params" (the
+  # parameters one token computes with: an MoE block counts its num_experts_per_tok routed experts, not all) or
+  # "memory" (weights + KV cache + SSM state when serving one sequence of memory_context tokens, in bf16).
   budget_metric: str = "params"
   memory_context: int = 8192
   memory: MemoryConfig = MemoryConfig()
@@ -84,8 +88,8 @@ class ElasticSetup:
     for b in self.budgets:
       if not 0.0 < b <= 1.0:
         raise ValueError(f"budget {b} is outside (0, 1]: budgets are fractions of the parent's parameter count.")
-    if self.budget_metric not in ("params", "memory"):
-      raise ValueError(f"budget_metric={self.budget_metric!r} is not one of ('params', 'memory').")
+    if self.budget_metric not in BUDGET_METRICS:
+      raise ValueError(f"budget_metric={self.budget_metric!r} is not one of {BUDGET_METRICS}.")
     if sorted(self.depth_order) != list(range(self.config.num_layers)):
       raise ValueError(f"depth_order {list(self.depth_order)} is not a permutation of range({self.config.num_layers}).")
     self.space.validate(self.config)
@@ -105,6 +109,8 @@ class ElasticSetup:
     computation."""
     if self.budget_metric == "memory":
       return float(memory_bytes(self.config, context=self.memory_context))
+    if self.budget_metric == "active_params":
+      return float(active_param_count(self.config))
     return float(self.parent_params)
 
   def target_sizes(self) -> np.ndarray:
@@ -114,7 +120,8 @@ class ElasticSetup:
     """The differentiable expected size under the router's probabilities, in the budget's metric."""
     if self.budget_metric == "memory":
       return expected_memory_bytes(self.config, self.space, probs, depth_order, context=self.memory_context)
-    return expected_param_count(self.config, self.space, probs, depth_order)
+    return expected_param_count(self.config, self.space, probs, depth_order,
+                                active=self.budget_metric == "active_params")
 
   @property
   def student(self) -> HybridLM:

@@ -49,9 +49,9 @@ def forward_flops_per_token(config: ModelConfig, length: int) -> dict[str, float
       matmul_params += d * hq * hd + 2 * d * hkv * hd + hq * hd * d
       attention += 4 * length * hd * hq
     elif spec.kind == "moe":
-      k, i, latent = config.num_experts_per_tok, config.moe_intermediate_size, config.moe_latent_size
-      matmul_params += (d * config.n_routed_experts + k * 2 * config.expert_input_size * i
-                        + 2 * d * config.moe_shared_expert_intermediate_size
+      k, i, latent = config.num_experts_per_tok, spec.moe_intermediate_size, config.moe_latent_size
+      matmul_params += (d * spec.n_routed_experts + k * 2 * config.expert_input_size * i
+                        + 2 * d * spec.moe_shared_expert_intermediate_size
                         + (0 if latent is None else 2 * d * latent))
     else:
       h, p, g, n, q = (spec.mamba_num_heads, spec.mamba_head_dim, config.n_groups, config.ssm_state_size,

@@ -423,6 +423,9 @@ def deployed_choice_records(setup: ElasticSetup, router_params: Params) -> list[
   def describe(choice: Choice) -> dict[str, Any]:
     count = choice_param_count(setup.config, choice, setup.depth_order)
     record = {"params": count, "fraction": count / setup.parent_params}
+    if setup.budget_metric == "active_params":
+      active = choice_param_count(setup.config, choice, setup.depth_order, active=True)
+      record.update(active_params=active, fraction=active / setup.parent_size)
     if setup.budget_metric == "memory":
       size = memory_bytes(child_config(setup.config, choice, setup.depth_order), context=setup.memory_context)
       record.update(memory_bytes=size, fraction=size / setup.parent_size)
