@@ -57,7 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
   # its last steps pinned: the router frozen, each budget trains the choice it deploys with.
   # 800 stage-1 steps at the parent's own learning rate (3e-3): with 400 steps at 1e-3, seed 1's children recovered
   # 27% and 29% of the parent's accuracy (its 50% member 32% even with no 75% budget beside it, so not interference),
-  # 800 steps alone gave 66% / 73%, 3e-3 alone 103% / 46%, both 100% / 94% (docs/study.md, "Why these settings").
+  # 800 steps alone gave 66% / 73%, 3e-3 alone 103% / 46%, both 100% / 94% (README, "What the report says").
   config.stages = [
       dict(name="stage1", steps=800, batch_size=12, seq_len=128, budget_probs=[1 / 3, 1 / 3, 1 / 3]),
       dict(name="stage2", steps=80, batch_size=6, seq_len=256, budget_probs=[0.5, 0.3, 0.2]),
