@@ -8,11 +8,10 @@ the study follows it: any task family and difficulty (``--config.data.stage_task
 (``--config.parent.hf_path=/path/to/nemotron-h`` with a ``model`` section and ``elastic.space`` that fit it, as for
 the main job). See docs/study.md for what each arm is.
 
-Time on 2 cores (measured 2026-12-05, docs/study.md, with configs/tiny.py's earlier 400 stage-1 steps; its current
-800 lengthen the elastic and distilled arms by about 1.7x): about 74 minutes for the 3 seeds. That is about 25 min per
-seed: the elastic arm with the shared parent 9.4 min, the other elastic arms 2.7 and 3.3 min, sequential compression
-at T/2 and T tokens per member 2.2 and 3.3 min, scratch 3.3 min. A longer parent or curriculum in configs/tiny.py
-lengthens the study in proportion.
+Time on 2 cores (measured 2026-12-05, docs/study.md): about 1 h 45 min for the 3 seeds. Per seed: the shared parent,
+importance and permutation about 6 min, the elastic arms 5.3, 5.9 and 4.9 min, sequential compression at T/2 and T
+tokens per member 3.1 and 5.2 min, scratch 4.9 min. A longer parent or curriculum in configs/tiny.py lengthens the
+study in proportion.
 """
 
 import importlib.util
