@@ -218,6 +218,19 @@ def test_accuracy_intervals_over_seeds_stay_within_0_and_100_percent():
   assert entry["accuracy_short"]["mean"] == pytest.approx(np.mean(accuracies))
   assert (entry["accuracy_short"]["low"], entry["accuracy_short"]["high"]) == (0.0, 1.0)
   assert np.mean(accuracies) - half < 0 and np.mean(accuracies) + half > 1  # the clip did something
+  # A difference of accuracies lies in [-100, +100] points: paired by seed, 0.99 - 0.0, 0.28 - 0.5, 1.0 - 0.0 has a t
+  # interval of about [-1.15, +2.33], clipped to [-1, 1]; the verdict is unchanged (0 inside either way).
+  from elastic_jax.study.summary import compare
+  runs["baseline"] = {seed: {"members": {"50pct": {"accuracy_short": b}}, "_per_problem": {}}
+                      for seed, b in enumerate([0.0, 0.5, 0.0])}
+  for run in (*runs["elastic"].values(), *runs["baseline"].values()):
+    run["members"]["50pct"]["_per_problem"] = {}
+  diff = compare(runs, "elastic", "baseline", "50pct", "accuracy_short")
+  diffs = np.array(accuracies) - np.array([0.0, 0.5, 0.0])
+  diff_half = 4.302652729749464 * np.std(diffs, ddof=1) / np.sqrt(3)
+  assert diffs.mean() - diff_half < -1 and diffs.mean() + diff_half > 1
+  assert (diff["low"], diff["high"]) == (-1.0, 1.0) and diff["diff"] == pytest.approx(diffs.mean())
+  assert diff["verdict"] == "not distinguishable"
   # Perplexity has no upper bound: its interval stays the t interval.
   ppl_half = 4.302652729749464 * np.std(ppls, ddof=1) / np.sqrt(3)
   assert entry["ppl"]["low"] == pytest.approx(np.mean(ppls) - ppl_half)

@@ -162,6 +162,13 @@ def _interval(values: Sequence[float], bounds: tuple[float, float] | None = None
   return {"mean": mean, "low": low, "high": high, "n_seeds": len(values)}
 
 
+def _range(metric: str, difference: bool = False) -> tuple[float, float] | None:
+  """The values ``metric`` can take (accuracies 0-1, their differences -1-1); None when unbounded."""
+  if metric not in ACCURACY_KEYS:
+    return None
+  return (-1.0, 1.0) if difference else (0.0, 1.0)
+
+
 def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[str, Any]:
   """Per arm: tokens and wall time, and per member and metric the mean and 95% interval over the seeds it has."""
   out = {}
@@ -173,7 +180,7 @@ def summarize(runs: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[str, 
         values = [float(run["members"][name][key]) for run in by_seed.values()
                   if name in run["members"] and run["members"][name].get(key) is not None]
         if values:
-          entry[key] = _interval(values, (0.0, 1.0) if key in ACCURACY_KEYS else None)
+          entry[key] = _interval(values, _range(key))
       if entry:
         members[name] = entry
     tokens = [run["tokens"] for run in by_seed.values() if run.get("tokens") is not None]
@@ -205,7 +212,8 @@ def compare(runs: Mapping[str, Mapping[int, Mapping[str, Any]]], arm: str, refer
                            "seeds": [seed for seed, _, _ in pairs], "per_seed": diffs}
   problems = [(a["_per_problem"].get(metric), b["_per_problem"].get(metric)) for _, a, b in pairs]
   if len(pairs) >= 2:
-    mean, low, high = mean_interval(diffs)
+    interval = _interval(diffs, _range(metric, difference=True))
+    mean, low, high = interval["mean"], interval["low"], interval["high"]
     entry["method"] = f"95% t interval over {len(pairs)} seeds"
   elif problems[0][0] is not None and problems[0][1] is not None and len(problems[0][0]) == len(problems[0][1]):
     boot = paired_bootstrap(problems[0][0], problems[0][1])
