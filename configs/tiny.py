@@ -66,8 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(learning_rate=3e-3, warmup_steps=20, schedule="cosine"))
   config.router_optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=20))
   config.checkpoint_every = 100
-  # Mesh over (data, fsdp, tensor, context): shape=() puts every device on data; shorter shapes pad with 1
-  # (override: --config.mesh.shape="(2,2,2)"; context > 1 splits each sequence, e.g. "(1,2,1,4)").
+  # Mesh over (data, fsdp, tensor, context, expert): shape=() puts every device on data; shorter shapes pad with 1
+  # (override: --config.mesh.shape="(2,2,2)"; context > 1 splits each sequence, e.g. "(1,2,1,4)"; expert > 1
+  # splits MoE blocks' routed experts, for patterns with E blocks).
   # rules=() uses the default logical-axis table (elastic_jax.train.sharding.DEFAULT_RULES); give
   # ((logical_name, mesh_axis_or_axes_or_None), ...) to change it.
   config.mesh = ml_collections.ConfigDict(dict(shape=(), rules=()))

@@ -113,7 +113,7 @@ CASES = [
     ("model.hidden_size", 0, "model: hidden_size=0 must be a positive integer"),
     ("parent.hf_path", "/nonexistent/checkpoint", "parent.hf_path: /nonexistent/checkpoint holds no config.json"),
     ("mesh.shape", (3,), "mesh.shape: mesh shape (3,) needs 3 devices but"),
-    ("mesh.shape", (1, 1, 1, 1, 1), "mesh.shape: (1, 1, 1, 1, 1) has 5 axes (give at most 4"),
+    ("mesh.shape", (1, 1, 1, 1, 1, 1), "mesh.shape: (1, 1, 1, 1, 1, 1) has 6 axes (give at most 5"),
 ]
 
 

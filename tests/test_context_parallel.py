@@ -18,7 +18,7 @@ import warnings
 import pytest
 
 DEVICES = 4
-MESH_SHAPES = {"context4": (1, 1, 1, 4), "data2_context2": (2, 1, 1, 2)}  # (data, fsdp, tensor, context)
+MESH_SHAPES = {"context4": (1, 1, 1, 4, 1), "data2_context2": (2, 1, 1, 2, 1)}  # (data, fsdp, tensor, context, expert)
 # What each mesh runs. The single mixers (gradients w.r.t. their inputs too) run on one mesh only, to keep compiles
 # few; the whole model, which contains them, and the SSD op run on both.
 CASES = {"context4": ("ssd", "mamba_mixer", "attention", "hybrid_lm"), "data2_context2": ("ssd", "hybrid_lm")}
@@ -98,7 +98,7 @@ def _worker() -> dict:
   from elastic_jax.train.sharding import DEFAULT_RULES, MESH_AXES
 
   assert jax.device_count() == DEVICES
-  assert MESH_AXES == ("data", "fsdp", "tensor", cp.CONTEXT_AXIS)  # the order MESH_SHAPES is written in
+  assert MESH_AXES == ("data", "fsdp", "tensor", cp.CONTEXT_AXIS, "expert")  # the order MESH_SHAPES is written in
   config = small_config("M*-M")
   params = random_params(config, seed=1)
   rng = np.random.default_rng(0)

@@ -1,4 +1,5 @@
-"""Sharded train steps on 8 virtual CPU devices equal the single-device steps, and state is really sharded.
+"""Sharded train steps on 8 virtual CPU devices equal the single-device steps, and state is really sharded: dense
+blocks over (data, fsdp, tensor) meshes, MoE blocks with their experts split over the expert axis.
 
 One subprocess (it needs ``--xla_force_host_platform_device_count=8`` before JAX starts) checks every mesh, so the
 unsharded reference compiles once. Reference: the same step function under a plain ``jax.jit`` on one device.
@@ -32,18 +33,22 @@ _SCRIPT = textwrap.dedent("""
     from elastic_jax.train.state import TrainState
 
     assert jax.device_count() == 8
-    # Every block kind; widths divisible by every mesh axis they are split over (fsdp up to 4, tensor 2).
-    config = small_config("M*-", hidden_size=32, intermediate_size=64, vocab_size=64)
-    space = ElasticSpace.from_fractions(config, (0.5, 1.0))
-    setup = ElasticSetup(config, space, (1.0, 0.5), (0, 2, 1), RouterSchedule(total_steps=10), router_width=8,
-                         ce_weight=0.5)
     optimizer = OptimizerConfig(learning_rate=1e-2, warmup_steps=0)
     router_optimizer = default_router_optimizer_config()
     tx, router_tx = make_optimizer(optimizer, 10), make_optimizer(router_optimizer, 10)
+    probs = jnp.asarray([0.6, 0.4])
+
+    def elastic_setup(config):
+      space = ElasticSpace.from_fractions(config, (0.5, 1.0))
+      return ElasticSetup(config, space, (1.0, 0.5), tuple(range(config.num_layers))[::-1], RouterSchedule(
+          total_steps=10), router_width=8, ce_weight=0.5)
+
+    # Every dense block kind; widths divisible by every mesh axis they are split over (fsdp up to 4, tensor 2).
+    config = small_config("M*-", hidden_size=32, intermediate_size=64, vocab_size=64)
+    setup = elastic_setup(config)
     teacher = random_params(config, seed=0)
     student = random_params(config, seed=1)
     batches = [jax.random.randint(jax.random.key(i), (8, 9), 0, config.vocab_size) for i in range(2)]
-    probs = jnp.asarray([0.6, 0.4])
 
     def close(label, got, want):
       # Within 1e-5 of each array's scale (a weight near zero has no relative precision of its own).
@@ -66,12 +71,22 @@ _SCRIPT = textwrap.dedent("""
                                    err_msg=f"{{label}} {{jax.tree_util.keystr(path)}}")
         assert np.all(np.abs(g - w)[~well] <= lr), (label, jax.tree_util.keystr(path))
 
-    def run_steps(step, state, teacher_params):
+    def run_steps(step, state, teacher_params, setup=setup):
       # The state after the first step, and both steps' metrics (the second's loss sees the first's update).
       first, metrics = step(state, teacher_params, batches[0], probs, Pins.off(setup))
       after_first = jax.tree.map(np.asarray, first)
       _, second_metrics = step(first, teacher_params, batches[1], probs, Pins.off(setup))
       return after_first, [metrics, second_metrics]
+
+    def check_step(label, setup, training, state, ref_state, ref_metrics, teacher_sharded):
+      state, metrics = run_steps(training.step, state, teacher_sharded, setup)
+      close(f"{{label}} metrics", metrics, ref_metrics)
+      close(f"{{label}} optimizer state", state.opt_state, ref_state.opt_state)  # AdamW's mu, nu: the grads
+      close(f"{{label}} router optimizer state", state.router_opt_state, ref_state.router_opt_state)
+      close_after_adam(f"{{label}} params", state.params, ref_state.params, ref_state.opt_state[1][0].mu,
+                       optimizer.learning_rate)
+      close_after_adam(f"{{label}} router params", state.router_params, ref_state.router_params,
+                       ref_state.router_opt_state[1][0].mu, router_optimizer.learning_rate)
 
     # The single-device reference.
     reference = jax.jit(make_elastic_step(setup, tx, router_tx))
@@ -96,15 +111,37 @@ _SCRIPT = textwrap.dedent("""
           "x_proj": spec_and_shard(state.params["layers_0"]["mixer"]["x_proj"]["kernel"]),
           "router": sorted({{str(tuple(x.sharding.spec)) for x in jax.tree.leaves(state.router_params)}}),
       }}
-      teacher_sharded = shard_params(teacher, training.state_shardings.params)
-      state, metrics = run_steps(training.step, state, teacher_sharded)
-      close(f"{{shape}} metrics", metrics, ref_metrics)
-      close(f"{{shape}} optimizer state", state.opt_state, ref_state.opt_state)  # AdamW's mu, nu: the grads
-      close(f"{{shape}} router optimizer state", state.router_opt_state, ref_state.router_opt_state)
-      close_after_adam(f"{{shape}} params", state.params, ref_state.params, ref_state.opt_state[1][0].mu,
-                       optimizer.learning_rate)
-      close_after_adam(f"{{shape}} router params", state.router_params, ref_state.router_params,
-                       ref_state.router_opt_state[1][0].mu, router_optimizer.learning_rate)
+      check_step(str(shape), setup, training, state, ref_state, ref_metrics,
+                 shard_params(teacher, training.state_shardings.params))
+
+    # MoE blocks with their routed experts split over the expert axis (8 experts: 2 or 4 per device), the batch over
+    # data x fsdp x expert; the elastic space includes the MoE axes (experts kept, expert and shared widths). No Mamba
+    # block here: its gradients differ from one device's by up to 1e-4 of their scale on any data-parallel mesh
+    # (summation order, amplified), which the dense case above covers, and would hide the experts' own agreement.
+    moe = small_config("E*-E", hidden_size=32, intermediate_size=64, vocab_size=64, n_routed_experts=8, n_group=2,
+                       topk_group=1, num_experts_per_tok=2, moe_intermediate_size=16,
+                       moe_shared_expert_intermediate_size=16, n_shared_experts=1)
+    moe_setup = elastic_setup(moe)
+    assert all(len(moe_setup.space.candidates(axis)) > 1 for axis in ("moe_experts", "moe_expert_dim")), moe_setup.space
+    moe_teacher, moe_student = random_params(moe, seed=4), random_params(moe, seed=5)
+    moe_ref_state, moe_ref_metrics = run_steps(
+        jax.jit(make_elastic_step(moe_setup, tx, router_tx)),
+        init_elastic_state(moe_setup, moe_student, tx, router_tx, seed=3), moe_teacher, moe_setup)
+    for shape in [(2, 1, 1, 1, 4), (1, 2, 2, 1, 2)]:
+      mesh = make_mesh(shape)
+      training = compiled_elastic_step(moe_setup, optimizer, router_optimizer, 10, 3, mesh, DEFAULT_RULES)
+      state = training.init(shard_params(moe_student, training.state_shardings.params))
+      experts = state.params["layers_0"]["mixer"]["experts"]
+      report[str(shape)] = {{
+          "experts_up": spec_and_shard(experts["up_proj"]),
+          "experts_up_mu": spec_and_shard(state.opt_state[1][0].mu["layers_0"]["mixer"]["experts"]["up_proj"]),
+          "experts_down": spec_and_shard(experts["down_proj"]),
+          "gate": spec_and_shard(state.params["layers_0"]["mixer"]["gate"]["kernel"]),
+          "bias": spec_and_shard(state.params["layers_0"]["mixer"]["gate"]["e_score_correction_bias"]),
+          "batch": list(training.batch_sharding.spec),
+      }}
+      check_step(str(shape), moe_setup, training, state, moe_ref_state, moe_ref_metrics,
+                 shard_params(moe_teacher, training.state_shardings.params))
 
     # The plain LM step (parent pretraining) on the (2, 2, 2) mesh: fresh params are created sharded, and one step
     # from the same random params equals the single-device step.
@@ -143,6 +180,16 @@ def test_sharded_steps_equal_single_device_and_state_is_sharded(tmp_path):
     assert mesh["q_proj"] == [["fsdp", "tensor", None], [[32 // fsdp, 4 // tensor, 8]]]
     assert mesh["x_proj"] == [["fsdp", "tensor", None], [[32 // fsdp, 4 // tensor, 8]]]
     assert mesh["router"] == ["()"]  # replicated
+  # Routed experts [E=8, embed=32, expert_mlp=16]: experts over the expert axis, embed over fsdp; the gate's
+  # [embed, expert] kernel and [expert] correction bias follow; AdamW's moments like their params.
+  for shape, fsdp, expert in [("(2, 1, 1, 1, 4)", 1, 4), ("(1, 2, 2, 1, 2)", 2, 2)]:
+    mesh = report[shape]
+    for name in ("experts_up", "experts_up_mu"):
+      assert mesh[name] == [["expert", "fsdp", None], [[8 // expert, 32 // fsdp, 16]]], (shape, name)
+    assert mesh["experts_down"] == [["expert", None, "fsdp"], [[8 // expert, 16, 32 // fsdp]]]
+    assert mesh["gate"] == [["fsdp", "expert"], [[32 // fsdp, 8 // expert]]]
+    assert mesh["bias"] == [["expert"], [[8 // expert]]]
+    assert mesh["batch"] == [["data", "fsdp", "expert"], None]
   assert report["lm_init"]["up_proj"] == [["fsdp", "tensor"], [[16, 32]]]
   assert report["lm_init"]["embedding"] == [["tensor", "fsdp"], [[32, 16]]]
   assert report["lm_params_spec"] == [["fsdp", "tensor"], [[16, 32]]]

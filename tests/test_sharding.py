@@ -35,24 +35,24 @@ def test_state_shardings_follow_the_rules_table():
   assert len(adam) >= 2
   assert shardings.step.spec == P() and shardings.rng.spec == P()
   assert all(s.spec == P() for s in jax.tree.leaves(shardings.router_params))
-  assert batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+  assert batch_sharding(mesh).spec == P(("data", "fsdp", "expert"), None)
 
 
 def test_mesh_shape_must_match_devices():
   with pytest.raises(ValueError, match=r"mesh shape \(2, 2, 2\) needs 8 devices but 1 are available"):
     make_mesh((2, 2, 2))
-  with pytest.raises(ValueError, match=r"mesh shape \(1, 1, 1, 1, 1\) has 5 axes but the mesh has only 4"):
-    make_mesh((1, 1, 1, 1, 1))
+  with pytest.raises(ValueError, match=r"mesh shape \(1, 1, 1, 1, 1, 1\) has 6 axes but the mesh has only 5"):
+    make_mesh((1, 1, 1, 1, 1, 1))
 
 
 def test_shorter_mesh_shapes_pad_trailing_axes_and_length_maps_to_context():
   mesh = make_mesh((1,))
-  assert mesh.axis_names == MESH_AXES == ("data", "fsdp", "tensor", "context")
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
+  assert mesh.axis_names == MESH_AXES == ("data", "fsdp", "tensor", "context", "expert")
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, "context": 1, "expert": 1}
   assert dict(make_mesh((1, 1, 1, 1)).shape) == dict(mesh.shape)
   assert dict(DEFAULT_RULES)["length"] == "context"
   activations = nn.logical_to_mesh_sharding(P("batch", "length", "embed"), mesh, DEFAULT_RULES)
-  assert activations.spec == P(("data", "fsdp"), "context", None)
+  assert activations.spec == P(("data", "fsdp", "expert"), "context", None)
 
 
 def test_mesh_and_rules_come_from_the_run_config():
@@ -60,7 +60,7 @@ def test_mesh_and_rules_come_from_the_run_config():
   from elastic_jax.train.pipeline import mesh_from_config  # pylint: disable=import-outside-toplevel
   mesh, rules = mesh_from_config(ml_collections.ConfigDict({"mesh": {"shape": [1, 1, 1],
                                                                     "rules": [["batch", ["data"]], ["mlp", None]]}}))
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, "context": 1}
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1, "tensor": 1, "context": 1, "expert": 1}
   assert rules == (("batch", ("data",)), ("mlp", None))
   _, default = mesh_from_config(ml_collections.ConfigDict({}))
   assert default == DEFAULT_RULES

@@ -71,7 +71,7 @@ Array = jax.Array
 # The mesh axis the sequence is split over; every other module reads the name from here.
 CONTEXT_AXIS = "context"
 # Where the batch goes when no logical-axis rules are active (the rules' "batch" entry wins when they are).
-DEFAULT_BATCH_AXES = ("data", "fsdp")
+DEFAULT_BATCH_AXES = ("data", "fsdp", "expert")
 
 LocalConv = Callable[[Array, Array, Array, Array], tuple[Array, Array]]
 

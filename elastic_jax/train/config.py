@@ -401,12 +401,13 @@ def validate_run_config(config: Any, mesh: Any = None, rules: Any = None, *, inp
 
 
 def mesh_from_config(cfg: Any) -> tuple[Any, tuple]:
-  """``config.mesh``: ``shape`` over (data, fsdp, tensor, context) and ``rules``, the logical-axis rules table as
-  (logical name, mesh axis or axes or None) pairs (default: ``DEFAULT_RULES``).
+  """``config.mesh``: ``shape`` over (data, fsdp, tensor, context, expert) and ``rules``, the logical-axis rules table
+  as (logical name, mesh axis or axes or None) pairs (default: ``DEFAULT_RULES``).
 
-  ``shape`` may be shorter than four axes (trailing ones are 1, e.g. (2, 4) = data 2 x fsdp 4); empty puts every
+  ``shape`` may be shorter than five axes (trailing ones are 1, e.g. (2, 4) = data 2 x fsdp 4); empty puts every
   device on data. ``context`` > 1 splits every sequence over that many devices (context parallelism; the rules map
-  the ``length`` axis there), e.g. (1, 2, 1, 4) for long-context stages.
+  the ``length`` axis there), e.g. (1, 2, 1, 4) for long-context stages. ``expert`` > 1 splits the routed experts
+  of MoE blocks (and the batch) over that many devices, e.g. (1, 2, 1, 1, 4).
   """
   from elastic_jax.train.sharding import make_mesh, rules_from_config  # pylint: disable=import-outside-toplevel
   mesh_cfg = section(cfg, "mesh")
@@ -478,7 +479,7 @@ def check_run_shapes(config: Any, mesh: Any, rules: Any) -> None:
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   data = 1
   for name in axes:
-    data *= mesh.shape[name]
+    data *= mesh.shape.get(name, 1)  # a rule may name an axis a custom mesh leaves out
   context = mesh.shape.get("context", 1)
   processes = jax.process_count()
   shape = tuple(mesh.shape.values())

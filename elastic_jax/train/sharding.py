@@ -1,11 +1,16 @@
 """Mesh and logical-axis rules: the one table that maps the model's logical axis names onto mesh axes.
 
 Modules name only logical axes (``embed``, ``mlp``, ``heads``, ``ssm_heads``, ``vocab``, ``batch``, ``length``...).
-This table decides where each goes on a ``(data, fsdp, tensor, context)`` mesh; a logical axis whose mesh axis is
-already used by an earlier dimension of the same array falls through to the next matching rule (or stays
-unsharded), so activations ``[batch, length, embed]`` shard batch over (data, fsdp) and the sequence over context,
-while parameters ``[embed, mlp]`` shard embed over fsdp. No parameter has a ``length`` axis, so the context axis
-only splits activations (the context-parallel mixers exchange what crosses shard boundaries).
+This table decides where each goes on a ``(data, fsdp, tensor, context, expert)`` mesh; a logical axis whose mesh axis
+is already used by an earlier dimension of the same array falls through to the next matching rule (or stays
+unsharded), so activations ``[batch, length, embed]`` shard batch over (data, fsdp, expert) and the sequence over
+context, while parameters ``[embed, mlp]`` shard embed over fsdp. No parameter has a ``length`` axis, so the context
+axis only splits activations (the context-parallel mixers exchange what crosses shard boundaries).
+
+The expert axis splits the routed experts of MoE blocks (``[expert, embed, expert_mlp]``: each device holds
+E / expert of them, with their AdamW moments) and, for everything else, acts as one more data-parallel axis: the
+batch splits over it too, so no device idles outside the MoE blocks. Inside an MoE block the compiler (GSPMD) moves
+what the sorted tokens and the sharded experts need; a mesh without MoE blocks should leave it at 1.
 
 Every jitted program over the mesh goes through ``sharded_jit``: explicit in/out shardings, donation, and the
 mesh and rules active while it traces, so the model's logical constraints resolve to this mesh.
@@ -21,11 +26,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "context")
+MESH_AXES = ("data", "fsdp", "tensor", "context", "expert")
 LogicalRules = tuple[tuple[str, Any], ...]
 
 DEFAULT_RULES: LogicalRules = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
@@ -38,10 +43,10 @@ DEFAULT_RULES: LogicalRules = (
     ("ssm_groups", None),
     ("ssm_state", None),
     ("conv", None),
-    # MoE blocks: the shared expert is an MLP (its neurons over tensor, like mlp); the routed experts and the
-    # latent dims stay whole on every device for now (no expert-parallel mesh axis yet).
+    # MoE blocks: the routed experts over the expert axis, the shared expert is an MLP (its neurons over tensor, like
+    # mlp); the experts' neurons and the latent dims stay whole.
     ("shared_mlp", "tensor"),
-    ("expert", None),
+    ("expert", "expert"),
     ("expert_mlp", None),
     ("moe_latent", None),
 )
@@ -60,7 +65,7 @@ def make_mesh(shape: Sequence[int] | None = None, axis_names: Sequence[str] = ME
   """A mesh of ``shape`` over ``devices`` (default: all, on the data axis).
 
   ``shape`` may name fewer axes than ``axis_names``: the trailing ones get size 1, so ``(2, 4)`` or ``(2, 2, 2)``
-  mean (data, fsdp[, tensor]) with no context parallelism. The product of ``shape`` must equal the device count.
+  mean (data, fsdp[, tensor]) with no context or expert parallelism. The product of ``shape`` must equal the device count.
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = (len(devices),) if shape is None else tuple(int(n) for n in shape)
