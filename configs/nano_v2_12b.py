@@ -88,8 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.router_optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=60,
                                                            schedule="constant", weight_decay=0.0))
   config.checkpoint_every = 200
-  # (data, fsdp, tensor, context, expert) over 128 v5p chips: params and optimizer state sharded over fsdp x tensor (16
-  # ways), each sequence over 8 chips. The global micro-batch (batch / grad_accum_steps) divides over data x fsdp.
+  # (data, fsdp, tensor, context, expert) over 128 v5p chips: params and optimizer state sharded over fsdp x tensor
+  # (16 ways), each sequence over 8 chips (no MoE blocks: expert 1). The global micro-batch (batch /
+  # grad_accum_steps) divides over data x fsdp.
   config.mesh = ml_collections.ConfigDict(dict(shape=(1, 4, 4, 8), rules=()))
   # Memory levers (see ``python -m elastic_jax.plan``): every block rematerialised, 64 micro-batches per step
   # (stage 1: 24 sequences each, 6 per FSDP rank; stage 2: 8, two per rank), teacher stored and run in bf16.

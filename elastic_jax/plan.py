@@ -370,6 +370,28 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context
               _Tensor((b, hq, l, k), scores, c)]  # probabilities in the compute dtype (the PV matmul's operand)
     out += [_Tensor((b, l, hq, hd), q_axes, c), _Tensor((b, l, hq, hd), q_axes, c),  # core output, head-masked
             _Tensor((b, l, d), _EMBED, c, True)]  # o_proj output
+  elif spec.kind == "moe":
+    # The T = b·l tokens' k expert assignments sorted by expert: T·k rows, counted as [b, l·k, ...] (each device
+    # sorts the rows of its own tokens; the experts' grouped matmuls run on them whatever the expert axis holds).
+    k, experts, inner = config.num_experts_per_tok, spec.n_routed_experts, spec.moe_intermediate_size
+    latent, width = config.moe_latent_size is not None, config.expert_input_size
+    expert_in = ("batch", "length", "moe_latent" if latent else "embed")
+    rows, hidden = (b, l * k, width), ("batch", "length", "expert_mlp")
+    out += [_Tensor((b, l, experts), ("batch", "length", None), f32)] * 3  # router logits, scores, choice
+    if latent:
+      out += [_Tensor((b, l, width), expert_in, c, True)]  # fc1_latent_proj output
+    out += [_Tensor(rows, expert_in, c),  # the rows gathered in expert order
+            _Tensor((b, l * k, inner), hidden, c, True), _Tensor((b, l * k, inner), hidden, c),  # up output, relu^2
+            _Tensor(rows, expert_in, f32, True), _Tensor(rows, expert_in, f32),  # down output (fp32), weighted
+            _Tensor(rows, expert_in, f32),  # back in assignment order
+            _Tensor((b, l, width), expert_in, f32)]  # summed per token
+    if latent:
+      out += [_Tensor((b, l, d), _EMBED, c, True)]  # fc2_latent_proj output
+    if spec.moe_shared_expert_intermediate_size:
+      shared = (b, l, spec.moe_shared_expert_intermediate_size)
+      out += [_Tensor(shared, ("batch", "length", "shared_mlp"), c, True),  # the shared expert's up_proj output
+              _Tensor(shared, ("batch", "length", "shared_mlp"), c),  # relu^2
+              _Tensor((b, l, d), _EMBED, c, True)]  # its down_proj output
   else:
     h, p = spec.mamba_num_heads, spec.mamba_head_dim
     g, n, q = config.n_groups, config.ssm_state_size, config.chunk_size

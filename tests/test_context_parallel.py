@@ -62,7 +62,7 @@ def test_unsplittable_sequences_take_the_single_device_path(report, mesh_name):
   assert report[mesh_name]["unsplit"] == {"indivisible": True, "too_short_for_the_halo": True, "init": True}
   # Only the sequence that is long enough to split but not a multiple of the context size warns.
   (message,) = report[mesh_name]["unsplit_warnings"]
-  context = MESH_SHAPES[mesh_name][-1]
+  context = MESH_SHAPES[mesh_name][3]
   assert f"sequence length {LENGTH + 1}" in message and f"'context' axis size {context}" in message
 
 
@@ -188,7 +188,7 @@ def _worker() -> dict:
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         unsplit = {"indivisible": cp.active_context(b, LENGTH + 1) is None,
-                   "too_short_for_the_halo": cp.active_context(b, 2 * shape[-1], min_shard_length=3) is None}
+                   "too_short_for_the_halo": cp.active_context(b, 2 * shape[3], min_shard_length=3) is None}
         indivisible_warnings = [str(w.message) for w in caught]
         # Parameter init traces a one-token sequence under the training mesh: it must take the unsplit path.
         init_shapes = jax.eval_shape(lambda: nn.meta.unbox(
@@ -213,10 +213,10 @@ def _worker() -> dict:
                         for name, grad, ref_grad in zip(("x", "dt", "A", "B", "C", "D"), grads, ref_grads)}}
 
     # Shard s's halo (rows s*(K-1) ... of the stacked result) must be the K-1 inputs before its first token.
-    width, per_shard = config.conv_kernel - 1, LENGTH // shape[-1]
+    width, per_shard = config.conv_kernel - 1, LENGTH // shape[3]
     expected_halo = np.concatenate(
         [np.zeros_like(conv_x[:, :width]) if s == 0 else conv_x[:, s * per_shard - width:s * per_shard]
-         for s in range(shape[-1])], axis=1)
+         for s in range(shape[3])], axis=1)
     report[mesh_name] = {
         **errors,
         "halo_exact": bool(np.array_equal(np.asarray(halo), expected_halo)),

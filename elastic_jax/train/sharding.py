@@ -65,7 +65,8 @@ def make_mesh(shape: Sequence[int] | None = None, axis_names: Sequence[str] = ME
   """A mesh of ``shape`` over ``devices`` (default: all, on the data axis).
 
   ``shape`` may name fewer axes than ``axis_names``: the trailing ones get size 1, so ``(2, 4)`` or ``(2, 2, 2)``
-  mean (data, fsdp[, tensor]) with no context or expert parallelism. The product of ``shape`` must equal the device count.
+  mean (data, fsdp[, tensor]) with no context or expert parallelism. The product of ``shape`` must equal the device
+  count.
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = (len(devices),) if shape is None else tuple(int(n) for n in shape)
