@@ -1,5 +1,6 @@
 """The phases around training, sharded: importance (statistics and depth ranking), permutation, extraction and
-evaluation on 8 virtual CPU devices equal the single-device path, on meshes (8,1,1), (2,4,1) and (2,2,2).
+evaluation on 8 virtual CPU devices equal the single-device path, on meshes (8,1,1), (2,4,1), (2,2,2) and, with the
+routed experts split over the expert axis, (2,1,1,1,4); the parent holds every block kind, an MoE block included.
 
 One subprocess (it needs ``--xla_force_host_platform_device_count=8`` before JAX starts) checks every mesh. The
 reference of each phase is the same function run without a mesh: one device, host numpy params.
@@ -32,15 +33,16 @@ _SCRIPT = textwrap.dedent("""
     from elastic_jax.train.sharding import DEFAULT_RULES, make_mesh, param_shardings
 
     assert jax.device_count() == 8
-    # Every block kind; widths divisible by every mesh axis they are split over (fsdp up to 4, tensor 2). The
-    # child's hidden width (24) does not divide over fsdp 4 (replicated there) but does over 2.
-    config = small_config("M*-M-", hidden_size=32, intermediate_size=64, vocab_size=256, mamba_num_heads=4,
-                          num_attention_heads=4)
+    # Every block kind; widths divisible by every mesh axis they are split over (fsdp up to 4, tensor 2, expert 4).
+    # The child's hidden width (24) does not divide over fsdp 4 (replicated there) but does over 2.
+    config = small_config("M*-ME", hidden_size=32, intermediate_size=64, vocab_size=256, mamba_num_heads=4,
+                          num_attention_heads=4, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
+                          moe_intermediate_size=16, moe_shared_expert_intermediate_size=16, n_shared_experts=1)
     params = jax.tree.map(np.asarray, random_params(config, seed=2))
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 256, (8, 12)).astype(np.int32) for _ in range(2)]
-    choice = Choice(hidden=24, mlp=(32, 48), attention_heads=(2,), mamba_heads=(2, 4), mamba_head_dim=(4, 8),
-                    depth=4)
+    choice = Choice(hidden=24, mlp=(32,), attention_heads=(2,), mamba_heads=(2, 4), mamba_head_dim=(4, 8),
+                    moe_experts=(4,), moe_expert_dim=(8,), moe_shared_dim=(12,), depth=4)
     tokenizer = ByteTokenizer()
     examples = generate_examples(TaskConfig(families=("arithmetic",)), seed=1, split="eval", count=6)
     ppl_batches = [rng.integers(0, 256, (8, 13)).astype(np.int32)]
@@ -65,13 +67,14 @@ _SCRIPT = textwrap.dedent("""
 
     reference = phases(None)
     report = {{}}
-    for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+    moe_fields = ("moe_experts", "moe_expert_dim", "moe_shared_dim")
+    for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (2, 1, 1, 1, 4)]:
       got = phases(make_mesh(shape))
-      for field in ("hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim", "depth"):
+      for field in ("hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim", "depth", *moe_fields):
         assert str(jax.tree.map(np.asarray, getattr(got["ranks"], field))) == \\
             str(jax.tree.map(np.asarray, getattr(reference["ranks"], field))), (shape, field)
       worst = 0.0
-      for name in ("hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim", "depth_scores"):
+      for name in ("hidden", "mlp", "attention_heads", "mamba_heads", "mamba_head_dim", "depth_scores", *moe_fields):
         for g, w in zip(jax.tree.leaves(getattr(got["importance"], name)),
                         jax.tree.leaves(getattr(reference["importance"], name))):
           worst = max(worst, float(np.max(np.abs(g - w)) / (np.max(np.abs(w)) + 1e-30)))
@@ -100,5 +103,5 @@ def test_importance_permutation_extraction_and_evaluation_sharded_equal_single_d
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
   report = json.loads(result.stdout.split("REPORT", 1)[1])
-  assert set(report) == {"(8, 1, 1)", "(2, 4, 1)", "(2, 2, 2)", "reference_ppl", "generations"}
+  assert set(report) == {"(8, 1, 1)", "(2, 4, 1)", "(2, 2, 2)", "(2, 1, 1, 1, 4)", "reference_ppl", "generations"}
   assert any(report["generations"])  # non-empty generations, so their equality above carries signal

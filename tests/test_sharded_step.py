@@ -15,7 +15,8 @@ import sys
 import textwrap
 
 _SCRIPT = textwrap.dedent("""
-    import json, os, sys
+    import json, os, re, sys
+    import flax.linen as nn
     sys.path.insert(0, {tests!r})
     import jax
     import jax.numpy as jnp
@@ -23,6 +24,7 @@ _SCRIPT = textwrap.dedent("""
     jax.config.update("jax_compilation_cache_dir", {cache!r})
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from conftest import random_params, small_config
+    from elastic_jax.model.hybrid import HybridLM
     from elastic_jax.elastic.router import RouterSchedule
     from elastic_jax.elastic.space import ElasticSpace
     from elastic_jax.train.loop import compiled_elastic_step, compiled_lm_step
@@ -143,6 +145,14 @@ _SCRIPT = textwrap.dedent("""
       check_step(str(shape), moe_setup, training, state, moe_ref_state, moe_ref_metrics,
                  shard_params(moe_teacher, training.state_shardings.params))
 
+    # Each device sorts only its own tokens' expert assignments: 8 x 8 tokens, k = 2, over 8 data-parallel devices
+    # (2 data x 4 expert) are 16 rows per device, not all 128.
+    tokens = jax.random.randint(jax.random.key(9), (8, 8), 0, moe.vocab_size)
+    with jax.set_mesh(make_mesh((2, 1, 1, 1, 4))), nn.logical_axis_rules(DEFAULT_RULES):
+      jaxpr = str(jax.make_jaxpr(lambda p, t: HybridLM(moe).apply({{"params": p}}, t))(moe_student, tokens))
+    report["moe_sort_rows"] = sorted({{int(n) for line in jaxpr.splitlines() if "= sort[" in line
+                                      for n in re.findall(r":i32\[(\d+)\]", line.split("= sort[")[0])}})
+
     # The plain LM step (parent pretraining) on the (2, 2, 2) mesh: fresh params are created sharded, and one step
     # from the same random params equals the single-device step.
     lm = compiled_lm_step(config, optimizer, 10, mesh)
@@ -190,6 +200,7 @@ def test_sharded_steps_equal_single_device_and_state_is_sharded(tmp_path):
     assert mesh["gate"] == [["fsdp", "expert"], [[32 // fsdp, 8 // expert]]]
     assert mesh["bias"] == [["expert"], [[8 // expert]]]
     assert mesh["batch"] == [["data", "fsdp", "expert"], None]
+  assert report["moe_sort_rows"] == [16], report["moe_sort_rows"]
   assert report["lm_init"]["up_proj"] == [["fsdp", "tensor"], [[16, 32]]]
   assert report["lm_init"]["embedding"] == [["tensor", "fsdp"], [[32, 16]]]
   assert report["lm_params_spec"] == [["fsdp", "tensor"], [[16, 32]]]

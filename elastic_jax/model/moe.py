@@ -52,9 +52,11 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from elastic_jax.model.config import BlockSpec, ModelConfig
 from elastic_jax.model.layers import Projection, constrain, dtype_of, param, record_importance, record_statistic
+from elastic_jax.ops import context_parallel as cp
 from elastic_jax.ops.grouped_matmul import grouped_matmul
 
 Array = jax.Array
@@ -130,17 +132,54 @@ def sorted_experts(x: Array, up: Array, down: Array, weights: Array, indices: Ar
   return (y, ExpertRows(token_of, flat[order], hidden, expert_out)) if return_rows else y
 
 
-def expert_statistics(rows: ExpertRows, batch: int, length: int, experts: int) -> dict[str, Array]:
+def expert_statistics(rows: ExpertRows, batch: int, length: int, experts: int, tokens: int | None = None
+                      ) -> dict[str, Array]:
   """The routed experts' importance statistics per sample, for rows of ``batch`` x ``length`` tokens (sample-major):
   ``mean_t`` over a sample's tokens of each expert's output norm ([b, E]; 0 where a token does not use the expert,
-  so this is routing frequency x mean output norm) and of its |up-projection output| ([b, E, I])."""
+  so this is routing frequency x mean output norm) and of its |up-projection output| ([b, E, I]). ``tokens``: the
+  sample's length to average over when these rows hold only part of it (default ``length``)."""
   segment = rows.token // length * experts + rows.expert
 
   def mean(values: Array) -> Array:
     sums = jax.ops.segment_sum(values.astype(jnp.float32), segment, num_segments=batch * experts)
-    return sums.reshape(batch, experts, *values.shape[1:]) / length
+    return sums.reshape(batch, experts, *values.shape[1:]) / (tokens or length)
 
   return {"expert": mean(jnp.linalg.norm(rows.out, axis=-1)), "expert_mlp": mean(jnp.abs(rows.hidden))}
+
+
+def routed_experts(x: Array, up: Array, down: Array, weights: Array, indices: Array, *, impl: str = "auto",
+                   dtype=jnp.float32, neuron_mask: Array | None = None, statistics: bool = False
+                   ) -> tuple[Array, dict[str, Array]]:
+  """``sorted_experts`` on a batch of sequences: x [b, l, c], weights and indices [b, l, k], neuron_mask [b, I] ->
+  (the weighted experts' sum [b, l, c] fp32, ``expert_statistics`` of the rows when ``statistics``, else {}).
+
+  Under a mesh that splits the tokens (``context_parallel.active_token_split``: the batch over its data-parallel
+  axes, the sequence over the context axis), every shard sorts and multiplies only its own tokens, against the
+  experts' weights gathered whole (cast to ``dtype`` first); the compiler alone would run the sort and both grouped
+  matmuls on every token on every device.
+  """
+  b, l, _ = x.shape
+  up, down = up.astype(dtype), down.astype(dtype)
+
+  def local(x, weights, indices, neuron_mask, up, down):
+    lb, ll, c = x.shape
+    mask = None if neuron_mask is None else jnp.repeat(neuron_mask, ll, axis=0)
+    y, rows = sorted_experts(x.reshape(lb * ll, c), up, down, weights.reshape(lb * ll, -1),
+                             indices.reshape(lb * ll, -1), impl=impl, dtype=dtype, neuron_mask=mask,
+                             return_rows=True)
+    stats = expert_statistics(rows, lb, ll, up.shape[0], tokens=l) if statistics else {}
+    if statistics and ll < l:  # each context shard holds part of every sample's tokens
+      stats = jax.tree.map(lambda v: jax.lax.psum(v, cp.CONTEXT_AXIS), stats)
+    return y.reshape(lb, ll, c), stats
+
+  split = cp.active_token_split(b, l)
+  if split is None:
+    return local(x, weights, indices, neuron_mask, up, down)
+  tokens, samples = split.sequence_spec(3), PartitionSpec(split.batch_axes or None)
+  stats_spec = {"expert": samples, "expert_mlp": samples} if statistics else {}
+  mask_spec = None if neuron_mask is None else samples
+  return split.shard_map(local, in_specs=(tokens, tokens, tokens, mask_spec, PartitionSpec(), PartitionSpec()),
+                         out_specs=(tokens, stats_spec))(x, weights, indices, neuron_mask, up, down)
 
 
 def dense_experts(x: Array, up: Array, down: Array, weights: Array, indices: Array, *, dtype=jnp.float32) -> Array:
@@ -177,9 +216,10 @@ class Experts(nn.Module):
   input_axis: str  # "embed", or "moe_latent" behind the latent projection
 
   @nn.compact
-  def __call__(self, x: Array, weights: Array, indices: Array, neuron_mask: Array | None = None
-               ) -> tuple[Array, ExpertRows]:
-    """-> (the weighted sum of each token's experts [T, c] fp32, the rows it was computed from)."""
+  def __call__(self, x: Array, weights: Array, indices: Array, neuron_mask: Array | None = None,
+               statistics: bool = False) -> tuple[Array, dict[str, Array]]:
+    """x [b, l, c], weights and indices [b, l, k], neuron_mask [b, I] -> (the weighted sum of each token's experts
+    [b, l, c] fp32, the importance statistics when ``statistics``), as ``routed_experts``."""
     cfg = self.config
     pdt = dtype_of(cfg.param_dtype)
     e, c, i = self.spec.n_routed_experts, cfg.expert_input_size, self.spec.moe_intermediate_size
@@ -187,8 +227,8 @@ class Experts(nn.Module):
                ("expert", self.input_axis, "expert_mlp"), pdt)
     down = param(self, "down_proj", nn.initializers.normal(cfg.initializer_range / math.sqrt(cfg.num_layers)),
                  (e, i, c), ("expert", "expert_mlp", self.input_axis), pdt)
-    return sorted_experts(x, up, down, weights, indices, impl=cfg.moe_impl, dtype=dtype_of(cfg.dtype),
-                          neuron_mask=neuron_mask, return_rows=True)
+    return routed_experts(x, up, down, weights, indices, impl=cfg.moe_impl, dtype=dtype_of(cfg.dtype),
+                          neuron_mask=neuron_mask, statistics=statistics)
 
 
 class SharedExpert(nn.Module):
@@ -225,26 +265,24 @@ class MoE(nn.Module):
     masks = masks or {}
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     b, l, d = u.shape
-    tokens = u.reshape(b * l, d)
-    per_token = lambda name: None if masks.get(name) is None else jnp.repeat(masks[name], l, axis=0)
+    expert_mask = None if masks.get("expert") is None else jnp.repeat(masks["expert"], l, axis=0)
     with jax.named_scope("router"):
-      weights, indices = Router(cfg, spec, name="gate")(tokens, per_token("expert"))
-    routed_in = tokens
+      weights, indices = Router(cfg, spec, name="gate")(u.reshape(b * l, d), expert_mask)
+    routed_in = u
     latent = cfg.moe_latent_size is not None
     if latent:
       routed_in = Projection((cfg.moe_latent_size,), ("embed",), ("moe_latent",), cfg.initializer_range,
-                             name="fc1_latent_proj", **kw)(tokens)
+                             name="fc1_latent_proj", **kw)(u)
+    statistics = self.is_mutable_collection("importance")
     with jax.named_scope("experts"):
-      routed, rows = Experts(cfg, spec, "moe_latent" if latent else "embed", name="experts")(
-          routed_in, weights, indices, per_token("expert_mlp"))
-    if self.is_mutable_collection("importance"):
-      for name, value in expert_statistics(rows, b, l, spec.n_routed_experts).items():
-        record_statistic(self, name, value)
-    routed = routed.astype(dtype_of(cfg.dtype))
+      routed, stats = Experts(cfg, spec, "moe_latent" if latent else "embed", name="experts")(
+          routed_in, weights.reshape(b, l, -1), indices.reshape(b, l, -1), masks.get("expert_mlp"), statistics)
+    for name, value in stats.items():
+      record_statistic(self, name, value)
+    out = routed.astype(dtype_of(cfg.dtype))
     if latent:
-      routed = Projection((d,), ("moe_latent",), ("embed",), cfg.initializer_range / math.sqrt(cfg.num_layers),
-                          name="fc2_latent_proj", **kw)(routed)
-    out = routed.reshape(b, l, d)
+      out = Projection((d,), ("moe_latent",), ("embed",), cfg.initializer_range / math.sqrt(cfg.num_layers),
+                       name="fc2_latent_proj", **kw)(out)
     if spec.moe_shared_expert_intermediate_size:
       with jax.named_scope("shared_experts"):
         shared, up = SharedExpert(cfg, spec, name="shared_experts")(u, masks.get("shared_mlp"))

@@ -262,16 +262,21 @@ class ContextParallelism:
   Attributes:
     mesh: The active (abstract) mesh.
     batch_axes: Mesh axes the batch dimension is split over (the data-parallel axes; may be empty).
-    size: Devices on the context axis (> 1).
+    size: Devices on the context axis (> 1; 1 in a ``active_token_split`` that keeps each sequence whole).
   """
 
   mesh: jax.sharding.AbstractMesh
   batch_axes: tuple[str, ...]
   size: int
 
+  @property
+  def axes(self) -> tuple[str, ...]:
+    """The mesh axes the shards run over: the batch axes, then the context axis where it splits."""
+    return (*self.batch_axes, CONTEXT_AXIS) if self.size > 1 else self.batch_axes
+
   def sequence_spec(self, ndim: int) -> PartitionSpec:
     """[b, l, ...] arrays: batch over the data-parallel axes, sequence over the context axis."""
-    return PartitionSpec(self.batch_axes or None, CONTEXT_AXIS, *([None] * (ndim - 2)))
+    return PartitionSpec(self.batch_axes or None, CONTEXT_AXIS if self.size > 1 else None, *([None] * (ndim - 2)))
 
   def shard_map(self, fn: Callable, in_specs, out_specs) -> Callable:
     """``jax.shard_map(fn)`` over the batch and context axes only.
@@ -279,8 +284,7 @@ class ContextParallelism:
     The other mesh axes (e.g. "tensor" on heads) stay with the compiler, so the per-shard functions see every head
     whatever the tensor-parallel layout, and parameters split over them need no gathering first.
     """
-    return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                         axis_names=frozenset((*self.batch_axes, CONTEXT_AXIS)))
+    return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(self.axes))
 
 
 def active_context(batch: int, length: int, min_shard_length: int = 1) -> ContextParallelism | None:
@@ -312,15 +316,38 @@ def active_context(batch: int, length: int, min_shard_length: int = 1) -> Contex
                     f"{CONTEXT_AXIS!r} axis size {size}, so every device mixes the whole sequence; pad the sequence "
                     "to a multiple to split it.", stacklevel=2)
     return None
+  return ContextParallelism(mesh, _batch_axes(mesh, batch), size)
+
+
+def _batch_axes(mesh: jax.sharding.AbstractMesh, batch: int) -> tuple[str, ...]:
+  """The mesh axes of size > 1 the active rules give ``"batch"`` (not the context axis, none already manual), or ()
+  when a batch of ``batch`` rows does not divide over them."""
   rule = nn.logical_to_mesh_axes(("batch",))[0]
   if rule is None:
     rule = DEFAULT_BATCH_AXES
   rule = (rule,) if isinstance(rule, str) else tuple(rule)
   batch_axes = tuple(axis for axis in rule if axis in mesh.axis_names and axis != CONTEXT_AXIS
                      and axis not in mesh.manual_axes and mesh.shape[axis] > 1)
-  if batch % math.prod(mesh.shape[axis] for axis in batch_axes):
-    batch_axes = ()
-  return ContextParallelism(mesh, batch_axes, size)
+  return () if batch % math.prod(mesh.shape[axis] for axis in batch_axes) else batch_axes
+
+
+def active_token_split(batch: int, length: int) -> ContextParallelism | None:
+  """How per-token work whose inner shapes follow the number of tokens (an MoE block's sort of its tokens by expert)
+  splits a [batch, length] sequence batch over the current ``jax.set_mesh`` mesh: the batch over its data-parallel
+  axes (as ``active_context``), each sequence over the context axis where that splits it evenly (``size`` 1
+  otherwise). None without a mesh or when neither splits: the caller's single-device path.
+
+  Each shard then works on its own tokens only; left to the compiler, such data-dependent work (a global sort, a
+  gather by sorted position) would run whole on every device.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  context = CONTEXT_AXIS in mesh.axis_names and CONTEXT_AXIS not in mesh.manual_axes
+  size = mesh.shape[CONTEXT_AXIS] if context else 1
+  size = size if length % size == 0 else 1
+  split = ContextParallelism(mesh, _batch_axes(mesh, batch), size)
+  return split if split.axes else None
 
 
 def causal_conv(x: Array, kernel: Array, bias: Array, local_conv: LocalConv, context: ContextParallelism) -> Array:
