@@ -381,7 +381,9 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context
     if latent:
       out += [_Tensor((b, l, width), expert_in, c, True)]  # fc1_latent_proj output
     out += [_Tensor(rows, expert_in, c),  # the rows gathered in expert order
-            _Tensor((b, l * k, inner), hidden, c, True), _Tensor((b, l * k, inner), hidden, c),  # up output, relu^2
+            _Tensor((b, l * k, inner), hidden, c, True),  # up output
+            _Tensor((b, l * k, inner), hidden, c), _Tensor((b, l * k, inner), hidden, c),  # each row's mask, masked
+            _Tensor((b, l * k, inner), hidden, c),  # relu^2
             _Tensor(rows, expert_in, f32, True), _Tensor(rows, expert_in, f32),  # down output (fp32), weighted
             _Tensor(rows, expert_in, f32),  # back in assignment order
             _Tensor((b, l, width), expert_in, f32)]  # summed per token
