@@ -61,7 +61,11 @@ the rules table, e.g. ``[batch, length, embed]`` splits batch over the data-para
 where I is a block's input (the fp32 residual stream [B, L, d], kept for every block under every policy); N_b is
 the sum of block b's forward intermediates (``_block_tensors``: projection outputs, masked and activated copies,
 attention scores [B, Hq, L, K] in fp32 and probabilities in the compute dtype (K keys: L, or the cache length when
-decoding), the chunked SSD's per-chunk decay, score and state tensors in fp32, the gated norm's fp32 temporaries);
+decoding), the chunked SSD's per-chunk decay, score and state tensors in fp32, the gated norm's fp32 temporaries;
+for an MoE block the router's [B, L, E] fp32 scores, the block's experts whole in the compute dtype (each shard's
+grouped matmuls read every expert, gathered over the expert and fsdp axes), and the B·L·k rows sorted by expert:
+gathered inputs, up-projection output, each row's neuron mask and the masked and relu^2 outputs [B·L·k, I], the fp32
+outputs weighted and put back in token order, plus the shared expert and the latent projections);
 D_b is the part of N_b that the "dots" policy saves (the outputs of the projections: matmuls without batch
 dimensions). S_b is what the backward pass keeps of block b; W_b is the working set while block b is differentiated:
 what it recomputes, about as much again for the gradients of those intermediates, and the residual stream's
@@ -378,6 +382,9 @@ def _block_tensors(config: ModelConfig, spec: BlockSpec, b: int, l: int, context
     expert_in = ("batch", "length", "moe_latent" if latent else "embed")
     rows, hidden = (b, l * k, width), ("batch", "length", "expert_mlp")
     out += [_Tensor((b, l, experts), ("batch", "length", None), f32)] * 3  # router logits, scores, choice
+    # Every expert of the block, whole, in the compute dtype (up and down): what each shard's grouped matmuls read
+    # (gathered over the expert and fsdp axes), and in the backward their gradients before the reduce-scatter.
+    out += [_Tensor((experts, width, inner), (None, None, None), c)] * 2
     if latent:
       out += [_Tensor((b, l, width), expert_in, c, True)]  # fc1_latent_proj output
     out += [_Tensor(rows, expert_in, c),  # the rows gathered in expert order

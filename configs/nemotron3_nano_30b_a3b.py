@@ -1,0 +1,103 @@
+"""Nemotron 3 Nano 30B-A3B (hybrid Mamba-2 / MoE / attention) elastified into a nested 30B / 23B / 12B family.
+
+    python -m elastic_jax.plan --config configs/nemotron3_nano_30b_a3b.py      # will it fit? (no weights needed)
+    python -m elastic_jax.train --config configs/nemotron3_nano_30b_a3b.py \\
+        --config.parent.hf_path=/data/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 --config.data.paths=/data/corpus \\
+        --config.data.tokenizer=/data/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16/tokenizer.json
+
+Parent: the ``nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16`` checkpoint in Hugging Face format (``config.json``,
+``model.safetensors.index.json`` and its shards; per-expert tensors as transformers saves them), in a local directory
+(``huggingface-cli download nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 --local-dir DIR``). The ``model`` block repeats
+its architecture so that planning needs no checkpoint; the two must agree. 52 blocks: 23 Mamba-2, 23 MoE (128 routed
+experts, 6 per token, plus one shared expert), 6 attention; 31,577,940,288 parameters, 3,580,076,352 active per
+token (``elastic_jax.elastic.param_count``).
+
+Family: 30B / 23B / 12B of the *total* parameters, the sizes of NVIDIA's elastic release of this model. Every axis is
+width (the release found depth compression weaker for reasoning): hidden channels, attention heads, Mamba heads,
+routed experts kept and the experts' and shared expert's widths. MoE widths are homogeneous across blocks, so each
+child exports as a stock NemotronH checkpoint (``extract --format hf``).
+
+Hardware: a TPU v5p-256 slice (128 chips): FSDP over 4, context parallelism over 8 (stage 2's 49K-token sequences)
+and the routed experts over 4 (expert axis; the batch also splits over it). Run ``python -m elastic_jax.plan``
+for the per-device figures (README, "Nemotron 3 Nano 30B-A3B").
+"""
+
+import ml_collections
+
+# The parent's exact parameter count; budgets are fractions of it.
+NEMOTRON3_NANO_PARAMS = 31_577_940_288
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = ml_collections.ConfigDict(dict(
+      pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+      vocab_size=131072,
+      hidden_size=2688,
+      intermediate_size=1856,  # the checkpoint's value; no MLP (-) block uses it
+      num_attention_heads=32,
+      num_key_value_heads=2,
+      head_dim=128,
+      mamba_num_heads=64,
+      mamba_head_dim=64,
+      n_groups=8,
+      ssm_state_size=128,
+      conv_kernel=4,
+      chunk_size=128,
+      layer_norm_epsilon=1e-5,
+      n_routed_experts=128,
+      num_experts_per_tok=6,
+      moe_intermediate_size=1856,
+      moe_shared_expert_intermediate_size=3712,
+      n_shared_experts=1,
+      n_group=1,
+      topk_group=1,
+      norm_topk_prob=True,
+      routed_scaling_factor=2.5,
+      dtype="bfloat16",  # compute; params and optimizer state stay fp32, router and norms fp32
+      param_dtype="float32",
+  ))
+  config.data = ml_collections.ConfigDict(dict(kind="files", paths="", tokenizer=""))
+  config.parent = ml_collections.ConfigDict(dict(hf_path="", pretrain_steps=0, batch_size=1, seq_len=8192,
+                                                 learning_rate=1e-4, warmup_steps=0))
+  config.importance = ml_collections.ConfigDict(dict(batches=128, batch_size=8, seq_len=8192, depth_batches=4))
+  config.elastic = ml_collections.ConfigDict(dict(
+      budgets=[1.0, 23e9 / NEMOTRON3_NANO_PARAMS, 12e9 / NEMOTRON3_NANO_PARAMS],
+      budget_metric="params",  # total parameters (what the checkpoint holds); "active_params" for per-token compute
+      # Mamba head counts are multiples of n_groups=8, query heads multiples of the 2 KV heads (D-1); groups, state,
+      # KV heads, head dims and the router's top-k never elastic. No depth axis (width only).
+      space=dict(hidden=[1792, 2048, 2304, 2560, 2688],
+                 attention_heads=[16, 24, 32],
+                 mamba_heads=[40, 48, 56, 64],
+                 moe_experts=[64, 80, 96, 112, 128],
+                 moe_expert_dim=[1024, 1280, 1536, 1856],
+                 moe_shared_dim=[1856, 2560, 3712]),
+      router=dict(width=256, tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0),
+      dead_zone=0.02,
+      router_loss_weight=1.0,
+      kd_temperature=1.0,
+      ce_weight=0.0,
+      stratified=True,
+  ))
+  # The paper's two-stage curriculum (spec §6): short context with uniform budgets, then 49K-token sequences
+  # weighted toward the full model (0.5 / 0.3 / 0.2), at the 12B run's batch shapes and token counts.
+  config.stages = [
+      dict(name="stage1", steps=5166, batch_size=1536, seq_len=8192, budget_probs=[1 / 3, 1 / 3, 1 / 3]),
+      dict(name="stage2", steps=1788, batch_size=512, seq_len=49152, budget_probs=[0.5, 0.3, 0.2]),
+  ]
+  config.optimizer = ml_collections.ConfigDict(dict(learning_rate=9e-5, warmup_steps=60, schedule="cosine",
+                                                    b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0))
+  config.router_optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=60,
+                                                           schedule="constant", weight_decay=0.0))
+  config.checkpoint_every = 200
+  # (data, fsdp, tensor, context, expert) over 128 v5p chips: non-expert params and optimizer state over fsdp (4),
+  # routed experts over fsdp x expert (16), each sequence over context (8). The global micro-batch (batch /
+  # grad_accum_steps) divides over data x fsdp x expert (16).
+  config.mesh = ml_collections.ConfigDict(dict(shape=(1, 4, 1, 8, 4), rules=()))
+  config.memory = ml_collections.ConfigDict(dict(
+      remat=dict(mamba="full", attention="full", moe="full"), grad_accum_steps=32, teacher_dtype="bfloat16"))
+  config.plan = ml_collections.ConfigDict(dict(device="v5p", num_devices=128, mfu=0.4))
+  config.eval = ml_collections.ConfigDict(dict(ppl_batches=16, batch_size=16, seq_len=8192, examples=256,
+                                               max_new_tokens=4096, decode_batch=32))
+  return config
