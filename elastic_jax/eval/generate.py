@@ -23,8 +23,8 @@ def _prefill_and_decode(config: ModelConfig, params, prompts: Array, cache, keys
                         pick: Callable[[Array, Array], Array], eos_id: int | Array) -> Array:
   """Prefills ``prompts`` [b, t] into ``cache`` in one pass, then decodes one token per step in ``lax.scan``.
 
-  ``pick(logits [b, V], key) -> [b] int32`` chooses each token; ``keys`` [n] gives one key per new token. Once a row
-  emits ``eos_id`` its later tokens are ``eos_id`` too. Returns [b, n] int32: the new tokens.
+  ``pick(logits [b, V], keys [b]) -> [b] int32`` chooses each token; ``keys`` [n, b] gives each row one key per new
+  token. Once a row emits ``eos_id`` its later tokens are ``eos_id`` too. Returns [b, n] int32: the new tokens.
   """
   model = HybridLM(config)
   logits, cache = model.apply({"params": params}, prompts, cache=cache)
@@ -40,14 +40,60 @@ def _prefill_and_decode(config: ModelConfig, params, prompts: Array, cache, keys
   return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
-def _greedy(logits: Array, key: Array) -> Array:
-  del key
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
+  """One token per row: greedy where ``temperature <= 0``, else a draw from softmax(logits / temperature) restricted
+  to the ``top_k`` most likely tokens (0: no limit) and then to the smallest set of them whose probability reaches
+  ``top_p`` (1: no limit; the most likely token always stays).
+
+  Args:
+    logits: [b, V] float.
+    keys: [b] PRNG keys, one per row (a row's draw does not depend on the other rows).
+    temperature, top_k, top_p: [b] per-row settings (float, int, float).
+
+  Returns:
+    [b] int32. Tokens tied with the last kept logit are kept too (the cut is a threshold on the logit value).
+  """
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+  ranked = -jnp.sort(-scaled, axis=-1)  # [b, V], most likely first
+  rank = jnp.arange(vocab)[None, :]
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
+  in_top_k = rank < k
+  probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  kept = in_top_k & ((mass_before < top_p[:, None]) | (rank == 0))
+  last = jnp.maximum(jnp.sum(kept, axis=-1), 1) - 1
+  threshold = jnp.take_along_axis(ranked, last[:, None], axis=-1)
+  filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+  sampled = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled, greedy)
+
+
+def _per_row(value: float | Array, batch: int, dtype) -> Array:
+  """A scalar or [b] setting as a [b] array."""
+  return jnp.broadcast_to(jnp.asarray(value, dtype), (batch,))
+
+
+def _step_keys(rng: Array | None, batch: int, steps: int) -> Array:
+  """[steps, b] keys: from one key (split per row) or from [b] per-row keys (each row's own stream)."""
+  if rng is None:
+    rng = jax.random.key(0)
+  row_keys = jax.random.split(rng, batch) if rng.ndim == 0 else rng
+  return jax.vmap(lambda key: jax.random.split(key, steps))(row_keys).swapaxes(0, 1)
+
+
+def _picker(batch: int, temperature, top_k, top_p) -> Callable[[Array, Array], Array]:
+  temperature = _per_row(temperature, batch, jnp.float32)
+  top_k, top_p = _per_row(top_k, batch, jnp.int32), _per_row(top_p, batch, jnp.float32)
+  return lambda logits, keys: sample_tokens(logits, keys, temperature, top_k, top_p)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
 def generate(config: ModelConfig, params, prompts: Array, *, max_new_tokens: int, temperature: float | Array = 0.0,
-             rng: Array | None = None, eos_id: int | Array = -1) -> Array:
+             rng: Array | None = None, eos_id: int | Array = -1, top_k: int | Array = 0,
+             top_p: float | Array = 1.0) -> Array:
   """Continues each prompt by ``max_new_tokens`` tokens.
 
   Args:
@@ -56,42 +102,42 @@ def generate(config: ModelConfig, params, prompts: Array, *, max_new_tokens: int
     prompts: [b, t] int32, all of length t (any batch size b).
     max_new_tokens: tokens to generate per row.
     temperature: 0 for greedy decoding, > 0 to sample from softmax(logits / temperature). Traced: changing it does
-      not recompile.
-    rng: PRNG key for sampling (required when temperature > 0; ignored when greedy).
+      not recompile. A scalar or one value per row, as are ``top_k`` and ``top_p``.
+    rng: PRNG key for sampling (split into one stream per row), or [b] keys, one per row; ignored when greedy.
     eos_id: once a row emits it, the row's later tokens are ``eos_id`` too; -1 disables.
+    top_k: sample among the k most likely tokens only; 0 disables.
+    top_p: nucleus sampling: among the most likely tokens whose probability reaches top_p; 1 disables.
 
   Returns:
     [b, t + max_new_tokens] int32: the prompts followed by the generated tokens.
   """
   batch, prompt_len = prompts.shape
-  if rng is None:
-    rng = jax.random.key(0)
-  temperature = jnp.asarray(temperature, jnp.float32)
-
-  def pick(logits: Array, key: Array) -> Array:
-    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
-    return jnp.where(temperature > 0, sampled, _greedy(logits, key)).astype(jnp.int32)
-
   cache = init_cache(config, batch, prompt_len + max_new_tokens)
-  new = _prefill_and_decode(config, params, prompts, cache, jax.random.split(rng, max_new_tokens), pick, eos_id)
+  new = _prefill_and_decode(config, params, prompts, cache, _step_keys(rng, batch, max_new_tokens),
+                            _picker(batch, temperature, top_k, top_p), eos_id)
   return jnp.concatenate([prompts.astype(jnp.int32), new], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def generate_ragged(config: ModelConfig, params, prompts: Array, lengths: Array, *, max_new_tokens: int,
-                    eos_id: int | Array = -1) -> Array:
-  """Greedy continuation of prompts of different lengths in one batch, with one compile for every length mix.
+def ragged_continuations(config: ModelConfig, params, prompts: Array, lengths: Array, *, max_new_tokens: int,
+                         eos_id: int | Array = -1, temperature: float | Array = 0.0, top_k: int | Array = 0,
+                         top_p: float | Array = 1.0, rng: Array | None = None) -> Array:
+  """Continuation of prompts of different lengths in one batch, with one compile for every length mix.
 
   The prompts are left-aligned into a left-padded batch (row i's prompt in its last ``lengths[i]`` columns) and
   prefilled in one pass; the cache's ``start = T - lengths`` makes every block ignore each row's pad prefix exactly
   (masked keys in attention; zero conv inputs and dt = 0 in Mamba), so each row gets what ``generate`` would give
-  its prompt alone. Decoding then continues one token per step for the whole batch.
+  its prompt alone. Decoding then continues one token per step for the whole batch. Not jitted: ``generate_ragged``
+  is this function compiled; callers that build the params inside their own program (``elastic_jax.serve`` slices
+  a family member out of the parent's weights) call it under their own ``jax.jit``.
 
   Args:
     prompts: [b, T] int32, row i's prompt in its first ``lengths[i]`` positions (the rest is ignored).
     lengths: [b] int32 prompt lengths, 1 <= lengths[i] <= T.
     max_new_tokens: tokens generated per row.
     eos_id: a row's tokens after it emits ``eos_id`` are ``eos_id``; -1 disables.
+    temperature, top_k, top_p: sampling settings, scalars or one per row (see ``sample_tokens``); the default is
+      greedy decoding.
+    rng: one key (split per row) or [b] per-row keys for sampling; greedy rows ignore it.
 
   Returns:
     [b, max_new_tokens] int32: each row's generated tokens (its prompt excluded).
@@ -102,5 +148,10 @@ def generate_ragged(config: ModelConfig, params, prompts: Array, lengths: Array,
   # Pad columns get token 0: any real token keeps the pad activations finite (they are masked, never read).
   left_padded = jnp.where(source >= 0, jnp.take_along_axis(prompts.astype(jnp.int32), jnp.maximum(source, 0), 1), 0)
   cache = init_cache(config, batch, width + max_new_tokens, start=start)
-  keys = jax.random.split(jax.random.key(0), max_new_tokens)  # unused by greedy picks; one per step for the scan
-  return _prefill_and_decode(config, params, left_padded, cache, keys, _greedy, eos_id)
+  return _prefill_and_decode(config, params, left_padded, cache, _step_keys(rng, batch, max_new_tokens),
+                             _picker(batch, temperature, top_k, top_p), eos_id)
+
+
+generate_ragged = jax.jit(ragged_continuations, static_argnames=("config", "max_new_tokens"))
+generate_ragged.__doc__ = "``ragged_continuations`` compiled (one compile per config, width, batch and length).\n\n" + (
+    ragged_continuations.__doc__ or "")
