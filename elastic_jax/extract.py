@@ -20,9 +20,14 @@ shards), the child is sliced by one program into its own shardings, and both for
 (the HF file streamed one tensor at a time by process 0), so no host holds the whole model. One process without
 ``--mesh`` works on the host, as always.
 
+``--family`` instead of ``--budget`` writes the whole family: the student's weights once and every budget's
+deployed choice with the depth order and the run's tokenizer (``DIR/family.json``, ``DIR/model``, see
+``elastic_jax.serve.family``), which ``python -m elastic_jax.serve --family DIR`` serves.
+
 CLI::
 
   python -m elastic_jax.extract --workdir W --budget 75pct --out DIR [--format orbax|hf] [--step N] [--mesh 1,8]
+  python -m elastic_jax.extract --workdir W --family --out DIR [--step N] [--mesh 1,8]
 
 Unusable input (a workdir without the budget, an unreadable checkpoint, an unwritable ``--out``, checked before any
 work) ends with one line naming it and exit status 2; ``--verbosity 1`` adds the traceback.
@@ -284,9 +289,14 @@ def _parser() -> argparse.ArgumentParser:
                   "model: the router's choice for that budget, sliced out of the elastically trained weights.")
   parser.add_argument("--workdir", required=True, metavar="W",
                       help="the main job's output folder (holds importance/ and elastic/).")
-  parser.add_argument("--budget", required=True, metavar="NAME",
-                      help="the budget: its name in the report (e.g. 75pct) or its fraction of the parent (e.g. "
-                           "0.75), one of the run's config.elastic.budgets.")
+  which = parser.add_mutually_exclusive_group(required=True)
+  which.add_argument("--budget", metavar="NAME",
+                     help="the budget: its name in the report (e.g. 75pct) or its fraction of the parent (e.g. "
+                          "0.75), one of the run's config.elastic.budgets.")
+  which.add_argument("--family", action="store_true",
+                     help="every budget at once: the student's weights once plus each budget's deployed choice, the "
+                          "depth order and the tokenizer (DIR/family.json, DIR/model), for python -m "
+                          "elastic_jax.serve --family DIR.")
   parser.add_argument("--out", required=True, metavar="DIR",
                       help="output folder (created; must not already hold a model of the chosen format).")
   parser.add_argument("--format", default="orbax", choices=FORMATS,
@@ -320,11 +330,29 @@ def _mesh(sizes: str | None) -> Mesh | None:
     raise ExtractError(f"--mesh {sizes!r}: {error}") from None
 
 
+def _extract_family(args: argparse.Namespace) -> int:
+  """``--family``: the whole family as an export (see ``elastic_jax.serve.family``)."""
+  from elastic_jax.serve import family as family_io  # pylint: disable=import-outside-toplevel
+  if args.format != "orbax":
+    raise ExtractError(f"--format {args.format} does not apply to --family: a family export holds the student's "
+                       "weights once in our format; extract single budgets with --budget NAME --format hf.")
+  family = family_io.read_workdir(args.workdir, args.step, _mesh(args.mesh))
+  written = family_io.write_family(args.out, family)
+  if distributed.is_primary():
+    print(f"exported the family of {family.source}: {param_count(family.config):,} parameters held once, members "
+          + ", ".join(f"{m.name} ({m.params:,}, {100 * m.fraction:.1f}%)" for m in family.members))
+    for path in written:
+      print(f"  {path}")
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   distributed.initialize()  # a no-op unless launched as one of several processes
   try:
     cli.check_writable_dir(args.out, "--out")
+    if args.family:
+      return _extract_family(args)
     config, params, info = extract_budget(args.workdir, args.budget, args.step, _mesh(args.mesh))
     written = write_child(args.out, config, params, info, args.format)
   except cli.refused_errors() as error:

@@ -136,13 +136,14 @@ def workdir_tokenizer(workdir: str) -> TokenizerSpec:
   return TokenizerSpec()
 
 
-def read_workdir(workdir: str, step: int | None = None) -> Family:
+def read_workdir(workdir: str, step: int | None = None, mesh: Any = None) -> Family:
   """The family of a main-job workdir: the finished run's student and deployed choices, or those of elastic
-  checkpoint ``step`` (default: the latest, while training runs), as ``extract --workdir W --budget B`` reads them."""
+  checkpoint ``step`` (default: the latest, while training runs), as ``extract --workdir W --budget B`` reads them.
+  With ``mesh`` the student is restored straight into its shardings (every process calls this together)."""
   from elastic_jax import extract  # pylint: disable=import-outside-toplevel  (extract imports us)
   deployed = extract.read_deployed_choices(workdir, step)
   try:
-    config, params = extract.load_student(workdir, deployed.step)
+    config, params = extract.load_student(workdir, deployed.step, mesh)
   except extract.ExtractError:
     raise
   except Exception as error:  # pylint: disable=broad-except  (whatever Orbax raises, the folder is named)

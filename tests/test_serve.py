@@ -1,0 +1,271 @@
+"""Serving a family from one loaded checkpoint (``elastic_jax.serve``): the Python API, the HTTP server, the export.
+
+Reference: every member's tokens against ``generate`` on that member's child as ``elastic.extract`` slices it (a
+separate model, no serving code involved); the resident weights against the parent's and the children's bytes; the
+server through the real ``openai`` client and plain HTTP.
+
+The family is made by hand, fast: a small random-weight parent (byte vocabulary) written as a finished main-job
+workdir (student, deployed choices, depth order) with three hand-made choices: the parent, a narrower member and a
+narrower and shallower one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import json
+import os
+import re
+import socket
+import threading
+import time
+
+import httpx
+import jax
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+from conftest import random_params, small_config
+from elastic_jax import extract as extract_cli
+from elastic_jax import serve
+from elastic_jax.data.tokenizer import ByteTokenizer
+from elastic_jax.elastic.extract import extract
+from elastic_jax.elastic.space import Choice
+from elastic_jax.eval.generate import generate
+from elastic_jax.serve import __main__ as serve_cli
+from elastic_jax.serve.server import create_app
+from elastic_jax.train.checkpoint import save_model
+
+CONFIG = small_config("M-*M-", vocab_size=256)  # byte vocabulary: the run's default tokenizer fits
+DEPTH_ORDER = [3, 0, 2, 1, 4]  # most important first; the 50% member keeps the first four
+CHOICES = {1.0: Choice.full(CONFIG),
+           0.75: Choice.homogeneous(CONFIG, hidden=24, mlp=32, mamba_heads=2),
+           0.5: Choice.homogeneous(CONFIG, hidden=16, mlp=24, attention_heads=2, mamba_heads=2, depth=4)}
+NAMES = {1.0: "family-100pct", 0.75: "family-75pct", 0.5: "family-50pct"}
+NEW_TOKENS = 12
+EOS = ByteTokenizer.eos_id
+_PROMPT_RNG = np.random.default_rng(11)
+# Two prompt lengths (one reference compile each per member), served together as one ragged batch.
+PROMPTS = [tuple(int(t) for t in _PROMPT_RNG.integers(1, 128, n)) for n in (5, 5, 11, 11)]
+
+
+@pytest.fixture(scope="module")
+def parent():
+  return random_params(CONFIG, seed=3)
+
+
+@pytest.fixture(scope="module")
+def workdir(parent, tmp_path_factory) -> str:
+  """A finished main-job workdir as the extraction reads it: the student, the deployed choices, the depth order."""
+  path = tmp_path_factory.mktemp("serve") / "run"
+  os.makedirs(path / "elastic" / "student")
+  os.makedirs(path / "importance")
+  save_model(str(path / "elastic" / "student" / "model"), CONFIG.to_dict(), parent)
+  (path / "elastic" / "student" / "DONE").write_text("")
+  (path / "importance" / "rankings.json").write_text(json.dumps({"depth": DEPTH_ORDER}))
+  records = [{"budget": b, "params": 0, "fraction": b, "choice": c.to_dict()} for b, c in CHOICES.items()]
+  (path / "elastic" / "deployed_choices.json").write_text(json.dumps(records))
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def references(parent) -> dict[str, list[list[int]]]:
+  """Per member, each prompt's greedy continuation by ``generate`` on the extracted child, cut before the first
+  end-of-document token (the server stops there)."""
+  out = {}
+  for budget, choice in CHOICES.items():
+    config, params = extract(CONFIG, parent, choice, np.asarray(DEPTH_ORDER))
+    rows = []
+    for length in sorted({len(p) for p in PROMPTS}):
+      same = [p for p in PROMPTS if len(p) == length]
+      new = np.asarray(generate(config, params, np.asarray(same, np.int32), max_new_tokens=NEW_TOKENS))[:, length:]
+      rows += [(p, row.tolist()) for p, row in zip(same, new)]
+    by_prompt = dict(rows)
+    out[NAMES[budget]] = [_cut(by_prompt[p]) for p in PROMPTS]
+  return out
+
+
+def _cut(tokens: list[int]) -> list[int]:
+  return tokens[:tokens.index(EOS)] if EOS in tokens else tokens
+
+
+@pytest.fixture(scope="module")
+def family(workdir) -> serve.ServedFamily:
+  return serve.load(workdir, max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def server(family):
+  """The HTTP server on a free port, in-process (uvicorn in a thread); its batch window is long enough that
+  concurrent requests meet in it."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  app = create_app(family, batch_window_ms=200)
+  instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  thread = threading.Thread(target=instance.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not instance.started:
+    assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+    time.sleep(0.05)
+  yield {"url": f"http://127.0.0.1:{port}", "app": app}
+  instance.should_exit = True
+  thread.join(10)
+
+
+# ---------------------------------------------------------------------------------------------------- Python API
+def test_every_member_serves_the_greedy_tokens_of_its_extracted_child(family, references):
+  assert sorted(family.members) == sorted(NAMES.values())
+  for name, expected in references.items():
+    served = family.continue_rows(name, [serve.Row(p, NEW_TOKENS) for p in PROMPTS])  # one ragged batch
+    assert [c.tokens for c in served] == expected, name
+    assert [c.eos for c in served] == [len(e) < NEW_TOKENS for e in expected]
+  # The members differ (otherwise the comparison would not tell them apart).
+  assert len({json.dumps(r) for r in references.values()}) == len(references)
+
+
+def test_text_completion_decodes_the_same_tokens_and_cuts_at_stop_strings(family, references):
+  tokenizer = family.tokenizer
+  name = "family-75pct"
+  text_prompts = [tokenizer.decode(p) for p in PROMPTS]
+  done = serve.complete(family, name, text_prompts, max_tokens=NEW_TOKENS)
+  assert [c.text for c in done] == [tokenizer.decode(e) for e in references[name]]
+  assert [c.prompt_tokens for c in done] == [len(p) for p in PROMPTS]
+  assert [c.finish_reason for c in done] == ["length" if len(e) == NEW_TOKENS else "stop" for e in references[name]]
+  # A stop string: the text up to it, the tokens up to the one that completed it.
+  full = references[name][2]
+  stop = tokenizer.decode(full[3:5])
+  [cut] = serve.complete(family, name, [text_prompts[2]], max_tokens=NEW_TOKENS, stop=[stop])
+  assert cut.finish_reason == "stop" and cut.text == tokenizer.decode(full)[:tokenizer.decode(full).find(stop)]
+  assert stop in tokenizer.decode(cut.tokens) and stop not in tokenizer.decode(cut.tokens[:-1])
+
+
+def test_sampling_is_seeded_per_row_and_top_k_one_is_greedy(family, references):
+  name = "family-50pct"
+  rows = lambda sampling: [serve.Row(p, NEW_TOKENS, sampling) for p in PROMPTS]
+  hot = serve.Sampling(temperature=2.0, seed=5)
+  a = [c.tokens for c in family.continue_rows(name, rows(hot))]
+  b = [c.tokens for c in family.continue_rows(name, rows(hot))]
+  assert a == b and a != references[name]
+  # A row's draw depends on its own seed, not on its batchmates.
+  alone = family.continue_rows(name, [serve.Row(PROMPTS[1], NEW_TOKENS, hot)] + rows(serve.Sampling())[2:])
+  assert alone[0].tokens == a[1]
+  for narrow in (serve.Sampling(temperature=2.0, top_k=1, seed=1), serve.Sampling(temperature=2.0, top_p=1e-6)):
+    assert [c.tokens for c in family.continue_rows(name, rows(narrow))] == references[name]
+
+
+def test_bad_rows_are_refused_naming_the_field(family):
+  cases = [("family-200pct", serve.Row((1,), 4), "model", "family-100pct"),
+           ("family-50pct", serve.Row((1,), -1), "max_tokens", "-1 must be >= 1"),
+           ("family-50pct", serve.Row((1,) * 2040, 16), "prompt", "exceed this server's context of 2048"),
+           ("family-50pct", serve.Row((), 4), "prompt", "empty"),
+           ("family-50pct", serve.Row((300,), 4), "prompt", "token id 300"),
+           ("family-50pct", serve.Row((1,), 4, serve.Sampling(top_p=0.0)), "top_p", "(0, 1]")]
+  for member, row, param, text in cases:
+    with pytest.raises(serve.RequestError, match=re.escape(text)) as error:
+      family.continue_rows(member, [row])
+    assert error.value.param == param
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+def _live_bytes() -> int:
+  gc.collect()
+  return sum(a.nbytes for a in jax.live_arrays())
+
+
+def test_the_weights_are_held_once_and_members_slice_them_inside_their_programs(workdir, tmp_path, parent,
+                                                                                 references):
+  """``extract --family`` writes an export that serves the workdir's tokens; loading it and running every member
+  adds the parent's bytes to the live device arrays, not the sum of the children's."""
+  out = str(tmp_path / "family")
+  assert extract_cli.main(["--workdir", workdir, "--family", "--out", out]) == 0
+  record = json.loads(open(os.path.join(out, "family.json"), encoding="utf-8").read())
+  assert [(m["name"], m["choice"]) for m in record["members"]] == [
+      (NAMES[b][len("family-"):], CHOICES[b].to_dict()) for b in (1.0, 0.75, 0.5)]
+  assert record["depth_order"] == DEPTH_ORDER and record["tokenizer"]["file"] is None
+
+  parent_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(parent))
+  children = sum(sum(leaf.nbytes for leaf in jax.tree.leaves(extract(CONFIG, parent, c, np.asarray(DEPTH_ORDER))[1]))
+                 for c in CHOICES.values())
+  before = _live_bytes()
+  exported = serve.load(out, max_batch=4)
+  for name, expected in references.items():
+    assert [c.tokens for c in exported.continue_rows(name, [serve.Row(p, NEW_TOKENS) for p in PROMPTS])] == expected
+  resident = _live_bytes() - before
+  memory = exported.memory()
+  print(f"\nresident after loading and running every member: {resident:,} bytes; parent params {parent_bytes:,}; "
+        f"the three extracted children {children:,}")
+  assert memory == {"parent_param_bytes": parent_bytes, "held_param_bytes": parent_bytes,
+                    "children_param_bytes": children}
+  assert resident <= 1.05 * parent_bytes and children > 2 * parent_bytes
+
+  # The decode loop carries the 50% member's sliced embedding (made once per call, before the loop), never the
+  # parent's.
+  hlo = exported.program_hlo("family-50pct", batch=4, max_new_tokens=16)
+  decode_loops = [line for line in hlo.splitlines() if " while(" in line and '"n":"15"' in line]
+  assert decode_loops, "no decode loop of 15 steps in the program"
+  carried = decode_loops[0].split(" while(")[0]
+  assert "f32[256,16]" in carried and "f32[256,32]" not in carried
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP
+def test_openai_client_completes_with_two_members_lists_them_and_names_an_unknown_one(server, family, references):
+  client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0)
+  listed = client.models.list()
+  assert sorted(m.id for m in listed.data) == sorted(NAMES.values())
+  tokenizer = family.tokenizer
+  for name in ("family-100pct", "family-50pct"):
+    response = client.completions.create(model=name, prompt=list(PROMPTS[2]), max_tokens=NEW_TOKENS, temperature=0)
+    assert response.model == name and len(response.choices) == 1
+    assert response.choices[0].text == tokenizer.decode(references[name][2])
+    assert response.usage.prompt_tokens == len(PROMPTS[2])
+    assert response.usage.completion_tokens == len(references[name][2])
+  with pytest.raises(openai.NotFoundError, match="family-100pct"):
+    client.completions.create(model="family-10pct", prompt="12+7=", max_tokens=4)
+
+
+def test_bad_requests_get_a_4xx_naming_the_problem_and_the_server_keeps_serving(server, references, family):
+  url = server["url"] + "/v1/completions"
+  good = {"model": "family-75pct", "prompt": list(PROMPTS[0]), "max_tokens": NEW_TOKENS, "temperature": 0}
+  cases = [(b'{"model": "family-75pct", "prompt": ', 400, "not valid JSON"),
+           (json.dumps({**good, "max_tokens": -3}), 400, "max_tokens -3 must be >= 1"),
+           (json.dumps({**good, "prompt": "x" * 3000}), 400, "exceed this server's context of 2048"),
+           (json.dumps({**good, "model": "family-33pct"}), 404, "not a member of this family"),
+           (json.dumps({**good, "max_tokens": "many"}), 400, "max_tokens"),
+           (json.dumps({"prompt": "hi"}), 400, "model"),
+           (json.dumps({**good, "stream": True}), 400, "stream is not supported"),
+           (json.dumps([good]), 400, "must be a JSON object")]
+  with httpx.Client(timeout=60) as http:
+    for body, status, message in cases:
+      response = http.post(url, content=body, headers={"content-type": "application/json"})
+      assert response.status_code == status, (body, response.text)
+      assert message in response.json()["error"]["message"], response.text
+    assert http.get(server["url"] + "/health").json()["status"] == "ok"
+    response = http.post(url, json=good)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["text"] == family.tokenizer.decode(references["family-75pct"][0])
+
+
+def test_concurrent_requests_for_one_member_run_as_one_batch(server, references, family):
+  batcher = server["app"].state.batcher
+  before = len(batcher.batches)
+  url = server["url"] + "/v1/completions"
+
+  def ask(prompt):
+    body = {"model": "family-100pct", "prompt": list(prompt), "max_tokens": NEW_TOKENS, "temperature": 0}
+    return httpx.post(url, json=body, timeout=60).json()["choices"][0]["text"]
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    texts = list(pool.map(ask, PROMPTS))
+  assert texts == [family.tokenizer.decode(r) for r in references["family-100pct"]]
+  sizes = [rows for member, rows in batcher.batches[before:] if member == "family-100pct"]
+  assert sum(sizes) == 4 and max(sizes) >= 2, sizes
+
+
+def test_serve_cli_refuses_a_folder_without_a_family(tmp_path, capsys):
+  assert serve_cli.main(["--family", str(tmp_path), "--port", "0"]) == 2
+  message = capsys.readouterr().err
+  assert "neither a family export" in message and "extract --workdir W --family" in message
