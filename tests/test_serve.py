@@ -269,3 +269,18 @@ def test_serve_cli_refuses_a_folder_without_a_family(tmp_path, capsys):
   assert serve_cli.main(["--family", str(tmp_path), "--port", "0"]) == 2
   message = capsys.readouterr().err
   assert "neither a family export" in message and "extract --workdir W --family" in message
+
+
+def test_resident_slices_serve_the_same_tokens_and_are_counted_once(workdir, parent, references):
+  """The alternative layout (each member's slices made once and kept) gives the same tokens and holds the parent plus
+  every member's sliced tensors (those a choice keeps whole are shared, not copied)."""
+  family = serve.ServedFamily(serve.read_family(workdir), slicing=serve.Slicing.RESIDENT, max_batch=4)
+  name = "family-50pct"
+  assert [c.tokens for c in family.continue_rows(name, [serve.Row(p, NEW_TOKENS) for p in PROMPTS])] == \
+      references[name]
+  parent_leaves = {leaf.shape for leaf in jax.tree.leaves(parent)}
+  sliced = sum(leaf.nbytes for c in CHOICES.values()
+               for leaf in jax.tree.leaves(extract(CONFIG, parent, c, np.asarray(DEPTH_ORDER))[1])
+               if leaf.shape not in parent_leaves)
+  parent_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(parent))
+  assert family.memory()["held_param_bytes"] == parent_bytes + sliced

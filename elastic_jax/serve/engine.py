@@ -161,8 +161,8 @@ class ServedFamily:
     depth = None if family.depth_order is None else np.asarray(family.depth_order)
     for spec in family.members:
       config = child_config(family.config, spec.choice, depth)
-      if slicing is Slicing.RESIDENT:
-        own = jax.jit(lambda p, choice=spec.choice: extract_params(family.config, p, choice, depth))(self.params)
+      if slicing is Slicing.RESIDENT:  # eagerly: tensors the choice keeps whole stay the shared arrays
+        own = extract_params(family.config, self.params, spec.choice, depth)
       else:
         own = self.params
       program = _member_program(family.config, config, spec, depth, slicing)
@@ -232,7 +232,9 @@ class ServedFamily:
     """Bytes of weights: the parent's, what this family holds (the parent + persistent slices), and what every
     member extracted as its own child would hold together."""
     parent = tree_bytes(self.params)
-    held = parent + sum(tree_bytes(m.params) for m in self.members.values() if m.params is not self.params)
+    held_leaves = {id(leaf): leaf for tree in [self.params] + [m.params for m in self.members.values()]
+                   for leaf in jax.tree.leaves(tree)}  # each buffer once (members share the tensors they keep whole)
+    held = tree_bytes(list(held_leaves.values()))
     depth = None if self.family.depth_order is None else np.asarray(self.family.depth_order)
     children = sum(tree_bytes(jax.eval_shape(lambda p, c=m.spec.choice: extract_params(self.config, p, c, depth),
                                              self.params)) for m in self.members.values())

@@ -110,7 +110,8 @@ class Family:
     raise KeyError(f"no member {name!r}; the family's members are {[m.name for m in self.members]}")
 
 
-def _members(config: ModelConfig, records: Sequence[dict[str, Any]], depth_order) -> tuple[MemberSpec, ...]:
+def member_specs(config: ModelConfig, records: Sequence[dict[str, Any]], depth_order) -> tuple[MemberSpec, ...]:
+  """The members of deployed-choice records (``{"budget", "choice"}`` each), sized, largest budget first."""
   from elastic_jax.extract import budget_name  # pylint: disable=import-outside-toplevel  (extract imports us)
   parent = param_count(config)
   members = []
@@ -150,7 +151,7 @@ def read_workdir(workdir: str, step: int | None = None, mesh: Any = None) -> Fam
     folder = os.path.join(workdir, "elastic", "student" if deployed.step is None else "checkpoints")
     raise cli.unreadable_checkpoint(folder, error) from error
   depth = None if deployed.depth_order is None else tuple(deployed.depth_order)
-  return Family(config, params, _members(config, deployed.records, depth), depth, workdir_tokenizer(workdir),
+  return Family(config, params, member_specs(config, deployed.records, depth), depth, workdir_tokenizer(workdir),
                 deployed.source)
 
 
@@ -171,7 +172,7 @@ def read_export(directory: str) -> Family:
   depth = None if record["depth_order"] is None else tuple(int(i) for i in record["depth_order"])
   tokenizer = record["tokenizer"]
   file = os.path.join(directory, tokenizer["file"]) if tokenizer.get("file") else None
-  members = _members(config, record["members"], depth)
+  members = member_specs(config, record["members"], depth)
   return Family(config, params, members, depth, TokenizerSpec(file, tokenizer.get("eos_token")), path)
 
 
