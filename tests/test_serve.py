@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -284,3 +285,25 @@ def test_resident_slices_serve_the_same_tokens_and_are_counted_once(workdir, par
                if leaf.shape not in parent_leaves)
   parent_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(parent))
   assert family.memory()["held_param_bytes"] == parent_bytes + sliced
+
+
+def test_the_family_speaks_the_runs_tokenizer_and_its_export_carries_it(workdir, parent, tmp_path):
+  """A run trained with an HF tokenizer (its phases record data.tokenizer): the export copies the file, and prompts and
+  completions go through it."""
+  from test_data import write_word_tokenizer  # pylint: disable=import-outside-toplevel
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  words = tmp_path / "words"
+  words.mkdir()
+  file = write_word_tokenizer(words, 254)  # 256 ids: every id the model emits decodes
+  (run / "elastic" / "phase_config.json").write_text(json.dumps({"data.tokenizer": file, "data.eos_token": ""}))
+  out = tmp_path / "family"
+  assert extract_cli.main(["--workdir", str(run), "--family", "--out", str(out)]) == 0
+  shutil.rmtree(words)  # the export serves from its own copy
+  family = serve.load(str(out), max_batch=4)
+  tokenizer = family.tokenizer
+  assert tokenizer.path == str(out / "tokenizer.json") and tokenizer.encode("w1 w2 w3") == [3, 4, 5]
+  config, params = extract(CONFIG, parent, CHOICES[0.5], np.asarray(DEPTH_ORDER))
+  expected = np.asarray(generate(config, params, np.asarray([[3, 4, 5]], np.int32), max_new_tokens=NEW_TOKENS))[0, 3:]
+  [done] = serve.complete(family, "family-50pct", ["w1 w2 w3"], max_tokens=NEW_TOKENS)
+  assert done.tokens == _cut(expected.tolist()) and done.text == tokenizer.decode(expected.tolist())
