@@ -63,7 +63,6 @@ def main() -> None:
       alone = wall_seconds(lambda: cut(served.params), args.reps, statistic=min)  # pylint: disable=cell-var-from-loop
       temp = served.program_memory(name, args.batch, 16, max(16, 1 << (args.new - 1).bit_length()))["temp_bytes"]
       print(f"| {slicing.value} | {name} | {1e3 * call:.1f} | {1e3 * alone:.2f} | {temp:,} | {held:,} |")
-    del served
   print(f"parent weight bytes {sum(leaf.nbytes for leaf in jax.tree.leaves(params)):,}")
 
 

@@ -151,12 +151,13 @@ class ServedFamily:
       raise ValueError(f"max_context {max_context} must be >= 2 (one prompt token and one new token).")
     if max_batch < 1:
       raise ValueError(f"max_batch {max_batch} must be >= 1.")
-    self.family = family
     self.config = family.config
     self.max_context, self.max_batch, self.slicing = max_context, max_batch, slicing
     self.tokenizer = family.tokenizer.load(family.config.vocab_size)
-    # The shared weights: one device copy, whatever the checkpoint was restored as.
+    # The shared weights: one device copy, whatever the checkpoint was restored as (restored host arrays are not
+    # kept: ``self.family`` refers to the device copy).
     self.params = jax.device_put(family.params)
+    self.family = dataclasses.replace(family, params=self.params)
     self.members: dict[str, Member] = {}
     depth = None if family.depth_order is None else np.asarray(family.depth_order)
     for spec in family.members:
