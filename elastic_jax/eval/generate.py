@@ -3,7 +3,9 @@
 Decode steps bypass every scan inside the model (Mamba blocks take a single recurrence step, attention reads its KV
 cache), so each new token costs O(1) in sequence length for Mamba and O(length) for attention. Prompts of different
 lengths are left-padded to one length and prefilled together: the cache's per-row ``start`` makes every block ignore
-the pad prefix exactly (``init_cache``).
+the pad prefix exactly (``init_cache``). Tokens are picked by ``sample_tokens``: greedy, or temperature sampling
+restricted by top-k and top-p, with settings and PRNG streams per row (so rows of different requests can share a
+batch, as ``elastic_jax.serve`` batches them).
 """
 
 from __future__ import annotations
