@@ -58,19 +58,24 @@ def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array, 
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-  ranked = -jnp.sort(-scaled, axis=-1)  # [b, V], most likely first
-  rank = jnp.arange(vocab)[None, :]
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
-  in_top_k = rank < k
-  probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  kept = in_top_k & ((mass_before < top_p[:, None]) | (rank == 0))
-  last = jnp.maximum(jnp.sum(kept, axis=-1), 1) - 1
-  threshold = jnp.take_along_axis(ranked, last[:, None], axis=-1)
-  filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
-  sampled = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled, greedy)
+
+  def sample() -> Array:
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    ranked = -jnp.sort(-scaled, axis=-1)  # [b, V], most likely first
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
+    in_top_k = rank < k
+    probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = in_top_k & ((mass_before < top_p[:, None]) | (rank == 0))
+    last = jnp.maximum(jnp.sum(kept, axis=-1), 1) - 1
+    threshold = jnp.take_along_axis(ranked, last[:, None], axis=-1)
+    filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    sampled = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+  # A batch of greedy rows (every evaluation) skips the vocabulary sort at run time.
+  return jax.lax.cond(jnp.any(temperature > 0), sample, lambda: greedy)
 
 
 def _per_row(value: float | Array, batch: int, dtype) -> Array:
