@@ -15,7 +15,7 @@ Where the slices live (``Slicing``):
   its decode steps make anyway.
 - ``RESIDENT``: each member's slices are made once at load time and kept; its program reads them directly. Resident
   weights: the parent plus every smaller member's sliced tensors (about 2.25x the parent for a 100/75/50 family),
-  which the issue's budget of 1.05x the parent rules out; kept for measuring the trade-off
+  which a serving budget of 1.05x the parent rules out; kept for measuring the trade-off
   (``benchmarks/serve.py``).
 
 Requests are rows (one prompt, its own ``max_new_tokens``, sampling settings and seed); rows of one member run as one
