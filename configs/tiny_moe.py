@@ -3,9 +3,9 @@ Nemotron 3), end to end on a 2-core CPU.
 
     python -m elastic_jax.train --config configs/tiny_moe.py [--workdir DIR] [--config.parent.pretrain_steps=300 ...]
 
-Everything not about the MoE blocks is ``configs/tiny.py``, read from it here (its comments explain the data, stages
-and schedules); its two MLP blocks are E blocks here. Family: 100% / 75% / 50% of the parent's parameters (all of them: see
-``elastic.budget_metric`` below).
+Everything not about the MoE blocks is ``configs/tiny.py``, read from it here (its comments explain the data,
+stages and schedules); its two MLP blocks are E blocks here. Family: 100% / 75% / 50% of the parent's parameters
+(all of them: see ``elastic.budget_metric`` below).
 """
 
 import importlib.util
