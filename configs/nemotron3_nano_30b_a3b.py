@@ -17,9 +17,10 @@ width (the release found depth compression weaker for reasoning): hidden channel
 routed experts kept and the experts' and shared expert's widths. MoE widths are homogeneous across blocks, so each
 child exports as a stock NemotronH checkpoint (``extract --format hf``).
 
-Hardware: a TPU v5p-256 slice (128 chips): FSDP over 4, context parallelism over 8 (stage 2's 49K-token sequences)
-and the routed experts over 4 (expert axis; the batch also splits over it). Run ``python -m elastic_jax.plan``
-for the per-device figures (README, "Nemotron 3 Nano 30B-A3B").
+Hardware: a TPU v5p-1024 slice (512 chips): FSDP over 8, context parallelism over 16 (stage 2's 49K-token sequences,
+3,072 tokens per chip) and the routed experts over 4 (expert axis; the batch also splits over it). Compiled for that
+slice (``--compile-for v5p:8x8x8``), libtpu needs 54.5 GB (stage 1) and 61.8 GB (stage 2) of the 95 GB per chip;
+smaller slices did not fit (README, "MoE parents": 128 chips needed 96 / 110 GB, 256 chips 84-89 GB at stage 2).
 """
 
 import ml_collections
@@ -91,13 +92,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.router_optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=60,
                                                            schedule="constant", weight_decay=0.0))
   config.checkpoint_every = 200
-  # (data, fsdp, tensor, context, expert) over 128 v5p chips: non-expert params and optimizer state over fsdp (4),
-  # routed experts over fsdp x expert (16), each sequence over context (8). The global micro-batch (batch /
-  # grad_accum_steps) divides over data x fsdp x expert (16).
-  config.mesh = ml_collections.ConfigDict(dict(shape=(1, 4, 1, 8, 4), rules=()))
+  # (data, fsdp, tensor, context, expert) over 512 v5p chips: non-expert params and optimizer state over fsdp (8),
+  # routed experts over fsdp x expert (32), each sequence over context (16: ring attention's [l/C, l/C] score blocks
+  # dominate stage 2 at 8). The global micro-batch (batch / grad_accum_steps: 96, then 32) divides over
+  # data x fsdp x expert (32).
+  config.mesh = ml_collections.ConfigDict(dict(shape=(1, 8, 1, 16, 4), rules=()))
   config.memory = ml_collections.ConfigDict(dict(
-      remat=dict(mamba="full", attention="full", moe="full"), grad_accum_steps=32, teacher_dtype="bfloat16"))
-  config.plan = ml_collections.ConfigDict(dict(device="v5p", num_devices=128, mfu=0.4))
+      remat=dict(mamba="full", attention="full", moe="full"), grad_accum_steps=16, teacher_dtype="bfloat16"))
+  config.plan = ml_collections.ConfigDict(dict(device="v5p", num_devices=512, mfu=0.4))
   config.eval = ml_collections.ConfigDict(dict(ppl_batches=16, batch_size=16, seq_len=8192, examples=256,
                                                max_new_tokens=4096, decode_batch=32))
   return config
