@@ -23,15 +23,25 @@ slice (``--compile-for v5p:8x8x8``), libtpu needs 54.5 GB (stage 1) and 61.8 GB 
 smaller slices did not fit (README, "MoE parents": 128 chips needed 96 / 110 GB, 256 chips 84-89 GB at stage 2).
 """
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 # The parent's exact parameter count; budgets are fractions of it.
 NEMOTRON3_NANO_PARAMS = 31_577_940_288
 
 
+def _nano_v2_config() -> ml_collections.ConfigDict:
+  """configs/nano_v2_12b.py's config (the file beside this one)."""
+  spec = importlib.util.spec_from_file_location("nano_v2_config", pathlib.Path(__file__).with_name("nano_v2_12b.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  config = _nano_v2_config()
   config.model = ml_collections.ConfigDict(dict(
       pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
       vocab_size=131072,
@@ -59,39 +69,19 @@ def get_config() -> ml_collections.ConfigDict:
       dtype="bfloat16",  # compute; params and optimizer state stay fp32, router and norms fp32
       param_dtype="float32",
   ))
-  config.data = ml_collections.ConfigDict(dict(kind="files", paths="", tokenizer=""))
-  config.parent = ml_collections.ConfigDict(dict(hf_path="", pretrain_steps=0, batch_size=1, seq_len=8192,
-                                                 learning_rate=1e-4, warmup_steps=0))
-  config.importance = ml_collections.ConfigDict(dict(batches=128, batch_size=8, seq_len=8192, depth_batches=4))
-  config.elastic = ml_collections.ConfigDict(dict(
-      budgets=[1.0, 23e9 / NEMOTRON3_NANO_PARAMS, 12e9 / NEMOTRON3_NANO_PARAMS],
-      budget_metric="params",  # total parameters (what the checkpoint holds); "active_params" for per-token compute
-      # Mamba head counts are multiples of n_groups=8, query heads multiples of the 2 KV heads (D-1); groups, state,
-      # KV heads, head dims and the router's top-k never elastic. No depth axis (width only).
-      space=dict(hidden=[1792, 2048, 2304, 2560, 2688],
-                 attention_heads=[16, 24, 32],
-                 mamba_heads=[40, 48, 56, 64],
-                 moe_experts=[64, 80, 96, 112, 128],
-                 moe_expert_dim=[1024, 1280, 1536, 1856],
-                 moe_shared_dim=[1856, 2560, 3712]),
-      router=dict(width=256, tau_start=1.0, tau_end=0.05, scale_start=1.0, scale_end=10.0),
-      dead_zone=0.02,
-      router_loss_weight=1.0,
-      kd_temperature=1.0,
-      ce_weight=0.0,
-      stratified=True,
-  ))
-  # The paper's two-stage curriculum (spec §6): short context with uniform budgets, then 49K-token sequences
-  # weighted toward the full model (0.5 / 0.3 / 0.2), at the 12B run's batch shapes and token counts.
-  config.stages = [
-      dict(name="stage1", steps=5166, batch_size=1536, seq_len=8192, budget_probs=[1 / 3, 1 / 3, 1 / 3]),
-      dict(name="stage2", steps=1788, batch_size=512, seq_len=49152, budget_probs=[0.5, 0.3, 0.2]),
-  ]
-  config.optimizer = ml_collections.ConfigDict(dict(learning_rate=9e-5, warmup_steps=60, schedule="cosine",
-                                                    b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0))
-  config.router_optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=60,
-                                                           schedule="constant", weight_decay=0.0))
-  config.checkpoint_every = 200
+  config.elastic.budgets = [1.0, 23e9 / NEMOTRON3_NANO_PARAMS, 12e9 / NEMOTRON3_NANO_PARAMS]
+  config.elastic.budget_metric = "params"  # total parameters (the checkpoint); "active_params" for per-token compute
+  # Mamba head counts are multiples of n_groups=8, query heads multiples of the 2 KV heads (D-1); groups, state,
+  # KV heads, head dims and the router's top-k never elastic. No depth axis (width only).
+  config.elastic.space = dict(hidden=[1792, 2048, 2304, 2560, 2688],
+                              attention_heads=[16, 24, 32],
+                              mamba_heads=[40, 48, 56, 64],
+                              moe_experts=[64, 80, 96, 112, 128],
+                              moe_expert_dim=[1024, 1280, 1536, 1856],
+                              moe_shared_dim=[1856, 2560, 3712])
+  # Data, parent, calibration, router schedule, losses, the curriculum (spec §6) at the 12B run's batch shapes and
+  # token counts, and both optimizers: configs/nano_v2_12b.py's.
+
   # (data, fsdp, tensor, context, expert) over 512 v5p chips: non-expert params and optimizer state over fsdp (8),
   # routed experts over fsdp x expert (32), each sequence over context (16: ring attention's [l/C, l/C] score blocks
   # dominate stage 2 at 8). The global micro-batch (batch / grad_accum_steps: 96, then 32) divides over
@@ -100,6 +90,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.memory = ml_collections.ConfigDict(dict(
       remat=dict(mamba="full", attention="full", moe="full"), grad_accum_steps=16, teacher_dtype="bfloat16"))
   config.plan = ml_collections.ConfigDict(dict(device="v5p", num_devices=512, mfu=0.4))
-  config.eval = ml_collections.ConfigDict(dict(ppl_batches=16, batch_size=16, seq_len=8192, examples=256,
-                                               max_new_tokens=4096, decode_batch=32))
+  config.eval.batch_size = 16  # perplexity batches of 16 (the 12B run's: 8), split over 32 data-parallel chips
   return config
