@@ -180,6 +180,48 @@ def test_deployed_choice_is_the_most_probable_within_the_dead_zone_when_the_argm
   assert adjusted  # the random router misses at least one target, so the search is exercised
 
 
+def _hand_router_logits(router_params, weights: np.ndarray) -> dict[str, np.ndarray]:
+  """The router's logits for budget input ``weights`` [n_budgets], computed in numpy from its params: Dense ->
+  LeakyReLU (slope 0.01) -> Dense -> tanh, per axis, [1, num_choices] (homogeneous axes)."""
+  out = {}
+  for name, axis in router_params.items():
+    h = weights @ np.asarray(axis["hidden"]["kernel"], np.float64) + np.asarray(axis["hidden"]["bias"])
+    h = np.where(h >= 0, h, 0.01 * h)
+    out[name] = np.tanh(h @ np.asarray(axis["logits"]["kernel"], np.float64) + np.asarray(axis["logits"]["bias"]))
+  return out
+
+
+def test_a_budget_between_trained_ones_deploys_the_interpolated_routers_best_choice_within_the_dead_zone():
+  """Reference: the router evaluated by hand on the linear interpolation of the neighbouring budgets' one-hots, and
+  a brute force over every joint choice (sum of logits, exact parameter count) for the 60% target."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  from elastic_jax.elastic.deploy import interpolated_choice  # pylint: disable=import-outside-toplevel
+  setup = _setup(dead_zone=0.03)
+  router_params = setup.router.init(jax.random.key(0), jnp.zeros((1,), jnp.int32))["params"]
+  keys = iter(jax.random.split(jax.random.key(2), 64))
+  router_params = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape), router_params)
+  # A trained budget deploys exactly its deployed choice (its one-hot is the router's training input).
+  for b, budget in enumerate(setup.budgets):
+    assert interpolated_choice(setup, router_params, budget) == deployed_choices(setup, router_params)[b]
+  budget = 0.6  # between 0.75 and 0.5: weight (0.6 - 0.5) / 0.25 = 0.4 on 0.75, 0.6 on 0.5
+  logits = _hand_router_logits(router_params, np.asarray([0.0, 0.4, 0.6]))
+  names = sorted(logits)
+  target = budget * setup.parent_params
+  best = None
+  for picks in itertools.product(*(range(logits[n].shape[-1]) for n in names)):
+    choice = choice_from_indices(setup.config, setup.space, {n: np.asarray([i]) for n, i in zip(names, picks)})
+    score = sum(logits[n][i] for n, i in zip(names, picks))
+    if abs(choice_param_count(CONFIG, choice, setup.depth_order) / target - 1) <= setup.dead_zone and (
+        best is None or score > best[0]):
+      best = (score, choice)
+  assert best is not None
+  chosen = interpolated_choice(setup, router_params, budget)
+  assert chosen == best[1]
+  assert abs(choice_param_count(CONFIG, chosen, setup.depth_order) / target - 1) <= setup.dead_zone
+  with pytest.raises(ValueError, match=r"outside the trained range \[0.5, 1\]"):
+    interpolated_choice(setup, router_params, 0.4)
+
+
 def test_a_parent_above_two_billion_parameters_traces():
   # Sizes enter the step as Python numbers; one above 2**31 (a 12B parent) must not be parsed as an int32 argument.
   import flax.linen as nn  # pylint: disable=import-outside-toplevel

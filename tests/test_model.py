@@ -215,6 +215,33 @@ def test_ragged_generation_equals_each_prompt_alone(pattern):
   assert (stopped[1, first:] == eos).all() and (stopped[1, :first] == out[1, :first]).all()
 
 
+def test_rows_end_at_their_own_limit_or_stop_sequence_and_the_others_go_on():
+  """Per-row limits and stop sequences cut each row exactly where asked, with ``eos_id`` after the cut, and leave the
+  other rows of the batch as they were without them (reference: the same batch decoded with neither)."""
+  config = small_config("M-*M*-")
+  params = random_params(config, seed=5)
+  prompts, lengths = _ragged_prompts(config, seed=0)
+  new_tokens, fill = 8, config.vocab_size - 1
+  full = np.asarray(generate_ragged(config, params, prompts, lengths, max_new_tokens=new_tokens, eos_id=fill))
+  assert not (full == fill).any()  # the filler marks only the cut positions below
+  limits = np.asarray([3, new_tokens, 1, 5, new_tokens][:len(lengths)], np.int32)
+  stop = np.full((len(lengths), 3), -1, np.int32)
+  stop[1, 1:] = full[1, 3:5]  # row 1 stops after its 5th token (its first match: checked below)
+  stop[4, :] = full[4, 2:5]   # row 4 after its 5th, on a three-token sequence
+  cut = np.asarray(generate_ragged(config, params, prompts, lengths, max_new_tokens=new_tokens, eos_id=fill,
+                                   limits=limits, stop=stop))
+  ends = []
+  for i in range(len(lengths)):
+    end = int(limits[i])
+    if (stop[i] >= 0).any():
+      seq = stop[i][stop[i] >= 0]
+      end = min(end, next(j + 1 for j in range(len(seq) - 1, new_tokens) if (full[i, j + 1 - len(seq):j + 1] == seq).all()))
+    ends.append(end)
+    np.testing.assert_array_equal(cut[i, :end], full[i, :end], err_msg=f"row {i}")
+    assert (cut[i, end:] == fill).all(), f"row {i} goes on after token {end}: {cut[i]}"
+  assert ends[1] <= 5 and ends[4] <= 5 and ends[0] == 3 and ends[2] == 1
+
+
 @pytest.mark.parametrize("pattern", ["M-*M*-", "*M", "M", "*"])
 def test_left_padded_prefill_equals_each_prompt_alone(pattern):
   """One cached pass over left-padded prompts gives, from each row's start on, the logits of its prompt alone
@@ -239,25 +266,25 @@ def test_left_padded_prefill_equals_each_prompt_alone(pattern):
     np.testing.assert_allclose(step_logits[i, 0], alone[length], atol=1e-5, rtol=0, err_msg=f"row {i}")
 
 
-def _scan_lengths(jaxpr) -> list[int]:
-  """Lengths of the ``lax.scan``s in ``jaxpr`` (descending into calls, but not into a scan's own body)."""
-  lengths = []
+def _loops(jaxpr) -> list[tuple[str, int | None]]:
+  """The ``lax.scan``s (with their lengths) and ``lax.while_loop``s in ``jaxpr``, descending into calls but not into
+  a loop's own body."""
+  found = []
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "scan":
-      lengths.append(eqn.params["length"])
+    if eqn.primitive.name in ("scan", "while"):
+      found.append((eqn.primitive.name, eqn.params.get("length")))
       continue
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr wraps its Jaxpr
         if hasattr(sub, "eqns"):
-          lengths += _scan_lengths(sub)
-  return lengths
+          found += _loops(sub)
+  return found
 
 
 def test_ragged_generation_prefills_in_one_pass_with_one_compile():
-  """The only scans are the SSD's passes over chunks (prefill, one per Mamba block) and the decode loop of
-  max_new_tokens - 1 one-token steps: no token of any prompt goes through a decode step. Any length mix reuses one
-  compile."""
+  """The only loops are the SSD's scans over chunks (prefill, one per Mamba block) and the decode loop of one-token
+  steps: no token of any prompt goes through a decode step. Any length mix reuses one compile."""
   config = small_config("M-*M*-", ssd_impl="chunked", ssd_inter_chunk="scan")
   params = random_params(config, seed=5)
   prompts, lengths = _ragged_prompts(config, seed=0)
@@ -266,7 +293,8 @@ def test_ragged_generation_prefills_in_one_pass_with_one_compile():
       params, prompts, lengths)
   chunks = -(-RAGGED_WIDTH // config.chunk_size)
   mamba_blocks = config.pattern.count("M")
-  assert sorted(_scan_lengths(jaxpr.jaxpr)) == sorted([chunks] * mamba_blocks + [new_tokens - 1])
+  assert sorted(_loops(jaxpr.jaxpr), key=str) == sorted([("scan", chunks)] * mamba_blocks + [("while", None)],
+                                                        key=str)
 
   generate_ragged(config, params, prompts, lengths, max_new_tokens=new_tokens)
   compiled = generate_ragged._cache_size()  # pylint: disable=protected-access

@@ -2,7 +2,8 @@
 
 The router's argmax per axis and layer, or, when that misses its budget's target, the most probable joint choice
 that lands within the dead zone, found by an exact top-k beam over the router's independent per-axis, per-layer
-logits.
+logits. A budget between two trained ones is deployed the same way from the router fed their interpolated one-hots
+(``interpolated_choice``).
 """
 
 from __future__ import annotations
@@ -66,12 +67,17 @@ def _budget_logits(setup: ElasticSetup, router_params: Params) -> dict[str, np.n
           setup.router.apply({"params": router_params}, jnp.arange(len(setup.budgets))).items()}
 
 
+def _argmax_of(setup: ElasticSetup, logits: dict[str, np.ndarray]) -> list[Choice]:
+  """Per row of the router's logits, its argmax per axis and layer (no noise) as a ``Choice``."""
+  picked = {name: np.asarray(index) for name, index in router_lib.deterministic_choice(logits).items()}
+  rows = next(iter(picked.values())).shape[0]
+  return [choice_from_indices(setup.config, setup.space, {name: idx[b] for name, idx in picked.items()})
+          for b in range(rows)]
+
+
 def router_argmax_choices(setup: ElasticSetup, router_params: Params) -> list[Choice]:
   """The router's argmax per axis and layer for each budget (no noise), in budget order (spec §7)."""
-  logits = setup.router.apply({"params": router_params}, jnp.arange(len(setup.budgets)))
-  picked = {name: np.asarray(index) for name, index in router_lib.deterministic_choice(logits).items()}
-  return [choice_from_indices(setup.config, setup.space, {name: idx[b] for name, idx in picked.items()})
-          for b in range(len(setup.budgets))]
+  return _argmax_of(setup, _budget_logits(setup, router_params))
 
 
 def top_joint_choices(rows: list[np.ndarray], top_k: int) -> np.ndarray:
@@ -87,22 +93,15 @@ def top_joint_choices(rows: list[np.ndarray], top_k: int) -> np.ndarray:
   return picks
 
 
-def deployed_choices(setup: ElasticSetup, router_params: Params, top_k: int = 4096) -> list[Choice]:
-  """The ``Choice`` each budget deploys with, in budget order.
-
-  The router's argmax (spec §7) when its size lands within ``dead_zone`` of the budget's target. Otherwise the most
-  probable choice under the router's distribution that does land there: the joint choices are ranked by their
-  summed logits (the order of their probability at any logit scale, the axes and layers being independent), the
-  ``top_k`` best are found exactly by a beam over axes and layers (``top_joint_choices``), and the first within the
-  dead zone is taken. When none of them is, the argmax stays (``deployed_choice_records`` shows how far it is from
-  the target).
-  """
-  argmax = router_argmax_choices(setup, router_params)
-  logits = {name: l.astype(np.float64) for name, l in _budget_logits(setup, router_params).items()}
+def _deploy(setup: ElasticSetup, logits: dict[str, np.ndarray], argmax: list[Choice], targets: np.ndarray,
+            top_k: int) -> list[tuple[Choice, bool]]:
+  """Per row of the router's ``logits`` ([rows, num_layers, num_choices] per axis; ``argmax`` its argmax choices),
+  the deployed choice for size ``targets[row]`` and whether it lands within the dead zone (see
+  ``deployed_choices``)."""
+  logits = {name: l.astype(np.float64) for name, l in logits.items()}
   factors = [(name, layer) for name in sorted(logits) for layer in range(logits[name].shape[1])]
   depth_order = np.asarray(setup.depth_order)
-  targets = setup.target_sizes()
-  choices = []
+  out = []
   for b, choice in enumerate(argmax):
     picks = top_joint_choices([logits[name][b, layer] for name, layer in factors], top_k)
     one_hot = {}
@@ -113,11 +112,47 @@ def deployed_choices(setup: ElasticSetup, router_params: Params, top_k: int = 40
                        np.float64)
     inside = np.flatnonzero(np.abs(sizes / targets[b] - 1.0) <= setup.dead_zone)
     if not inside.size or inside[0] == 0:  # the best-scored joint choice is the argmax
-      choices.append(choice)
+      out.append((choice, bool(inside.size)))
       continue
     indices = {}
     for column, (name, layer) in enumerate(factors):
       indices.setdefault(name, []).append(picks[inside[0], column])
-    choices.append(choice_from_indices(setup.config, setup.space,
-                                       {name: np.asarray(v) for name, v in indices.items()}))
-  return choices
+    out.append((choice_from_indices(setup.config, setup.space, {name: np.asarray(v) for name, v in indices.items()}),
+                True))
+  return out
+
+
+def deployed_choices(setup: ElasticSetup, router_params: Params, top_k: int = 4096) -> list[Choice]:
+  """The ``Choice`` each budget deploys with, in budget order.
+
+  The router's argmax (spec §7) when its size lands within ``dead_zone`` of the budget's target. Otherwise the most
+  probable choice under the router's distribution that does land there: the joint choices are ranked by their
+  summed logits (the order of their probability at any logit scale, the axes and layers being independent), the
+  ``top_k`` best are found exactly by a beam over axes and layers (``top_joint_choices``), and the first within the
+  dead zone is taken. When none of them is, the argmax stays (``deployed_choice_records`` shows how far it is from
+  the target).
+  """
+  logits = _budget_logits(setup, router_params)
+  deployed = _deploy(setup, logits, _argmax_of(setup, logits), setup.target_sizes(), top_k)
+  return [choice for choice, _ in deployed]
+
+
+def interpolated_choice(setup: ElasticSetup, router_params: Params, budget: float, top_k: int = 4096) -> Choice:
+  """The choice deployed for any ``budget`` in the trained range: the router fed the interpolation of the
+  neighbouring trained budgets' one-hots (``router.budget_weights``), then the choice of ``deployed_choices`` for a
+  target of ``budget`` times the parent's size. A trained budget gives exactly its deployed choice.
+
+  Raises ValueError for a budget outside the trained range, or when no choice among the ``top_k`` most probable
+  lands within the dead zone of its target.
+  """
+  weights = router_lib.budget_weights(setup.budgets, budget)
+  logits = {name: np.asarray(l) for name, l in
+            setup.router.apply({"params": router_params}, jnp.asarray(weights)[None]).items()}
+  [(choice, inside)] = _deploy(setup, logits, _argmax_of(setup, logits),
+                               np.asarray([budget * setup.parent_size]), top_k)
+  if not inside:
+    raise ValueError(f"no choice of the router for budget {budget:g} lands within the dead zone "
+                     f"({setup.dead_zone:g}) of its target; pick another budget in "
+                     f"[{min(setup.budgets):g}, {max(setup.budgets):g}] or one of the trained budgets "
+                     f"{list(setup.budgets)}.")
+  return choice

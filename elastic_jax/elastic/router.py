@@ -1,7 +1,7 @@
 """The router: for a target budget, a distribution over candidate sizes on every elastic axis (spec §5).
 
 One small MLP per axis maps the one-hot budget to logits over that axis's candidates (per layer in heterogeneous
-mode). Router parameters are their own tree (``Router.init`` / ``Router.apply``), separate from the model's, with
+mode); a budget between two trained ones feeds the linear interpolation of their one-hots (``budget_weights``). Router parameters are their own tree (``Router.init`` / ``Router.apply``), separate from the model's, with
 their own optimizer state.
 
 Sampling is Gumbel-softmax on ``scale * logits / tau``. The default straight-through mode (D-5) makes the forward
@@ -18,6 +18,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from elastic_jax.elastic import axes as axes_lib
 from elastic_jax.elastic.space import ElasticSpace
@@ -55,16 +56,42 @@ class AxisRouter(nn.Module):
 
 
 class Router(nn.Module):
-  """budget indices [b] int -> {axis name: logits [b, num_layers, num_choices]}."""
+  """budget indices [b] int, or budget weights [b, num_budgets] float (``budget_weights``: a budget between two
+  trained ones) -> {axis name: logits [b, num_layers, num_choices]}."""
 
   axes: tuple[RouterAxis, ...]
   num_budgets: int
   width: int = 256
 
   @nn.compact
-  def __call__(self, budget_ids: Array) -> dict[str, Array]:
-    one_hot = jax.nn.one_hot(budget_ids, self.num_budgets, dtype=jnp.float32)
-    return {axis.name: AxisRouter(axis, self.width, name=axis.name)(one_hot) for axis in self.axes}
+  def __call__(self, budgets: Array) -> dict[str, Array]:
+    budgets = jnp.asarray(budgets)
+    if jnp.issubdtype(budgets.dtype, jnp.integer):
+      budgets = jax.nn.one_hot(budgets, self.num_budgets, dtype=jnp.float32)
+    return {axis.name: AxisRouter(axis, self.width, name=axis.name)(budgets.astype(jnp.float32))
+            for axis in self.axes}
+
+
+def budget_weights(budgets: tuple[float, ...] | list[float], budget: float) -> np.ndarray:
+  """The router's input for ``budget``: the one-hot of a trained budget, or between two neighbouring trained budgets
+  ``lo < budget < hi`` the linear interpolation of their one-hots (weight ``(budget - lo) / (hi - lo)`` on ``hi``).
+
+  Raises ValueError, naming the trained range, for a budget outside it."""
+  trained = np.asarray(budgets, np.float64)
+  lo, hi = float(trained.min()), float(trained.max())
+  if not lo - 1e-9 <= budget <= hi + 1e-9:
+    raise ValueError(f"budget {budget:g} is outside the trained range [{lo:g}, {hi:g}]; the router interpolates "
+                     "between the budgets it was trained on only.")
+  weights = np.zeros(len(trained), np.float32)
+  exact = np.flatnonzero(np.abs(trained - budget) < 1e-9)
+  if exact.size:
+    weights[exact[0]] = 1.0
+    return weights
+  below = int(np.argmax(np.where(trained < budget, trained, -np.inf)))
+  above = int(np.argmin(np.where(trained > budget, trained, np.inf)))
+  share = (budget - trained[below]) / (trained[above] - trained[below])
+  weights[below], weights[above] = 1.0 - share, share
+  return weights
 
 
 # ------------------------------------------------------------------------------------------------ schedules (D-4)

@@ -1,4 +1,6 @@
-"""Cached autoregressive generation: one prefill pass over the prompts, then one-token decode steps in ``lax.scan``.
+"""Cached autoregressive generation: one prefill pass over the prompts, then one-token decode steps in a
+``lax.while_loop`` that stops once every row has ended (end-of-document token, its own length limit, or its stop
+sequence).
 
 Decode steps bypass every scan inside the model (Mamba blocks take a single recurrence step, attention reads its KV
 cache), so each new token costs O(1) in sequence length for Mamba and O(length) for attention. Prompts of different
@@ -22,24 +24,47 @@ Array = jax.Array
 
 
 def _prefill_and_decode(config: ModelConfig, params, prompts: Array, cache, keys: Array,
-                        pick: Callable[[Array, Array], Array], eos_id: int | Array) -> Array:
-  """Prefills ``prompts`` [b, t] into ``cache`` in one pass, then decodes one token per step in ``lax.scan``.
+                        pick: Callable[[Array, Array], Array], eos_id: int | Array, *, masks: dict | None = None,
+                        limits: Array | None = None, stop: Array | None = None) -> Array:
+  """Prefills ``prompts`` [b, t] into ``cache`` in one pass, then decodes one token per step in a ``lax.while_loop``
+  that ends as soon as every row is done.
 
   ``pick(logits [b, V], keys [b]) -> [b] int32`` chooses each token; ``keys`` [n, b] gives each row one key per new
-  token. Once a row emits ``eos_id`` its later tokens are ``eos_id`` too. Returns [b, n] int32: the new tokens.
+  token. A row is done once it emits ``eos_id``, once it has ``limits[i]`` new tokens (default: n), or once its last
+  new tokens equal its stop sequence ``stop[i]`` ([b, S], right-aligned, -1 pads on the left; a row of -1 has
+  none). After a row is done its later tokens are ``eos_id``. ``masks`` (``elastic.masks``) run a sub-network of
+  the full-width model. Returns [b, n] int32: the new tokens.
   """
   model = HybridLM(config)
-  logits, cache = model.apply({"params": params}, prompts, cache=cache)
+  steps, batch = keys.shape[0], prompts.shape[0]
+  eos_id = jnp.asarray(eos_id, jnp.int32)
+  limits = jnp.full((batch,), steps, jnp.int32) if limits is None else jnp.asarray(limits, jnp.int32)
+  stop = jnp.full((batch, 1), -1, jnp.int32) if stop is None else jnp.asarray(stop, jnp.int32)
+  has_stop = jnp.any(stop >= 0, axis=1)
+
+  def finished(token: Array, window: Array, count: Array) -> Array:
+    stopped = has_stop & jnp.all((stop < 0) | (window == stop), axis=1)
+    return (token == eos_id) | (count >= limits) | stopped
+
+  logits, cache = model.apply({"params": params}, prompts, cache=cache, masks=masks)
   first = pick(logits[:, -1], keys[0])
+  window = jnp.concatenate([jnp.full((batch, stop.shape[1] - 1), -1, jnp.int32), first[:, None]], axis=1)
+  out = jnp.full((batch, steps), eos_id, jnp.int32).at[:, 0].set(first)
 
-  def step(carry, key):
-    token, done, cache = carry
-    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
-    nxt = jnp.where(done, token, pick(logits[:, -1], key))
-    return (nxt, done | (nxt == eos_id), cache), nxt
+  def cond(carry):
+    i, _, done, _, _, _ = carry
+    return (i < steps) & ~jnp.all(done)
 
-  _, rest = jax.lax.scan(step, (first, first == eos_id, cache), keys[1:])
-  return jnp.concatenate([first[:, None], rest.T], axis=1)
+  def body(carry):
+    i, token, done, cache, out, window = carry
+    logits, cache = model.apply({"params": params}, token[:, None], cache=cache, masks=masks)
+    nxt = jnp.where(done, eos_id, pick(logits[:, -1], keys[i]))
+    out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
+    window = jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1)
+    return i + 1, nxt, done | finished(nxt, window, i + 1), cache, out, window
+
+  carry = (jnp.ones((), jnp.int32), first, finished(first, window, jnp.ones((), jnp.int32)), cache, out, window)
+  return jax.lax.while_loop(cond, body, carry)[4]
 
 
 def sample_tokens(logits: Array, keys: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
@@ -127,7 +152,8 @@ def generate(config: ModelConfig, params, prompts: Array, *, max_new_tokens: int
 
 def ragged_continuations(config: ModelConfig, params, prompts: Array, lengths: Array, *, max_new_tokens: int,
                          eos_id: int | Array = -1, temperature: float | Array = 0.0, top_k: int | Array = 0,
-                         top_p: float | Array = 1.0, rng: Array | None = None) -> Array:
+                         top_p: float | Array = 1.0, rng: Array | None = None, limits: Array | None = None,
+                         stop: Array | None = None, masks: dict | None = None) -> Array:
   """Continuation of prompts of different lengths in one batch, with one compile for every length mix.
 
   The prompts are left-aligned into a left-padded batch (row i's prompt in its last ``lengths[i]`` columns) and
@@ -145,9 +171,14 @@ def ragged_continuations(config: ModelConfig, params, prompts: Array, lengths: A
     temperature, top_k, top_p: sampling settings, scalars or one per row (see ``sample_tokens``); the default is
       greedy decoding.
     rng: one key (split per row) or [b] per-row keys for sampling; greedy rows ignore it.
+    limits: [b] int32, row i ends after ``limits[i]`` new tokens (default: ``max_new_tokens``).
+    stop: [b, S] int32, row i ends once its last new tokens equal ``stop[i]`` (right-aligned, -1 pads on the left;
+      a row of -1 has no stop sequence).
+    masks: run a sub-network of ``config``'s full-width model (``elastic.masks.choice_masks``), as training does.
 
   Returns:
-    [b, max_new_tokens] int32: each row's generated tokens (its prompt excluded).
+    [b, max_new_tokens] int32: each row's generated tokens (its prompt excluded); after a row has ended, ``eos_id``.
+    Decoding stops early once every row has ended.
   """
   batch, width = prompts.shape
   start = width - jnp.asarray(lengths, jnp.int32)
@@ -156,7 +187,7 @@ def ragged_continuations(config: ModelConfig, params, prompts: Array, lengths: A
   left_padded = jnp.where(source >= 0, jnp.take_along_axis(prompts.astype(jnp.int32), jnp.maximum(source, 0), 1), 0)
   cache = init_cache(config, batch, width + max_new_tokens, start=start)
   return _prefill_and_decode(config, params, left_padded, cache, _step_keys(rng, batch, max_new_tokens),
-                             _picker(batch, temperature, top_k, top_p), eos_id)
+                             _picker(batch, temperature, top_k, top_p), eos_id, masks=masks, limits=limits, stop=stop)
 
 
 generate_ragged = jax.jit(ragged_continuations, static_argnames=("config", "max_new_tokens"))
