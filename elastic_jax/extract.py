@@ -93,7 +93,7 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
-def _reader(directory: str) -> ocp.CheckpointManager:
+def checkpoint_reader(directory: str) -> ocp.CheckpointManager:
   """An Orbax manager over the training loop's checkpoints that never creates anything."""
   return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False))
 
@@ -102,15 +102,15 @@ def checkpoint_steps(directory: str) -> list[int]:
   """Steps of the complete elastic checkpoints under ``directory`` (empty when there is none)."""
   if not os.path.isdir(directory):
     return []
-  manager = _reader(directory)
+  manager = checkpoint_reader(directory)
   steps = sorted(manager.all_steps())
   manager.close()
   return steps
 
 
-def _checkpoint_metadata(directory: str, step: int) -> dict[str, Any]:
+def checkpoint_metadata(directory: str, step: int) -> dict[str, Any]:
   """The JSON metadata saved with checkpoint ``step`` (the arrays are not read)."""
-  manager = _reader(directory)
+  manager = checkpoint_reader(directory)
   metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"]
   manager.close()
   return metadata
@@ -140,7 +140,7 @@ def read_deployed_choices(workdir: str, step: int | None = None) -> DeployedChoi
   if step is not None and step not in steps:
     raise ExtractError(f"--step {step} has no checkpoint in {checkpoints}; the saved steps are {steps}.")
   step = steps[-1] if step is None else step
-  metadata = _checkpoint_metadata(checkpoints, step)
+  metadata = checkpoint_metadata(checkpoints, step)
   if "deployed_choices" not in metadata:
     raise ExtractError(f"checkpoint step {step} in {checkpoints} records no deployed_choices (written by an older "
                        "version of the training loop); extract after training has finished instead.")
@@ -188,7 +188,7 @@ def load_student(workdir: str, step: int | None, mesh: Mesh | None = None,
       metadata, params = load_model(model)
       return ModelConfig.from_dict(metadata["config"]), params
     # The config first (the metadata alone), then the arrays into the shardings it implies.
-    config = ModelConfig.from_dict(_checkpoint_metadata(model, checkpoint_steps(model)[-1])["config"])
+    config = ModelConfig.from_dict(checkpoint_metadata(model, checkpoint_steps(model)[-1])["config"])
     return config, load_model(model, _sharded_target(config, mesh, rules))[1]
   checkpoints = os.path.join(workdir, "elastic", "checkpoints")
   steps = checkpoint_steps(checkpoints)
@@ -196,8 +196,8 @@ def load_student(workdir: str, step: int | None, mesh: Mesh | None = None,
   if step not in steps:
     raise ExtractError(f"no trained student in {path} and no elastic checkpoint to read one from in {checkpoints}. "
                        f"Run the main job on {workdir!r} until elastic training has saved a checkpoint.")
-  config = ModelConfig.from_dict(_checkpoint_metadata(checkpoints, step)["config"]["model"])
-  manager = _reader(checkpoints)
+  config = ModelConfig.from_dict(checkpoint_metadata(checkpoints, step)["config"]["model"])
+  manager = checkpoint_reader(checkpoints)
   if mesh is None:
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   else:  # a partial restore: the params alone, in their shardings

@@ -11,6 +11,8 @@ Python::
   print(list(family.members))                              # ['family-100pct', 'family-75pct', 'family-50pct']
   [c] = serve.complete(family, "family-50pct", ["12+7="], max_tokens=8)   # greedy; Sampling(temperature=...) else
   print(c.text, c.finish_reason)
+  serve.complete(family, "family-60pct", ...)        # a budget between the trained ones (interpolated router)
+  serve.complete(family, "family-50pct+100pct", ...) # budget control: 50% reasons up to "####", 100% answers
 
 HTTP (OpenAI's ``/v1/completions``, ``/v1/models``, ``/health``)::
 
@@ -24,17 +26,18 @@ FastAPI app), ``__main__`` (the command line). The server's modules import FastA
 
 from __future__ import annotations
 
-from elastic_jax.serve.engine import (Continuation, RequestError, Row, Sampling, ServedFamily, Slicing,
+from elastic_jax.serve.engine import (Continuation, Pair, RequestError, Row, Sampling, ServedFamily, Slicing,
                                       UnknownMember)
-from elastic_jax.serve.family import Family, FamilyError, MemberSpec, read_family, write_family
+from elastic_jax.serve.family import Family, FamilyError, FamilyRouter, MemberSpec, read_family, write_family
 from elastic_jax.serve.text import Completion, complete
 
 
 def load(path: str, *, step: int | None = None, **options) -> ServedFamily:
   """The family at ``path`` (an export or a main-job workdir; ``step``: a workdir's elastic checkpoint) loaded for
-  serving; ``options`` go to ``ServedFamily`` (prefix, max_context, max_batch, slicing)."""
+  serving; ``options`` go to ``ServedFamily`` (prefix, max_context, max_batch, slicing, answer_marker)."""
   return ServedFamily(read_family(path, step), **options)
 
 
-__all__ = ["Completion", "Continuation", "Family", "FamilyError", "MemberSpec", "RequestError", "Row", "Sampling",
-           "ServedFamily", "Slicing", "UnknownMember", "complete", "load", "read_family", "write_family"]
+__all__ = ["Completion", "Continuation", "Family", "FamilyError", "FamilyRouter", "MemberSpec", "Pair", "RequestError",
+           "Row", "Sampling", "ServedFamily", "Slicing", "UnknownMember", "complete", "load", "read_family",
+           "write_family"]

@@ -2,7 +2,8 @@
 
 ``DIR`` is a family export (``python -m elastic_jax.extract --workdir W --family --out DIR``) or a main-job workdir
 (its finished run, or with ``--step N`` / while training runs, an elastic checkpoint). Members are named
-``{--name}-{budget}`` (``family-75pct``); ``GET /v1/models`` lists them. A folder that holds no family, or a tokenizer
+``{--name}-{budget}`` (``family-75pct``); ``GET /v1/models`` lists them. Any budget in the trained range
+(``family-60pct``) and budget-control pairs (``family-50pct+100pct``) are served by name too. A folder that holds no family, or a tokenizer
 that does not fit, ends with one line naming it and exit status 2 (``--verbosity 1`` adds the traceback).
 """
 
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from elastic_jax import cli
+from elastic_jax.data.tasks import ANSWER_MARK
 from elastic_jax.serve.engine import DEFAULT_MAX_BATCH, DEFAULT_MAX_CONTEXT, DEFAULT_PREFIX, ServedFamily, Slicing
 from elastic_jax.serve.family import read_family
 
@@ -35,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"most rows (prompts x n) one program call runs (default {DEFAULT_MAX_BATCH}).")
   parser.add_argument("--batch-window-ms", type=float, default=5.0, metavar="MS",
                       help="how long a member's queue waits for more requests before running a batch (default 5).")
+  parser.add_argument("--answer-marker", default=ANSWER_MARK, metavar="TEXT",
+                      help=f"where a budget-control pair (NAME-50pct+100pct) hands over to its answer member "
+                           f"(default {ANSWER_MARK!r}, the line that starts our tasks' final answer).")
   parser.add_argument("--slicing", default=Slicing.IN_PROGRAM.value, choices=[s.value for s in Slicing],
                       help="in_program (default): each member's program slices the shared weights (resident: the "
                            "parent once); resident: slices made once and kept (parent + every member's slices).")
@@ -48,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if args.max_context < 2 or args.max_batch < 1:
       raise cli.InputError(f"--max-context {args.max_context} must be >= 2 and --max-batch {args.max_batch} >= 1.")
+    if not args.answer_marker:
+      raise cli.InputError("--answer-marker must be a non-empty string (e.g. '####').")
     family = ServedFamily(read_family(args.family, args.step), prefix=args.name, max_context=args.max_context,
-                          max_batch=args.max_batch, slicing=Slicing(args.slicing))
+                          max_batch=args.max_batch, slicing=Slicing(args.slicing), answer_marker=args.answer_marker)
   except cli.refused_errors() as error:
     return cli.refuse(error, args.verbosity >= 1)
   import uvicorn  # pylint: disable=import-outside-toplevel

@@ -1,7 +1,8 @@
 """Batching concurrent requests per member: a queue per member collects rows for a few milliseconds and runs them
 as one program call.
 
-A request's rows (its prompts x ``n``) stay together. The first row to arrive opens a window of ``window_s``; rows
+A request's rows (its prompts x ``n``) stay together; a budget-control request's two steps (reasoning, then answer)
+each join their member's queue. The first row to arrive opens a window of ``window_s``; rows
 that arrive inside it, up to ``max_rows``, join the batch. Batches run one at a time, in arrival order over all
 members, on one worker thread (one accelerator: concurrent calls would only compete for it), so the event loop
 stays free to accept requests while a batch computes.
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from elastic_jax.serve.engine import Continuation, Row
+from elastic_jax.serve.engine import Continuation, Plan, Row
 
 
 @dataclasses.dataclass
@@ -35,15 +36,34 @@ class MemberBatcher:
                window_s: float = 0.005, max_rows: int = 8):
     self._run, self._window_s, self._max_rows = run, window_s, max_rows
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="family-batches")
-    self._queues: dict[str, asyncio.Queue[_Pending]] = {member: asyncio.Queue() for member in members}
-    self._tasks = [asyncio.get_running_loop().create_task(self._serve(member)) for member in members]
+    self._queues: dict[str, asyncio.Queue[_Pending]] = {}
+    self._tasks: list[asyncio.Task] = []
     self.batches: list[tuple[str, int]] = []  # (member, rows) of every batch run, for tests and logs
+    for member in members:
+      self._queue(member)
+
+  def _queue(self, member: str) -> asyncio.Queue[_Pending]:
+    """``member``'s queue, opened on first use (members deployed on request join the deployed ones)."""
+    if member not in self._queues:
+      self._queues[member] = asyncio.Queue()
+      self._tasks.append(asyncio.get_running_loop().create_task(self._serve(member)))
+    return self._queues[member]
 
   async def submit(self, member: str, rows: Sequence[Row]) -> list[Continuation]:
     """Queues ``rows`` for ``member`` and waits for their continuations (in order)."""
     future = asyncio.get_running_loop().create_future()
-    await self._queues[member].put(_Pending(rows, future))
+    await self._queue(member).put(_Pending(rows, future))
     return await future
+
+  async def run_plan(self, plan: Plan) -> list[Continuation]:
+    """Runs a generation plan (``ServedFamily.plan``), each of its steps batched with the other requests for that
+    member."""
+    try:
+      member, rows = next(plan)
+      while True:
+        member, rows = plan.send(await self.submit(member, rows))
+    except StopIteration as done:
+      return done.value
 
   async def _serve(self, member: str) -> None:
     queue = self._queues[member]

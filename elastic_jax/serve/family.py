@@ -3,13 +3,17 @@ or from a family export, and written as an export (``python -m elastic_jax.extra
 
 A member is one deployed budget: its name (``75pct``, the report's), its budget, the router's deployed choice for it,
 and its size. Every member is sliced out of the same weights with the same depth order, exactly as
-``elastic_jax.extract`` cuts one child (``extract_budget``); ``read_family`` only gathers what that needs.
+``elastic_jax.extract`` cuts one child (``extract_budget``); ``read_family`` only gathers what that needs. The
+trained router comes along too (``FamilyRouter``: its params and the run's ``elastic`` settings), so that a budget
+between the trained ones can be deployed on request (``elastic.deploy.interpolated_choice``).
 
 Export layout (``DIR``)::
 
   DIR/family.json     format, the parent's config, the depth order, the members (name, budget, choice, params,
                       fraction, pattern), the tokenizer, where it all came from
   DIR/model/          the student's params once, in our standalone-model format (``train.checkpoint.save_model``)
+  DIR/router/         the trained router's params, same format, with the run's ``elastic`` settings (absent when
+                      the workdir had no elastic checkpoint to read them from)
   DIR/tokenizer.json  only when the run used an HF tokenizer (copied; the byte tokenizer needs no file)
 
 The tokenizer is the one the run trained with: ``data.tokenizer`` and ``data.eos_token`` as the workdir's phases
@@ -85,6 +89,20 @@ class TokenizerSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class FamilyRouter:
+  """The trained router and the run's ``elastic`` config section (budgets, space, router width, dead zone, budget
+  metric): what deploys a budget between the trained ones."""
+  elastic: dict[str, Any]
+  params: Params
+
+  def setup(self, config: ModelConfig, depth_order: Sequence[int] | None) -> Any:
+    """The ``ElasticSetup`` the router was trained with, as far as deployment reads it."""
+    from elastic_jax.train.config import elastic_setup_from_config  # pylint: disable=import-outside-toplevel
+    depth = list(range(config.num_layers)) if depth_order is None else list(depth_order)
+    return elastic_setup_from_config({"elastic": self.elastic}, config, depth, 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   """Everything a server needs from a family on disk (see the module docstring).
 
@@ -95,6 +113,7 @@ class Family:
     depth_order: block indices, most important first; None when depth is not elastic.
     tokenizer: the run's tokenizer.
     source: where it was read (for messages).
+    router: the trained router (None: unknown; only the deployed members are served).
   """
   config: ModelConfig
   params: Params
@@ -102,6 +121,7 @@ class Family:
   depth_order: tuple[int, ...] | None
   tokenizer: TokenizerSpec
   source: str
+  router: FamilyRouter | None = None
 
   def member(self, name: str) -> MemberSpec:
     for member in self.members:
@@ -152,7 +172,34 @@ def read_workdir(workdir: str, step: int | None = None, mesh: Any = None) -> Fam
     raise cli.unreadable_checkpoint(folder, error) from error
   depth = None if deployed.depth_order is None else tuple(deployed.depth_order)
   return Family(config, params, member_specs(config, deployed.records, depth), depth, workdir_tokenizer(workdir),
-                deployed.source)
+                deployed.source, workdir_router(workdir, config, deployed.step))
+
+
+def workdir_router(workdir: str, config: ModelConfig, step: int | None) -> FamilyRouter | None:
+  """The trained router of a main-job workdir: its params in elastic checkpoint ``step`` (default: the last one,
+  which the finished run's deployed choices come from) and the run's ``elastic`` settings recorded with it. None
+  when the workdir keeps no elastic checkpoint."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from elastic_jax import extract  # pylint: disable=import-outside-toplevel  (extract imports us)
+  checkpoints = os.path.join(workdir, "elastic", "checkpoints")
+  steps = extract.checkpoint_steps(checkpoints)
+  if not steps:
+    return None
+  step = steps[-1] if step is None else step
+  run = extract.checkpoint_metadata(checkpoints, step)["config"]
+  depth = list(range(config.num_layers))
+  setup = FamilyRouter(run["elastic"], None).setup(config, depth)
+  target = {"router_params": jax.eval_shape(lambda: setup.router.init(jax.random.key(0),
+                                                                      jnp.zeros((1,), jnp.int32))["params"])}
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+  manager = extract.checkpoint_reader(checkpoints)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      target, restore_args=args, partial_restore=True)))["state"]
+  manager.close()
+  return FamilyRouter(dict(run["elastic"]), state["router_params"])
 
 
 def read_export(directory: str) -> Family:
@@ -173,7 +220,13 @@ def read_export(directory: str) -> Family:
   tokenizer = record["tokenizer"]
   file = os.path.join(directory, tokenizer["file"]) if tokenizer.get("file") else None
   members = member_specs(config, record["members"], depth)
-  return Family(config, params, members, depth, TokenizerSpec(file, tokenizer.get("eos_token")), path)
+  router = None
+  if record.get("router") is not None:
+    try:
+      router = FamilyRouter(record["router"]["elastic"], load_model(os.path.join(directory, "router"))[1])
+    except Exception as error:  # pylint: disable=broad-except
+      raise cli.unreadable_checkpoint(os.path.join(directory, "router"), error) from error
+  return Family(config, params, members, depth, TokenizerSpec(file, tokenizer.get("eos_token")), path, router)
 
 
 def read_family(path: str, step: int | None = None) -> Family:
@@ -205,6 +258,9 @@ def write_family(out: str, family: Family) -> list[str]:
   model = os.path.join(out, "model")
   save_model(model, family.config.to_dict(), family.params, {"family": FAMILY_FILE})
   written = [model]
+  if family.router is not None:
+    save_model(os.path.join(out, "router"), family.config.to_dict(), family.router.params, {"family": FAMILY_FILE})
+    written.append(os.path.join(out, "router"))
   tokenizer: dict[str, Any] = {"file": None, "eos_token": family.tokenizer.eos_token}
   if family.tokenizer.file:
     source = family.tokenizer.file
@@ -216,7 +272,8 @@ def write_family(out: str, family: Family) -> list[str]:
   record = {"format": FORMAT, "version": VERSION, "source": family.source, "parent_params": param_count(family.config),
             "pattern": family.config.pattern,
             "depth_order": None if family.depth_order is None else list(family.depth_order),
-            "tokenizer": tokenizer, "members": [member.to_json() for member in family.members]}
+            "tokenizer": tokenizer, "members": [member.to_json() for member in family.members],
+            "router": None if family.router is None else {"elastic": family.router.elastic}}
   if distributed.is_primary():
     with open(index, "w", encoding="utf-8") as f:
       json.dump(record, f, indent=1)

@@ -2,14 +2,18 @@
 
 Endpoints:
 
-- ``POST /v1/completions``: OpenAI's completions request. ``model`` names the member (``family-50pct``); ``prompt``
+- ``POST /v1/completions``: OpenAI's completions request. ``model`` names the member (``family-50pct``), any budget
+  in the trained range (``family-60pct``, deployed from the interpolated router on first use), or a budget-control
+  pair (``family-50pct+100pct``: the first member reasons up to the answer marker, the second answers); ``prompt``
   is a string, a list of strings, a list of token ids or a list of them; ``max_tokens`` (default 16), ``temperature``
-  (default 1; 0 is greedy), ``top_p``, ``n``, ``stop`` (up to 4 strings), ``seed``; ``top_k`` (0: off) as an
-  extension. Not supported, and refused by name when asked for: ``stream``, ``echo``, ``logprobs``, ``best_of`` > 1,
+  (default 1; 0 is greedy), ``top_p``, ``n``, ``stop`` (up to 4 strings), ``seed``; as extensions ``top_k`` (0: off)
+  and ``answer_marker`` (where a pair hands over; default the server's ``--answer-marker``). A pair's choices carry
+  ``reasoning_tokens``: how many of the completion's tokens the reasoning member wrote. Not supported, and refused by name when asked for: ``stream``, ``echo``, ``logprobs``, ``best_of`` > 1,
   ``suffix``, penalties and ``logit_bias``. Concurrent requests for one member run as one batch
   (``batching.MemberBatcher``).
 - ``GET /v1/models`` (and ``/v1/models/{id}``): the members, with their budget, parameter count and pattern.
-- ``GET /health``: ``{"status": "ok", ...}`` once the family is loaded.
+- ``GET /health``: ``{"status": "ok", ...}`` once the family is loaded, with the trained budget range and the answer
+  marker.
 
 Errors follow OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed JSON or an
 invalid field (the message names it, its value and the fix), 404 for an unknown member, 500 if a batch fails (the
@@ -56,6 +60,7 @@ class CompletionRequest(BaseModel):
   presence_penalty: float | None = 0.0
   frequency_penalty: float | None = 0.0
   logit_bias: dict[str, float] | None = None
+  answer_marker: str | None = None
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -114,9 +119,11 @@ def _rows(family: ServedFamily, request: CompletionRequest) -> list[Row]:
 
 
 def _model_card(name: str, family: ServedFamily, created: int) -> dict[str, Any]:
-  spec = family.members[name].spec
+  member = family.member(name)
+  spec = member.spec
   return {"id": name, "object": "model", "created": created, "owned_by": OWNER, "budget": spec.budget,
-          "params": spec.params, "fraction": spec.fraction, "pattern": spec.pattern}
+          "params": spec.params, "fraction": spec.fraction, "pattern": spec.pattern,
+          "interpolated": member.interpolated}
 
 
 def create_app(family: ServedFamily, *, batch_window_ms: float = 5.0) -> FastAPI:
@@ -136,7 +143,8 @@ def create_app(family: ServedFamily, *, batch_window_ms: float = 5.0) -> FastAPI
   @app.get("/health")
   async def health() -> dict[str, Any]:
     return {"status": "ok", "members": sorted(family.members), "slicing": family.slicing.value,
-            "max_context": family.max_context}
+            "max_context": family.max_context, "budget_range": family.budget_range,
+            "answer_marker": family.answer_marker}
 
   @app.get("/v1/models")
   async def models() -> dict[str, Any]:
@@ -144,10 +152,10 @@ def create_app(family: ServedFamily, *, batch_window_ms: float = 5.0) -> FastAPI
 
   @app.get("/v1/models/{model}")
   async def model(model: str):
-    if model not in family.members:
-      return _error(404, f"model {model!r} is not a member of this family; its members are {sorted(family.members)}.",
-                    "model", "model_not_found")
-    return _model_card(model, family, created)
+    try:
+      return _model_card(model, family, created)
+    except UnknownMember as error:
+      return _error(404, str(error), error.param, "model_not_found")
 
   @app.post("/v1/completions")
   async def completions(request: Request):
@@ -166,12 +174,15 @@ def create_app(family: ServedFamily, *, batch_window_ms: float = 5.0) -> FastAPI
     try:
       rows = _rows(family, parsed)
       stop = text.check_stop(parsed.stop)
+      if parsed.answer_marker is not None and not parsed.answer_marker:
+        raise RequestError("answer_marker must be a non-empty string (where a budget-control pair hands over).",
+                           "answer_marker")
     except UnknownMember as error:
       return _error(404, str(error), error.param, "model_not_found")
     except RequestError as error:
       return _error(400, str(error), error.param)
     try:
-      continuations = await request.app.state.batcher.submit(parsed.model, rows)
+      continuations = await request.app.state.batcher.run_plan(family.plan(parsed.model, rows, parsed.answer_marker))
     except Exception as error:  # pylint: disable=broad-except  (one failed batch must not take the server down)
       return _error(500, f"generation failed: {type(error).__name__}: {error}")
     done = [text.finish(family, row, c, stop) for row, c in zip(rows, continuations)]
@@ -179,7 +190,8 @@ def create_app(family: ServedFamily, *, batch_window_ms: float = 5.0) -> FastAPI
     completion_tokens = sum(len(c.tokens) for c in done)
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": parsed.model,
-            "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason}
+            "choices": [{"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason,
+                         **({} if c.handoff is None else {"reasoning_tokens": c.handoff})}
                         for i, c in enumerate(done)],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}

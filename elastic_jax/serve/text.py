@@ -11,16 +11,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from elastic_jax.serve.engine import Continuation, RequestError, Row, Sampling, ServedFamily
+from elastic_jax.serve.engine import Continuation, RequestError, Row, Sampling, ServedFamily, tokens_through
 
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-  """One completion: its text, its tokens, why it ended ("stop" or "length"), the prompt's length in tokens."""
+  """One completion: its text, its tokens, why it ended ("stop" or "length"), the prompt's length in tokens; under
+  budget control, how many of its tokens the reasoning member wrote (``handoff``)."""
   text: str
   tokens: list[int]
   finish_reason: str
   prompt_tokens: int
+  handoff: int | None = None
 
 
 def encode_prompt(family: ServedFamily, prompt: str | Sequence[int]) -> tuple[int, ...]:
@@ -45,17 +47,11 @@ def finish(family: ServedFamily, row: Row, continuation: Continuation, stop: Seq
   tokens = continuation.tokens
   text = decode(tokens)
   cut = _first_stop(text, stop)
+  handoff = continuation.handoff
   if cut is not None:
-    # The shortest token prefix whose text holds a stop string (monotone in the prefix length: binary search).
-    low, high = 1, len(tokens)
-    while low < high:
-      mid = (low + high) // 2
-      if _first_stop(decode(tokens[:mid]), stop) is None:
-        low = mid + 1
-      else:
-        high = mid
-    return Completion(text[:cut], tokens[:low], "stop", len(row.prompt))
-  return Completion(text, tokens, "stop" if continuation.eos else "length", len(row.prompt))
+    kept = tokens[:tokens_through(decode, tokens, stop)]
+    return Completion(text[:cut], kept, "stop", len(row.prompt), None if handoff is None else min(handoff, len(kept)))
+  return Completion(text, tokens, "stop" if continuation.eos else "length", len(row.prompt), handoff)
 
 
 def check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -69,9 +65,11 @@ def check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 
 
 def complete(family: ServedFamily, member: str, prompts: Sequence[str | Sequence[int]], *, max_tokens: int = 16,
-             sampling: Sampling = Sampling(), stop: str | Sequence[str] | None = None) -> list[Completion]:
-  """Completes every prompt with ``member`` (the Python API behind ``/v1/completions``): greedy by default."""
+             sampling: Sampling = Sampling(), stop: str | Sequence[str] | None = None,
+             answer_marker: str | None = None) -> list[Completion]:
+  """Completes every prompt with ``member`` (the Python API behind ``/v1/completions``): greedy by default. A
+  budget-control pair (``family-50pct+100pct``) hands over at ``answer_marker`` (default: the family's)."""
   stop = check_stop(stop)
   rows = [Row(encode_prompt(family, prompt), max_tokens, sampling) for prompt in prompts]
-  continuations = family.continue_rows(member, rows)
+  continuations = family.continue_rows(member, rows, answer_marker=answer_marker)
   return [finish(family, row, c, stop) for row, c in zip(rows, continuations)]
