@@ -1,7 +1,8 @@
 """Extract one budget's child from a main-job workdir as a standalone model (zero-shot: slicing only, no training).
 
-The choice is the router's argmax for the budget, read from the workdir ``W`` that ``python -m elastic_jax.train``
-wrote: ``W/elastic/deployed_choices.json`` once elastic training has finished; while it is still running (or with
+The choice is the router's deployed choice for the budget (a budget between the trained ones, e.g. ``60pct``: the
+router fed the interpolation of the neighbouring budgets' one-hots, ``elastic.deploy.interpolated_choice``), read
+from the workdir ``W`` that ``python -m elastic_jax.train`` wrote: ``W/elastic/deployed_choices.json`` once elastic training has finished; while it is still running (or with
 ``--step N``) the metadata of an elastic checkpoint, i.e. the router as it was at that step. The child is sliced out
 of the elastically trained student with the depth order the training used, exactly as the main job's extraction
 phase does: ``W/elastic/student/model`` once training has finished, else the student weights of that checkpoint.
@@ -208,15 +209,50 @@ def load_student(workdir: str, step: int | None, mesh: Mesh | None = None,
   return config, state["params"]
 
 
+def parse_budget(name: str) -> float | None:
+  """A budget's name ("60pct") or fraction ("0.6") as a fraction; None when it is neither."""
+  text = name.strip()
+  try:
+    return int(text[:-3]) / 100 if text.endswith("pct") else float(text)
+  except ValueError:
+    return None
+
+
+def choose_budget(workdir: str, deployed: DeployedChoices, name: str, config: ModelConfig
+                  ) -> tuple[float, Choice, str]:
+  """(budget, choice, where the choice came from) for budget ``name``: a deployed budget's choice, or for a budget
+  between the trained ones the choice of the router fed their interpolated one-hots (within the dead zone)."""
+  try:
+    record = find_budget(deployed.records, name)
+    return float(record["budget"]), Choice.from_dict(record["choice"]), deployed.source
+  except ExtractError as unknown:
+    budget = parse_budget(name)
+    if budget is None:
+      raise
+    from elastic_jax.elastic.deploy import interpolated_choice  # pylint: disable=import-outside-toplevel
+    from elastic_jax.serve.family import workdir_router  # pylint: disable=import-outside-toplevel
+    router = workdir_router(workdir, config, deployed.step)
+    if router is None:
+      raise ExtractError(f"{unknown} A budget between them needs the trained router, and {workdir!r} keeps no "
+                         "elastic checkpoint to read it from.") from None
+    try:
+      choice = interpolated_choice(router.setup(config), router.params, budget)
+    except ValueError as error:
+      raise ExtractError(f"--budget {name}: {error}") from None
+    return budget, choice, f"the router interpolated between the trained budgets ({deployed.source})"
+
+
 def extract_budget(workdir: str, name: str, step: int | None = None, mesh: Mesh | None = None,
                    rules: LogicalRules = DEFAULT_RULES) -> tuple[ModelConfig, Params, dict[str, Any]]:
   """Budget ``name``'s child of ``workdir``: ``(config, params, info)``, info being what ``extract.json`` records.
+  A budget between the trained ones gets the interpolated router's choice (``choose_budget``).
 
   With ``mesh`` the child's params are global arrays in its ``param_shardings``, sliced on the devices from the
   student's shards (all processes call this together); without, host arrays as the student was saved.
   """
   deployed = read_deployed_choices(workdir, step)
-  record = find_budget(deployed.records, name)
+  if parse_budget(name) is None:
+    find_budget(deployed.records, name)  # an unknown name is refused before any checkpoint is read
   try:
     parent_config, student_params = load_student(workdir, deployed.step, mesh, rules)
   except ExtractError:
@@ -224,15 +260,15 @@ def extract_budget(workdir: str, name: str, step: int | None = None, mesh: Mesh 
   except Exception as error:  # pylint: disable=broad-except  (whatever Orbax raises, the folder is named)
     folder = os.path.join(workdir, "elastic", "student" if deployed.step is None else "checkpoints")
     raise cli.unreadable_checkpoint(folder, error) from error
-  choice = Choice.from_dict(record["choice"])
+  budget, choice, source = choose_budget(workdir, deployed, name, parent_config)
   if mesh is None:
     config, params = extract(parent_config, student_params, choice, deployed.depth_order)
   else:
     config, params = extract_sharded(parent_config, student_params, choice, deployed.depth_order, mesh, rules)
   parent_count, count = param_count(parent_config), param_count(config)
-  info = {"workdir": os.path.abspath(workdir), "budget": record["budget"], "name": budget_name(record["budget"]),
+  info = {"workdir": os.path.abspath(workdir), "budget": budget, "name": budget_name(budget),
           "choice": choice.to_dict(), "params": count, "parent_params": parent_count,
-          "fraction": count / parent_count, "choice_source": deployed.source, "step": deployed.step,
+          "fraction": count / parent_count, "choice_source": source, "step": deployed.step,
           "depth_order": deployed.depth_order, "pattern": config.pattern}
   return config, params, info
 
@@ -292,7 +328,8 @@ def _parser() -> argparse.ArgumentParser:
   which = parser.add_mutually_exclusive_group(required=True)
   which.add_argument("--budget", metavar="NAME",
                      help="the budget: its name in the report (e.g. 75pct) or its fraction of the parent (e.g. "
-                          "0.75), one of the run's config.elastic.budgets.")
+                          "0.75), one of the run's config.elastic.budgets, or any budget between them (e.g. 60pct: "
+                          "the router fed the interpolation of the neighbouring budgets chooses it).")
   which.add_argument("--family", action="store_true",
                      help="every budget at once: the student's weights once plus each budget's deployed choice, the "
                           "depth order and the tokenizer (DIR/family.json, DIR/model), for python -m "

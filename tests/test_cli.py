@@ -20,6 +20,7 @@ import pytest
 from elastic_jax import evaluate as evaluate_cli
 from elastic_jax import extract as extract_cli
 from elastic_jax.data import tasks
+from elastic_jax.elastic.extract import child_config
 from elastic_jax.elastic.masks import choice_masks
 from elastic_jax.elastic.param_count import param_count
 from elastic_jax.elastic.space import Choice
@@ -108,6 +109,34 @@ def test_extract_orbax_child_is_the_deployed_choice_and_equals_the_masked_traine
   np.testing.assert_allclose(child_logits(config, params), reference, atol=1e-5)
 
 
+def test_extract_a_budget_between_the_trained_ones_from_the_interpolated_router(workdir, tmp_path, capsys):
+  """Budgets between the trained 60% and 100%: where some choice of the space lands within the dead zone (found
+  here by enumerating the space), the CLI extracts one that does, sliced exactly (the masked student's logits);
+  where none does, it refuses naming the dead zone."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  config = permuted_parent(workdir)[0]
+  space = {"hidden": [16, 32], "mlp": [32, 64], "mamba_heads": [2, 4]}  # the micro run's (test_pipeline)
+  order = depth_order(workdir)
+  fractions = [param_count(child_config(config, Choice.homogeneous(config, hidden=h, mlp=m, mamba_heads=n), order))
+               / param_count(config) for h, m, n in itertools.product(*space.values())]
+  fits = {p: any(abs(f / (p / 100) - 1) <= 0.02 for f in fractions) for p in range(61, 100)}
+  fitting, missing = [p for p, ok in fits.items() if ok], [p for p, ok in fits.items() if not ok]
+  assert fitting and missing  # both outcomes are exercised
+  percent = fitting[len(fitting) // 2]
+  out = str(tmp_path / "between")
+  assert extract_cli.main(["--workdir", workdir, "--budget", f"{percent}pct", "--out", out]) == 0
+  info = _read_json(os.path.join(out, "extract.json"))
+  assert info["name"] == f"{percent}pct" and "interpolated" in info["choice_source"]
+  assert abs(info["fraction"] / (percent / 100) - 1) <= 0.02
+  metadata, params = load_model(os.path.join(out, "model"))
+  reference = masked_parent_logits(workdir, Choice.from_dict(info["choice"]), order)
+  np.testing.assert_allclose(child_logits(ModelConfig.from_dict(metadata["config"]), params), reference, atol=1e-5)
+  capsys.readouterr()
+  assert extract_cli.main(["--workdir", workdir, "--budget", f"{missing[0]}pct", "--out", str(tmp_path / "no")]) == 2
+  assert f"no choice of the router for budget {missing[0] / 100:g} lands within the dead zone" in \
+      capsys.readouterr().err
+
+
 def test_extract_hf_child_loads_in_transformers_with_our_logits(workdir, extracted):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -154,9 +183,11 @@ def test_extract_reads_checkpoints_when_training_has_not_finished(workdir, tmp_p
 
 def test_extract_refuses_bad_input_naming_the_value(workdir, tmp_path, capsys):
   out = str(tmp_path / "out")
-  assert extract_cli.main(["--workdir", workdir, "--budget", "50pct", "--out", out]) == 2
+  assert extract_cli.main(["--workdir", workdir, "--budget", "half", "--out", out]) == 2
   message = capsys.readouterr().err
-  assert "unknown budget '50pct'" in message and "100pct (or 1)" in message and "60pct (or 0.6)" in message
+  assert "unknown budget 'half'" in message and "100pct (or 1)" in message and "60pct (or 0.6)" in message
+  assert extract_cli.main(["--workdir", workdir, "--budget", "50pct", "--out", out]) == 2
+  assert "budget 0.5 is outside the trained range [0.6, 1]" in capsys.readouterr().err
 
   assert extract_cli.main(["--workdir", workdir, "--budget", "1.0", "--step", "4", "--out", out]) == 2
   assert "--step 4 has no checkpoint" in capsys.readouterr().err

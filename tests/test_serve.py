@@ -322,16 +322,16 @@ def test_masked_members_serve_the_tokens_of_their_extracted_children(workdir, re
 
 
 # ---------------------------------------------------------------------------------------------------- interpolation
-# The run's elastic settings for the hand-made family: a space holding its three choices, and a router.
-ELASTIC = {"budgets": [1.0, 0.75, 0.5], "dead_zone": 0.05, "router": {"width": 16},
-           "space": {"hidden": [16, 24, 32], "mlp": [24, 32, 48], "attention_heads": [2, 4], "mamba_heads": [2, 4],
-                     "depth": [4, 5]}}
+# The hand-made family's elastic setup as the training loop records it: a space holding its three choices, a router.
+ELASTIC = {"space": {"hidden": [16, 24, 32], "mlp": [24, 32, 48], "attention_heads": [2, 4], "mamba_heads": [2, 4],
+                     "depth": [4, 5]},
+           "elastic": {"budgets": [1.0, 0.75, 0.5], "depth_order": DEPTH_ORDER, "router_width": 16, "dead_zone": 0.05}}
 
 
 @pytest.fixture(scope="module")
 def router_params():
   """A router with spread-out random weights (an initial router scores every choice alike)."""
-  setup = serve.FamilyRouter(ELASTIC, None).setup(CONFIG, DEPTH_ORDER)
+  setup = serve.FamilyRouter(ELASTIC, None).setup(CONFIG)
   params = setup.router.init(jax.random.key(0), np.zeros((1,), np.int32))["params"]
   keys = iter(jax.random.split(jax.random.key(4), 64))
   return jax.tree.map(lambda x: np.asarray(jax.random.normal(next(keys), x.shape)), params)
@@ -347,9 +347,9 @@ def test_a_budget_between_the_trained_ones_serves_the_child_its_interpolated_rou
   routed = dataclasses.replace(serve.read_family(workdir), router=serve.FamilyRouter(ELASTIC, router_params))
   family = serve.ServedFamily(routed, max_batch=4)
   assert family.budget_range == (0.5, 1.0)
-  choice = interpolated_choice(routed.router.setup(CONFIG, DEPTH_ORDER), router_params, 0.6)
+  choice = interpolated_choice(routed.router.setup(CONFIG), router_params, 0.6)
   config, params = extract(CONFIG, parent, choice, np.asarray(DEPTH_ORDER))
-  assert abs(param_count(config) / param_count(CONFIG) - 0.6) <= 0.6 * ELASTIC["dead_zone"]
+  assert abs(param_count(config) / param_count(CONFIG) - 0.6) <= 0.6 * ELASTIC["elastic"]["dead_zone"]
   assert choice not in CHOICES.values()  # a member of its own
   expected = []
   for prompt in PROMPTS:

@@ -233,7 +233,7 @@ class ServedFamily:
     self.params = jax.device_put(family.params)
     self.family = dataclasses.replace(family, params=self.params)
     self._depth = None if family.depth_order is None else np.asarray(family.depth_order)
-    self._setup = None if family.router is None else family.router.setup(family.config, family.depth_order)
+    self._setup = None if family.router is None else family.router.setup(family.config)
     self._lock = threading.Lock()  # members deployed on request are added from the server's threads
     self.members: dict[str, Member] = {}
     for spec in family.members:

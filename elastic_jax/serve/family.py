@@ -4,7 +4,7 @@ or from a family export, and written as an export (``python -m elastic_jax.extra
 A member is one deployed budget: its name (``75pct``, the report's), its budget, the router's deployed choice for it,
 and its size. Every member is sliced out of the same weights with the same depth order, exactly as
 ``elastic_jax.extract`` cuts one child (``extract_budget``); ``read_family`` only gathers what that needs. The
-trained router comes along too (``FamilyRouter``: its params and the run's ``elastic`` settings), so that a budget
+trained router comes along too (``FamilyRouter``: its params and the run's elastic setup), so that a budget
 between the trained ones can be deployed on request (``elastic.deploy.interpolated_choice``).
 
 Export layout (``DIR``)::
@@ -12,8 +12,8 @@ Export layout (``DIR``)::
   DIR/family.json     format, the parent's config, the depth order, the members (name, budget, choice, params,
                       fraction, pattern), the tokenizer, where it all came from
   DIR/model/          the student's params once, in our standalone-model format (``train.checkpoint.save_model``)
-  DIR/router/         the trained router's params, same format, with the run's ``elastic`` settings (absent when
-                      the workdir had no elastic checkpoint to read them from)
+  DIR/router/         the trained router's params, same format (``family.json`` records its setup; absent when the
+                      workdir had no elastic checkpoint to read them from)
   DIR/tokenizer.json  only when the run used an HF tokenizer (copied; the byte tokenizer needs no file)
 
 The tokenizer is the one the run trained with: ``data.tokenizer`` and ``data.eos_token`` as the workdir's phases
@@ -90,16 +90,16 @@ class TokenizerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class FamilyRouter:
-  """The trained router and the run's ``elastic`` config section (budgets, space, router width, dead zone, budget
-  metric): what deploys a budget between the trained ones."""
-  elastic: dict[str, Any]
+  """The trained router and the run's elastic setup as the training loop records it with its checkpoints
+  (``train.loop.describe_run``'s ``space`` and ``elastic`` entries: budgets, depth order, router width, dead zone,
+  budget metric): what deploys a budget between the trained ones."""
+  description: dict[str, Any]
   params: Params
 
-  def setup(self, config: ModelConfig, depth_order: Sequence[int] | None) -> Any:
-    """The ``ElasticSetup`` the router was trained with, as far as deployment reads it."""
-    from elastic_jax.train.config import elastic_setup_from_config  # pylint: disable=import-outside-toplevel
-    depth = list(range(config.num_layers)) if depth_order is None else list(depth_order)
-    return elastic_setup_from_config({"elastic": self.elastic}, config, depth, 1)
+  def setup(self, config: ModelConfig) -> Any:
+    """The ``ElasticSetup`` the router was trained with (``train.loop.setup_from_description``)."""
+    from elastic_jax.train.loop import setup_from_description  # pylint: disable=import-outside-toplevel
+    return setup_from_description(config, self.description)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +190,8 @@ def workdir_router(workdir: str, config: ModelConfig, step: int | None) -> Famil
     return None
   step = steps[-1] if step is None else step
   run = extract.checkpoint_metadata(checkpoints, step)["config"]
-  depth = list(range(config.num_layers))
-  setup = FamilyRouter(run["elastic"], None).setup(config, depth)
+  description = {"space": run["space"], "elastic": run["elastic"]}
+  setup = FamilyRouter(description, None).setup(config)
   target = {"router_params": jax.eval_shape(lambda: setup.router.init(jax.random.key(0),
                                                                       jnp.zeros((1,), jnp.int32))["params"])}
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
@@ -199,7 +199,7 @@ def workdir_router(workdir: str, config: ModelConfig, step: int | None) -> Famil
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       target, restore_args=args, partial_restore=True)))["state"]
   manager.close()
-  return FamilyRouter(dict(run["elastic"]), state["router_params"])
+  return FamilyRouter(description, state["router_params"])
 
 
 def read_export(directory: str) -> Family:
@@ -223,7 +223,7 @@ def read_export(directory: str) -> Family:
   router = None
   if record.get("router") is not None:
     try:
-      router = FamilyRouter(record["router"]["elastic"], load_model(os.path.join(directory, "router"))[1])
+      router = FamilyRouter(record["router"], load_model(os.path.join(directory, "router"))[1])
     except Exception as error:  # pylint: disable=broad-except
       raise cli.unreadable_checkpoint(os.path.join(directory, "router"), error) from error
   return Family(config, params, members, depth, TokenizerSpec(file, tokenizer.get("eos_token")), path, router)
@@ -273,7 +273,7 @@ def write_family(out: str, family: Family) -> list[str]:
             "pattern": family.config.pattern,
             "depth_order": None if family.depth_order is None else list(family.depth_order),
             "tokenizer": tokenizer, "members": [member.to_json() for member in family.members],
-            "router": None if family.router is None else {"elastic": family.router.elastic}}
+            "router": None if family.router is None else family.router.description}
   if distributed.is_primary():
     with open(index, "w", encoding="utf-8") as f:
       json.dump(record, f, indent=1)

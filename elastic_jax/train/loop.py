@@ -682,3 +682,18 @@ def describe_run(setup: ElasticSetup, stages: Sequence[Stage], optimizer: Optimi
       "optimizer": dataclasses.asdict(optimizer), "router_optimizer": dataclasses.asdict(router_optimizer),
       "seed": seed,
   }))
+
+
+def setup_from_description(config: ModelConfig, description: Mapping[str, Any]) -> ElasticSetup:
+  """The inverse of ``describe_run`` for the setup: the ``ElasticSetup`` of a recorded run (its ``space`` and
+  ``elastic`` entries; the router schedule and memory levers when recorded), e.g. to deploy its router again."""
+  from elastic_jax.elastic.router import RouterSchedule  # pylint: disable=import-outside-toplevel
+  from elastic_jax.elastic.space import ElasticSpace  # pylint: disable=import-outside-toplevel
+  from elastic_jax.train.memory import MemoryConfig  # pylint: disable=import-outside-toplevel
+  elastic = dict(description["elastic"])
+  budgets, depth = tuple(float(b) for b in elastic.pop("budgets")), elastic.pop("depth_order", None)
+  depth = tuple(range(config.num_layers)) if depth is None else tuple(int(i) for i in depth)
+  schedule = RouterSchedule(**description.get("router_schedule", {"total_steps": 1}))
+  memory = MemoryConfig.from_dict(description["memory"]) if "memory" in description else MemoryConfig()
+  return ElasticSetup(config, ElasticSpace.from_dict(description["space"], config), budgets, depth, schedule,
+                      memory=memory, **elastic)
