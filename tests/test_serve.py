@@ -371,10 +371,11 @@ def test_a_budget_between_the_trained_ones_serves_the_child_its_interpolated_rou
 
 
 # ---------------------------------------------------------------------------------------------------- budget control
-def test_budget_control_reasons_with_one_member_up_to_the_marker_and_answers_with_another(family, parent):
-  """``family-50pct+100pct``: the 50% member's tokens up to and including the answer marker, then the 100% member's
-  continuation of the whole context. Reference: ``generate`` on the two extracted children, run one after the
-  other by hand."""
+@pytest.fixture(scope="module")
+def handoff(parent) -> dict:
+  """A budget-control case worked out by hand with ``generate`` on the two extracted children (no serving code): a
+  prompt, a marker (a printable byte the 50% member writes a few tokens in, not before: random weights), the 50%
+  member's tokens through the marker, and the 100% member's continuation of the whole context."""
   children = {b: extract(CONFIG, parent, CHOICES[b], np.asarray(DEPTH_ORDER)) for b in (0.5, 1.0)}
   budget = 2 * NEW_TOKENS
 
@@ -382,22 +383,41 @@ def test_budget_control_reasons_with_one_member_up_to_the_marker_and_answers_wit
     config, params = children[b]
     return np.asarray(generate(config, params, np.asarray([prompt], np.int32), max_new_tokens=n))[0, len(prompt):]
 
-  # The marker: a printable byte the small member writes a few tokens in, not before (random weights).
-  prompt = reasoning = marker = None
   for candidate in PROMPTS + [tuple(int(t) for t in np.random.default_rng(s).integers(1, 128, 7)) for s in range(40)]:
     small = greedy(0.5, candidate, budget).tolist()
     for k in range(2, 8):
       if 32 <= small[k] < 127 and small[k] not in small[:k]:
-        prompt, reasoning, marker = candidate, small[:k + 1], chr(small[k])
-        break
-    if marker:
-      break
-  assert marker, "no prompt whose small-member continuation holds a printable marker"
-  answer = _cut(greedy(1.0, prompt + tuple(reasoning), budget - len(reasoning)).tolist())
-  [served] = family.continue_rows("family-50pct+100pct", [serve.Row(prompt, budget)], answer_marker=marker)
-  assert served.tokens == reasoning + answer and served.handoff == len(reasoning)
+        reasoning = small[:k + 1]
+        answer = _cut(greedy(1.0, candidate + tuple(reasoning), budget - len(reasoning)).tolist())
+        return {"prompt": candidate, "marker": chr(small[k]), "reasoning": reasoning, "answer": answer,
+                "budget": budget, "small_alone": _cut(small), "small_8": _cut(small[:8])}
+  raise AssertionError("no prompt whose small-member continuation holds a printable marker")
+
+
+def test_budget_control_reasons_with_one_member_up_to_the_marker_and_answers_with_another(family, handoff):
+  """``family-50pct+100pct``: the 50% member's tokens up to and including the answer marker, then the 100% member's
+  continuation of the whole context."""
+  case = handoff
+  [served] = family.continue_rows("family-50pct+100pct", [serve.Row(case["prompt"], case["budget"])],
+                                  answer_marker=case["marker"])
+  assert served.tokens == case["reasoning"] + case["answer"] and served.handoff == len(case["reasoning"])
   # The answer member differs from the reasoning one after the marker (otherwise the test could not tell).
-  assert served.tokens != _cut(greedy(0.5, prompt, budget).tolist())
+  assert served.tokens != case["small_alone"]
   # A marker never written: the small member writes the whole completion.
-  [alone] = family.continue_rows("family-50pct+100pct", [serve.Row(prompt, 8)], answer_marker="\x7f\x7f\x7f")
-  assert alone.tokens == _cut(greedy(0.5, prompt, 8).tolist()) and alone.handoff is None
+  [alone] = family.continue_rows("family-50pct+100pct", [serve.Row(case["prompt"], 8)], answer_marker="\x7f\x7f\x7f")
+  assert alone.tokens == case["small_8"] and alone.handoff is None
+
+
+def test_budget_control_over_http_batches_each_step_with_its_members_queue(server, family, handoff):
+  batcher = server["app"].state.batcher
+  before = len(batcher.batches)
+  body = {"model": "family-50pct+100pct", "prompt": list(handoff["prompt"]), "max_tokens": handoff["budget"],
+          "temperature": 0, "answer_marker": handoff["marker"]}
+  response = httpx.post(server["url"] + "/v1/completions", json=body, timeout=60)
+  assert response.status_code == 200, response.text
+  [choice] = response.json()["choices"]
+  assert choice["text"] == family.tokenizer.decode(handoff["reasoning"] + handoff["answer"])
+  assert choice["reasoning_tokens"] == len(handoff["reasoning"])
+  assert [member for member, _ in batcher.batches[before:]] == ["family-50pct", "family-100pct"]
+  bad = httpx.post(server["url"] + "/v1/completions", json={**body, "model": "family-50pct+30pct"}, timeout=60)
+  assert bad.status_code == 404 and "family-30pct" in bad.json()["error"]["message"]
