@@ -9,8 +9,8 @@ notes, seeds ``seed`` and ``seed + 1``) prints:
 
 - accuracy on each set with its 95% Wilson interval, and each pair's accuracy minus its reasoning member's and minus
   its answer member's alone, with 95% paired-bootstrap intervals over the same problems;
-- wall time per problem (all problems decoded in batches of ``--batch``, after a warm-up pass that compiles every
-  program), generated tokens per problem, and for a pair the share of them its reasoning member wrote;
+- wall time per problem (all problems decoded in batches of ``--batch``, after an identical untimed pass that compiles
+  every program), generated tokens per problem, and for a pair the share of them its reasoning member wrote;
 - each member's parameter count as a fraction of the parent's.
 
 Usage:
@@ -70,9 +70,9 @@ def main() -> None:
   family = serve.load(args.family, max_batch=args.batch, max_context=4096)
   sets = problem_sets(args.seed, args.examples, args.difficulty, args.long_distractors)
   models = [m.strip() for m in args.models.split(",") if m.strip()]
-  for model in models:  # warm-up: every program these models run, at every shape the timed pass meets
-    for examples in sets.values():
-      run(family, model, examples[:args.batch], args.max_new_tokens)
+  for model in models:  # warm-up: the same pass untimed, so that every shape the timed pass meets is compiled (a
+    for examples in sets.values():  # pair's answer step has a prompt width and length that depend on its reasoning)
+      run(family, model, examples, args.max_new_tokens)
 
   results: dict[str, dict] = {}
   for model in models:
