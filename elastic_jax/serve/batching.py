@@ -5,6 +5,9 @@ A request's rows (its prompts x ``n``) stay together. The first row to arrive op
 that arrive inside it, up to ``max_rows``, join the batch. Batches run one at a time, in arrival order over all
 members, on one worker thread (one accelerator: concurrent calls would only compete for it), so the event loop
 stays free to accept requests while a batch computes.
+
+A request that goes away before its batch runs (its awaiting task cancelled) is dropped from the batch; one that goes
+away while its batch runs leaves the batch to finish for its batch mates, and its rows' results are discarded.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class MemberBatcher:
     await self._queues[member].put(_Pending(rows, future))
     return await future
 
+  def queued(self, member: str) -> int:
+    """How many requests wait in ``member``'s queue for its next batch (not counting the batch that runs)."""
+    return self._queues[member].qsize()
+
   async def _serve(self, member: str) -> None:
     queue = self._queues[member]
     loop = asyncio.get_running_loop()
@@ -59,6 +66,9 @@ class MemberBatcher:
           batch.append(await asyncio.wait_for(queue.get(), remaining))
         except asyncio.TimeoutError:
           break
+      batch = [pending for pending in batch if not pending.future.done()]  # drop requests that went away
+      if not batch:
+        continue
       rows = [row for pending in batch for row in pending.rows]
       self.batches.append((member, len(rows)))
       try:
