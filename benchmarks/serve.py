@@ -26,10 +26,24 @@ from elastic_jax.serve import Family, Row, ServedFamily, Slicing
 from elastic_jax.serve.family import TokenizerSpec, member_specs
 
 
-def family_config(hidden: int) -> ModelConfig:
-  return ModelConfig(pattern="M-M*M-M-", vocab_size=4096, hidden_size=hidden, intermediate_size=3 * hidden,
+def family_config(hidden: int, vocab: int = 4096) -> ModelConfig:
+  return ModelConfig(pattern="M-M*M-M-", vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
                      num_attention_heads=8, num_key_value_heads=2, head_dim=hidden // 8, mamba_num_heads=16,
                      mamba_head_dim=hidden // 8, n_groups=2, ssm_state_size=64, chunk_size=32)
+
+
+def random_family(hidden: int, vocab: int = 4096) -> Family:
+  """A three-member family over a random-weight parent (``family_config``): the parent, ~75% widths, and ~50% widths
+  one block shallower; reversed depth order, byte tokenizer (whose 256 ids are all it decodes)."""
+  config = family_config(hidden, vocab)
+  params = init_params(config, jax.random.key(0))
+  h = hidden
+  choices = [Choice.full(config),
+             Choice.homogeneous(config, hidden=3 * h // 4, mlp=9 * h // 4, mamba_heads=12),
+             Choice.homogeneous(config, hidden=h // 2, mlp=3 * h // 2, mamba_heads=8, attention_heads=4, depth=7)]
+  depth = tuple(range(config.num_layers))[::-1]
+  records = [{"budget": b, "choice": c.to_dict()} for b, c in zip((1.0, 0.75, 0.5), choices)]
+  return Family(config, params, member_specs(config, records, depth), depth, TokenizerSpec(), "benchmark")
 
 
 def main() -> None:
@@ -39,15 +53,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--reps", type=int, default=3)
   args = parser.parse_args()
-  config = family_config(args.hidden)
-  params = init_params(config, jax.random.key(0))
-  h = args.hidden
-  choices = [Choice.full(config),
-             Choice.homogeneous(config, hidden=3 * h // 4, mlp=9 * h // 4, mamba_heads=12),
-             Choice.homogeneous(config, hidden=h // 2, mlp=3 * h // 2, mamba_heads=8, attention_heads=4, depth=7)]
-  depth = tuple(range(config.num_layers))[::-1]
-  records = [{"budget": b, "choice": c.to_dict()} for b, c in zip((1.0, 0.75, 0.5), choices)]
-  family = Family(config, params, member_specs(config, records, depth), depth, TokenizerSpec(), "benchmark")
+  family = random_family(args.hidden)
+  config, params, depth, h = family.config, family.params, family.depth_order, args.hidden
   rng = np.random.default_rng(0)
   rows = [Row(tuple(int(t) for t in rng.integers(1, 256, 16)), args.new) for _ in range(args.batch)]
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}; parent {config.pattern!r} hidden {h}, "

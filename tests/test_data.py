@@ -150,6 +150,8 @@ def test_byte_tokenizer_round_trip_and_reserved_nul():
     tokenizer.encode("a\x00b")
   check_vocab_fits(tokenizer, 256)
   assert isinstance(load_tokenizer(None), ByteTokenizer)
+  # A model with a vocabulary padded past the bytes can emit ids the tokenizer lacks: shown as U+FFFD, not an error.
+  assert tokenizer.decode([104, 300, 105, 256]) == "h\ufffdi\ufffd"
 
 
 def write_word_tokenizer(path, num_words: int) -> str:

@@ -34,8 +34,9 @@ class ByteTokenizer:
     return list(data)
 
   def decode(self, ids: Sequence[int]) -> str:
-    """Bytes up to the first end-of-document id; invalid UTF-8 (a cut multi-byte character) becomes U+FFFD."""
-    data = bytes(int(i) for i in ids)
+    """Bytes up to the first end-of-document id; invalid UTF-8 (a cut multi-byte character) becomes U+FFFD, and so
+    does an id past the bytes (a model whose vocabulary is padded beyond 256 can emit one)."""
+    data = b"".join(bytes([int(i)]) if 0 <= int(i) < 256 else "\ufffd".encode() for i in ids)
     return data.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
 
 

@@ -6,6 +6,9 @@ each join their member's queue. The first row to arrive opens a window of ``wind
 that arrive inside it, up to ``max_rows``, join the batch. Batches run one at a time, in arrival order over all
 members, on one worker thread (one accelerator: concurrent calls would only compete for it), so the event loop
 stays free to accept requests while a batch computes.
+
+A request that goes away before its batch runs (its awaiting task cancelled) is dropped from the batch; one that goes
+away while its batch runs leaves the batch to finish for its batch mates, and its rows' results are discarded.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class _Pending:
 
 
 class MemberBatcher:
-  """Per-member queues in front of ``run(member, rows) -> continuations`` (``ServedFamily.continue_rows``).
+  """Per-member queues in front of ``run(member, rows) -> continuations`` (``ServedFamily.run_member``).
 
   Create it inside the running event loop (the server's startup); ``close()`` stops its tasks and worker.
   """
@@ -65,6 +68,10 @@ class MemberBatcher:
     except StopIteration as done:
       return done.value
 
+  def queued(self, member: str) -> int:
+    """How many requests wait in ``member``'s queue for its next batch (not counting the batch that runs)."""
+    return self._queue(member).qsize()
+
   async def _serve(self, member: str) -> None:
     queue = self._queues[member]
     loop = asyncio.get_running_loop()
@@ -79,6 +86,9 @@ class MemberBatcher:
           batch.append(await asyncio.wait_for(queue.get(), remaining))
         except asyncio.TimeoutError:
           break
+      batch = [pending for pending in batch if not pending.future.done()]  # drop requests that went away
+      if not batch:
+        continue
       rows = [row for pending in batch for row in pending.rows]
       self.batches.append((member, len(rows)))
       try:

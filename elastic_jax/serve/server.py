@@ -29,8 +29,9 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.requests import ClientDisconnect
 
 from elastic_jax.serve import text
 from elastic_jax.serve.batching import MemberBatcher
@@ -132,7 +133,7 @@ def create_app(family: ServedFamily, *, batch_window_ms: float = 5.0) -> FastAPI
 
   @contextlib.asynccontextmanager
   async def lifespan(app: FastAPI):
-    app.state.batcher = MemberBatcher(family.continue_rows, list(family.members), window_s=batch_window_ms / 1000,
+    app.state.batcher = MemberBatcher(family.run_member, list(family.members), window_s=batch_window_ms / 1000,
                                       max_rows=family.max_batch)
     yield
     await app.state.batcher.close()
@@ -161,6 +162,8 @@ def create_app(family: ServedFamily, *, batch_window_ms: float = 5.0) -> FastAPI
   async def completions(request: Request):
     try:
       body = json.loads(await request.body())
+    except ClientDisconnect:  # the client went away while sending its request: nobody is left to answer
+      return Response(status_code=499)
     except (ValueError, UnicodeDecodeError) as error:
       return _error(400, f"the request body is not valid JSON ({error}); send a JSON object such as "
                          '{"model": "family-100pct", "prompt": "..."}.')
@@ -183,9 +186,9 @@ def create_app(family: ServedFamily, *, batch_window_ms: float = 5.0) -> FastAPI
       return _error(400, str(error), error.param)
     try:
       continuations = await request.app.state.batcher.run_plan(family.plan(parsed.model, rows, parsed.answer_marker))
+      done = [text.finish(family, row, c, stop) for row, c in zip(rows, continuations)]
     except Exception as error:  # pylint: disable=broad-except  (one failed batch must not take the server down)
       return _error(500, f"generation failed: {type(error).__name__}: {error}")
-    done = [text.finish(family, row, c, stop) for row, c in zip(rows, continuations)]
     prompt_tokens = sum(len(row.prompt) for i, row in enumerate(rows) if i % max(1, parsed.n or 1) == 0)
     completion_tokens = sum(len(c.tokens) for c in done)
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
