@@ -1,10 +1,12 @@
-"""Evaluation: perplexity against a numpy log-softmax, answer grading with controlled generations, report files."""
+"""Evaluation: perplexity against a numpy log-softmax, answer grading with controlled generations, decode timing
+against a clock the test controls, report files."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -146,6 +148,53 @@ def test_answer_accuracy_of_a_random_model_is_zero_and_batching_changes_nothing(
   assert ragged["generations"] == result["generations"]
 
 
+def test_decode_speed_times_one_program_with_n_and_with_1_new_tokens(monkeypatch):
+  config = small_config(vocab_size=256)
+  params = random_params(config, seed=3)
+  prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]  # the batch is the first two, padded to the longest (4)
+  # A clock the test advances: each call of the program takes the next of these durations (the first call of each
+  # length is the untimed warm-up); the timing must come out of them, whatever the real calls took.
+  durations = iter([10.0, 20.0, 1.0, 2.5, 0.9, 2.6, 1.1, 2.4])
+  clock = types.SimpleNamespace(now=0.0)
+  monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+  calls = []
+  real = metrics.generate_ragged
+
+  def timed_program(*args, **kwargs):
+    out = real(*args, **kwargs)
+    calls.append((np.asarray(args[2]).shape, kwargs["eos_id"], np.asarray(kwargs["limits"]).tolist(), np.asarray(out)))
+    clock.now += next(durations)
+    return out
+
+  monkeypatch.setattr(metrics, "generate_ragged", timed_program)
+  speed = metrics.decode_speed(config, params, prompts, max_new_tokens=6, batch_size=2, reps=3)
+
+  # One batch of 2 rows padded to 4 tokens, the end-of-document id off, alternately 1 and 6 new tokens per row.
+  assert [(shape, eos, limits) for shape, eos, limits, _ in calls] == [((2, 4), -1, [1, 1]), ((2, 4), -1, [6, 6])] * 4
+  # The fastest timed call of each length, the warm-ups left out: 0.9 s and 2.4 s.
+  assert speed["seconds"] == pytest.approx(2.4 - 0.9)
+  assert speed["tokens"] == 2 * (6 - 1)  # batch x (n - 1): the tokens the longer calls decoded beyond the first
+  assert speed["tokens_per_s"] == pytest.approx(10 / 1.5)
+  assert (speed["batch"], speed["prompt_width"], speed["new_tokens"], speed["reps"]) == (2, 4, 6, 3)
+  # What was timed is real greedy decoding: each row's 6 tokens are what generate gives its prompt alone, and the
+  # 1-token calls stop after the first of them.
+  for row, prompt in enumerate(prompts[:2]):
+    alone = np.asarray(generate(config, params, jnp.asarray([prompt], jnp.int32), max_new_tokens=6))[0, len(prompt):]
+    np.testing.assert_array_equal(calls[1][3][row], alone)
+    np.testing.assert_array_equal(calls[0][3][row], [alone[0]] + [-1] * 5)
+
+
+def test_decode_speed_of_a_timing_without_decode_time_is_none(monkeypatch):
+  config = small_config(vocab_size=256)
+  # A clock that never moves: T(n) - T(1) = 0, no speed to report (rather than a division by zero).
+  monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: 0.0))
+  speed = metrics.decode_speed(config, random_params(config, seed=3), [[5, 6]], max_new_tokens=3, batch_size=4,
+                               reps=1)
+  assert speed["tokens_per_s"] is None and speed["seconds"] == 0.0 and speed["tokens"] == 1 * (3 - 1)
+  with pytest.raises(ValueError):
+    metrics.decode_speed(config, None, [[5, 6]], max_new_tokens=1, batch_size=4)
+
+
 def test_grade_rejects_mismatched_lengths():
   with pytest.raises(ValueError):
     metrics.grade(_examples()[:2], ["#### 1"])
@@ -204,6 +253,24 @@ def test_write_report(tmp_path):
   for key in ("accuracy_plot", "loss_plot", "router_plot"):
     _check_png(paths[key])
     assert f"({os.path.basename(paths[key])})" in markdown
+
+
+def test_report_has_a_decode_speed_column(tmp_path):
+  timing = {"tokens_per_s": 12345.6, "tokens": 62, "seconds": 62 / 12345.6, "batch": 2, "prompt_width": 9,
+            "new_tokens": 32, "reps": 3}
+  rows = [dict(ROWS[0], decode_tokens_per_s=12345.6, decode_timing=timing), dict(ROWS[1], decode_tokens_per_s=None),
+          ROWS[2]]
+  paths = report.write_report(tmp_path, rows)
+  markdown = open(paths["markdown"], encoding="utf-8").read()
+  table = [line.strip("|").split(" | ") for line in markdown.splitlines() if line.startswith("| ")]
+  header = [cell.strip() for cell in table[0]]
+  assert header[5:8] == ["retention", "decode tok/s", "pruned params"]
+  assert [cells[6].strip() for cells in table[1:]] == ["12,346", "—", "—"]
+  assert ("Decode tok/s: greedy decoding of a batch of 2 prompts (padded to 9 tokens), batch x (32 - 1) tokens over "
+          "T(32) - T(1)") in markdown
+  saved = json.load(open(paths["json"], encoding="utf-8"))["rows"]
+  assert saved[0]["decode_timing"] == timing and saved[1]["decode_tokens_per_s"] is None
+  assert "Decode tok/s" not in open(report.write_report(tmp_path / "none", ROWS)["markdown"], encoding="utf-8").read()
 
 
 def test_verdict_judges_accuracy_and_perplexity_separately():

@@ -50,6 +50,21 @@ def test_pipeline_runs_every_phase_and_resumes_without_redoing_them(tmp_path, ca
   assert rows[1]["full_size"] and "baseline_ppl" not in rows[1]  # nothing is pruned at 100%: no baseline to measure
   assert rows[2]["baseline_params"] < rows[0]["params"] and "baseline_ppl" in rows[2]
   assert "report.md" in " ".join(str(v) for v in files.values())
+  # Every model's decode speed, timed on the same batch (eval.decode_batch prompts of the short set, the same width)
+  # and the same new tokens (eval.max_new_tokens): the tokens counted in its outputs are batch x (n - 1).
+  timings = [row["decode_timing"] for row in rows] + [rows[2]["baseline_decode_timing"]]
+  assert len({timing["prompt_width"] for timing in timings}) == 1
+  for timing in timings:
+    assert (timing["batch"], timing["new_tokens"]) == (2, 8) and timing["tokens"] == 2 * (8 - 1)
+    assert timing["tokens_per_s"] == (timing["tokens"] / timing["seconds"] if timing["seconds"] > 0 else None)
+  for row in rows:
+    assert row["decode_tokens_per_s"] == row["decode_timing"]["tokens_per_s"]
+  markdown = open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
+  table = [line.strip("|").split(" | ") for line in markdown.splitlines() if line.startswith("| ")]
+  column = [cell.strip() for cell in table[0]].index("decode tok/s")
+  for row, cells in zip(rows, table[1:]):
+    speed = row["decode_tokens_per_s"]
+    assert cells[column].strip() == ("—" if speed is None else f"{speed:,.0f}")
 
   # Children are slices of the elastically trained student; pruned baselines slices of the untrained parent.
   _, student = load_model(os.path.join(workdir, "elastic", "student", "model"))

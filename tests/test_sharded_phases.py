@@ -1,5 +1,5 @@
 """The phases around training, sharded: importance (statistics and depth ranking), permutation, extraction and
-evaluation on 8 virtual CPU devices equal the single-device path, on meshes (8,1,1), (2,4,1), (2,2,2) and, with the
+evaluation (and the decode timing's batch) on 8 virtual CPU devices equal the single-device path, on meshes (8,1,1), (2,4,1), (2,2,2) and, with the
 routed experts split over the expert axis, (2,1,1,1,4); the parent holds every block kind, an MoE block included.
 
 One subprocess (it needs ``--xla_force_host_platform_device_count=8`` before JAX starts) checks every mesh. The
@@ -29,7 +29,7 @@ _SCRIPT = textwrap.dedent("""
     from elastic_jax.elastic.importance import estimate_importance, rankings
     from elastic_jax.elastic.permute import permute_params, permute_sharded
     from elastic_jax.elastic.space import Choice
-    from elastic_jax.eval.metrics import answer_accuracy, perplexity
+    from elastic_jax.eval.metrics import answer_accuracy, decode_speed, perplexity
     from elastic_jax.train.sharding import DEFAULT_RULES, make_mesh, param_shardings
 
     assert jax.device_count() == 8
@@ -62,10 +62,15 @@ _SCRIPT = textwrap.dedent("""
             assert leaf.sharding == sharding, (leaf.sharding, sharding)
       accuracy = answer_accuracy(child_config, child, examples, tokenizer, max_new_tokens=8, batch_size=8,
                                  ragged=True, return_generations=True, mesh=mesh)
+      # Timed on the accuracy's first batch (under a mesh filled up to 8 rows, which divide over the devices).
+      speed = decode_speed(child_config, child, [tokenizer.encode(e.prompt) for e in examples], max_new_tokens=8,
+                           batch_size=8, reps=1, mesh=mesh)
       return dict(importance=importance, ranks=ranks, permuted=permuted, child=child,
-                  ppl=perplexity(child_config, child, ppl_batches, mesh=mesh), generations=accuracy["generations"])
+                  ppl=perplexity(child_config, child, ppl_batches, mesh=mesh), generations=accuracy["generations"],
+                  decoded=(speed["batch"], speed["tokens"]))
 
     reference = phases(None)
+    assert reference["decoded"] == (6, 6 * (8 - 1)), reference["decoded"]  # one device: the 6 examples, not filled
     report = {{}}
     moe_fields = ("moe_experts", "moe_expert_dim", "moe_shared_dim")
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (2, 1, 1, 1, 4)]:
@@ -84,6 +89,7 @@ _SCRIPT = textwrap.dedent("""
           np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
       assert abs(got["ppl"] - reference["ppl"]) <= 1e-5 * reference["ppl"], (shape, got["ppl"], reference["ppl"])
       assert got["generations"] == reference["generations"], shape
+      assert got["decoded"] == (8, 8 * (8 - 1)), (shape, got["decoded"])  # batch x (n - 1) tokens counted
       report[str(shape)] = dict(score_error=worst, ppl=got["ppl"])
     report["reference_ppl"] = reference["ppl"]
     report["generations"] = reference["generations"]

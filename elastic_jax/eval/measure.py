@@ -1,4 +1,5 @@
-"""Measuring one model: perplexity on token batches and generated-answer accuracy on task examples.
+"""Measuring one model: perplexity on token batches, generated-answer accuracy on task examples and, when asked,
+decode speed.
 
 The main job's report (``python -m elastic_jax.train``) and the ``python -m elastic_jax.evaluate`` CLI both measure
 through :func:`measure_model`, so the two give the same number for the same model, data and settings: greedy cached
@@ -15,7 +16,7 @@ import numpy as np
 from elastic_jax.data import tasks
 from elastic_jax.data.pipeline import PackedBatches
 from elastic_jax.data.tokenizer import Tokenizer
-from elastic_jax.eval.metrics import answer_accuracy, perplexity
+from elastic_jax.eval.metrics import answer_accuracy, decode_speed, perplexity
 from elastic_jax.model import ModelConfig
 
 
@@ -44,8 +45,10 @@ def eval_split_batches(config: tasks.TaskConfig, seed: int, tokenizer: Tokenizer
 
 def measure_model(config: ModelConfig, params: Any, ppl_batches: Sequence[np.ndarray],
                   example_sets: Mapping[str, Sequence[tasks.Example]], tokenizer: Tokenizer, *, max_new_tokens: int,
-                  decode_batch: int, mesh: Any = None, rules: Any = None) -> dict[str, Any]:
-  """Perplexity over ``ppl_batches`` and answer accuracy on each set of examples.
+                  decode_batch: int, time_decode: bool = False, mesh: Any = None, rules: Any = None
+                  ) -> dict[str, Any]:
+  """Perplexity over ``ppl_batches``, answer accuracy on each set of examples and, with ``time_decode``, decode
+  speed.
 
   Args:
     config: the model's config.
@@ -55,16 +58,27 @@ def measure_model(config: ModelConfig, params: Any, ppl_batches: Sequence[np.nda
     tokenizer: encodes prompts, decodes generations (its end-of-document id stops a generation).
     max_new_tokens: tokens generated per prompt.
     decode_batch: prompts decoded together.
+    time_decode: also time greedy decoding (``metrics.decode_speed``) of the first ``decode_batch`` prompts of the
+      first set, ``max_new_tokens`` tokens each, after its accuracy (whose compiled program it reuses): the same
+      batch and lengths for every model measured on the same sets.
     mesh, rules: measure data-parallel under this mesh (every process passes the same batches and examples and gets
       the same result); None: one device.
 
   Returns:
     {"ppl": float or None, "accuracy": {label: {"accuracy", "n", "correct", "per_problem", "per_family": {family:
-    {"accuracy", "n"}}}}}; ``per_problem`` lists, in the set's order, whether each example was answered right (the
-    report pairs a child's list with its baseline's: both are given the same examples).
+    {"accuracy", "n"}}}}}, and with ``time_decode`` "decode": ``metrics.decode_speed``'s result (None without
+    examples, or with ``max_new_tokens`` 1); ``per_problem`` lists, in the set's order, whether each example was
+    answered right (the report pairs a child's list with its baseline's: both are given the same examples).
   """
   ppl = perplexity(config, params, ppl_batches, mesh=mesh, rules=rules) if len(ppl_batches) else None
   accuracy = {label: answer_accuracy(config, params, examples, tokenizer, max_new_tokens=max_new_tokens,
                                      batch_size=decode_batch, ragged=True, mesh=mesh, rules=rules)
               for label, examples in example_sets.items()}
-  return {"ppl": ppl, "accuracy": accuracy}
+  if not time_decode:
+    return {"ppl": ppl, "accuracy": accuracy}
+  first = next((examples for examples in example_sets.values() if examples), None)
+  speed = None
+  if first is not None and max_new_tokens >= 2:
+    speed = decode_speed(config, params, [tokenizer.encode(example.prompt) for example in first],
+                         max_new_tokens=max_new_tokens, batch_size=decode_batch, mesh=mesh, rules=rules)
+  return {"ppl": ppl, "accuracy": accuracy, "decode": speed}

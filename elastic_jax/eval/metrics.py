@@ -1,6 +1,7 @@
-"""Evaluation metrics: held-out perplexity and generated-answer accuracy on the synthetic reasoning tasks.
+"""Evaluation metrics: held-out perplexity and generated-answer accuracy on the synthetic reasoning tasks, and how
+fast a model decodes.
 
-Both run the one ``HybridLM`` class, so a parent, a masked parent (``masks``) and an extracted child are measured by
+All run the one ``HybridLM`` class, so a parent, a masked parent (``masks``) and an extracted child are measured by
 the same code.
 """
 
@@ -10,6 +11,7 @@ import collections
 import dataclasses
 import functools
 import math
+import time
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -46,7 +48,7 @@ class EvaluationPrograms:
   rows: NamedSharding  # [b, ...] batches
   lengths: NamedSharding  # [b] per-row prompt lengths
   summed_nll: Any
-  ragged: Any
+  ragged: Any  # (params, prompts, lengths, eos id, limits) -> new tokens [b, max_new_tokens]
 
 
 @functools.lru_cache(maxsize=16)
@@ -57,9 +59,9 @@ def evaluation_programs(config: ModelConfig, mesh: Mesh, rules: LogicalRules | N
   lengths = rows.update(spec=rows.spec[:1])
   summed_nll = sharded_jit(lambda p, tokens: _summed_nll(config, p, tokens, None), mesh, rules, (params, rows),
                            everywhere)
-  ragged = sharded_jit(lambda p, prompts, n, eos: generate_ragged(config, p, prompts, n, max_new_tokens=max_new_tokens,
-                                                                  eos_id=eos),
-                       mesh, rules, (params, rows, lengths, everywhere), everywhere)
+  ragged = sharded_jit(lambda p, prompts, n, eos, limits: generate_ragged(config, p, prompts, n, eos_id=eos,
+                                                                          max_new_tokens=max_new_tokens, limits=limits),
+                       mesh, rules, (params, rows, lengths, everywhere, lengths), everywhere)
   return EvaluationPrograms(params, rows, lengths, summed_nll, ragged)
 
 
@@ -167,23 +169,10 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
   if programs is not None:
     params = shard_params(params, programs.params)
   if ragged and encoded:
-    width = max(len(ids) for ids in encoded)
     for start in range(0, len(examples), batch_size):
-      chunk = list(range(start, min(start + batch_size, len(examples))))
-      # Under a mesh every batch has batch_size rows, which divide over its data-parallel devices.
-      rows = batch_size if programs is not None else min(batch_size, len(examples))
-      filled = chunk + [chunk[0]] * (rows - len(chunk))
-      prompts = np.zeros((len(filled), width), np.int32)  # the tail past each length is never read
-      for row, index in enumerate(filled):
-        prompts[row, :len(encoded[index])] = encoded[index]
-      lengths = np.asarray([len(encoded[i]) for i in filled], np.int32)
-      if programs is None:
-        new_tokens = generate_ragged(config, params, jnp.asarray(prompts), jnp.asarray(lengths),
-                                     max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
-      else:
-        new_tokens = programs.ragged(params, host_to_global(prompts, programs.rows),
-                                     host_to_global(lengths, programs.lengths),
-                                     np.int32(tokenizer.eos_id))
+      chunk, batch = _ragged_batch(encoded, start, batch_size, programs is not None)
+      inputs = _ragged_inputs(programs, batch, tokenizer.eos_id, max_new_tokens)
+      new_tokens = _call_ragged(config, params, programs, inputs, max_new_tokens)
       for index, text in zip(chunk, generated_texts(0, np.asarray(new_tokens), tokenizer)):
         generations[index] = text
     return _result(examples, generations, return_generations)
@@ -201,6 +190,95 @@ def answer_accuracy(config: ModelConfig, params, examples: Sequence[Example], to
       for index, text in zip(chunk, generated_texts(length, np.asarray(rows), tokenizer)):
         generations[index] = text
   return _result(examples, generations, return_generations)
+
+
+def _ragged_batch(encoded: Sequence[Sequence[int]], start: int, batch_size: int, on_mesh: bool
+                  ) -> tuple[list[int], tuple[np.ndarray, np.ndarray]]:
+  """The ragged batch of the prompts from ``start`` on: (the prompt indices it holds, (prompts [rows, width],
+  lengths [rows])), padded to the longest of all ``encoded`` (one width, so one compile, for the whole set). A last,
+  partial batch repeats its first prompt up to ``batch_size`` rows under a mesh (they divide over the data-parallel
+  devices), else up to ``min(batch_size, len(encoded))``."""
+  width = max(len(ids) for ids in encoded)
+  chunk = list(range(start, min(start + batch_size, len(encoded))))
+  rows = batch_size if on_mesh else min(batch_size, len(encoded))
+  filled = chunk + [chunk[0]] * (rows - len(chunk))
+  prompts = np.zeros((len(filled), width), np.int32)  # the tail past each length is never read
+  for row, index in enumerate(filled):
+    prompts[row, :len(encoded[index])] = encoded[index]
+  return chunk, (prompts, np.asarray([len(encoded[i]) for i in filled], np.int32))
+
+
+def _ragged_inputs(programs: EvaluationPrograms | None, batch: tuple[np.ndarray, np.ndarray], eos_id: int,
+                   limit: int) -> tuple:
+  """The arguments after the params of the ragged program (``programs.ragged`` under a mesh, else
+  ``generate_ragged``): prompts, lengths, the end-of-document id and each row's new-token limit, on the devices."""
+  prompts, lengths = batch
+  limits = np.full(len(lengths), limit, np.int32)
+  if programs is None:
+    return jnp.asarray(prompts), jnp.asarray(lengths), eos_id, jnp.asarray(limits)
+  return (host_to_global(prompts, programs.rows), host_to_global(lengths, programs.lengths), np.int32(eos_id),
+          host_to_global(limits, programs.lengths))
+
+
+def _call_ragged(config: ModelConfig, params, programs: EvaluationPrograms | None, inputs: tuple,
+                 max_new_tokens: int) -> Array:
+  """[rows, max_new_tokens] new tokens of one ragged batch (``_ragged_inputs``)."""
+  if programs is None:
+    prompts, lengths, eos_id, limits = inputs
+    return generate_ragged(config, params, prompts, lengths, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                           limits=limits)
+  return programs.ragged(params, *inputs)
+
+
+def decode_speed(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 batch_size: int, reps: int = 5, mesh: Mesh | None = None,
+                 rules: LogicalRules | None = None) -> dict[str, Any]:
+  """Greedy decode tokens per second of one batch: the first batch of ``prompts`` (token ids), built as
+  ``answer_accuracy(..., ragged=True)`` builds it, so after an evaluation of the same prompts its compiled program
+  is reused.
+
+  The batch is decoded with the end-of-document id off (no row ends early) by the same program twice: with every
+  row stopping after 1 new token (T(1): the prefill and the first token) and after ``max_new_tokens`` (T(n)). Each
+  call is timed around the whole program (one dispatch: the decode loop runs on the devices, nothing comes back to
+  the host inside it), the fastest of ``reps`` timed calls of each after one untimed call of each (which compiles
+  when needed). The tokens are counted in the programs' outputs.
+
+  Args:
+    config, params: the model.
+    prompts: token ids, as many as ``answer_accuracy`` would decode (their longest sets the batch's width).
+    max_new_tokens: n >= 2.
+    batch_size: rows per batch (under a mesh, they divide over the data-parallel devices).
+    reps: timed calls of each length.
+    mesh, rules: decode data-parallel under this mesh (every process calls this with the same arguments).
+
+  Returns:
+    {"tokens_per_s": decode tokens / seconds (None unless seconds > 0), "tokens": the tokens the n-token calls
+    generated beyond the 1-token calls' (batch x (n - 1)), "seconds": T(n) - T(1), "batch", "prompt_width",
+    "new_tokens": n, "reps"}.
+  """
+  if max_new_tokens < 2 or reps < 1 or not prompts:
+    raise ValueError(f"decode_speed needs max_new_tokens >= 2 (got {max_new_tokens}), reps >= 1 (got {reps}) and "
+                     "at least one prompt.")
+  programs = None if mesh is None else evaluation_programs(config, mesh, rules, max_new_tokens)
+  if programs is not None:
+    params = shard_params(params, programs.params)
+  _, batch = _ragged_batch(prompts, 0, batch_size, programs is not None)
+  inputs = {limit: _ragged_inputs(programs, batch, -1, limit) for limit in (1, max_new_tokens)}
+  times: dict[int, list[float]] = {1: [], max_new_tokens: []}
+  counted = {}
+  for rep in range(reps + 1):  # the first round is not timed
+    for limit, args in inputs.items():
+      start = time.perf_counter()
+      out = jax.block_until_ready(_call_ragged(config, params, programs, args, max_new_tokens))
+      seconds = time.perf_counter() - start
+      counted[limit] = int(np.sum(np.asarray(out) >= 0))  # with eos off, only positions past the limit are -1
+      if rep:
+        times[limit].append(seconds)
+  seconds = min(times[max_new_tokens]) - min(times[1])
+  tokens = counted[max_new_tokens] - counted[1]
+  return {"tokens_per_s": tokens / seconds if seconds > 0 else None, "tokens": tokens, "seconds": seconds,
+          "batch": int(batch[0].shape[0]), "prompt_width": int(batch[0].shape[1]), "new_tokens": max_new_tokens,
+          "reps": reps}
 
 
 def _result(examples: Sequence[Example], generations: list, return_generations: bool) -> dict[str, Any]:

@@ -21,9 +21,13 @@ compared without an interval.
   - ``accuracy_short_per_problem`` / ``accuracy_long_per_problem`` (list of 0/1, in problem order): which problems
     it answered right; with them the report gives intervals and paired comparisons. ``accuracy_short_n`` (int)
     alone gives the interval only.
+  - ``decode_tokens_per_s`` (float): its greedy decode speed, tokens per second (``eval.metrics.decode_speed``:
+    the same batch of prompts and the same number of new tokens for every model of the report), and
+    ``decode_timing``: how it was measured (``tokens``, ``seconds``, ``batch``, ``prompt_width``, ``new_tokens``,
+    ``reps``). A wall-clock measurement: unlike the other keys, it differs from run to run.
   - ``baseline_params`` (int): parameter count of the pruned baseline of the same size.
-  - ``baseline_ppl``, ``baseline_accuracy_short``, ``baseline_accuracy_long`` and their ``_per_problem`` lists: the
-    same for it.
+  - ``baseline_ppl``, ``baseline_accuracy_short``, ``baseline_accuracy_long`` and their ``_per_problem`` lists,
+    ``baseline_decode_tokens_per_s`` and ``baseline_decode_timing``: the same for it.
 
 :func:`add_statistics` (run by :func:`write_report`) adds, where the data allow:
 
@@ -81,8 +85,8 @@ from elastic_jax.train.config import section  # pylint: disable=wrong-import-pos
 from elastic_jax.train.loop import Stage, read_metrics_rows  # pylint: disable=wrong-import-position
 from elastic_jax.train.result import PipelineResult  # pylint: disable=wrong-import-position
 
-ROW_KEYS = ("budget", "params", "ppl", "accuracy_short", "accuracy_long", "baseline_params", "baseline_ppl",
-            "baseline_accuracy_short", "baseline_accuracy_long")
+ROW_KEYS = ("budget", "params", "ppl", "accuracy_short", "accuracy_long", "decode_tokens_per_s", "baseline_params",
+            "baseline_ppl", "baseline_accuracy_short", "baseline_accuracy_long")
 _ACCURACY_KEYS = ("accuracy_short", "accuracy_long")
 _DASH = "—"
 # Every comparison resamples with the same seed, so a report is a function of the measurements alone.
@@ -205,6 +209,11 @@ def format_params(value: Any) -> str:
 
 def format_ppl(value: Any) -> str:
   return _DASH if _number(value) is None else f"{float(value):.3f}"
+
+
+def format_speed(value: Any) -> str:
+  """Tokens per second: ``1234.5`` -> ``"1,234"``."""
+  return _DASH if _number(value) is None else f"{float(value):,.0f}"
 
 
 def format_accuracy(value: Any, interval: Sequence[float] | None = None) -> str:
@@ -339,13 +348,13 @@ def verdict(row: Mapping[str, Any]) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-  header = ("| budget | params | ppl | accuracy short | accuracy long | retention | pruned params | pruned ppl "
-            "| pruned accuracy short | pruned accuracy long |")
-  lines = [header, "|" + "---|" * 10]
+  header = ("| budget | params | ppl | accuracy short | accuracy long | retention | decode tok/s | pruned params "
+            "| pruned ppl | pruned accuracy short | pruned accuracy long |")
+  lines = [header, "|" + "---|" * 11]
   for row in rows:
     cells = [str(row["budget"]), format_params(row.get("params")), format_ppl(row.get("ppl")),
              _accuracy_cell(row, "accuracy_short"), _accuracy_cell(row, "accuracy_long"),
-             format_retention(row.get("retention")),
+             format_retention(row.get("retention")), format_speed(row.get("decode_tokens_per_s")),
              format_params(row.get("baseline_params")), format_ppl(row.get("baseline_ppl")),
              _accuracy_cell(row, "baseline_accuracy_short"), _accuracy_cell(row, "baseline_accuracy_long")]
     lines.append("| " + " | ".join(cells) + " |")
@@ -355,6 +364,18 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
 _TABLE_NOTE = ("Accuracy: exact match of the final answer, with its 95% Wilson interval in brackets (percent). "
                "Retention: the child's accuracy over every set as a share of the parent's, with its 95% "
                "paired-bootstrap interval.")
+
+
+def table_note(rows: Sequence[Mapping[str, Any]]) -> str:
+  """The note under the table: what its columns mean, the decode timing's settings when the rows have one."""
+  timing = next((row["decode_timing"] for row in rows if row.get("decode_timing")), None)
+  if timing is None:
+    return _TABLE_NOTE
+  n = timing["new_tokens"]
+  return (f"{_TABLE_NOTE} Decode tok/s: greedy decoding of a batch of {timing['batch']} prompts (padded to "
+          f"{timing['prompt_width']} tokens), batch x ({n} - 1) tokens over T({n}) - T(1), the time of a {n}-token "
+          f"call less that of a 1-token call (its prefill), the fastest of {timing['reps']} calls each after a "
+          "compiled warm-up; the same batch for every row, timed on this run's machine (it changes from run to run).")
 
 
 def read_metrics(curves: str | os.PathLike | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -683,7 +704,7 @@ def write_report(workdir: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     markdown += ["**Stale results**: these phases were kept (`--reuse-stale`) although the config changed since "
                  "they ran, so this report does not describe the current config:", "",
                  *[f"- {note['phase']}: {'; '.join(note['changes'])}" for note in stale], ""]
-  markdown += [markdown_table(rows), "", _TABLE_NOTE, "", *[f"- {v}" for v in verdicts]]
+  markdown += [markdown_table(rows), "", table_note(rows), "", *[f"- {v}" for v in verdicts]]
   for title, name in plots:
     markdown += ["", f"## {title}", "", f"![{title}]({name})"]
   with open(paths["markdown"], "w", encoding="utf-8") as f:
@@ -717,9 +738,10 @@ def family_rows(result: PipelineResult, measure: Measure) -> list[dict[str, Any]
 
 
 def evaluate_and_report(cfg: Any, result: PipelineResult) -> dict[str, str]:
-  """Perplexity and answer accuracy (short and long tasks, with which problems each model got right) of the parent
-  and of every child and baseline under ``cfg.eval``; writes the report into ``result.workdir`` (:func:`write_report`:
-  intervals, paired comparisons, retention, plots) and returns its files (empty on every process but process 0)."""
+  """Perplexity, answer accuracy (short and long tasks, with which problems each model got right) and greedy decode
+  speed of the parent and of every child and baseline under ``cfg.eval``; writes the report into ``result.workdir``
+  (:func:`write_report`: intervals, paired comparisons, retention, plots) and returns its files (empty on every
+  process but process 0)."""
   eval_cfg = section(cfg, "eval")
   source = result.source
   tokenizer = result.tokenizer or source_tokenizer(source)  # the one the data was tokenized with
@@ -741,11 +763,14 @@ def evaluate_and_report(cfg: Any, result: PipelineResult) -> dict[str, str]:
   def measure(config: ModelConfig, params: Any) -> dict[str, Any]:
     measured = measure_model(config, params, ppl_batches, {"short": short, "long": long}, tokenizer,
                              max_new_tokens=eval_cfg["max_new_tokens"], decode_batch=eval_cfg["decode_batch"],
-                             mesh=result.mesh, rules=result.rules)
+                             time_decode=True, mesh=result.mesh, rules=result.rules)
     row = {"ppl": measured["ppl"]}
     for label, graded in measured["accuracy"].items():
       row[f"accuracy_{label}"] = graded["accuracy"]
       row[f"accuracy_{label}_per_problem"] = [int(right) for right in graded["per_problem"]]
+    if measured["decode"] is not None:
+      row["decode_tokens_per_s"] = measured["decode"]["tokens_per_s"]
+      row["decode_timing"] = measured["decode"]
     return row
 
   rows = family_rows(result, measure)
