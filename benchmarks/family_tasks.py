@@ -32,7 +32,7 @@ from elastic_jax.eval.metrics import grade
 from elastic_jax.eval.stats import paired_bootstrap, wilson_interval
 
 DEFAULT_MODELS = ("family-100pct", "family-75pct", "family-60pct", "family-50pct", "family-50pct+100pct",
-                  "family-75pct+100pct")
+                  "family-75pct+100pct", "family-100pct+50pct")
 
 
 def problem_sets(seed: int, examples: int, difficulty: int, long_distractors: int) -> dict[str, list[tasks.Example]]:
