@@ -12,6 +12,7 @@ narrower and shallower one.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import gc
 import json
@@ -21,6 +22,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import jax
@@ -98,14 +100,12 @@ def family(workdir) -> serve.ServedFamily:
   return serve.load(workdir, max_batch=4)
 
 
-@pytest.fixture(scope="module")
-def server(family):
-  """The HTTP server on a free port, in-process (uvicorn in a thread); its batch window is long enough that
-  concurrent requests meet in it."""
+@contextlib.contextmanager
+def served_in_thread(app) -> Iterator[tuple[str, uvicorn.Server]]:
+  """An ASGI app served by uvicorn on a free port, in-process (a thread): its URL and the uvicorn server."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  app = create_app(family, batch_window_ms=200)
   instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
   thread = threading.Thread(target=instance.run, daemon=True)
   thread.start()
@@ -113,9 +113,19 @@ def server(family):
   while not instance.started:
     assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
     time.sleep(0.05)
-  yield {"url": f"http://127.0.0.1:{port}", "app": app}
-  instance.should_exit = True
-  thread.join(10)
+  try:
+    yield f"http://127.0.0.1:{port}", instance
+  finally:
+    instance.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(family):
+  """The HTTP server; its batch window is long enough that concurrent requests meet in it."""
+  app = create_app(family, batch_window_ms=200)
+  with served_in_thread(app) as (url, _):
+    yield {"url": url, "app": app}
 
 
 # ---------------------------------------------------------------------------------------------------- Python API

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,12 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from elastic_jax import serve
 from elastic_jax.serve.batching import MemberBatcher
 from elastic_jax.serve.server import create_app
-from test_serve import NAMES, NEW_TOKENS, PROMPTS, parent, references, workdir  # pylint: disable=unused-import
+from test_serve import NAMES, NEW_TOKENS, PROMPTS, parent, references, served_in_thread, workdir  # pylint: disable=unused-import
 
 MEMBERS = sorted(NAMES.values())
 MAX_BATCH = 8
@@ -127,9 +125,6 @@ def server(family):
   warnings collected; a batch window short enough for a quick test and long enough that concurrent requests meet."""
   gate = _Gate(family.run_member)
   family.run_member = gate  # what the app's batcher runs (the family's other methods are untouched)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
   app = create_app(family, batch_window_ms=20)
   started = collections.Counter()  # requests the app has begun to handle, by path
 
@@ -138,20 +133,11 @@ def server(family):
       started[scope["path"]] += 1
     await app(scope, receive, send)
 
-  instance = uvicorn.Server(uvicorn.Config(counted, host="127.0.0.1", port=port, log_level="warning"))
   records = _Records()
   for name in _WATCHED_LOGGERS:
     logging.getLogger(name).addHandler(records)
-  thread = threading.Thread(target=instance.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 30
-  while not instance.started:
-    assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-    time.sleep(0.05)
-  yield {"url": f"http://127.0.0.1:{port}", "app": app, "uvicorn": instance, "gate": gate, "logs": records,
-         "started": started}
-  instance.should_exit = True
-  thread.join(10)
+  with served_in_thread(counted) as (url, instance):
+    yield {"url": url, "app": app, "uvicorn": instance, "gate": gate, "logs": records, "started": started}
   for name in _WATCHED_LOGGERS:
     logging.getLogger(name).removeHandler(records)
   del family.run_member
