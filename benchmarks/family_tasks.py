@@ -24,7 +24,6 @@ import argparse
 import json
 import time
 
-import numpy as np
 
 from elastic_jax import serve
 from elastic_jax.data import tasks

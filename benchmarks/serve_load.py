@@ -24,19 +24,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import socket
-import threading
 import time
 
 import httpx
 import jax
 import numpy as np
-import uvicorn
 
 from serve import random_family  # pylint: disable=wrong-import-order
 
 from elastic_jax import serve
-from elastic_jax.serve.server import create_app
+from elastic_jax.serve.server import create_app, running_in_thread
 
 
 def _span(text: str) -> tuple[int, int]:
@@ -101,21 +98,6 @@ async def _send(url: str, bodies: list[dict], concurrency: int) -> list[tuple[fl
     return await asyncio.gather(*(one(body) for body in bodies))
 
 
-def _start_server(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 60
-  while not server.started:
-    if time.monotonic() > deadline or not thread.is_alive():
-      raise RuntimeError("the server did not start")
-    time.sleep(0.05)
-  return server, thread, f"http://127.0.0.1:{port}"
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--family", default=None, metavar="DIR", help="an export or a main-job workdir (default: a "
@@ -142,16 +124,14 @@ def main() -> None:
   warm_up = time.perf_counter() - start
 
   app = create_app(family, batch_window_ms=args.batch_window_ms)
-  server, thread, url = _start_server(app)
   bodies = _requests(family, args.requests, args.prompt_len, args.max_tokens, args.sampled)
-  batcher = app.state.batcher
-  before = len(batcher.batches)
-  start = time.perf_counter()
-  results = asyncio.run(_send(url, bodies, args.concurrency))
-  wall = time.perf_counter() - start
-  batches = batcher.batches[before:]
-  server.should_exit = True
-  thread.join(30)
+  with running_in_thread(app) as (url, _):
+    batcher = app.state.batcher
+    before = len(batcher.batches)
+    start = time.perf_counter()
+    results = asyncio.run(_send(url, bodies, args.concurrency))
+    wall = time.perf_counter() - start
+    batches = batcher.batches[before:]
 
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}; family {family.family.source!r}: parent "
         f"{config.pattern!r}, hidden {config.hidden_size}, vocab {config.vocab_size}; members "

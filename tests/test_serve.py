@@ -12,24 +12,18 @@ narrower and shallower one.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import gc
 import json
 import os
 import re
 import shutil
-import socket
-import threading
-import time
-from collections.abc import Iterator
 
 import httpx
 import jax
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from conftest import random_params, small_config
 from elastic_jax import extract as extract_cli
@@ -39,7 +33,7 @@ from elastic_jax.elastic.extract import extract
 from elastic_jax.elastic.space import Choice
 from elastic_jax.eval.generate import generate
 from elastic_jax.serve import __main__ as serve_cli
-from elastic_jax.serve.server import create_app
+from elastic_jax.serve.server import create_app, running_in_thread
 from elastic_jax.train.checkpoint import save_model
 
 CONFIG = small_config("M-*M-", vocab_size=256)  # byte vocabulary: the run's default tokenizer fits
@@ -100,31 +94,11 @@ def family(workdir) -> serve.ServedFamily:
   return serve.load(workdir, max_batch=4)
 
 
-@contextlib.contextmanager
-def served_in_thread(app) -> Iterator[tuple[str, uvicorn.Server]]:
-  """An ASGI app served by uvicorn on a free port, in-process (a thread): its URL and the uvicorn server."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-  thread = threading.Thread(target=instance.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 30
-  while not instance.started:
-    assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-    time.sleep(0.05)
-  try:
-    yield f"http://127.0.0.1:{port}", instance
-  finally:
-    instance.should_exit = True
-    thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def server(family):
   """The HTTP server; its batch window is long enough that concurrent requests meet in it."""
   app = create_app(family, batch_window_ms=200)
-  with served_in_thread(app) as (url, _):
+  with running_in_thread(app) as (url, _):
     yield {"url": url, "app": app}
 
 

@@ -31,8 +31,8 @@ import pytest
 
 from elastic_jax import serve
 from elastic_jax.serve.batching import MemberBatcher
-from elastic_jax.serve.server import create_app
-from test_serve import NAMES, NEW_TOKENS, PROMPTS, parent, references, served_in_thread, workdir  # pylint: disable=unused-import
+from elastic_jax.serve.server import create_app, running_in_thread
+from test_serve import NAMES, NEW_TOKENS, PROMPTS, parent, references, workdir  # pylint: disable=unused-import
 
 MEMBERS = sorted(NAMES.values())
 MAX_BATCH = 8
@@ -136,7 +136,7 @@ def server(family):
   records = _Records()
   for name in _WATCHED_LOGGERS:
     logging.getLogger(name).addHandler(records)
-  with served_in_thread(counted) as (url, instance):
+  with running_in_thread(counted) as (url, instance):
     yield {"url": url, "app": app, "uvicorn": instance, "gate": gate, "logs": records, "started": started}
   for name in _WATCHED_LOGGERS:
     logging.getLogger(name).removeHandler(records)

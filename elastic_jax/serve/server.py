@@ -26,6 +26,7 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -200,3 +201,29 @@ def create_app(family: ServedFamily, *, batch_window_ms: float = 5.0) -> FastAPI
                       "total_tokens": prompt_tokens + completion_tokens}}
 
   return app
+
+
+@contextlib.contextmanager
+def running_in_thread(app: Any, *, host: str = "127.0.0.1", timeout_s: float = 60.0
+                      ) -> Iterator[tuple[str, Any]]:
+  """Serves an ASGI app (``create_app(family)``) with uvicorn on a free port in a background thread, for a notebook,
+  a test or a benchmark: yields its URL and the uvicorn server, and stops it on exit."""
+  import socket  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  import uvicorn  # pylint: disable=import-outside-toplevel
+  with socket.socket() as probe:
+    probe.bind((host, 0))
+    port = probe.getsockname()[1]
+  server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + timeout_s
+  while not server.started:
+    if time.monotonic() > deadline or not thread.is_alive():
+      raise RuntimeError(f"the server did not start on {host}:{port} within {timeout_s:g} s")
+    time.sleep(0.05)
+  try:
+    yield f"http://{host}:{port}", server
+  finally:
+    server.should_exit = True
+    thread.join(timeout_s)
