@@ -22,9 +22,30 @@ from elastic_jax.train.loop import release_compiled_programs
 # cache shared by the whole run turns those recompiles into cache hits. Opt-in (ELASTIC_JAX_TEST_XLA_CACHE=1): with
 # jax 0.10.2 on CPU, writing one elastic step's executable into it crashed the whole run (SIGSEGV / SIGABRT inside
 # the cache write, in test_stale_phases, late in a full run), twice out of three full runs.
+# Each pytest-xdist worker has a folder of its own: JAX writes an entry without a lock, and two workers writing one
+# folder could leave an entry that another reads half-written.
 if os.environ.get("ELASTIC_JAX_TEST_XLA_CACHE") == "1":
-  jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "elastic_jax_test_xla_cache"))
+  jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "elastic_jax_test_xla_cache",
+                                                              os.environ.get("PYTEST_XDIST_WORKER", "main")))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# pyproject.toml runs the suite on pytest-xdist workers (-n auto), a test file per worker at a time (--dist loadfile:
+# module-scoped fixtures, some of them whole pipeline runs, are made once). Most of a test's time is single-threaded
+# (XLA compiling, Python), so workers scale with CPUs; each also holds its own compiled programs and starts its own
+# subprocesses (multi-process runs, the main job): up to 6.5 GB per worker in a full run.
+WORKER_MEMORY_BYTES = 6 * 2**30
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
+  """``-n auto``: one worker per CPU and per 6 GiB of memory, at most 4, at least 1; ``PYTEST_XDIST_AUTO_NUM_WORKERS``
+  (xdist's own setting) overrides it."""
+  if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+    return None  # xdist's own hook reads it
+  cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return max(1, min(cpus, memory // WORKER_MEMORY_BYTES, MAX_WORKERS))
 
 
 @pytest.fixture(autouse=True, scope="module")
