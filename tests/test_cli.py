@@ -268,13 +268,14 @@ def test_evaluate_grades_each_task_family_on_its_own(extracted, tmp_path, monkey
   examples = {example.prompt: example for family in ("arithmetic", "modular")
               for example in tasks.generate_examples(tasks.TaskConfig(families=(family,)), 0, "eval", 3)}
 
-  def fake_generate_ragged(config, params, prompts, lengths, *, max_new_tokens, eos_id):
+  def fake_generate_ragged(config, params, prompts, lengths, *, max_new_tokens, eos_id, limits=None):
     del config, params
+    limits = np.full(prompts.shape[0], max_new_tokens) if limits is None else np.asarray(limits)
     rows = np.full((prompts.shape[0], max_new_tokens), eos_id, np.int32)
     for row, (ids, length) in enumerate(zip(np.asarray(prompts), np.asarray(lengths))):
       example = examples[bytes(int(i) for i in ids[:length]).decode("utf-8")]
       text = example.solution if example.family == "arithmetic" else " #### -1\n"
-      encoded = list(text.encode("utf-8"))[:max_new_tokens]
+      encoded = list(text.encode("utf-8"))[:min(max_new_tokens, int(limits[row]))]
       rows[row, :len(encoded)] = encoded
     return rows
 
